@@ -1,0 +1,43 @@
+"""Packaging for monai-groupdistil (setuptools)."""
+
+import os
+import re
+
+from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "monai_groupdistil", "__init__.py"), encoding="utf-8") as f:
+    version = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="monai-groupdistil",
+    version=version,
+    description="Group distributionally robust knowledge distillation (GroupDistil) for MONAI",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(include=["monai_groupdistil", "monai_groupdistil.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "monai[fire]>=1.4",
+        "pytorch-ignite>=0.4.11",
+        "numpy>=1.24",
+        "nibabel>=5.0",
+        "SimpleITK>=2.2",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "plot": ["matplotlib>=3.7"],
+        "tensorboard": ["tensorboard>=2.12"],
+        "test": ["pytest>=7.0", "ruff>=0.6", "matplotlib>=3.7", "tensorboard>=2.12"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
