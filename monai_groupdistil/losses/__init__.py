@@ -1,0 +1,7 @@
+"""Distillation and group-robust losses (torch and MONAI only; no ignite needed)."""
+
+from monai_groupdistil.losses.distillation import DistillationLoss, distillation_per_sample
+from monai_groupdistil.losses.group_distillation import GroupDistillationLoss
+from monai_groupdistil.losses.group_dro import GroupDROLoss
+
+__all__ = ["DistillationLoss", "GroupDROLoss", "GroupDistillationLoss", "distillation_per_sample"]

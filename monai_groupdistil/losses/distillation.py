@@ -1,0 +1,121 @@
+"""Hinton knowledge-distillation loss (soft teacher targets plus hard labels)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.utils import LossReduction
+from torch.nn.modules.loss import _Loss
+
+from monai_groupdistil.losses.checks import check_alpha, check_logits, check_target, check_temperature
+
+__all__ = ["DistillationLoss", "distillation_per_sample"]
+
+
+def distillation_per_sample(
+    input: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """Per-sample knowledge-distillation loss (Hinton et al., 2015).
+
+    For sample ``i`` with student logits ``s_i``, teacher logits ``t_i`` and label ``y_i``::
+
+        kd_i = T^2 * KL(softmax(t_i / T) || softmax(s_i / T))     (summed over classes)
+        ce_i = CrossEntropy(s_i, y_i)
+        l_i  = alpha * kd_i + (1 - alpha) * ce_i
+
+    For dense outputs (``[B, C, *spatial]``) the per-sample value is the mean over voxels of the voxel-wise terms.
+
+    Args:
+        input: student logits, ``[B, C]`` or ``[B, C, *spatial]``.
+        teacher_logits: teacher logits, same shape as ``input``.
+        target: class indices, ``[B]`` / ``[B, 1]`` (or ``[B, *spatial]`` / ``[B, 1, *spatial]``); may be ``None``
+            only when ``alpha == 1``.
+        temperature: softmax temperature ``T > 0``.
+        alpha: weight of the distillation term, in ``[0, 1]``.
+
+    Returns:
+        a ``[B]`` tensor of per-sample losses.
+
+    Raises:
+        TypeError: for non-floating logits or a non-integer target.
+        ValueError: for mismatched shapes or class counts, an empty batch, ``temperature <= 0``, ``alpha`` outside
+            ``[0, 1]``, or a missing ``target`` with ``alpha < 1``.
+    """
+    temperature, alpha = check_temperature(temperature), check_alpha(alpha)
+    check_logits(input, teacher_logits)
+    if target is None and alpha < 1.0:
+        raise ValueError(f"target is required when alpha < 1 (alpha={alpha}); pass class indices or set alpha=1.")
+    voxel_loss: torch.Tensor | None = None
+    if alpha > 0.0:
+        log_p_student = F.log_softmax(input / temperature, dim=1)
+        log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+        kd = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
+        voxel_loss = (alpha * temperature * temperature) * kd
+    if alpha < 1.0:
+        ce = F.cross_entropy(input, check_target(target, input), reduction="none")  # type: ignore[arg-type]
+        ce = (1.0 - alpha) * ce
+        voxel_loss = ce if voxel_loss is None else voxel_loss + ce
+    assert voxel_loss is not None
+    if voxel_loss.ndim > 1:
+        voxel_loss = voxel_loss.flatten(1).mean(dim=1)
+    return voxel_loss
+
+
+class DistillationLoss(_Loss):
+    """Knowledge-distillation loss: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+
+    The formula follows Hinton et al., "Distilling the Knowledge in a Neural Network" (2015), as implemented by
+    torchdistill's ``KDLoss``. It works for classification logits ``[B, C]`` and for dense (segmentation) logits
+    ``[B, C, *spatial]``, where each sample's value is the mean over its voxels.
+
+    Args:
+        temperature: softmax temperature ``T``, must be > 0. Defaults to 4.0.
+        alpha: weight of the distillation term in ``[0, 1]``; ``1 - alpha`` weights the cross entropy with the
+            labels. Defaults to 0.5.
+        reduction: ``"none"`` (a ``[B]`` tensor of per-sample values), ``"mean"`` or ``"sum"`` over samples.
+
+    Raises:
+        ValueError: when ``temperature <= 0``, ``alpha`` is outside ``[0, 1]`` or ``reduction`` is unknown; at call
+            time for mismatched shapes, different class counts, an empty batch or a missing target with
+            ``alpha < 1``.
+        TypeError: at call time for non-floating logits or a non-integer target.
+
+    Example::
+
+        >>> import torch
+        >>> from monai_groupdistil.losses import DistillationLoss
+        >>> student, teacher = torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)
+        >>> labels = torch.randint(0, 3, (8,))
+        >>> loss = DistillationLoss(temperature=4.0, alpha=0.5)(student, teacher, labels)
+        >>> loss.backward()
+        >>> DistillationLoss(reduction="none")(student, teacher, labels).shape
+        torch.Size([8])
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.5, reduction: LossReduction | str = "mean"):
+        super().__init__(reduction=LossReduction(reduction).value)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
+
+    def forward(
+        self, input: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        Args:
+            input: student logits ``[B, C, *spatial]``.
+            teacher_logits: teacher logits, same shape as ``input``.
+            target: class indices ``[B, *spatial]`` or ``[B, 1, *spatial]``; optional only when ``alpha == 1``.
+
+        Returns:
+            a scalar for ``"mean"``/``"sum"``, a ``[B]`` tensor for ``"none"``.
+        """
+        per_sample = distillation_per_sample(input, teacher_logits, target, self.temperature, self.alpha)
+        if self.reduction == LossReduction.MEAN.value:
+            return per_sample.mean()
+        if self.reduction == LossReduction.SUM.value:
+            return per_sample.sum()
+        return per_sample

@@ -1,0 +1,257 @@
+"""Online group distributionally robust optimisation (group DRO) objective around any per-sample loss."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from monai.utils import LossReduction
+from torch.nn.modules.loss import _Loss
+
+from monai_groupdistil.losses.checks import check_groups, check_step_size
+
+__all__ = ["GroupDROLoss"]
+
+
+class GroupDROLoss(_Loss):
+    """Online group-DRO objective (Sagawa et al., ICLR 2020) around a per-sample loss.
+
+    Each call, with per-sample losses ``l_i`` and group ids ``g_i``:
+
+    1. ``L_g`` = mean of ``l_i`` over the samples of group ``g`` (0 when the group is absent), ``n_g`` their count.
+    2. ``A_g = L_g + C_g / sqrt(N_g)`` (generalisation adjustment; ``C = adjustment``, ``N = group_counts``).
+    3. if ``normalize_loss``: ``A <- A / sum(A)``.
+    4. in training mode: ``q_g <- q_g * exp(step_size * A_g)``, then ``q <- q / sum(q)`` (detached values).
+    5. robust loss ``sum_g q_g * (L_g + C_g / sqrt(N_g))``, with the weights just updated.
+
+    ``q`` (the buffer ``group_weights``) starts uniform and is part of ``state_dict()``, so MONAI checkpoints carry
+    it. In ``eval()`` mode the weights are frozen and the loss uses the current ones. An exponential moving average
+    of each group's loss (``ema_group_losses``, factor ``gamma``; an absent group keeps its value) and the
+    per-group losses and counts of the last call (``last_group_losses``, ``last_group_counts``) are kept for
+    logging. The group reduction is vectorised (``index_add``/``bincount``), with no Python loop over groups.
+
+    Multi-process: when ``torch.distributed`` is initialised, the per-group sums and counts are all-reduced before
+    the update, so every rank holds identical weights, and the returned loss is scaled by the world size so that
+    DistributedDataParallel's gradient averaging yields exactly the gradient of the robust loss on the concatenated
+    global batch. (Each rank then returns its share of the global objective times the world size; their mean over
+    ranks is the global robust loss.)
+
+    Args:
+        loss_fn: callable ``loss_fn(input, target)`` returning per-sample losses ``[B]`` (or ``[B, *spatial]``,
+            averaged over the non-batch dimensions), e.g. ``torch.nn.CrossEntropyLoss(reduction="none")``.
+        num_groups: number of groups ``G >= 1``.
+        step_size: robust step size ``eta >= 0`` of the exponentiated-gradient update. Defaults to 0.01. It is a
+            plain attribute read at every call, so handlers may change it (warm-up, schedules).
+        adjustment: ``C`` of the generalisation adjustment, a float or one value per group, ``>= 0``.
+        group_counts: training-set size ``N_g`` of every group; required when ``adjustment`` is non-zero.
+        normalize_loss: normalise the adjusted group losses to sum 1 before the update (a zero sum leaves them 0).
+        gamma: factor of the exponential moving average of the group losses, in ``(0, 1]``.
+        reduction: ``"mean"`` or ``"sum"`` return the robust scalar; ``"none"`` returns per-sample contributions
+            ``[B]`` whose sum equals it.
+
+    Raises:
+        ValueError: for ``num_groups < 1``, negative or non-finite ``step_size``, ``gamma`` outside ``(0, 1]``,
+            ``adjustment``/``group_counts`` of the wrong length or negative, a positive adjustment without
+            ``group_counts`` or with a zero count; at call time for bad group ids, shape mismatches, an empty batch
+            and non-finite per-group losses (the weights are left untouched).
+        TypeError: at call time for non-integer group ids.
+
+    Example::
+
+        >>> import torch
+        >>> from monai_groupdistil.losses import GroupDROLoss
+        >>> loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups=2, step_size=0.1)
+        >>> logits = torch.randn(6, 3, requires_grad=True)
+        >>> labels, groups = torch.randint(0, 3, (6,)), torch.tensor([0, 0, 0, 1, 1, 1])
+        >>> value = loss(logits, labels, groups)
+        >>> value.backward()
+        >>> loss.group_weights.shape
+        torch.Size([2])
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        num_groups: int,
+        step_size: float = 0.01,
+        adjustment: float | Sequence[float] = 0.0,
+        group_counts: Sequence[float] | torch.Tensor | None = None,
+        normalize_loss: bool = False,
+        gamma: float = 0.1,
+        reduction: LossReduction | str = "mean",
+    ):
+        super().__init__(reduction=LossReduction(reduction).value)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(input, target) -> [B], got {type(loss_fn)}.")
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
+        gamma = float(gamma)
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"gamma must lie in (0, 1], got {gamma!r}.")
+        self.loss_fn = loss_fn
+        self.num_groups = num_groups
+        self.step_size = step_size
+        self.normalize_loss = bool(normalize_loss)
+        self.gamma = gamma
+
+        adj = _per_group_tensor(adjustment, num_groups, "adjustment")
+        if bool((adj < 0).any()):
+            raise ValueError(f"adjustment must be >= 0 for every group, got {adj.tolist()}.")
+        counts = None if group_counts is None else _per_group_tensor(group_counts, num_groups, "group_counts")
+        if counts is not None and bool((counts < 0).any()):
+            raise ValueError(f"group_counts must be >= 0 for every group, got {counts.tolist()}.")
+        if bool((adj > 0).any()):
+            if counts is None:
+                raise ValueError("a non-zero adjustment needs group_counts (the training-set size of every group).")
+            zero = [g for g in range(num_groups) if adj[g] > 0 and counts[g] == 0]
+            if zero:
+                raise ValueError(f"group_counts is 0 for groups {zero}, which have a positive adjustment.")
+            adj_term = torch.where(adj > 0, adj / counts.clamp_min(1).sqrt(), torch.zeros_like(adj))
+        else:
+            adj_term = torch.zeros(num_groups, dtype=torch.float64)
+        self.use_adjustment = bool((adj > 0).any())
+        self.register_buffer("adjustment", adj, persistent=False)
+        self.register_buffer("group_counts", counts, persistent=False)
+        self.register_buffer("adjustment_term", adj_term, persistent=False)
+        self.register_buffer("group_weights", torch.full((num_groups,), 1.0 / num_groups))
+        self.register_buffer("ema_group_losses", torch.zeros(num_groups))
+        self.register_buffer("ema_initialized", torch.zeros(num_groups, dtype=torch.bool))
+        self.register_buffer("last_group_losses", torch.zeros(num_groups), persistent=False)
+        self.register_buffer("last_group_counts", torch.zeros(num_groups, dtype=torch.long), persistent=False)
+
+    @property
+    def step_size(self) -> float:
+        """Robust step size ``eta`` of the exponentiated-gradient update (``>= 0``)."""
+        return self._step_size
+
+    @step_size.setter
+    def step_size(self, value: float) -> None:
+        self._step_size = check_step_size(value)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: network output passed to ``loss_fn``, first dimension the batch ``B``.
+            target: target passed to ``loss_fn``.
+            groups: integer group ids ``[B]`` in ``[0, num_groups)``.
+
+        Returns:
+            the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
+        """
+        if not isinstance(input, torch.Tensor) or input.ndim < 1 or input.shape[0] == 0:
+            raise ValueError("input must be a tensor with a non-empty batch dimension.")
+        groups = check_groups(groups, input.shape[0], self.num_groups)
+        return self.robust_reduce(self.loss_fn(input, target), groups)
+
+    def robust_reduce(self, per_sample: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Apply the group-DRO objective to per-sample losses (updating the weights in training mode).
+
+        Args:
+            per_sample: per-sample losses ``[B]`` (or ``[B, *spatial]``, averaged over the non-batch dimensions).
+            groups: int64 group ids ``[B]`` already in ``[0, num_groups)`` (see ``check_groups``).
+
+        Returns:
+            the reduced robust loss, see ``reduction``.
+        """
+        batch = groups.shape[0]
+        if not isinstance(per_sample, torch.Tensor) or per_sample.ndim == 0 or per_sample.shape[0] != batch:
+            shape = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
+            raise ValueError(
+                f"loss_fn must return per-sample losses of shape [B] = ({batch},), got {shape}; "
+                "construct it with reduction='none'."
+            )
+        if per_sample.ndim > 1:
+            per_sample = per_sample.flatten(1).mean(dim=1)
+
+        sums = torch.zeros(self.num_groups, dtype=per_sample.dtype, device=per_sample.device)
+        sums = sums.index_add(0, groups, per_sample)
+        counts = torch.bincount(groups, minlength=self.num_groups).to(per_sample.dtype)
+        world_size = 1
+        with torch.no_grad():
+            stats = torch.stack([sums.detach(), counts])
+            if dist.is_available() and dist.is_initialized():
+                world_size = dist.get_world_size()
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            global_counts = stats[1]
+            denom = global_counts.clamp_min(1.0)
+            group_losses = stats[0] / denom
+            if not bool(torch.isfinite(group_losses).all()):
+                bad = torch.nonzero(~torch.isfinite(group_losses)).flatten().tolist()
+                raise ValueError(
+                    f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
+                    "the DRO weights were left unchanged."
+                )
+            if self.training:
+                self._update_state(group_losses, global_counts)
+            self.last_group_losses.copy_(group_losses)
+            self.last_group_counts.copy_(global_counts.long())
+            coef = self.group_weights.to(per_sample.dtype) / denom * world_size
+        if self.reduction == LossReduction.NONE.value:
+            out = per_sample * coef[groups]
+            if self.use_adjustment:
+                out = out + self._adjustment_constant(per_sample.dtype) / batch
+            return out
+        out = (coef * sums).sum()
+        if self.use_adjustment:
+            out = out + self._adjustment_constant(per_sample.dtype)
+        return out
+
+    def _adjustment_constant(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.group_weights.to(dtype) * self.adjustment_term.to(dtype)).sum()
+
+    def _update_state(self, group_losses: torch.Tensor, counts: torch.Tensor) -> None:
+        """Exponentiated-gradient step on ``group_weights`` and EMA update; writes nothing on failure."""
+        adjusted = group_losses.double()
+        if self.use_adjustment:
+            adjusted = adjusted + self.adjustment_term.double()
+        if self.normalize_loss:
+            total = adjusted.sum()
+            if total > 0:
+                adjusted = adjusted / total
+        exponent = self.step_size * adjusted
+        weights = self.group_weights.double() * torch.exp(exponent - exponent.max())
+        total = weights.sum()
+        if not bool(torch.isfinite(total)) or total <= 0:
+            raise ValueError(
+                f"the DRO weight update underflowed (step_size={self.step_size} is too large for losses "
+                f"{group_losses.tolist()}); the weights were left unchanged."
+            )
+        present = counts > 0
+        prev = (1.0 - self.gamma * present.to(self.ema_group_losses.dtype)) * self.ema_initialized.to(
+            self.ema_group_losses.dtype
+        )
+        self.group_weights.copy_(weights / total)
+        self.ema_group_losses.copy_(self.ema_group_losses * prev + group_losses * (1.0 - prev))
+        self.ema_initialized.logical_or_(present)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
+        key = prefix + "group_weights"
+        if key in state_dict:
+            weights = state_dict[key]
+            if tuple(weights.shape) != (self.num_groups,):
+                raise ValueError(
+                    f"the checkpoint holds DRO weights for {weights.numel()} groups (shape {tuple(weights.shape)}) "
+                    f"but this loss has num_groups={self.num_groups}; train with the same grouping or start anew."
+                )
+            if (
+                not bool(torch.isfinite(weights).all())
+                or bool((weights < 0).any())
+                or abs(float(weights.sum()) - 1) > 1e-3
+            ):
+                raise ValueError(f"the checkpoint's DRO weights are not a probability vector: {weights.tolist()}.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+
+
+def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be finite, got {value!r}.")
+        return torch.full((num_groups,), float(value), dtype=torch.float64)
+    tensor = torch.as_tensor(value, dtype=torch.float64).flatten()
+    if tensor.numel() != num_groups:
+        raise ValueError(f"{name} must have one value per group ({num_groups}), got {tensor.numel()} values.")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} must be finite, got {tensor.tolist()}.")
+    return tensor
