@@ -1,0 +1,349 @@
+"""Values, trajectories, gradients, state and bad input of the distillation and group-DRO losses."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
+from tests.loss_reference import ReferenceGroupDRO, per_sample_kd
+
+
+def _batch(seed, batch=12, classes=4, spatial=(), num_groups=3, absent=()):
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, classes, *spatial, generator=gen, dtype=torch.float64) * 2
+    teacher = torch.randn(batch, classes, *spatial, generator=gen, dtype=torch.float64) * 2
+    target = torch.randint(0, classes, (batch, *spatial), generator=gen)
+    allowed = [g for g in range(num_groups) if g not in absent]
+    groups = torch.tensor(allowed)[torch.randint(0, len(allowed), (batch,), generator=gen)]
+    return student, teacher, target, groups
+
+
+def _nested(t: torch.Tensor):
+    return t.flatten(2).tolist() if t.ndim > 2 else t.tolist()
+
+
+# ---------------------------------------------------------------- DistillationLoss
+
+
+@pytest.mark.parametrize("spatial", [(), (3, 4)])
+@pytest.mark.parametrize("temperature,alpha", [(4.0, 0.5), (1.0, 0.0), (2.5, 1.0), (0.5, 0.3)])
+def test_distillation_per_sample_matches_reference(spatial, temperature, alpha):
+    student, teacher, target, _ = _batch(0, batch=5, spatial=spatial)
+    got = DistillationLoss(temperature, alpha, reduction="none")(student, teacher, target)
+    flat_target = target.flatten(1).tolist() if spatial else target.tolist()
+    want = per_sample_kd(_nested(student), _nested(teacher), flat_target, temperature, alpha)
+    assert got.shape == (5,)
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), atol=1e-10)
+    mean = DistillationLoss(temperature, alpha)(student, teacher, target)
+    total = DistillationLoss(temperature, alpha, reduction="sum")(student, teacher, target)
+    assert math.isclose(mean.item(), sum(want) / 5, rel_tol=1e-10)
+    assert math.isclose(total.item(), sum(want), rel_tol=1e-10)
+
+
+def test_distillation_target_forms_agree():
+    student, teacher, target, _ = _batch(1, batch=4, spatial=(2, 3))
+    loss = DistillationLoss(reduction="none")
+    base = loss(student, teacher, target)
+    assert torch.equal(loss(student, teacher, target.unsqueeze(1)), base)
+    assert torch.equal(loss(student, teacher, target.float()), base)
+    assert torch.allclose(
+        DistillationLoss(alpha=1.0)(student, teacher), DistillationLoss(alpha=1.0)(student, teacher, target)
+    )
+
+
+def test_distillation_gradcheck():
+    student, teacher, target, _ = _batch(2, batch=3, classes=3)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    loss = DistillationLoss(temperature=2.0, alpha=0.7)
+    assert torch.autograd.gradcheck(lambda s, t: loss(s, t, target), (student, teacher))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1}, "temperature"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"reduction": "avg"}, "avg"),
+    ],
+)
+def test_distillation_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistillationLoss(**kwargs)
+
+
+def test_distillation_bad_inputs():
+    loss = DistillationLoss()
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match="target is required when alpha < 1"):
+        loss(s, t)
+    with pytest.raises(ValueError, match=r"different class counts: input has C=3 .* teacher_logits has C=5"):
+        loss(s, torch.randn(4, 5), y)
+    with pytest.raises(ValueError, match=r"teacher_logits must have the shape of input \(4, 3\), got \(3, 3\)"):
+        loss(s, torch.randn(3, 3), y)
+    with pytest.raises(ValueError, match=r"target must have shape \(4,\) or \(4, 1\)"):
+        loss(s, t, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 3\)"):
+        loss(s, t, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match="non-integral"):
+        loss(s, t, torch.tensor([0.5, 1, 2, 0]))
+    with pytest.raises(TypeError, match="target must be an integer tensor"):
+        loss(s, t, torch.tensor([True, False, True, True]))
+    with pytest.raises(TypeError, match="input must be a floating-point tensor"):
+        loss(torch.ones(4, 3, dtype=torch.long), t, y)
+    with pytest.raises(ValueError, match="empty batch"):
+        loss(torch.randn(0, 3), torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- group DRO: values and trajectories
+
+CONFIGS = [
+    {"step_size": 0.5},
+    {"step_size": 0.2, "normalize_loss": True},
+    {"step_size": 0.3, "adjustment": [1.0, 0.0, 2.0], "group_counts": [50, 10, 4]},
+    {"step_size": 0.1, "adjustment": 0.5, "group_counts": [50, 10, 4], "normalize_loss": True, "gamma": 0.3},
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("spatial", [(), (2, 3)])
+def test_group_distillation_trajectory_matches_reference(config, spatial):
+    temperature, alpha = 3.0, 0.6
+    loss = GroupDistillationLoss(num_groups=3, temperature=temperature, alpha=alpha, **config)
+    ref = ReferenceGroupDRO(num_groups=3, **config)
+    for step in range(6):
+        absent = (step % 3,) if step in (1, 2, 4) else ()  # some steps lack a group
+        student, teacher, target, groups = _batch(10 + step, spatial=spatial, absent=absent)
+        value = loss(student, teacher, target, groups)
+        flat_target = target.flatten(1).tolist() if spatial else target.tolist()
+        per_sample = per_sample_kd(_nested(student), _nested(teacher), flat_target, temperature, alpha)
+        want = ref.step(per_sample, groups.tolist())
+        assert math.isclose(value.item(), want, rel_tol=1e-6, abs_tol=1e-9), step
+        assert torch.allclose(loss.group_weights.double(), torch.tensor(ref.q, dtype=torch.float64), atol=1e-6)
+        assert torch.allclose(loss.ema_group_losses.double(), torch.tensor(ref.ema, dtype=torch.float64), atol=1e-5)
+        means, counts = ref.group_means(per_sample, groups.tolist())
+        assert loss.last_group_counts.tolist() == counts
+        assert torch.allclose(loss.last_group_losses.double(), torch.tensor(means, dtype=torch.float64), atol=1e-5)
+    assert not torch.allclose(loss.group_weights, torch.full((3,), 1 / 3))  # the weights really moved
+
+
+def test_group_dro_wraps_any_per_sample_loss():
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    loss = GroupDROLoss(ce, num_groups=3, step_size=0.4)
+    ref = ReferenceGroupDRO(num_groups=3, step_size=0.4)
+    for step in range(5):
+        student, _, target, groups = _batch(30 + step, absent=(2,) if step == 3 else ())
+        value = loss(student, target, groups)
+        want = ref.step(per_sample_kd(_nested(student), _nested(student), target.tolist(), 1.0, 0.0), groups.tolist())
+        assert math.isclose(value.item(), want, rel_tol=1e-6)
+        assert torch.allclose(loss.group_weights.double(), torch.tensor(ref.q, dtype=torch.float64), atol=1e-6)
+
+
+def test_dense_group_dro_averages_voxels():
+    loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups=2, step_size=0.0)
+    student, _, target, groups = _batch(3, batch=4, classes=3, spatial=(5, 5), num_groups=2)
+    per_voxel = torch.nn.functional.cross_entropy(student, target, reduction="none").flatten(1).mean(1)
+    contrib = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), 2, 0.0, reduction="none")(
+        student, target, groups
+    )
+    value = loss(student, target, groups)
+    means = [per_voxel[groups == g].mean() if (groups == g).any() else torch.tensor(0.0) for g in range(2)]
+    assert math.isclose(value.item(), 0.5 * float(means[0]) + 0.5 * float(means[1]), rel_tol=1e-9)
+    assert math.isclose(contrib.sum().item(), value.item(), rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_reduction_none_contributions_sum_to_robust_loss(config):
+    mean_loss = GroupDistillationLoss(num_groups=3, **config)
+    none_loss = GroupDistillationLoss(num_groups=3, reduction="none", **config)
+    sum_loss = GroupDistillationLoss(num_groups=3, reduction="sum", **config)
+    for step in range(3):
+        student, teacher, target, groups = _batch(50 + step, absent=(1,))
+        value = mean_loss(student, teacher, target, groups)
+        contrib = none_loss(student, teacher, target, groups)
+        assert contrib.shape == (12,)
+        assert math.isclose(contrib.sum().item(), value.item(), rel_tol=1e-9)
+        assert math.isclose(sum_loss(student, teacher, target, groups).item(), value.item(), rel_tol=1e-9)
+
+
+# ---------------------------------------------------------------- gradients, modes, state
+
+
+def test_gradcheck_eval_mode_with_nonuniform_weights():
+    loss = GroupDistillationLoss(num_groups=3, temperature=2.0, alpha=0.4, adjustment=1.0, group_counts=[4, 5, 6])
+    loss.group_weights.copy_(torch.tensor([0.2, 0.5, 0.3]))
+    loss.eval()
+    student, teacher, target, groups = _batch(4, batch=5, classes=3, absent=(2,))
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s, t: loss(s, t, target, groups), (student, teacher))
+    assert torch.equal(loss.group_weights, torch.tensor([0.2, 0.5, 0.3]))
+
+
+def test_training_gradient_uses_updated_weights():
+    loss = GroupDistillationLoss(num_groups=3, step_size=1.0)
+    student, teacher, target, groups = _batch(5)
+    student.requires_grad_(True)
+    loss(student, teacher, target, groups).backward()
+    q = loss.group_weights.double()
+    per_sample = DistillationLoss(reduction="none")
+    s2 = student.detach().clone().requires_grad_(True)
+    values = per_sample(s2, teacher, target)
+    explicit = sum(q[g] * values[groups == g].mean() for g in range(3) if (groups == g).any())
+    explicit.backward()
+    assert torch.allclose(student.grad, s2.grad, atol=1e-12)
+
+
+def test_eval_mode_freezes_weights_and_ema():
+    loss = GroupDistillationLoss(num_groups=3, step_size=1.0)
+    student, teacher, target, groups = _batch(6)
+    loss(student, teacher, target, groups)
+    weights, ema = loss.group_weights.clone(), loss.ema_group_losses.clone()
+    loss.eval()
+    value = loss(*_batch(7))
+    assert torch.equal(loss.group_weights, weights) and torch.equal(loss.ema_group_losses, ema)
+    s, t, y, g = _batch(7)
+    manual = sum(weights[k].double() * DistillationLoss(reduction="none")(s, t, y)[g == k].mean() for k in range(3))
+    assert math.isclose(value.item(), manual.item(), rel_tol=1e-6)
+    assert loss.last_group_counts.sum().item() == 12
+
+
+def test_state_dict_round_trip_restores_trajectory():
+    def run(loss, steps):
+        return [loss(*_batch(100 + s)).item() for s in steps]
+
+    straight = GroupDistillationLoss(num_groups=3, step_size=0.7)
+    values_straight = run(straight, range(6))
+    first = GroupDistillationLoss(num_groups=3, step_size=0.7)
+    run(first, range(3))
+    state = first.state_dict()
+    assert set(state) == {"group_weights", "ema_group_losses", "ema_initialized"}
+    resumed = GroupDistillationLoss(num_groups=3, step_size=0.7)
+    resumed.load_state_dict(state)
+    assert values_straight[3:] == run(resumed, range(3, 6))
+    assert torch.equal(resumed.group_weights, straight.group_weights)
+    assert torch.equal(resumed.ema_group_losses, straight.ema_group_losses)
+
+
+def test_load_refuses_other_group_count_and_bad_weights():
+    loss = GroupDistillationLoss(num_groups=3)
+    with pytest.raises(ValueError, match=r"DRO weights for 4 groups .* num_groups=3"):
+        loss.load_state_dict(GroupDistillationLoss(num_groups=4).state_dict())
+    bad = loss.state_dict()
+    bad["group_weights"] = torch.tensor([0.5, float("nan"), 0.5])
+    with pytest.raises(ValueError, match="not a probability vector"):
+        loss.load_state_dict(bad)
+    assert torch.equal(loss.group_weights, torch.full((3,), 1 / 3))
+
+
+def test_float32_and_extreme_losses_keep_weights_finite():
+    loss = GroupDistillationLoss(num_groups=2, step_size=5.0)
+    student = torch.tensor([[80.0, -80.0], [0.0, 0.0]])
+    teacher = torch.tensor([[-80.0, 80.0], [0.0, 0.0]])
+    loss(student, teacher, torch.tensor([1, 0]), torch.tensor([0, 1]))
+    assert torch.isfinite(loss.group_weights).all()
+    assert math.isclose(loss.group_weights.sum().item(), 1.0, rel_tol=1e-6)
+    assert loss.group_weights[0] > 0.99
+
+
+# ---------------------------------------------------------------- bad input leaves the weights untouched
+
+
+def _fresh_trained_loss():
+    loss = GroupDistillationLoss(num_groups=3, step_size=0.5)
+    loss(*_batch(200))
+    return loss
+
+
+BAD_CALLS = [
+    ("groups above range", lambda s, t, y, g: (s, t, y, g + 3), ValueError, r"ids must lie in \[0, num_groups\)"),
+    ("negative groups", lambda s, t, y, g: (s, t, y, g - 5), ValueError, r"ids must lie in \[0, num_groups\)"),
+    ("float groups", lambda s, t, y, g: (s, t, y, g.float()), TypeError, "groups must be an integer tensor"),
+    ("groups shape", lambda s, t, y, g: (s, t, y, g[:5]), ValueError, r"groups must have shape \[B\] = \(12,\)"),
+    ("target shape", lambda s, t, y, g: (s, t, y[:5], g), ValueError, "target must have shape"),
+    ("teacher shape", lambda s, t, y, g: (s, t[:5], y, g), ValueError, "teacher_logits must have the shape"),
+    ("teacher classes", lambda s, t, y, g: (s, torch.randn(12, 7), y, g), ValueError, "different class counts"),
+    (
+        "nan input",
+        lambda s, t, y, g: (s.index_fill(0, torch.tensor([2]), float("nan")), t, y, g),
+        ValueError,
+        "input hold NaN or infinite values",
+    ),
+    (
+        "inf teacher",
+        lambda s, t, y, g: (s, t.index_fill(0, torch.tensor([0]), float("inf")), y, g),
+        ValueError,
+        "teacher_logits hold NaN or infinite values",
+    ),
+    ("empty batch", lambda s, t, y, g: (s[:0], t[:0], y[:0], g[:0]), ValueError, "empty batch"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,error,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_calls_raise_and_leave_weights_untouched(name, mutate, error, message):
+    loss = _fresh_trained_loss()
+    state = {k: v.clone() for k, v in loss.state_dict().items()}
+    with pytest.raises(error, match=message):
+        loss(*mutate(*_batch(201)))
+    for key, value in loss.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_group_dro_non_finite_per_group_losses_and_wrong_loss_shape():
+    loss = GroupDROLoss(lambda x, y: x.sum(1) * float("inf"), num_groups=2)
+    with pytest.raises(ValueError, match=r"per-group losses are not finite for groups \[0, 1\]"):
+        loss(torch.ones(4, 2), torch.zeros(4), torch.tensor([0, 1, 0, 1]))
+    assert torch.equal(loss.group_weights, torch.full((2,), 0.5))
+    scalar = GroupDROLoss(torch.nn.CrossEntropyLoss(), num_groups=2)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        scalar(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"num_groups": 0}, ValueError, "num_groups must be an integer >= 1"),
+        ({"num_groups": 2.5}, ValueError, "num_groups must be an integer >= 1"),
+        ({"num_groups": 2, "temperature": 0}, ValueError, "temperature must be a finite number > 0"),
+        ({"num_groups": 2, "alpha": 2}, ValueError, r"alpha must lie in \[0, 1\]"),
+        ({"num_groups": 2, "step_size": -0.1}, ValueError, "step_size must be a finite number >= 0"),
+        ({"num_groups": 2, "gamma": 0}, ValueError, r"gamma must lie in \(0, 1\]"),
+        ({"num_groups": 2, "adjustment": 1.0}, ValueError, "needs group_counts"),
+        ({"num_groups": 2, "adjustment": [1.0], "group_counts": [3, 4]}, ValueError, r"adjustment must have one value"),
+        ({"num_groups": 2, "adjustment": 1.0, "group_counts": [3]}, ValueError, "group_counts must have one value"),
+        ({"num_groups": 2, "adjustment": [1.0, 0.0], "group_counts": [0, 4]}, ValueError, r"is 0 for groups \[0\]"),
+        ({"num_groups": 2, "adjustment": -1.0, "group_counts": [3, 4]}, ValueError, "adjustment must be >= 0"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        GroupDistillationLoss(**kwargs)
+
+
+def test_step_size_attribute_is_validated():
+    loss = GroupDistillationLoss(num_groups=2)
+    loss.step_size = 0.25
+    assert loss.step_size == 0.25
+    with pytest.raises(ValueError, match="step_size"):
+        loss.step_size = float("nan")
+    assert loss.step_size == 0.25
+
+
+def test_losses_import_without_ignite():
+    code = (
+        "import sys; sys.modules['ignite'] = None\n"
+        "from monai_groupdistil.losses import GroupDistillationLoss\n"
+        "import torch\n"
+        "print(GroupDistillationLoss(2)(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), "
+        "torch.tensor([0, 1])).item() > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
