@@ -10,7 +10,16 @@ import math
 
 import torch
 
-__all__ = ["check_logits", "check_target", "check_groups", "check_temperature", "check_alpha", "check_step_size"]
+__all__ = [
+    "check_logits",
+    "check_target",
+    "check_target_range",
+    "check_groups",
+    "count_groups",
+    "check_temperature",
+    "check_alpha",
+    "check_step_size",
+]
 
 
 def check_temperature(temperature: float) -> float:
@@ -68,11 +77,17 @@ def check_logits(input: torch.Tensor, teacher_logits: torch.Tensor | None = None
         )
 
 
-def check_target(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+def check_target(target: torch.Tensor, input: torch.Tensor, check_range: bool = True) -> torch.Tensor:
     """Return class-index targets of shape ``[B, *spatial]`` (int64) for logits ``input`` of shape ``[B, C, *spatial]``.
 
     ``target`` may be ``[B, *spatial]`` or ``[B, 1, *spatial]``; an integer tensor, or a floating tensor holding whole
     numbers (as MONAI transforms often produce).
+
+    Args:
+        target: the class indices.
+        input: the logits they belong to.
+        check_range: also check that the indices lie in ``[0, C)`` (one reduction over ``target``); callers on the
+            CPU may skip it and call :py:func:`check_target_range` when the loss kernel rejects an index.
 
     Raises:
         TypeError: when ``target`` is not a tensor, is boolean, or is complex.
@@ -80,8 +95,8 @@ def check_target(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(target, torch.Tensor) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class indices, got {_describe(target)}.")
-    batch, num_classes, spatial = input.shape[0], input.shape[1], tuple(input.shape[2:])
-    if tuple(target.shape) == (batch, 1, *spatial):
+    batch, spatial = input.shape[0], tuple(input.shape[2:])
+    if target.ndim == input.ndim and target.shape[1] == 1:
         target = target.squeeze(1)
     if tuple(target.shape) != (batch, *spatial):
         raise ValueError(
@@ -91,21 +106,29 @@ def check_target(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     if target.is_floating_point():
         if not bool(torch.all(target == torch.round(target))):
             raise ValueError("target holds non-integral values; class indices are expected.")
-    lo, hi = torch.aminmax(target)
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(
-            f"target holds class indices in [{int(lo)}, {int(hi)}] but input has C={num_classes} classes; "
-            f"indices must lie in [0, {num_classes})."
-        )
+        target = target.long()
+    if check_range:
+        check_target_range(target, input.shape[1])
     return target.long()
 
 
-def check_groups(groups: torch.Tensor, batch_size: int, num_groups: int) -> torch.Tensor:
-    """Return ``groups`` as an int64 tensor ``[B]`` after checking its dtype, shape and range ``[0, num_groups)``.
+def check_target_range(target: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` naming the offending range when ``target`` holds indices outside ``[0, num_classes)``."""
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"target holds class indices in [{lo}, {hi}] but input has C={num_classes} classes; "
+            f"indices must lie in [0, {num_classes})."
+        )
+
+
+def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Return ``groups`` as an int64 tensor ``[B]`` after checking its dtype and shape (see :py:func:`count_groups`
+    for the range).
 
     Raises:
         TypeError: when ``groups`` is not an integer tensor.
-        ValueError: for a shape other than ``[B]`` / ``[B, 1]`` or ids outside ``[0, num_groups)``.
+        ValueError: for a shape other than ``[B]`` / ``[B, 1]``.
     """
     if not isinstance(groups, torch.Tensor) or groups.is_floating_point() or groups.is_complex():
         raise TypeError(f"groups must be an integer tensor of group ids [B], got {_describe(groups)}.")
@@ -115,12 +138,23 @@ def check_groups(groups: torch.Tensor, batch_size: int, num_groups: int) -> torc
         groups = groups.squeeze(1)
     if tuple(groups.shape) != (batch_size,):
         raise ValueError(f"groups must have shape [B] = ({batch_size},) to match input, got {tuple(groups.shape)}.")
-    lo, hi = torch.aminmax(groups)
-    if lo < 0 or hi >= num_groups:
-        raise ValueError(
-            f"groups holds ids in [{int(lo)}, {int(hi)}]; ids must lie in [0, num_groups) = [0, {num_groups})."
-        )
     return groups.long()
+
+
+def count_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Samples per group, ``[num_groups]`` int64, for int64 ids ``[B]``; this also checks the range of the ids.
+
+    Raises:
+        ValueError: for ids outside ``[0, num_groups)``.
+    """
+    try:
+        counts = torch.bincount(groups, minlength=num_groups)
+    except RuntimeError:  # negative ids
+        counts = None
+    if counts is None or counts.numel() > num_groups:
+        lo, hi = (int(v) for v in torch.aminmax(groups))
+        raise ValueError(f"groups holds ids in [{lo}, {hi}]; ids must lie in [0, num_groups) = [0, {num_groups}).")
+    return counts
 
 
 def _describe(obj: object) -> str:

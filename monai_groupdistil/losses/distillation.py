@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_groupdistil.losses.checks import check_alpha, check_logits, check_target, check_temperature
+from monai_groupdistil.losses.checks import (
+    check_alpha,
+    check_logits,
+    check_target,
+    check_target_range,
+    check_temperature,
+)
 
 __all__ = ["DistillationLoss", "distillation_per_sample"]
 
@@ -56,7 +62,13 @@ def distillation_per_sample(
         kd = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
         voxel_loss = (alpha * temperature * temperature) * kd
     if alpha < 1.0:
-        ce = F.cross_entropy(input, check_target(target, input), reduction="none")  # type: ignore[arg-type]
+        on_cpu = input.device.type == "cpu"  # on CPU the kernel's own index check is caught below; on GPUs it asserts
+        labels = check_target(target, input, check_range=not on_cpu)  # type: ignore[arg-type]
+        try:
+            ce = F.cross_entropy(input, labels, reduction="none")
+        except IndexError:
+            check_target_range(labels, input.shape[1])
+            raise
         ce = (1.0 - alpha) * ce
         voxel_loss = ce if voxel_loss is None else voxel_loss + ce
     assert voxel_loss is not None

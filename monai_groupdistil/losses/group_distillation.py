@@ -97,7 +97,7 @@ class GroupDistillationLoss(GroupDROLoss):
             the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
         """
         per_sample = distillation_per_sample(input, teacher_logits, target, self.temperature, self.alpha)
-        groups = check_groups(groups, input.shape[0], self.num_groups)
+        groups = check_groups(groups, input.shape[0])
         try:
             return self.robust_reduce(per_sample, groups)
         except ValueError as err:

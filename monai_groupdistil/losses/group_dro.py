@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_groupdistil.losses.checks import check_groups, check_step_size
+from monai_groupdistil.losses.checks import check_groups, check_step_size, count_groups
 
 __all__ = ["GroupDROLoss"]
 
@@ -142,7 +143,7 @@ class GroupDROLoss(_Loss):
         """
         if not isinstance(input, torch.Tensor) or input.ndim < 1 or input.shape[0] == 0:
             raise ValueError("input must be a tensor with a non-empty batch dimension.")
-        groups = check_groups(groups, input.shape[0], self.num_groups)
+        groups = check_groups(groups, input.shape[0])
         return self.robust_reduce(self.loss_fn(input, target), groups)
 
     def robust_reduce(self, per_sample: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -150,7 +151,7 @@ class GroupDROLoss(_Loss):
 
         Args:
             per_sample: per-sample losses ``[B]`` (or ``[B, *spatial]``, averaged over the non-batch dimensions).
-            groups: int64 group ids ``[B]`` already in ``[0, num_groups)`` (see ``check_groups``).
+            groups: int64 group ids ``[B]`` (see ``check_groups``); their range is checked here.
 
         Returns:
             the reduced robust loss, see ``reduction``.
@@ -164,67 +165,71 @@ class GroupDROLoss(_Loss):
             )
         if per_sample.ndim > 1:
             per_sample = per_sample.flatten(1).mean(dim=1)
-
-        sums = torch.zeros(self.num_groups, dtype=per_sample.dtype, device=per_sample.device)
-        sums = sums.index_add(0, groups, per_sample)
-        counts = torch.bincount(groups, minlength=self.num_groups).to(per_sample.dtype)
+        counts = count_groups(groups, self.num_groups)
+        # The group statistics are G numbers: they are reduced on the device, then handled in numpy (float64),
+        # which costs far less than a dozen tiny tensor operations.
+        sums = torch.bincount(groups, weights=per_sample.detach(), minlength=self.num_groups)
         world_size = 1
-        with torch.no_grad():
-            stats = torch.stack([sums.detach(), counts])
-            if dist.is_available() and dist.is_initialized():
-                world_size = dist.get_world_size()
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            global_counts = stats[1]
-            denom = global_counts.clamp_min(1.0)
-            group_losses = stats[0] / denom
-            if not bool(torch.isfinite(group_losses).all()):
-                bad = torch.nonzero(~torch.isfinite(group_losses)).flatten().tolist()
-                raise ValueError(
-                    f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
-                    "the DRO weights were left unchanged."
-                )
-            if self.training:
-                self._update_state(group_losses, global_counts)
-            self.last_group_losses.copy_(group_losses)
-            self.last_group_counts.copy_(global_counts.long())
-            coef = self.group_weights.to(per_sample.dtype) / denom * world_size
+        if dist.is_available() and dist.is_initialized():
+            world_size = dist.get_world_size()
+            stats = torch.stack([sums.to(torch.float64), counts.to(torch.float64)])
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            group_sums, group_counts = stats.cpu().numpy()
+        else:
+            group_sums = sums.cpu().numpy().astype(np.float64)
+            group_counts = counts.cpu().numpy().astype(np.float64)
+        denom = np.maximum(group_counts, 1.0)
+        group_losses = group_sums / denom
+        if not np.isfinite(group_losses).all():
+            bad = np.flatnonzero(~np.isfinite(group_losses)).tolist()
+            raise ValueError(
+                f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
+                "the DRO weights were left unchanged."
+            )
+        if self.training:
+            weights = self._update_state(group_losses, group_counts)
+        else:
+            weights = self.group_weights.detach().cpu().numpy().astype(np.float64)
+        self.last_group_losses.copy_(torch.from_numpy(group_losses))
+        self.last_group_counts.copy_(torch.from_numpy(group_counts.astype(np.int64)))
+        coef = torch.from_numpy(weights / denom * world_size).to(device=per_sample.device, dtype=per_sample.dtype)
+        constant = float(weights @ self._adjustment_terms()) if self.use_adjustment else 0.0
         if self.reduction == LossReduction.NONE.value:
             out = per_sample * coef[groups]
-            if self.use_adjustment:
-                out = out + self._adjustment_constant(per_sample.dtype) / batch
-            return out
-        out = (coef * sums).sum()
-        if self.use_adjustment:
-            out = out + self._adjustment_constant(per_sample.dtype)
-        return out
+            return out + constant / batch if self.use_adjustment else out
+        out = torch.dot(per_sample, coef[groups])
+        return out + constant if self.use_adjustment else out
 
-    def _adjustment_constant(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.group_weights.to(dtype) * self.adjustment_term.to(dtype)).sum()
+    def _adjustment_terms(self) -> np.ndarray:
+        return self.adjustment_term.detach().cpu().numpy().astype(np.float64)
 
-    def _update_state(self, group_losses: torch.Tensor, counts: torch.Tensor) -> None:
-        """Exponentiated-gradient step on ``group_weights`` and EMA update; writes nothing on failure."""
-        adjusted = group_losses.double()
-        if self.use_adjustment:
-            adjusted = adjusted + self.adjustment_term.double()
+    def _update_state(self, group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Exponentiated-gradient step on ``group_weights`` and EMA update; returns the new weights.
+
+        Nothing is written when the update fails.
+        """
+        adjusted = group_losses + self._adjustment_terms() if self.use_adjustment else group_losses
         if self.normalize_loss:
             total = adjusted.sum()
             if total > 0:
                 adjusted = adjusted / total
         exponent = self.step_size * adjusted
-        weights = self.group_weights.double() * torch.exp(exponent - exponent.max())
+        weights = self.group_weights.detach().cpu().numpy().astype(np.float64) * np.exp(exponent - exponent.max())
         total = weights.sum()
-        if not bool(torch.isfinite(total)) or total <= 0:
+        if not np.isfinite(total) or total <= 0:
             raise ValueError(
                 f"the DRO weight update underflowed (step_size={self.step_size} is too large for losses "
                 f"{group_losses.tolist()}); the weights were left unchanged."
             )
+        weights = weights / total
         present = counts > 0
-        prev = (1.0 - self.gamma * present.to(self.ema_group_losses.dtype)) * self.ema_initialized.to(
-            self.ema_group_losses.dtype
-        )
-        self.group_weights.copy_(weights / total)
-        self.ema_group_losses.copy_(self.ema_group_losses * prev + group_losses * (1.0 - prev))
-        self.ema_initialized.logical_or_(present)
+        initialized = self.ema_initialized.detach().cpu().numpy()
+        ema = self.ema_group_losses.detach().cpu().numpy().astype(np.float64)
+        prev = (1.0 - self.gamma * present) * initialized
+        self.group_weights.copy_(torch.from_numpy(weights))
+        self.ema_group_losses.copy_(torch.from_numpy(ema * prev + group_losses * (1.0 - prev)))
+        self.ema_initialized.copy_(torch.from_numpy(initialized | present))
+        return weights
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
         key = prefix + "group_weights"
