@@ -1,0 +1,240 @@
+"""Teacher-output cache: compute a frozen teacher's logits once per sample and reuse them in later epochs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TeacherOutputCache", "has_random_transforms", "run_teacher"]
+
+
+def _leaf_transforms(transform: Any) -> Iterator[Any]:
+    inner = getattr(transform, "transforms", None)
+    if isinstance(inner, (list, tuple)):
+        for t in inner:
+            yield from _leaf_transforms(t)
+    else:
+        yield transform
+
+
+def has_random_transforms(transform: Any) -> bool:
+    """Whether a (possibly nested) MONAI ``Compose`` holds random transforms.
+
+    ``OneOf``, ``SomeOf`` and ``RandomOrder`` count as random, and so does any leaf transform that is
+    ``monai.transforms.Randomizable`` (``Rand*`` transforms). Plain callables (``Lambda``) cannot be inspected and
+    count as deterministic.
+
+    Args:
+        transform: a transform, a ``Compose`` or ``None``.
+    """
+    if transform is None:
+        return False
+    from monai.transforms import OneOf, Randomizable, RandomOrder, SomeOf
+
+    if isinstance(transform, (OneOf, SomeOf, RandomOrder)):
+        return True
+    if isinstance(getattr(transform, "transforms", None), (list, tuple)):
+        return any(has_random_transforms(t) for t in transform.transforms)
+    return isinstance(transform, Randomizable)
+
+
+class TeacherOutputCache:
+    """Per-sample cache of a frozen teacher's outputs, kept in memory or in a folder, keyed by sample id.
+
+    A frozen teacher in eval mode maps a sample to the same logits every epoch **when the training preprocessing
+    is deterministic** (no random augmentation): the cache then computes the logits in the first epoch and
+    returns the stored values afterwards, so distillation costs about what training the student alone costs.
+    With random augmentation (any ``Rand*`` transform, ``OneOf``...) the teacher sees a different input every
+    epoch and must run online: do not use a cache there (:py:class:`DistillationTrainer` warns when its dataset's
+    transform holds random transforms). Use a fresh ``cache_dir`` whenever the teacher, its weights or the
+    preprocessing change: stored values are never invalidated.
+
+    The sample id is read from ``batch[id_key]`` (a list of strings, e.g. file names or subject codes, or an
+    integer tensor of indices). In memory the values live on ``storage_device`` (CPU by default); on disk every
+    sample is one ``<sha1(id)>.pt`` file written atomically, so several processes may share the folder.
+
+    Args:
+        cache_dir: folder of the on-disk cache; ``None`` keeps the values in memory only.
+        id_key: key of the sample id in the batch dictionary.
+        keep_in_memory: with ``cache_dir``, also keep the values in memory (no disk read after the first).
+        storage_device: device of the in-memory copies.
+
+    Example::
+
+        >>> import torch
+        >>> teacher = torch.nn.Linear(4, 3).eval()
+        >>> cache = TeacherOutputCache(id_key="id")
+        >>> batch = {"image": torch.randn(2, 4), "id": ["case0", "case1"]}
+        >>> first = cache.lookup(batch, batch["image"], teacher)
+        >>> second = cache.lookup(batch, batch["image"], teacher)  # no teacher call
+        >>> bool(torch.equal(first, second)), cache.misses, cache.hits
+        (True, 2, 2)
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        id_key: str = "id",
+        keep_in_memory: bool = False,
+        storage_device: str | torch.device = "cpu",
+    ) -> None:
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.id_key = id_key
+        self.keep_in_memory = keep_in_memory or self.cache_dir is None
+        self.storage_device = torch.device(storage_device)
+        self._memory: dict[str, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(sample_id: Any) -> str:
+        if isinstance(sample_id, torch.Tensor):
+            sample_id = sample_id.item() if sample_id.numel() == 1 else tuple(sample_id.tolist())
+        return str(sample_id)
+
+    def _path(self, key: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{hashlib.sha1(key.encode('utf-8')).hexdigest()}.pt"
+
+    def ids_from_batch(self, batchdata: Mapping) -> list[str]:
+        """The cache keys of a collated batch.
+
+        Raises:
+            KeyError: when the batch is not a dictionary holding ``id_key`` (the message names the keys present).
+        """
+        if not isinstance(batchdata, Mapping) or self.id_key not in batchdata:
+            present = sorted(map(str, batchdata.keys())) if isinstance(batchdata, Mapping) else type(batchdata)
+            raise KeyError(f"teacher cache: the batch has no sample-id key '{self.id_key}'; keys present: {present}.")
+        ids = batchdata[self.id_key]
+        if isinstance(ids, torch.Tensor):
+            ids = ids.reshape(ids.shape[0], -1) if ids.ndim > 1 else ids.reshape(-1)
+        return [self._key(i) for i in ids]
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The stored output of one sample (``[C, *spatial]``) or ``None``."""
+        value = self._memory.get(key)
+        if value is None and self.cache_dir is not None:
+            path = self._path(key)
+            if path.exists():
+                entry = torch.load(path, map_location=self.storage_device, weights_only=True)
+                if entry.get("id") == key:  # guards against hash collisions
+                    value = entry["logits"]
+                    if self.keep_in_memory:
+                        self._memory[key] = value
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        """Store the output of one sample (``[C, *spatial]``), detached, on ``storage_device``."""
+        value = value.detach().to(self.storage_device).clone()
+        if isinstance(value, torch.Tensor) and type(value) is not torch.Tensor:
+            value = value.as_subclass(torch.Tensor)  # MetaTensor -> plain tensor
+        if self.keep_in_memory:
+            self._memory[key] = value
+        if self.cache_dir is not None:
+            path = self._path(key)
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+            os.close(fd)
+            torch.save({"id": key, "logits": value.cpu()}, tmp)
+            os.replace(tmp, path)
+
+    def __contains__(self, key: Any) -> bool:
+        key = self._key(key)
+        return key in self._memory or (self.cache_dir is not None and self._path(key).exists())
+
+    def __len__(self) -> int:
+        if self.cache_dir is None:
+            return len(self._memory)
+        return sum(1 for _ in self.cache_dir.glob("*.pt"))
+
+    def clear(self) -> None:
+        """Drop every stored value (memory and disk) and reset the hit/miss counters."""
+        self._memory.clear()
+        if self.cache_dir is not None:
+            for path in self.cache_dir.glob("*.pt"):
+                path.unlink()
+        self.hits = self.misses = 0
+
+    def lookup(
+        self,
+        batchdata: Mapping,
+        inputs: torch.Tensor,
+        teacher: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Teacher outputs of a batch: stored values where present, ``teacher`` run on the missing samples only.
+
+        Args:
+            batchdata: the collated batch (holds ``id_key``).
+            inputs: the teacher's input ``[B, ...]``, on the target device.
+            teacher: callable computing outputs ``[b, C, *spatial]`` from ``inputs[missing]`` (already in eval mode
+                and under ``torch.no_grad()``, see :py:func:`run_teacher`).
+
+        Returns:
+            the outputs ``[B, C, *spatial]`` on ``inputs.device``.
+
+        Raises:
+            KeyError: when the sample-id key is missing.
+            ValueError: when the ids and the batch size differ.
+        """
+        keys = self.ids_from_batch(batchdata)
+        if len(keys) != inputs.shape[0]:
+            raise ValueError(f"teacher cache: {len(keys)} sample ids for a batch of {inputs.shape[0]} inputs.")
+        found = [self.get(k) for k in keys]
+        missing = [i for i, v in enumerate(found) if v is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            sub = inputs if len(missing) == len(keys) else inputs[torch.as_tensor(missing, device=inputs.device)]
+            computed = teacher(sub)
+            for j, i in enumerate(missing):
+                found[i] = computed[j]
+                self.put(keys[i], computed[j])
+            if len(missing) == len(keys):
+                return computed
+        return torch.stack([v.to(inputs.device) for v in found], dim=0)  # type: ignore[union-attr]
+
+
+def run_teacher(
+    teacher: torch.nn.Module,
+    inputs: torch.Tensor,
+    inferer: Callable | None = None,
+    cache: TeacherOutputCache | None = None,
+    batchdata: Mapping | None = None,
+    args: Sequence = (),
+    kwargs: dict | None = None,
+) -> torch.Tensor:
+    """Run a frozen teacher: eval mode, ``torch.no_grad()``, through ``cache`` when given.
+
+    Args:
+        teacher: the teacher network.
+        inputs: network input ``[B, ...]``.
+        inferer: a MONAI ``Inferer`` called as ``inferer(inputs, teacher, *args, **kwargs)``; ``None`` calls the
+            teacher directly.
+        cache: optional :py:class:`TeacherOutputCache` (needs ``batchdata`` for the sample ids).
+        batchdata: the collated batch.
+        args: further positional arguments of the network.
+        kwargs: further keyword arguments of the network.
+
+    Returns:
+        the teacher's output, detached.
+    """
+    kwargs = {} if kwargs is None else kwargs
+    teacher.eval()
+
+    def _forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = teacher(x, *args, **kwargs) if inferer is None else inferer(x, teacher, *args, **kwargs)
+        return out.detach()
+
+    if cache is None:
+        return _forward(inputs)
+    if batchdata is None:
+        raise ValueError("run_teacher: a teacher cache needs the batch (for the sample ids).")
+    return cache.lookup(batchdata, inputs, _forward)

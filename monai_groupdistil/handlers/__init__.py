@@ -1,0 +1,13 @@
+"""Ignite/MONAI handlers for group-robust distillation (need pytorch-ignite)."""
+
+from monai_groupdistil.handlers.group_accuracy_handler import GroupAccuracyHandler, extract_groups
+from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler
+from monai_groupdistil.handlers.group_report_handler import GroupReportHandler, per_sample_cross_entropy
+
+__all__ = [
+    "GroupAccuracyHandler",
+    "GroupDROHandler",
+    "GroupReportHandler",
+    "extract_groups",
+    "per_sample_cross_entropy",
+]
