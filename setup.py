@@ -28,6 +28,7 @@ setup(
         "nibabel>=5.0",
         "SimpleITK>=2.2",
         "pyyaml>=6.0",
+        "pillow>=9.0",
         "tqdm>=4.60",
     ],
     extras_require={
