@@ -1,0 +1,30 @@
+"""Support code shared by the package's MONAI bundles (``bundles/``): dataset set-up, checkpoints, workflows.
+
+Everything here is plain functions called from bundle configs (``"$monai_groupdistil.bundle.mnms_splits(...)"``),
+so both bundles share one implementation.
+"""
+
+from monai_groupdistil.bundle.checkpoints import load_network, load_teacher
+from monai_groupdistil.bundle.datasets import (
+    find_mnms_root,
+    group_counts,
+    inference_datalist,
+    mnms_splits,
+    prepare_mnms_dataset,
+    prepare_waterbirds_dataset,
+    waterbirds_splits,
+)
+from monai_groupdistil.bundle.workflow import run_workflow
+
+__all__ = [
+    "find_mnms_root",
+    "group_counts",
+    "inference_datalist",
+    "load_network",
+    "load_teacher",
+    "mnms_splits",
+    "prepare_mnms_dataset",
+    "prepare_waterbirds_dataset",
+    "run_workflow",
+    "waterbirds_splits",
+]
