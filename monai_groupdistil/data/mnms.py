@@ -211,17 +211,22 @@ def _nifti_shape(path: str) -> tuple[int, ...]:
         raise RuntimeError(f"cannot read NIfTI file {path}: {type(err).__name__}: {err}") from err
 
 
-def _resolve_root(root: str | os.PathLike, folder: str, marker: str) -> str:
+def _resolve_root(root: str | os.PathLike, folder: str, csv_name: str, layout_dir: str, explicit_csv) -> str:
+    """The dataset folder: ``root`` or ``root/<folder>``, whichever holds the CSV (or, with an explicit CSV path,
+    the ``layout_dir`` sub-folder)."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"dataset root not found: {root}")
-    if os.path.isfile(os.path.join(root, marker)):
+    candidates = (root, os.path.join(root, folder))
+    marker = csv_name if explicit_csv is None else layout_dir
+    for candidate in candidates:
+        if os.path.exists(os.path.join(candidate, marker)):
+            return candidate
+    if explicit_csv is not None:
         return root
-    sub = os.path.join(root, folder)
-    if os.path.isdir(sub):
-        return sub
     raise FileNotFoundError(
-        f"no {folder} dataset at {root}: expected {os.path.join(root, marker)} or {os.path.join(sub, marker)}."
+        f"no {folder} dataset at {root}: expected {os.path.join(candidates[0], csv_name)} or "
+        f"{os.path.join(candidates[1], csv_name)}."
     )
 
 
@@ -311,7 +316,7 @@ def load_mnms_datalist(
     classes = _check_classes(classes)
     keys = _normalise_group_by(group_by, MNMS_GROUP_KEYS)
     names = mnms_group_names(keys, classes)
-    base = _resolve_root(root, "OpenDataset", MNMS_CSV_NAME if csv_path is None else os.path.basename(csv_path))
+    base = _resolve_root(root, "OpenDataset", MNMS_CSV_NAME, "Training", csv_path)
     csv_file = os.path.join(base, MNMS_CSV_NAME) if csv_path is None else os.fspath(csv_path)
     _, rows = _read_csv(csv_file, MNMS_REQUIRED_COLUMNS)
 
@@ -475,7 +480,7 @@ def mnms2_group_names(
     """
     classes = _check_classes(classes)
     keys = _normalise_group_by(group_by, MNMS2_GROUP_KEYS)
-    base = _resolve_root(root, "MnM2", MNMS2_CSV_NAME if csv_path is None else os.path.basename(csv_path))
+    base = _resolve_root(root, "MnM2", MNMS2_CSV_NAME, "dataset", csv_path)
     _, rows = _mnms2_rows(base, csv_path)
     levels = _mnms2_levels(rows, classes)
     return _cross([levels[k] for k in keys])
@@ -535,7 +540,7 @@ def load_mnms2_datalist(
     view_u = str(view).upper()
     if view_u not in ("SA", "LA"):
         raise ValueError(f"view must be 'SA' or 'LA', got {view!r}.")
-    base = _resolve_root(root, "MnM2", MNMS2_CSV_NAME if csv_path is None else os.path.basename(csv_path))
+    base = _resolve_root(root, "MnM2", MNMS2_CSV_NAME, "dataset", csv_path)
     csv_file, rows = _mnms2_rows(base, csv_path)
     levels = _mnms2_levels(rows, classes)
     names = _cross([levels[k] for k in keys])
