@@ -4,7 +4,7 @@ Everything here is plain functions called from bundle configs (``"$monai_groupdi
 so both bundles share one implementation.
 """
 
-from monai_groupdistil.bundle.checkpoints import load_network, load_teacher
+from monai_groupdistil.bundle.checkpoints import load_network, load_teacher, output_classes, require_file
 from monai_groupdistil.bundle.datasets import (
     find_mnms_root,
     group_counts,
@@ -23,8 +23,10 @@ __all__ = [
     "load_network",
     "load_teacher",
     "mnms_splits",
+    "output_classes",
     "prepare_mnms_dataset",
     "prepare_waterbirds_dataset",
+    "require_file",
     "run_workflow",
     "waterbirds_splits",
 ]

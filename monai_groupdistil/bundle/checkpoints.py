@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_network", "load_teacher"]
+__all__ = ["load_network", "load_teacher", "output_classes", "require_file"]
 
 
 def _state_dict_of(checkpoint: object, key: str, path: Path) -> Mapping[str, torch.Tensor]:
@@ -120,3 +120,24 @@ def _output_classes(network: torch.nn.Module) -> int | None:
         if isinstance(module, torch.nn.Linear):
             last = module
     return None if last is None else last.out_features
+
+
+def output_classes(network: torch.nn.Module) -> int | None:
+    """The class count of a classifier: the output size of its last ``torch.nn.Linear`` layer (None if it has none).
+
+    Args:
+        network: the network (wrappers such as DistributedDataParallel are looked through).
+    """
+    return _output_classes(network)
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> str:
+    """Return ``path`` if it is a file; otherwise raise ``FileNotFoundError`` saying what it should be.
+
+    Args:
+        path: the file.
+        what: what the file is and how to get it, quoted in the error.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"'{path}' not found: {what}.")
+    return str(path)
