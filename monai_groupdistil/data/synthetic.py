@@ -489,8 +489,8 @@ def make_synthetic_mnms(
         correlated_pathology: vendor -> pathology used by the correlation (default
             :data:`DEFAULT_CORRELATED_PATHOLOGY`).
         correlation_splits: splits in which the correlation is applied.
-        n_unlabeled: extra training subjects written to ``Training/Unlabeled`` (image only, vendor C as in the
-            real release unless absent from ``vendor_fractions``: then the train vendor proportions).
+        n_unlabeled: extra training subjects written to ``Training/Unlabeled`` (image only): vendor C as in the
+            real release, or the training vendor proportions when vendor C has no share of the training split.
         n_frames: frames per cine (the real data have 20-30; fewer keep the files small).
         matrix_scale: scales each vendor's matrix at constant spacing (smaller field of view), e.g. 0.5 in tests.
         overwrite: remove an existing ``OpenDataset`` first; otherwise an existing one is an error.

@@ -2,7 +2,7 @@
 
 The deterministic chain built by :func:`cardiac_preprocessing` is::
 
-    LoadCardiacImaged            4-D (x, y, z, t) image and mask, any MONAI reader; None paths dropped
+    LoadCardiacImaged            4-D (x, y, z, t) image and (optional) mask, any MONAI reader; a None mask dropped
     SelectFramed                 the ED (or ES) frame from the entry's ``ed``/``es`` -> (1, x, y, z)
     SelectMidVentricularSliced   middle of the slices with LV and MYO in the mask (else the middle slice) -> (1, x, y)
     ScaleIntensityRangePercentilesd   clip to the 0.5-99.5 percentiles, scale to [0, 1]
@@ -342,7 +342,8 @@ def cardiac_preprocessing(
     """
     keys = (image_key, seg_key)
     return Compose([
-        LoadCardiacImaged(keys, reader=reader, image_only=image_only, allow_missing_keys=True),
+        LoadCardiacImaged(image_key, reader=reader, image_only=image_only),
+        LoadCardiacImaged(seg_key, reader=reader, image_only=image_only, allow_missing_keys=True),
         SelectFramed(keys, frame=frame, allow_missing_keys=True),
         SelectMidVentricularSliced(keys, seg_key=seg_key, labels=slice_labels, allow_missing_keys=True),
         ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
