@@ -110,6 +110,7 @@ def plot_dro_weights(
     ax = fig.add_subplot(1, 1, 1)
     for g, name in enumerate(group_names):
         ax.plot(x, w[:, g].tolist(), label=str(name))
+    ax.axhline(1.0 / len(group_names), color="gray", linestyle="--", linewidth=0.8, label="uniform")
     ax.set_xlabel("iteration")
     ax.set_ylabel("weight q_g")
     ax.set_title(title)

@@ -1,0 +1,315 @@
+"""GroupDROHandler and GroupAccuracyHandler on real ignite engines: logged values, warm-up, schedules,
+checkpoint save/load/resume, model selection, and a two-process run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ignite.engine import Events
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import IterationEvents
+from monai.handlers import (
+    CheckpointLoader,
+    CheckpointSaver,
+    StatsHandler,
+    TensorBoardStatsHandler,
+    ValidationHandler,
+    from_engine,
+)
+from torch.utils.data import DataLoader
+
+from monai_groupdistil.engines import DistillationTrainer
+from monai_groupdistil.handlers import GroupAccuracyHandler, GroupDROHandler, GroupReportHandler
+from monai_groupdistil.losses import GroupDistillationLoss, GroupDROLoss
+from monai_groupdistil.metrics import compute_group_accuracy
+
+G = 3
+NAMES = ["siemens", "philips", "ge"]
+T, ALPHA, ETA = 2.0, 0.5, 0.5
+
+
+def make_data(n: int = 36, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=gen)
+    g = torch.randint(0, G, (n,), generator=gen)
+    y = ((x[:, 0] + 0.3 * g) > 0.2).long()
+    return [{"image": x[i], "label": y[i], "group": g[i]} for i in range(n)]
+
+
+def make_teacher() -> torch.nn.Module:
+    teacher = torch.nn.Linear(8, 2)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.tensor([[-2.0] + [0.0] * 7, [2.0] + [0.0] * 7]))
+        teacher.bias.zero_()
+    return teacher
+
+
+def make_student(seed: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def build(max_epochs: int, handlers=(), warmup: int = 0, schedule=None, num_groups: int = G, seed: int = 3):
+    student = make_student(seed)
+    loss = GroupDistillationLoss(num_groups, temperature=T, alpha=ALPHA, step_size=ETA)
+    names = NAMES if num_groups == G else None
+    dro = GroupDROHandler(loss, group_names=names, warmup_iterations=warmup, step_size_schedule=schedule)
+    opt = torch.optim.Adam(student.parameters(), 0.01)
+    trainer = DistillationTrainer(
+        device="cpu",
+        max_epochs=max_epochs,
+        train_data_loader=DataLoader(make_data(), batch_size=9),
+        network=student,
+        optimizer=opt,
+        loss_function=loss,
+        teacher=make_teacher(),
+        train_handlers=[dro, *handlers],
+    )
+    return trainer, student, opt, loss, dro
+
+
+def hand_dro(captured: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Independent group-DRO replay (FACTS sections 1 and 2) on the captured batches: (weights, group losses)."""
+    q = torch.full((G,), 1.0 / G, dtype=torch.float64)
+    out = []
+    for c in captured:
+        s, t, y, g = c["pred"].double(), c["teacher_pred"].double(), c["label"], c["group"]
+        kd = T**2 * (F.softmax(t / T, 1) * (F.log_softmax(t / T, 1) - F.log_softmax(s / T, 1))).sum(1)
+        per_sample = ALPHA * kd + (1 - ALPHA) * F.cross_entropy(s, y, reduction="none")
+        losses = torch.zeros(G, dtype=torch.float64)
+        for k in range(G):
+            if (g == k).any():
+                losses[k] = per_sample[g == k].mean()
+        q = q * torch.exp(ETA * losses)
+        q = q / q.sum()
+        out.append((q.clone(), losses))
+    return out
+
+
+def test_logged_weights_equal_the_loss_module_and_the_hand_computation(capsys):
+    trainer, _, _, loss, dro = build(2)
+    captured, logged = [], []
+    trainer.add_event_handler(
+        IterationEvents.LOSS_COMPLETED,
+        lambda e: captured.append(
+            {k: e.state.output[k].detach().clone() for k in ("pred", "teacher_pred", "label", "group")}
+        ),
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(dict(e.state.metrics)))
+    StatsHandler(name="dro_stats", iteration_log=False, output_transform=lambda x: None).attach(trainer)
+    trainer.run()
+    assert len(logged) == 8
+    replay = GroupDistillationLoss(G, temperature=T, alpha=ALPHA, step_size=ETA)
+    for c, m, (q_hand, l_hand) in zip(captured, logged, hand_dro(captured)):
+        replay(c["pred"], c["teacher_pred"], c["label"], c["group"])
+        weights = torch.tensor([m[f"dro_weight/{n}"] for n in NAMES])
+        group_losses = torch.tensor([m[f"group_loss/{n}"] for n in NAMES])
+        counts = [m[f"group_count/{n}"] for n in NAMES]
+        assert torch.equal(weights, replay.group_weights)  # the very same values as the loss module's
+        assert torch.equal(group_losses, replay.last_group_losses)
+        assert counts == torch.bincount(c["group"], minlength=G).tolist()
+        torch.testing.assert_close(weights.double(), q_hand, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(group_losses.double(), l_hand, rtol=1e-5, atol=1e-6)
+        assert m["dro_step_size"] == ETA
+    assert torch.equal(
+        torch.stack(dro.weight_history),
+        torch.stack([torch.tensor([m[f"dro_weight/{n}"] for n in NAMES]) for m in logged]),
+    )
+    printed = capsys.readouterr()
+    assert "dro_weight/siemens" in printed.out + printed.err and "group_loss/ge" in printed.out + printed.err
+
+
+def test_tensorboard_picks_up_the_weights(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    tb = TensorBoardStatsHandler(log_dir=str(tmp_path), output_transform=from_engine("loss", first=True))
+    trainer, _, _, loss, _ = build(2, handlers=[tb])
+    trainer.run()
+    tb.close()
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {f"dro_weight/{n}" for n in NAMES} <= set(tags)
+    last = acc.Scalars("dro_weight/philips")[-1]
+    assert last.step == 2 and last.value == pytest.approx(float(loss.group_weights[1]))
+
+
+def test_warmup_keeps_uniform_weights_then_schedule():
+    trainer, _, _, _, dro = build(3, warmup=5, schedule=lambda it: 0.1 * it)
+    steps = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.metrics["dro_step_size"]))
+    trainer.run()
+    assert steps[:5] == [0.0] * 5
+    assert steps[5:] == pytest.approx([0.1 * it for it in range(6, 13)])
+    uniform = torch.full((G,), 1.0 / G)
+    assert all(torch.equal(w, uniform) for w in dro.weight_history[:5])
+    assert not torch.allclose(dro.weight_history[5], uniform)
+    assert dro.iterations == list(range(1, 13))
+
+
+def test_checkpoint_resume_reproduces_the_weight_trajectory(tmp_path):
+    schedule = lambda it: 0.05 * it  # noqa: E731
+    # straight run: 4 epochs x 4 iterations
+    trainer, student, _, loss, dro = build(4, warmup=3, schedule=schedule)
+    trainer.run()
+    straight_history, straight_params = (
+        torch.stack(dro.weight_history),
+        [p.detach().clone() for p in student.parameters()],
+    )
+
+    # first 2 epochs, saved by CheckpointSaver
+    trainer, student, opt, loss, dro = build(2, warmup=3, schedule=schedule)
+    save_dict = {"network": student, "optimizer": opt, "trainer": trainer, "loss": loss, "dro": dro}
+    CheckpointSaver(str(tmp_path), save_dict, save_final=True, final_filename="ckpt.pt").attach(trainer)
+    trainer.run()
+    assert len(dro.weight_history) == 8
+
+    # fresh objects (another seed, so the network must come from the checkpoint), CheckpointLoader, 2 more epochs
+    trainer, student, opt, loss, dro = build(4, warmup=3, schedule=schedule, seed=99)
+    load_dict = {"network": student, "optimizer": opt, "trainer": trainer, "loss": loss, "dro": dro}
+    CheckpointLoader(str(tmp_path / "ckpt.pt"), load_dict).attach(trainer)
+    trainer.run()
+    assert trainer.state.iteration == 16
+    resumed = torch.stack(dro.weight_history)
+    assert resumed.shape == straight_history.shape == (16, G)
+    assert torch.equal(resumed, straight_history)
+    assert all(torch.equal(a, b) for a, b in zip(straight_params, student.parameters()))
+    assert dro.iterations == list(range(1, 17))
+
+
+def test_checkpoint_with_another_group_count_is_refused(tmp_path):
+    trainer, student, opt, loss, dro = build(1)
+    CheckpointSaver(str(tmp_path), {"loss": loss, "dro": dro}, save_final=True, final_filename="ckpt.pt").attach(
+        trainer
+    )
+    trainer.run()
+    trainer4, _, _, loss4, dro4 = build(2, num_groups=4)
+    CheckpointLoader(str(tmp_path / "ckpt.pt"), {"dro": dro4, "loss": loss4}).attach(trainer4)
+    with pytest.raises(ValueError, match="checkpoint holds DRO weights for 3 groups but this run has 4 groups"):
+        trainer4.run()
+    with pytest.raises(ValueError, match="num_groups=4"):
+        loss4.load_state_dict(loss.state_dict())
+    assert torch.equal(loss4.group_weights, torch.full((4,), 0.25))  # nothing was loaded
+
+
+def test_handler_argument_errors():
+    loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups=2)
+    with pytest.raises(ValueError, match="group_names has 3 names but the loss has 2 groups"):
+        GroupDROHandler(loss, group_names=["a", "b", "c"])
+    with pytest.raises(TypeError, match="GroupDROLoss"):
+        GroupDROHandler(torch.nn.CrossEntropyLoss())
+
+
+def _eval_data() -> list[dict]:
+    return make_data(30, seed=7)
+
+
+def test_group_accuracy_handler_selects_best_worst_group_checkpoint(tmp_path):
+    trainer, student, _, _, _ = build(4)
+    per_epoch = []
+    evaluator = SupervisedEvaluator(
+        device="cpu",
+        val_data_loader=DataLoader(_eval_data(), batch_size=8),
+        network=student,
+        key_val_metric={"val_worst_group_acc": GroupAccuracyHandler(num_groups=G, group_names=NAMES)},
+        val_handlers=[
+            CheckpointSaver(str(tmp_path), {"network": student}, save_key_metric=True, key_metric_filename="best.pt")
+        ],
+    )
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: per_epoch.append(dict(e.state.metrics)))
+    ValidationHandler(validator=evaluator, interval=1).attach(trainer)
+    trainer.run()
+    assert len(per_epoch) == 4
+    # the last epoch's values against an independent computation
+    data = _eval_data()
+    x, y, g = (torch.stack([d[k] for d in data]) for k in ("image", "label", "group"))
+    with torch.no_grad():
+        expected = compute_group_accuracy(student.eval()(x), y, g, num_groups=G)
+    last = per_epoch[-1]
+    assert last["val_worst_group_acc"] == pytest.approx(expected["worst_group"])
+    assert last["worst_group_accuracy"] == pytest.approx(expected["worst_group"])
+    assert last["mean_group_accuracy"] == pytest.approx(expected["mean_group"])
+    assert last["accuracy"] == pytest.approx(expected["overall"])
+    for k, n in enumerate(NAMES):
+        assert last[f"group_accuracy/{n}"] == pytest.approx(float(expected["per_group"][k]))
+    # model selection on the worst-group accuracy
+    best = max(m["val_worst_group_acc"] for m in per_epoch)
+    assert evaluator.state.best_metric == best
+    assert per_epoch[evaluator.state.best_metric_epoch - 1]["val_worst_group_acc"] == best
+    best_net = make_student()
+    best_net.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=True))
+    with torch.no_grad():
+        assert compute_group_accuracy(best_net.eval()(x), y, g, num_groups=G)["worst_group"] == pytest.approx(best)
+
+
+def test_group_accuracy_handler_groups_from_output_and_missing_key():
+    student = make_student()
+    handler = GroupAccuracyHandler(num_groups=G, output_transform=from_engine(["pred", "label", "group"]))
+    trainer = DistillationTrainer(
+        "cpu", 1, DataLoader(make_data(), batch_size=9), student, torch.optim.SGD(student.parameters(), 0.0),
+        torch.nn.CrossEntropyLoss(), key_train_metric={"train_worst": handler},
+    )  # fmt: skip
+    trainer.run()
+    data = make_data()
+    x, y, g = (torch.stack([d[k] for d in data]) for k in ("image", "label", "group"))
+    with torch.no_grad():
+        expected = compute_group_accuracy(student(x), y, g, num_groups=G)
+    assert trainer.state.metrics["train_worst"] == pytest.approx(expected["worst_group"])
+    assert trainer.state.metrics["group_accuracy/group1"] == pytest.approx(float(expected["per_group"][1]))
+
+    no_group = [{k: v for k, v in d.items() if k != "group"} for d in _eval_data()]
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=DataLoader(no_group, batch_size=8), network=student,
+        key_val_metric={"worst": GroupAccuracyHandler(num_groups=G)},
+    )  # fmt: skip
+    with pytest.raises(
+        KeyError, match=r"no 'group' key \(needed for group metrics\); keys present: \['image', 'label'\]"
+    ):
+        evaluator.run()
+
+
+# --- two processes (gloo): identical weights on every rank, rank 0 writes the report ---------------------------------
+
+
+def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        student = torch.nn.parallel.DistributedDataParallel(make_student())
+        loss = GroupDistillationLoss(G, temperature=T, alpha=ALPHA, step_size=ETA)
+        dro = GroupDROHandler(loss, group_names=NAMES)
+        shard = make_data(36, seed=10 + rank)  # different data on every rank
+        trainer = DistillationTrainer(
+            "cpu", 2, DataLoader(shard, batch_size=9), student, torch.optim.Adam(student.parameters(), 0.01), loss,
+            teacher=make_teacher(), train_handlers=[dro],
+        )  # fmt: skip
+        trainer.run()
+        torch.save(torch.stack(dro.weight_history), os.path.join(out_dir, f"weights{rank}.pt"))
+        report = GroupReportHandler(os.path.join(out_dir, f"report_rank{rank}"), G, NAMES, dro_handler=dro, plots=False)
+        evaluator = SupervisedEvaluator(
+            device="cpu", val_data_loader=DataLoader(make_data(10 + 5 * rank, seed=20 + rank), batch_size=4),
+            network=student, val_handlers=[report],
+        )  # fmt: skip
+        evaluator.run()
+        with open(os.path.join(out_dir, f"summary{rank}.json"), "w") as f:
+            json.dump(report.summary, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_identical_weights_and_rank0_report(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    args = (2, str(tmp_path / "init"), str(tmp_path))
+    torch.multiprocessing.spawn(_dist_worker, args=args, nprocs=2, join=True)
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in (0, 1))
+    assert w0.shape == (8, G) and torch.equal(w0, w1)
+    assert not torch.allclose(w0[-1], torch.full((G,), 1 / G))
+    assert (tmp_path / "report_rank0" / "group_report.csv").exists()
+    assert not (tmp_path / "report_rank1").exists()
+    s0, s1 = (json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1))
+    assert s0 == s1 and s0["samples"] == 10 + 15  # both ranks' samples, gathered
+    assert not math.isnan(s0["accuracy"])

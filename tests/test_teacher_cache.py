@@ -1,0 +1,151 @@
+"""TeacherOutputCache: exact logits, teacher calls counted, memory and disk, with DistillationTrainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.data import Dataset
+from monai.engines.utils import IterationEvents
+from monai.transforms import Compose, Lambdad, RandFlipd
+from torch.utils.data import DataLoader
+
+from monai_groupdistil.engines import DistillationTrainer, GroupPrepareBatch, TeacherOutputCache, has_random_transforms
+from monai_groupdistil.handlers import GroupDROHandler
+from monai_groupdistil.losses import GroupDistillationLoss
+
+G = 2
+
+
+def make_data(n: int = 24) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 6, 6, generator=gen)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    return [{"image": x[i], "label": y[i], "group": i % G, "id": f"case{i:03d}"} for i in range(n)]
+
+
+class CountingTeacher(torch.nn.Module):
+    """A real small CNN that counts its forward calls and the samples it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 2),
+        )
+        self.calls = 0
+        self.samples = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.samples += x.shape[0]
+        return self.net(x)
+
+
+def make_student() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 2))
+
+
+def train(epochs: int, cache: TeacherOutputCache | None, shuffle: bool = False):
+    teacher, student = CountingTeacher(), make_student()
+    loss = GroupDistillationLoss(G, temperature=2.0, step_size=0.2)
+    dro = GroupDROHandler(loss)
+    gen = torch.Generator().manual_seed(0)
+    loader = DataLoader(make_data(), batch_size=8, shuffle=shuffle, generator=gen)
+    trainer = DistillationTrainer(
+        "cpu", epochs, loader, student, torch.optim.SGD(student.parameters(), 0.1), loss,
+        teacher=teacher, teacher_cache=cache, train_handlers=[dro],
+    )  # fmt: skip
+    calls_per_epoch = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: calls_per_epoch.append(teacher.calls))
+    used = []  # (epoch, sample id, teacher logits given to the loss)
+
+    def record(engine):
+        for sid, logits in zip(engine.state.batch["id"], engine.state.output["teacher_pred"]):
+            used.append((engine.state.epoch, sid, logits.clone()))
+
+    trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, record)
+    trainer.run()
+    return teacher, student, dro, calls_per_epoch, used
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_cached_training_calls_the_teacher_only_in_the_first_epoch_and_matches_online(tmp_path, on_disk):
+    cache = TeacherOutputCache(tmp_path / "cache" if on_disk else None, id_key="id")
+    teacher, student, dro, calls, _ = train(3, cache)
+    assert calls == [3, 3, 3]  # 3 batches in epoch 1, none afterwards
+    assert teacher.samples == 24 and cache.misses == 24 and cache.hits == 48 and len(cache) == 24
+    if on_disk:
+        assert len(list((tmp_path / "cache").glob("*.pt"))) == 24
+    # identical training to the online teacher (same logits, same order)
+    _, online_student, online_dro, online_calls, _ = train(3, None)
+    assert online_calls == [3, 6, 9]
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), online_student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(dro.weight_history, online_dro.weight_history))
+
+
+def test_cache_returns_the_exact_teacher_logits_with_shuffling(tmp_path):
+    cache = TeacherOutputCache(tmp_path, id_key="id", keep_in_memory=True)
+    teacher, _, _, calls, used = train(3, cache, shuffle=True)
+    assert calls == [3, 3, 3]
+    first_epoch = {sid: logits for epoch, sid, logits in used if epoch == 1}
+    assert len(first_epoch) == 24 and len(used) == 72
+    for _, sid, logits in used:  # later epochs get exactly what the teacher computed in epoch 1
+        assert torch.equal(logits, first_epoch[sid]) and torch.equal(cache.get(sid), logits)
+    teacher.eval()
+    with torch.no_grad():  # and that is the teacher's output (up to the batch-size rounding of a 1-sample call)
+        for d in make_data():
+            torch.testing.assert_close(cache.get(d["id"]), teacher(d["image"][None])[0])
+    # a new cache object on the same folder reads the stored values: no teacher call at all
+    fresh = TeacherOutputCache(tmp_path, id_key="id")
+    _, _, _, calls2, _ = train(1, fresh)
+    assert calls2 == [0] and fresh.hits == 24 and fresh.misses == 0
+
+
+def test_partial_hits_run_the_teacher_on_the_missing_samples_only():
+    teacher = CountingTeacher().eval()
+    cache = TeacherOutputCache(id_key="index")
+    x = torch.randn(5, 1, 6, 6)
+    forward = lambda inp: teacher(inp).detach()  # noqa: E731
+    first = cache.lookup({"index": torch.tensor([0, 1, 2])}, x[:3], forward)
+    out = cache.lookup({"index": torch.tensor([2, 3, 0, 4, 1])}, x[[2, 3, 0, 4, 1]], forward)
+    assert teacher.calls == 2 and teacher.samples == 5  # 3, then only samples 3 and 4
+    assert torch.equal(out[[0, 2, 4]], first[[2, 0, 1]])
+    with torch.no_grad():
+        torch.testing.assert_close(out, teacher(x[[2, 3, 0, 4, 1]]))
+
+
+def test_cache_with_supervised_trainer_glue(tmp_path):
+    teacher, cache = CountingTeacher(), TeacherOutputCache(id_key="id")
+    prepare = GroupPrepareBatch(teacher=teacher, teacher_cache=cache)
+    batch = {k: (v if k == "id" else torch.stack([torch.as_tensor(d[k]) for d in make_data()[:4]])) for k, v in
+             {"image": 0, "label": 0, "group": 0, "id": [d["id"] for d in make_data()[:4]]}.items()}  # fmt: skip
+    _, t1 = prepare(batch)
+    _, t2 = prepare(batch)
+    assert teacher.calls == 1 and torch.equal(t1["teacher_pred"], t2["teacher_pred"])
+
+
+def test_errors_and_random_transform_detection(tmp_path):
+    cache = TeacherOutputCache(id_key="subject")
+    with pytest.raises(
+        KeyError, match=r"no sample-id key 'subject'; keys present: \['group', 'id', 'image', 'label'\]"
+    ):
+        cache.ids_from_batch(make_data()[0])
+    with pytest.raises(ValueError, match="3 sample ids for a batch of 2 inputs"):
+        cache.lookup({"subject": ["a", "b", "c"]}, torch.zeros(2, 1), lambda x: x)
+
+    deterministic = Compose([Lambdad("image", lambda x: x * 2)])
+    random = Compose([Lambdad("image", lambda x: x), Compose([RandFlipd("image", prob=0.5)])])
+    assert not has_random_transforms(deterministic) and has_random_transforms(random)
+    student = make_student()
+    with pytest.warns(UserWarning, match="random transforms"):
+        DistillationTrainer(
+            "cpu", 1, DataLoader(Dataset(make_data(), transform=random), batch_size=8), student,
+            torch.optim.SGD(student.parameters(), 0.1), GroupDistillationLoss(G), teacher=CountingTeacher(),
+            teacher_cache=TeacherOutputCache(id_key="id"),
+        )  # fmt: skip
