@@ -186,7 +186,10 @@ class TeacherOutputCache:
         keys = self.ids_from_batch(batchdata)
         if len(keys) != inputs.shape[0]:
             raise ValueError(f"teacher cache: {len(keys)} sample ids for a batch of {inputs.shape[0]} inputs.")
-        found = [self.get(k) for k in keys]
+        memory = self._memory
+        found = [memory.get(k) for k in keys]
+        if self.cache_dir is not None:
+            found = [self.get(k) if v is None else v for k, v in zip(keys, found)]
         missing = [i for i, v in enumerate(found) if v is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
@@ -198,6 +201,8 @@ class TeacherOutputCache:
                 self.put(keys[i], computed[j])
             if len(missing) == len(keys):
                 return computed
+        if all(v.device == found[0].device for v in found):  # type: ignore[union-attr]
+            return torch.stack(found, dim=0).to(inputs.device)  # type: ignore[arg-type]
         return torch.stack([v.to(inputs.device) for v in found], dim=0)  # type: ignore[union-attr]
 
 

@@ -145,12 +145,13 @@ class GroupDROHandler:
         """Write this iteration's weights, group losses and counts into ``engine.state.metrics``."""
         weights = self.loss.group_weights.detach().float().cpu().clone()
         losses = self.loss.last_group_losses.detach().float().cpu().clone()
-        counts = self.loss.last_group_counts.detach().cpu()
         metrics = engine.state.metrics
-        for g, name in enumerate(self.group_names):
-            metrics[f"{self.weight_prefix}/{name}"] = float(weights[g])
-            metrics[f"{self.loss_prefix}/{name}"] = float(losses[g])
-            metrics[f"{self.count_prefix}/{name}"] = int(counts[g])
+        for name, w, loss, count in zip(
+            self.group_names, weights.tolist(), losses.tolist(), self.loss.last_group_counts.tolist()
+        ):
+            metrics[f"{self.weight_prefix}/{name}"] = w
+            metrics[f"{self.loss_prefix}/{name}"] = loss
+            metrics[f"{self.count_prefix}/{name}"] = int(count)
         metrics["dro_step_size"] = float(self.loss.step_size)
         if self.keep_history:
             self.iterations.append(int(engine.state.iteration))
