@@ -10,7 +10,7 @@ WORK=${1:-runs/cardiac_mri_groupdistil}
 mkdir -p "$WORK"
 COMMON=(--meta_file "$BUNDLE/configs/metadata.json" --logging_file "$BUNDLE/configs/logging.conf"
         --bundle_root "$BUNDLE" --dataset_dir "$WORK/data" --ckpt_dir "$WORK/models" --output_dir "$WORK/eval"
-        --log_dir "$WORK/logs" --progress_bar false)
+        --log_dir "$WORK/logs" --progress_bar False)
 run() { .venv/bin/python -m monai.bundle run --config_file "$1" "${COMMON[@]}"; }
 start=$(date +%s)
 run "['$BUNDLE/configs/train.json','$BUNDLE/configs/train_teacher.json']"

@@ -49,7 +49,7 @@ def work(tmp_path_factory):
 def _cli_args(overrides: dict) -> list[str]:
     args = []
     for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value)]
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]  # fire: True/False
     return args
 
 
