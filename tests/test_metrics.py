@@ -88,3 +88,13 @@ def test_bad_inputs():
         compute_group_accuracy(LOGITS, LABELS[:3], GROUPS, num_groups=4)
     with pytest.raises(ValueError, match="num_groups must be an integer >= 1"):
         GroupAccuracy(num_groups=0)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from monai_groupdistil.engines import teacher_cache
+    from monai_groupdistil.metrics import group_accuracy
+
+    for module in (group_accuracy, teacher_cache):
+        assert doctest.testmod(module).failed == 0
