@@ -260,3 +260,29 @@ def test_glue_with_precomputed_teacher_logits_and_errors():
     bad = {"label": torch.zeros(2, dtype=torch.long), "group": torch.zeros(2, dtype=torch.long)}
     with pytest.raises(ValueError, match=r"teacher output has shape \(2, 3\).*student output has shape \(2, 2\)"):
         GroupDistillationLossAdapter(loss)(torch.zeros(2, 2), bad | {"teacher_pred": torch.zeros(2, 3)})
+
+
+def test_group_balanced_sampler_draws_anew_every_epoch():
+    from monai_groupdistil.data import GroupBalancedSampler
+
+    data = make_data()
+    sampler = GroupBalancedSampler([int(d["group"]) for d in data], seed=3)
+    loader = DataLoader(data, batch_size=len(data), sampler=sampler)
+    seen: list[list[int]] = []
+    student = make_student()
+    trainer = DistillationTrainer(
+        device="cpu",
+        max_epochs=3,
+        train_data_loader=loader,
+        network=student,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+        loss_function=torch.nn.CrossEntropyLoss(),
+    )
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(list(iter(sampler))))
+    trainer.run()
+    expected = []
+    for epoch in (1, 2, 3):
+        sampler.set_epoch(epoch)
+        expected.append(list(iter(sampler)))
+    assert seen == expected
+    assert seen[0] != seen[1] != seen[2]

@@ -14,16 +14,17 @@ from monai.handlers import from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from monai_groupdistil.engines.teacher_cache import TeacherOutputCache, has_random_transforms, run_teacher
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
 
 if TYPE_CHECKING:
-    from ignite.engine import Engine
+    from ignite.engine import Engine, Events
     from ignite.handlers import ProgressBar
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
     ProgressBar, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "ProgressBar")
 
 __all__ = [
@@ -207,6 +208,11 @@ class DistillationTrainer(SupervisedTrainer):
                     "teacher online (teacher_cache=None) with random augmentation.",
                     stacklevel=2,
                 )
+        sampler = getattr(train_data_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch") and not isinstance(sampler, DistributedSampler):
+            # MONAI sets the epoch of a DistributedSampler only; samplers such as GroupBalancedSampler draw anew
+            # every epoch when they are told the epoch too.
+            self.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
         if progress_bar:
             ProgressBar(persist=True).attach(
                 self, output_transform=lambda out: {"loss": float(from_engine(Keys.LOSS, first=True)(out))}

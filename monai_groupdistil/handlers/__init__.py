@@ -3,8 +3,10 @@
 from monai_groupdistil.handlers.group_accuracy_handler import GroupAccuracyHandler, extract_groups
 from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler
 from monai_groupdistil.handlers.group_report_handler import GroupReportHandler, per_sample_cross_entropy
+from monai_groupdistil.handlers.prediction_writer import ClassPredictionWriter
 
 __all__ = [
+    "ClassPredictionWriter",
     "GroupAccuracyHandler",
     "GroupDROHandler",
     "GroupReportHandler",

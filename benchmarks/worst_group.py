@@ -1,0 +1,444 @@
+"""Worst-group benchmark: GroupDistil against KD, ERM and GroupDRO students on synthetic multi-vendor cardiac MRI.
+
+For every seed and setting the script generates one dataset with ``make_synthetic_mnms`` (M&Ms layout), reads it
+with the package's loader and preprocessing (ED mid-ventricular slice), trains one teacher (a wider and deeper
+2-D ResNet, cross entropy) and then four students of the same architecture and budget (epochs, optimiser,
+batch size, data order) with ``DistillationTrainer``:
+
+- ``erm``: cross entropy, no teacher;
+- ``group_dro``: ``GroupDROLoss`` around cross entropy, no teacher;
+- ``kd``: ``DistillationLoss`` (Hinton KD) with the teacher;
+- ``groupdistil``: ``GroupDistillationLoss`` with the teacher.
+
+Settings:
+
+- ``minority``: vendor D (Canon, the noisiest, lowest-contrast vendor) is 5 % of the training split; validation
+  and test are vendor-balanced; groups are the 4 vendors.
+- ``correlation``: vendors balanced everywhere, but in training a fraction ``--correlation`` of every vendor's
+  subjects has that vendor's "correlated" pathology (a spurious vendor-pathology correlation; validation and
+  test are uncorrelated); groups are the 12 vendor x pathology cells.
+
+After every epoch the student is evaluated on the validation and test splits. Model selection uses the
+worst-group validation accuracy (the group-DRO rule; ties go to the higher average validation accuracy, then to
+the later epoch); selection by average validation accuracy is reported as well. "Average accuracy" weights each
+group's accuracy by its share of the training set, as in Sagawa et al.; the worst-group accuracy is the minimum
+over the groups present in the split.
+
+Outputs (``--out``, default ``docs/results``): ``worst_group_runs.csv`` (every run and selection),
+``worst_group.md`` (mean +- std tables, the per-seed paired difference GroupDistil - KD, the settings and the
+command), ``worst_group.png``. ``--sweep`` instead runs the documented hyper-parameter sweep on the validation
+split of seed 0 and writes ``worst_group_sweep.csv``; its winners are the defaults in ``HYPER``.
+
+Usage:
+    python benchmarks/worst_group.py                   # the default benchmark (5 seeds, both settings)
+    python benchmarks/worst_group.py --quick --out /tmp/wg   # a few minutes
+    python benchmarks/worst_group.py --sweep           # the hyper-parameter sweep (validation data only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+from monai.networks.nets import ResNet
+from monai.utils import set_determinism
+from torch.utils.data import DataLoader
+
+from monai_groupdistil.data import (
+    MNMS_VENDORS,
+    cardiac_preprocessing,
+    load_mnms_datalist,
+    make_synthetic_mnms,
+    mnms_group_names,
+)
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache
+from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
+from monai_groupdistil.metrics import compute_group_accuracy
+
+CLASSES = ("NOR", "HCM", "DCM")
+METHODS = ("erm", "group_dro", "kd", "groupdistil")
+SETTINGS = {
+    "minority": {"group_by": "vendor", "make": {}},
+    "correlation": {
+        "group_by": ("vendor", "label"),
+        "make": {"vendor_fractions": {v: 0.25 for v in MNMS_VENDORS}},
+    },
+}
+# Chosen by `--sweep` on the validation split (see docs/results/worst_group.md); T and alpha are shared by KD and
+# GroupDistil, the step sizes by GroupDRO and GroupDistil.
+HYPER = {"temperature": 4.0, "alpha": 0.5, "step_size": 0.1, "group_dro_step_size": 0.1}
+SWEEP = {"step_size": (0.01, 0.1, 1.0), "alpha": (0.5, 0.9)}
+
+
+def resnet(width: int, layers: list[int]) -> ResNet:
+    return ResNet(
+        "basic",
+        layers,
+        [width, 2 * width, 4 * width, 8 * width],
+        spatial_dims=2,
+        n_input_channels=1,
+        num_classes=len(CLASSES),
+        conv1_t_stride=2,
+    )
+
+
+def student() -> ResNet:
+    return resnet(16, [1, 1, 1, 1])
+
+
+def teacher_net() -> ResNet:
+    return resnet(32, [2, 2, 2, 2])
+
+
+def build_data(setting: str, seed: int, subjects: int, correlation: float, size: int, workdir: Path) -> dict:
+    """Generate, load and preprocess one dataset; returns tensors per split and the group names."""
+    spec = SETTINGS[setting]
+    make = dict(spec["make"])
+    if setting == "correlation":
+        make["pathology_vendor_correlation"] = correlation
+    root = make_synthetic_mnms(
+        workdir / f"{setting}_{seed}", n_subjects=subjects, seed=seed, matrix_scale=0.6, n_frames=4, **make
+    )
+    names = mnms_group_names(spec["group_by"], CLASSES)
+    preprocess = cardiac_preprocessing(spatial_size=(size, size), pixdim=(128.0 / size, 128.0 / size))
+    data = {"group_names": names}
+    for split in ("train", "val", "test"):
+        items = [preprocess(d) for d in load_mnms_datalist(root, split, group_by=spec["group_by"], classes=CLASSES)]
+        data[split] = {
+            "image": torch.stack([torch.as_tensor(i["image"]).float() for i in items]),
+            "label": torch.tensor([i["label"] for i in items]),
+            "group": torch.tensor([i["group"] for i in items]),
+        }
+    data["group_counts"] = torch.bincount(data["train"]["group"], minlength=len(names)).tolist()
+    return data
+
+
+def evaluate(network: torch.nn.Module, split: dict, num_groups: int, counts: list[int]) -> dict:
+    network.eval()
+    with torch.no_grad():
+        pred = torch.cat([network(x) for x in split["image"].split(64)])
+    network.train()
+    acc = compute_group_accuracy(pred, split["label"], split["group"], num_groups)
+    per_group = acc["per_group"]
+    present = ~torch.isnan(per_group)
+    weights = torch.tensor(counts, dtype=torch.float64) * present
+    average = float((per_group.double().nan_to_num() * weights).sum() / weights.sum())
+    worst = int(torch.where(present, per_group, torch.full_like(per_group, 2.0)).argmin())
+    return {"average": average, "worst": float(per_group[worst]), "worst_group": worst, "per_group": per_group.tolist()}
+
+
+def train(
+    method: str, data: dict, epochs: int, seed: int, hyper: dict, teacher=None, cache=None, network=None
+) -> list[dict]:
+    """Train one network with DistillationTrainer; returns the validation and test metrics of every epoch."""
+    num_groups = len(data["group_names"])
+    set_determinism(seed)
+    network = network if network is not None else student()
+    if method in ("erm", "teacher"):
+        loss = torch.nn.CrossEntropyLoss()
+    elif method == "group_dro":
+        loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups, hyper["group_dro_step_size"])
+    elif method == "kd":
+        loss = DistillationLoss(hyper["temperature"], hyper["alpha"])
+    else:
+        loss = GroupDistillationLoss(num_groups, hyper["temperature"], hyper["alpha"], hyper["step_size"])
+    train_split = data["train"]
+    items = [
+        {"image": train_split["image"][i], "label": train_split["label"][i], "group": train_split["group"][i], "id": i}
+        for i in range(len(train_split["label"]))
+    ]
+    loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    use_teacher = method in ("kd", "groupdistil")
+    trainer = DistillationTrainer(
+        device=torch.device("cpu"),
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), 1e-3),
+        loss_function=loss,
+        teacher=teacher if use_teacher else None,
+        teacher_cache=cache if use_teacher else None,
+    )
+    history: list[dict] = []
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _record(engine):
+        history.append(
+            {
+                "epoch": engine.state.epoch,
+                "val": evaluate(network, data["val"], num_groups, data["group_counts"]),
+                "test": evaluate(network, data["test"], num_groups, data["group_counts"]),
+                "state": {k: v.clone() for k, v in network.state_dict().items()} if method == "teacher" else None,
+            }
+        )
+
+    trainer.run()
+    return history
+
+
+def select(history: list[dict], rule: str) -> dict:
+    if rule == "worst":
+        key = lambda h: (h["val"]["worst"], h["val"]["average"], h["epoch"])  # noqa: E731
+    else:
+        key = lambda h: (h["val"]["average"], h["val"]["worst"], h["epoch"])  # noqa: E731
+    return max(history, key=key)
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} +- {100 * std:.1f}"
+
+
+def run_benchmark(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in args.settings:
+            for seed in range(args.seeds):
+                start = time.time()
+                data = build_data(setting, seed, args.subjects, args.correlation, args.size, Path(tmp))
+                names = data["group_names"]
+                teacher = teacher_net()
+                t_hist = train("teacher", data, args.teacher_epochs, seed, HYPER, network=teacher)
+                best = select(t_hist, "worst")
+                teacher.load_state_dict(best["state"])
+                teacher.eval()
+                cache = TeacherOutputCache(id_key="id")
+                runs = {"teacher": t_hist}
+                for method in METHODS:
+                    runs[method] = train(method, data, args.epochs, seed, HYPER, teacher=teacher, cache=cache)
+                for method, hist in runs.items():
+                    for rule in ("worst", "average"):
+                        chosen = select(hist, rule)
+                        rows.append(
+                            {
+                                "setting": setting,
+                                "seed": seed,
+                                "method": method,
+                                "selection": rule,
+                                "epoch": chosen["epoch"],
+                                "test_average": chosen["test"]["average"],
+                                "test_worst": chosen["test"]["worst"],
+                                "test_worst_group": names[chosen["test"]["worst_group"]],
+                                "val_average": chosen["val"]["average"],
+                                "val_worst": chosen["val"]["worst"],
+                                **{f"test_acc/{n}": a for n, a in zip(names, chosen["test"]["per_group"])},
+                            }
+                        )
+                summary = {m: f"{100 * select(runs[m], 'worst')['test']['worst']:.0f}" for m in runs}
+                print(
+                    f"[{setting} seed {seed}] {time.time() - start:.0f} s, test worst-group acc: {summary}", flush=True
+                )
+    return rows
+
+
+def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("test_acc/"), k))
+    base = [
+        "setting",
+        "seed",
+        "method",
+        "selection",
+        "epoch",
+        "test_average",
+        "test_worst",
+        "test_worst_group",
+        "val_average",
+        "val_worst",
+    ]
+    columns = base + [c for c in columns if c not in base]
+    with open(out / "worst_group_runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        "# Worst-group benchmark",
+        "",
+        f"Command: `python benchmarks/worst_group.py {' '.join(sys.argv[1:])}`",
+        "",
+        f"Seeds: {args.seeds}; training subjects per dataset: {round(0.6 * args.subjects)} of "
+        f"{args.subjects}; epochs: teacher {args.teacher_epochs}, students {args.epochs}; input "
+        f"{args.size}x{args.size}; hyper-parameters: {HYPER}. Wall time: {wall / 60:.1f} min "
+        f"({torch.get_num_threads()} threads).",
+        "",
+    ]
+    for rule, title in (("worst", "worst-group validation accuracy"), ("average", "average validation accuracy")):
+        lines += [
+            f"## Test accuracy (%), model selected by {title}",
+            "",
+            "| setting | method | average accuracy | worst-group accuracy |",
+            "|---|---|---|---|",
+        ]
+        for setting in args.settings:
+            for method in ("teacher", *METHODS):
+                sel = [r for r in rows if r["setting"] == setting and r["method"] == method and r["selection"] == rule]
+                lines.append(
+                    f"| {setting} | {method} | {_mean_std([r['test_average'] for r in sel])} | "
+                    f"{_mean_std([r['test_worst'] for r in sel])} |"
+                )
+        lines.append("")
+    lines += [
+        "## GroupDistil - KD, paired by seed (worst-group selection, points)",
+        "",
+        "| setting | per-seed worst-group difference | mean | positive | average-accuracy difference (mean) |",
+        "|---|---|---|---|---|",
+    ]
+    for setting in args.settings:
+
+        def get(method, key, setting=setting):
+            return {
+                r["seed"]: r[key]
+                for r in rows
+                if r["setting"] == setting and r["method"] == method and r["selection"] == "worst"
+            }
+
+        gd, kd = get("groupdistil", "test_worst"), get("kd", "test_worst")
+        diffs = [100 * (gd[s] - kd[s]) for s in sorted(gd)]
+        avg_diff = [100 * (get("groupdistil", "test_average")[s] - get("kd", "test_average")[s]) for s in sorted(gd)]
+        lines.append(
+            f"| {setting} | {', '.join(f'{d:+.1f}' for d in diffs)} | {statistics.mean(diffs):+.1f} | "
+            f"{sum(d > 0 for d in diffs)}/{len(diffs)} | {statistics.mean(avg_diff):+.1f} |"
+        )
+    (out / "worst_group.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed (pip install matplotlib): worst_group.png not written")
+        return
+    fig, axes = plt.subplots(1, len(args.settings), figsize=(5 * len(args.settings), 3.5), squeeze=False)
+    for ax, setting in zip(axes[0], args.settings):
+        methods = ("teacher", *METHODS)
+        for offset, (key, label) in enumerate((("test_average", "average"), ("test_worst", "worst group"))):
+            vals = [
+                [
+                    100 * r[key]
+                    for r in rows
+                    if r["setting"] == setting and r["method"] == m and r["selection"] == "worst"
+                ]
+                for m in methods
+            ]
+            means = [statistics.mean(v) for v in vals]
+            errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            ax.bar([i + 0.38 * offset for i in range(len(methods))], means, 0.38, yerr=errs, label=label, capsize=3)
+        ax.set_xticks([i + 0.19 for i in range(len(methods))], methods, rotation=20)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(setting)
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "worst_group.png", dpi=110)
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    """Hyper-parameter sweep on seed 0, scored on the validation split only."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in args.settings:
+            data = build_data(setting, 0, args.subjects, args.correlation, args.size, Path(tmp))
+            teacher = teacher_net()
+            best = select(train("teacher", data, args.teacher_epochs, 0, HYPER, network=teacher), "worst")
+            teacher.load_state_dict(best["state"])
+            teacher.eval()
+            cache = TeacherOutputCache(id_key="id")
+            for alpha in SWEEP["alpha"]:
+                chosen = select(train("kd", data, args.epochs, 0, {**HYPER, "alpha": alpha}, teacher, cache), "worst")
+                rows.append(
+                    {
+                        "setting": setting,
+                        "method": "kd",
+                        "alpha": alpha,
+                        "step_size": "",
+                        "val_worst": chosen["val"]["worst"],
+                        "val_average": chosen["val"]["average"],
+                    }
+                )
+                for step in SWEEP["step_size"]:
+                    hyper = {**HYPER, "alpha": alpha, "step_size": step}
+                    chosen = select(train("groupdistil", data, args.epochs, 0, hyper, teacher, cache), "worst")
+                    rows.append(
+                        {
+                            "setting": setting,
+                            "method": "groupdistil",
+                            "alpha": alpha,
+                            "step_size": step,
+                            "val_worst": chosen["val"]["worst"],
+                            "val_average": chosen["val"]["average"],
+                        }
+                    )
+            for step in SWEEP["step_size"]:
+                chosen = select(
+                    train("group_dro", data, args.epochs, 0, {**HYPER, "group_dro_step_size": step}), "worst"
+                )
+                rows.append(
+                    {
+                        "setting": setting,
+                        "method": "group_dro",
+                        "alpha": "",
+                        "step_size": step,
+                        "val_worst": chosen["val"]["worst"],
+                        "val_average": chosen["val"]["average"],
+                    }
+                )
+            print(f"[sweep {setting}] done", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "worst_group_sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for method in ("kd", "groupdistil", "group_dro"):
+        scores: dict = {}
+        for r in rows:
+            if r["method"] == method:
+                scores.setdefault((r["alpha"], r["step_size"]), []).append(r["val_worst"])
+        best = max(scores, key=lambda k: statistics.mean(scores[k]))
+        print(f"{method}: best (alpha, step_size) by mean validation worst-group accuracy over the settings: {best}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=30, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=30)
+    parser.add_argument("--subjects", type=int, default=200, help="labelled subjects per dataset (60/20/20)")
+    parser.add_argument("--size", type=int, default=64, help="input size (pixels) of the 128 mm field of view")
+    parser.add_argument("--correlation", type=float, default=0.8, help="vendor-pathology correlation (setting 2)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results"))
+    parser.add_argument("--quick", action="store_true", help="1 seed, 100 subjects, 8 epochs: a few minutes")
+    parser.add_argument("--sweep", action="store_true", help="run the hyper-parameter sweep instead")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.subjects, args.epochs, args.teacher_epochs = 1, 100, 8, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    start = time.time()
+    if args.sweep:
+        run_sweep(args)
+        return
+    rows = run_benchmark(args)
+    write_outputs(rows, args, time.time() - start)
+    print(
+        f"wrote {args.out}/worst_group.md, worst_group_runs.csv, worst_group.png "
+        f"in {(time.time() - start) / 60:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
