@@ -174,10 +174,10 @@ class GroupDROLoss(_Loss):
             world_size = dist.get_world_size()
             stats = torch.stack([sums.to(torch.float64), counts.to(torch.float64)])
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            group_sums, group_counts = stats.cpu().numpy()
+            group_sums, group_counts = _to_numpy(stats)
         else:
-            group_sums = sums.cpu().numpy().astype(np.float64)
-            group_counts = counts.cpu().numpy().astype(np.float64)
+            group_sums = _to_numpy(sums)
+            group_counts = _to_numpy(counts)
         denom = np.maximum(group_counts, 1.0)
         group_losses = group_sums / denom
         if not np.isfinite(group_losses).all():
@@ -189,19 +189,19 @@ class GroupDROLoss(_Loss):
         if self.training:
             weights = self._update_state(group_losses, group_counts)
         else:
-            weights = self.group_weights.detach().cpu().numpy().astype(np.float64)
+            weights = _to_numpy(self.group_weights)
         self.last_group_losses.copy_(torch.from_numpy(group_losses))
         self.last_group_counts.copy_(torch.from_numpy(group_counts.astype(np.int64)))
         coef = torch.from_numpy(weights / denom * world_size).to(device=per_sample.device, dtype=per_sample.dtype)
         constant = float(weights @ self._adjustment_terms()) if self.use_adjustment else 0.0
         if self.reduction == LossReduction.NONE.value:
-            out = per_sample * coef[groups]
+            out = per_sample * coef.index_select(0, groups)
             return out + constant / batch if self.use_adjustment else out
-        out = torch.dot(per_sample, coef[groups])
+        out = torch.dot(per_sample, coef.index_select(0, groups))
         return out + constant if self.use_adjustment else out
 
     def _adjustment_terms(self) -> np.ndarray:
-        return self.adjustment_term.detach().cpu().numpy().astype(np.float64)
+        return _to_numpy(self.adjustment_term)
 
     def _update_state(self, group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Exponentiated-gradient step on ``group_weights`` and EMA update; returns the new weights.
@@ -214,7 +214,7 @@ class GroupDROLoss(_Loss):
             if total > 0:
                 adjusted = adjusted / total
         exponent = self.step_size * adjusted
-        weights = self.group_weights.detach().cpu().numpy().astype(np.float64) * np.exp(exponent - exponent.max())
+        weights = _to_numpy(self.group_weights) * np.exp(exponent - exponent.max())
         total = weights.sum()
         if not np.isfinite(total) or total <= 0:
             raise ValueError(
@@ -223,8 +223,8 @@ class GroupDROLoss(_Loss):
             )
         weights = weights / total
         present = counts > 0
-        initialized = self.ema_initialized.detach().cpu().numpy()
-        ema = self.ema_group_losses.detach().cpu().numpy().astype(np.float64)
+        initialized = _to_numpy(self.ema_initialized, None)
+        ema = _to_numpy(self.ema_group_losses)
         prev = (1.0 - self.gamma * present) * initialized
         self.group_weights.copy_(torch.from_numpy(weights))
         self.ema_group_losses.copy_(torch.from_numpy(ema * prev + group_losses * (1.0 - prev)))
@@ -247,6 +247,12 @@ class GroupDROLoss(_Loss):
             ):
                 raise ValueError(f"the checkpoint's DRO weights are not a probability vector: {weights.tolist()}.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+
+
+def _to_numpy(tensor: torch.Tensor, dtype: type | None = np.float64) -> np.ndarray:
+    """A detached numpy copy (or view, on the CPU) of a G-sized statistic, as ``dtype`` (None keeps it)."""
+    array = (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
+    return array if dtype is None else array.astype(dtype)
 
 
 def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
