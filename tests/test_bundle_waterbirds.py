@@ -70,7 +70,8 @@ def work(tmp_path_factory):
 def _cli_args(overrides: dict) -> list[str]:
     args = []
     for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, bool)) else str(value)]
+        # fire reads True/False (not true/false) as booleans
+        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     return args
 
 
@@ -238,6 +239,7 @@ def test_multi_process_training_with_torchrun(work, tmp_path):
     assert abs(float(weights.sum()) - 1) < 1e-5 and not torch.allclose(weights, torch.full((4,), 0.25), atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_conformance_commands(work, tmp_path):
     ov = work["overrides"]
     base = [sys.executable, "-m", "monai.bundle"]
