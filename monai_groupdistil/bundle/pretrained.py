@@ -62,7 +62,7 @@ def load_pretrained(
 
     Args:
         network: the network to initialise (a wrapper such as ``DistributedDataParallel`` is looked through).
-        path: the weights file; None or ``""`` leaves ``network`` unchanged.
+        path: the weights file; None, ``""``, ``"null"`` or ``"None"`` leaves ``network`` unchanged.
         strict: require every parameter of the network to be in the file with the same shape, and nothing else.
         key: the checkpoint entry holding the state dict (default: found automatically).
 
@@ -82,13 +82,13 @@ def load_pretrained(
         net = ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], spatial_dims=2, n_input_channels=3, num_classes=2)
         load_pretrained(net, "/models/resnet18_imagenet.pt")  # all but the 1000-class fc layer
     """
-    if path is None or str(path) == "":
+    if path is None or str(path).strip().lower() in ("", "null", "none"):  # the CLI (fire) passes null as a string
         return network
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
             f"pretrained weights '{file}' not found; give the path of a local state-dict file (nothing is "
-            "downloaded), or null to train from scratch."
+            "downloaded), or null (None) to train from scratch."
         )
     target = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
     state = _extract_state_dict(torch.load(file, map_location="cpu", weights_only=True), file, key)
