@@ -26,3 +26,30 @@ def test_markdown_python_examples_run(path, tmp_path, monkeypatch):
 
 def test_readme_has_an_example():
     assert ROOT / "README.md" in _files_with_examples()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "monai_groupdistil.losses.distillation",
+        "monai_groupdistil.losses.group_dro",
+        "monai_groupdistil.losses.group_distillation",
+        "monai_groupdistil.data.waterbirds",
+    ],
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), raise_on_error=False, verbose=False)
+    assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_api_reference_is_up_to_date():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "gen_api.py"), "--check"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr + "\nrun: python docs/gen_api.py"

@@ -14,6 +14,7 @@ from monai_groupdistil.bundle.datasets import (
     prepare_waterbirds_dataset,
     waterbirds_splits,
 )
+from monai_groupdistil.bundle.pretrained import load_pretrained
 from monai_groupdistil.bundle.workflow import run_workflow
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "group_counts",
     "inference_datalist",
     "load_network",
+    "load_pretrained",
     "load_teacher",
     "mnms_splits",
     "output_classes",

@@ -1,5 +1,6 @@
-"""Cardiac MRI data layer: M&Ms / M&Ms-2 datalists with vendor and centre groups, a synthetic multi-vendor
-cine generator in the M&Ms layout, cardiac preprocessing transforms and group-balanced sampling.
+"""Data layer: M&Ms / M&Ms-2 datalists with vendor and centre groups, a synthetic multi-vendor cine generator in
+the M&Ms layout, cardiac preprocessing transforms, group-balanced sampling, and the Waterbirds datalist, its
+synthetic stand-in and ImageNet-style preprocessing for natural images.
 
 Log messages (counts of left-out or skipped subjects, group sizes) go to the ``monai_groupdistil.data`` logger.
 Names are imported lazily, so ``python -m monai_groupdistil.data.synthetic`` and the datalist loaders do not
@@ -35,6 +36,14 @@ _EXPORTS = {
         "cardiac_preprocessing",
         "cardiac_augmentation",
     ),
+    "waterbirds": (
+        "WATERBIRDS_COLUMNS",
+        "WATERBIRDS_GROUP_NAMES",
+        "WATERBIRDS_SPLITS",
+        "load_waterbirds_datalist",
+        "make_synthetic_waterbirds",
+    ),
+    "natural_transforms": ("natural_image_preprocessing", "natural_image_augmentation", "natural_image_datalist"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
@@ -66,6 +75,11 @@ if TYPE_CHECKING:  # for static analysis and IDEs
         mnms2_group_names,
         mnms_group_names,
     )
+    from monai_groupdistil.data.natural_transforms import (  # noqa: F401
+        natural_image_augmentation,
+        natural_image_datalist,
+        natural_image_preprocessing,
+    )
     from monai_groupdistil.data.samplers import GroupBalancedSampler  # noqa: F401
     from monai_groupdistil.data.splits import split_by_group  # noqa: F401
     from monai_groupdistil.data.synthetic import VENDOR_PROFILES, make_synthetic_mnms  # noqa: F401
@@ -76,4 +90,11 @@ if TYPE_CHECKING:  # for static analysis and IDEs
         SelectMidVentricularSliced,
         cardiac_augmentation,
         cardiac_preprocessing,
+    )
+    from monai_groupdistil.data.waterbirds import (  # noqa: F401
+        WATERBIRDS_COLUMNS,
+        WATERBIRDS_GROUP_NAMES,
+        WATERBIRDS_SPLITS,
+        load_waterbirds_datalist,
+        make_synthetic_waterbirds,
     )
