@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from collections import Counter
@@ -21,6 +20,7 @@ from monai_groupdistil.data import (
     mnms_group_names,
     split_by_group,
 )
+from monai_groupdistil.data.json_datalist import load_json_datalist
 from monai_groupdistil.data.waterbirds import (
     WATERBIRDS_GROUP_NAMES,
     load_waterbirds_datalist,
@@ -234,17 +234,11 @@ def inference_datalist(input_path: str | os.PathLike, frame: int = 0) -> list[di
         )
         return [{"image": d["image"], "ed": d["ed"], "es": d["ed"], "subject": d["subject"]} for d in entries]
     if path.is_file() and path.suffix == ".json":
-        items = json.loads(path.read_text())
-        if not isinstance(items, list):
-            raise ValueError(f"{path}: a JSON list of entries is expected, got {type(items).__name__}.")
         out = []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "image" not in item:
-                raise ValueError(f"{path}: entry {i} must be an object with an 'image' key, got {item!r}.")
-            image = Path(item["image"])
-            image = image if image.is_absolute() else path.parent / image
+        for item in load_json_datalist(path):
             ed = int(item.get("ed", frame))
-            out.append({"image": str(image), "ed": ed, "es": ed, "subject": str(item.get("subject", _stem(image)))})
+            subject = str(item.get("subject", _stem(Path(item["image"]))))
+            out.append({"image": item["image"], "ed": ed, "es": ed, "subject": subject})
         return out
     files = sorted(
         f for f in glob.glob(str(path / "**" / "*.nii*"), recursive=True) if not _stem(Path(f)).endswith("_gt")

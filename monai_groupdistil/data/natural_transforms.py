@@ -23,7 +23,6 @@ Waterbirds release).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -46,6 +45,8 @@ from monai.transforms import (
     ScaleIntensityRanged,
 )
 from monai.utils import ensure_tuple, ensure_tuple_rep
+
+from monai_groupdistil.data.json_datalist import load_json_datalist
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -256,17 +257,10 @@ def natural_image_datalist(
     if path.is_file():
         if path.suffix.lower() != ".json":
             raise ValueError(f"inference input '{path}' is a file but not a JSON datalist (*.json).")
-        items = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(items, list):
-            raise ValueError(f"{path}: a JSON list of entries is expected, got {type(items).__name__}.")
-        out = []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict) or "image" not in item:
-                raise ValueError(f"{path}: entry {i} must be an object with an 'image' key, got {item!r}.")
-            image = Path(item["image"])
-            image = image if image.is_absolute() else path.parent / image
-            out.append({"image": str(image), id_key: str(item.get(id_key, image.name))})
-        return out
+        return [
+            {"image": item["image"], id_key: str(item.get(id_key, Path(item["image"]).name))}
+            for item in load_json_datalist(path)
+        ]
     endings = tuple(e.lower() for e in extensions)
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.lower().endswith(endings))
     if not files:

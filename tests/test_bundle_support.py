@@ -1,0 +1,114 @@
+"""The library functions behind the bundle configs: dataset preparation, splits, inference datalists, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from monai_groupdistil.bundle import (
+    find_mnms_root,
+    group_counts,
+    inference_datalist,
+    load_network,
+    load_teacher,
+    mnms_splits,
+    output_classes,
+    prepare_mnms_dataset,
+    require_file,
+)
+from monai_groupdistil.data import make_synthetic_mnms
+
+
+@pytest.fixture(scope="module")
+def mnms(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mnms")
+    # vendor D only in the test split: its training split lacks a vendor, like the real M&Ms release
+    fractions = {"train": {"A": 0.5, "B": 0.5}, "val": {"A": 0.5, "B": 0.5}, "test": {"A": 0.3, "B": 0.3, "D": 0.4}}
+    make_synthetic_mnms(base, n_subjects=20, seed=2, matrix_scale=0.4, n_frames=4, vendor_fractions=fractions)
+    return base
+
+
+def test_prepare_uses_release_and_refuses_other_folders(mnms, tmp_path):
+    assert prepare_mnms_dataset(mnms) == str(mnms / "OpenDataset") == find_mnms_root(mnms / "OpenDataset")
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"is neither empty nor an M&Ms release"):
+        prepare_mnms_dataset(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.txt"]  # nothing written
+
+
+def test_splits_pool_and_resplit_when_training_lacks_a_group(mnms):
+    official = mnms_splits(mnms, resplit=False)
+    assert {d["vendor"] for d in official["train"]} == {"A", "B"}
+    pooled = mnms_splits(mnms)
+    assert pooled["resplit"] is True
+    assert "D" in {d["vendor"] for d in pooled["train"]}
+    ids = [d["subject"] for part in ("train", "val", "test") for d in pooled[part]]
+    assert len(ids) == len(set(ids)) == 20
+    assert pooled["group_names"] == ["A", "B", "C", "D"]
+    assert pooled["group_counts"] == group_counts(pooled["train"], 4)
+    assert sum(pooled["group_counts"]) == len(pooled["train"])
+
+
+def test_group_counts_rejects_ids_out_of_range():
+    with pytest.raises(ValueError, match=r"group ids \[5\] outside \[0, 4\)"):
+        group_counts([{"group": 5}], 4)
+
+
+def test_inference_datalist_forms(mnms, tmp_path):
+    from_release = inference_datalist(mnms)
+    assert len(from_release) == 20 and {"image", "ed", "es", "subject"} <= set(from_release[0])
+    image = from_release[0]["image"]
+    (tmp_path / "list.json").write_text(
+        json.dumps([{"image": image, "ed": 2, "subject": "s1"}, {"image": "rel.nii.gz"}])
+    )
+    entries = inference_datalist(tmp_path / "list.json", frame=1)
+    assert entries[0] == {"image": image, "ed": 2, "es": 2, "subject": "s1"}
+    assert entries[1] == {"image": str(tmp_path / "rel.nii.gz"), "ed": 1, "es": 1, "subject": "rel"}
+    (tmp_path / "bad.json").write_text(json.dumps([{"img": "x"}]))
+    with pytest.raises(ValueError, match=r"bad.json: entry 0 must be an object with an 'image' key"):
+        inference_datalist(tmp_path / "bad.json")
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    (folder / "p1_sa.nii.gz").symlink_to(image)
+    (folder / "p1_sa_gt.nii.gz").symlink_to(image)
+    assert inference_datalist(folder) == [{"image": str(folder / "p1_sa.nii.gz"), "ed": 0, "es": 0, "subject": "p1_sa"}]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        inference_datalist(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="no NIfTI study"):
+        inference_datalist(_empty(tmp_path))
+
+
+def _empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def test_load_network_and_teacher(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    torch.save({"model": net.state_dict(), "loss": {}}, tmp_path / "teacher.pt")
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    teacher = load_teacher(fresh, tmp_path / "teacher.pt", num_classes=3)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), net.state_dict().values()))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert output_classes(teacher) == 3
+    with pytest.raises(ValueError, match="predicts 3 classes but the student predicts 4"):
+        load_teacher(fresh, tmp_path / "teacher.pt", num_classes=4)
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
+    with pytest.raises(ValueError, match=r"does not fit .*2.weight: checkpoint \(3, 8\) vs network \(5, 8\)"):
+        load_network(wider, tmp_path / "teacher.pt")
+    with pytest.raises(
+        FileNotFoundError, match=r"teacher checkpoint .*missing.pt' not found. Train the teacher first: CMD"
+    ):
+        load_teacher(fresh, tmp_path / "missing.pt", how_to_train="CMD")
+    calls = []
+
+    def train():
+        calls.append(1)
+        torch.save({"model": net.state_dict()}, tmp_path / "trained.pt")
+
+    load_teacher(fresh, tmp_path / "trained.pt", train_if_missing=True, train_fn=train)
+    assert calls == [1]
+    with pytest.raises(FileNotFoundError, match="the trained model; run"):
+        require_file(tmp_path / "none.pt", "the trained model; run the training config first")
