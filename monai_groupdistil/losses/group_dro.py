@@ -190,8 +190,8 @@ class GroupDROLoss(_Loss):
             weights = self._update_state(group_losses, group_counts)
         else:
             weights = _to_numpy(self.group_weights)
-        self.last_group_losses.copy_(torch.from_numpy(group_losses))
-        self.last_group_counts.copy_(torch.from_numpy(group_counts.astype(np.int64)))
+        _assign(self.last_group_losses, group_losses)
+        _assign(self.last_group_counts, group_counts)
         coef = torch.from_numpy(weights / denom * world_size).to(device=per_sample.device, dtype=per_sample.dtype)
         constant = float(weights @ self._adjustment_terms()) if self.use_adjustment else 0.0
         if self.reduction == LossReduction.NONE.value:
@@ -226,9 +226,9 @@ class GroupDROLoss(_Loss):
         initialized = _to_numpy(self.ema_initialized, None)
         ema = _to_numpy(self.ema_group_losses)
         prev = (1.0 - self.gamma * present) * initialized
-        self.group_weights.copy_(torch.from_numpy(weights))
-        self.ema_group_losses.copy_(torch.from_numpy(ema * prev + group_losses * (1.0 - prev)))
-        self.ema_initialized.copy_(torch.from_numpy(initialized | present))
+        _assign(self.group_weights, weights)
+        _assign(self.ema_group_losses, ema * prev + group_losses * (1.0 - prev))
+        _assign(self.ema_initialized, initialized | present)
         return weights
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
@@ -253,6 +253,14 @@ def _to_numpy(tensor: torch.Tensor, dtype: type | None = np.float64) -> np.ndarr
     """A detached numpy copy (or view, on the CPU) of a G-sized statistic, as ``dtype`` (None keeps it)."""
     array = (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
     return array if dtype is None else array.astype(dtype)
+
+
+def _assign(buffer: torch.Tensor, values: np.ndarray) -> None:
+    """Write a G-sized numpy array into a buffer (in place through a numpy view on the CPU, else ``copy_``)."""
+    if buffer.device.type == "cpu":
+        buffer.numpy()[...] = values
+    else:
+        buffer.copy_(torch.from_numpy(values))
 
 
 def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
