@@ -347,3 +347,33 @@ def test_losses_import_without_ignite():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"
+
+
+def test_state_stays_consistent_across_copies_and_dtype_changes():
+    import copy
+
+    loss = GroupDistillationLoss(num_groups=3, step_size=0.7)
+    ref = ReferenceGroupDRO(num_groups=3, step_size=0.7)
+    temperature, alpha = 4.0, 0.5
+
+    def step(module, seed):
+        s, t, y, g = _batch(seed)
+        module(s, t, y, g)
+        ref.step(per_sample_kd(_nested(s), _nested(t), y.tolist(), temperature, alpha), g.tolist())
+
+    step(loss, 300)
+    clone = copy.deepcopy(loss)
+    clone(*_batch(999))  # the copy moves on; the original must not
+    assert torch.allclose(loss.group_weights.double(), torch.tensor(ref.q, dtype=torch.float64), atol=1e-6)
+    loss.double()  # new buffers: the cached numpy views must follow
+    assert loss.group_weights.dtype == torch.float64
+    step(loss, 301)
+    assert torch.allclose(loss.group_weights, torch.tensor(ref.q, dtype=torch.float64), atol=1e-6)
+    restored = GroupDistillationLoss(num_groups=3, step_size=0.7)
+    restored(*_batch(302))  # state it then loads over, in place
+    restored.load_state_dict(loss.state_dict())
+    step(loss, 303)
+    s, t, y, g = _batch(303)
+    restored(s, t, y, g)
+    assert torch.allclose(restored.group_weights.double(), loss.group_weights, atol=1e-6)
+    assert not torch.allclose(clone.group_weights.double(), loss.group_weights, atol=1e-3)

@@ -121,6 +121,7 @@ class GroupDROLoss(_Loss):
         self.register_buffer("ema_initialized", torch.zeros(num_groups, dtype=torch.bool))
         self.register_buffer("last_group_losses", torch.zeros(num_groups), persistent=False)
         self.register_buffer("last_group_counts", torch.zeros(num_groups, dtype=torch.long), persistent=False)
+        self._numpy_views: dict[str, tuple[int, np.ndarray]] = {}
 
     @property
     def step_size(self) -> float:
@@ -189,9 +190,9 @@ class GroupDROLoss(_Loss):
         if self.training:
             weights = self._update_state(group_losses, group_counts)
         else:
-            weights = _to_numpy(self.group_weights)
-        _assign(self.last_group_losses, group_losses)
-        _assign(self.last_group_counts, group_counts)
+            weights = self._read("group_weights")
+        self._write("last_group_losses", group_losses)
+        self._write("last_group_counts", group_counts)
         coef = torch.from_numpy(weights / denom * world_size).to(device=per_sample.device, dtype=per_sample.dtype)
         constant = float(weights @ self._adjustment_terms()) if self.use_adjustment else 0.0
         if self.reduction == LossReduction.NONE.value:
@@ -201,7 +202,7 @@ class GroupDROLoss(_Loss):
         return out + constant if self.use_adjustment else out
 
     def _adjustment_terms(self) -> np.ndarray:
-        return _to_numpy(self.adjustment_term)
+        return self._read("adjustment_term")
 
     def _update_state(self, group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Exponentiated-gradient step on ``group_weights`` and EMA update; returns the new weights.
@@ -214,7 +215,7 @@ class GroupDROLoss(_Loss):
             if total > 0:
                 adjusted = adjusted / total
         exponent = self.step_size * adjusted
-        weights = _to_numpy(self.group_weights) * np.exp(exponent - exponent.max())
+        weights = self._read("group_weights") * np.exp(exponent - exponent.max())
         total = weights.sum()
         if not np.isfinite(total) or total <= 0:
             raise ValueError(
@@ -223,13 +224,39 @@ class GroupDROLoss(_Loss):
             )
         weights = weights / total
         present = counts > 0
-        initialized = _to_numpy(self.ema_initialized, None)
-        ema = _to_numpy(self.ema_group_losses)
+        initialized = self._view("ema_initialized").copy()
+        ema = self._read("ema_group_losses")
         prev = (1.0 - self.gamma * present) * initialized
-        _assign(self.group_weights, weights)
-        _assign(self.ema_group_losses, ema * prev + group_losses * (1.0 - prev))
-        _assign(self.ema_initialized, initialized | present)
+        self._write("group_weights", weights)
+        self._write("ema_group_losses", ema * prev + group_losses * (1.0 - prev))
+        self._write("ema_initialized", initialized | present)
         return weights
+
+    def _view(self, name: str) -> np.ndarray:
+        """Numpy view of a CPU state buffer (cached while the buffer keeps its storage), or a copy from a device."""
+        tensor = self._buffers[name]
+        assert tensor is not None
+        if tensor.device.type != "cpu":
+            return tensor.cpu().numpy()
+        pointer = tensor.data_ptr()
+        cached = self._numpy_views.get(name)
+        if cached is None or cached[0] != pointer:
+            cached = (pointer, tensor.numpy())  # the view holds the tensor, so the address cannot be reused
+            self._numpy_views[name] = cached
+        return cached[1]
+
+    def _read(self, name: str) -> np.ndarray:
+        """A float64 copy of a G-sized state buffer."""
+        return self._view(name).astype(np.float64)
+
+    def _write(self, name: str, values: np.ndarray) -> None:
+        """Write a G-sized numpy array into a state buffer (in place on the CPU)."""
+        tensor = self._buffers[name]
+        assert tensor is not None
+        if tensor.device.type == "cpu":
+            self._view(name)[...] = values
+        else:
+            tensor.copy_(torch.from_numpy(values))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
         key = prefix + "group_weights"
@@ -253,14 +280,6 @@ def _to_numpy(tensor: torch.Tensor, dtype: type | None = np.float64) -> np.ndarr
     """A detached numpy copy (or view, on the CPU) of a G-sized statistic, as ``dtype`` (None keeps it)."""
     array = (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
     return array if dtype is None else array.astype(dtype)
-
-
-def _assign(buffer: torch.Tensor, values: np.ndarray) -> None:
-    """Write a G-sized numpy array into a buffer (in place through a numpy view on the CPU, else ``copy_``)."""
-    if buffer.device.type == "cpu":
-        buffer.numpy()[...] = values
-    else:
-        buffer.copy_(torch.from_numpy(values))
 
 
 def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
