@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,12 @@ import pytest
 import torch
 
 from monai_groupdistil.data import make_synthetic_mnms
+from tests.bundle_helpers import SCHEMA, Bundle, report_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "cardiac_mri_groupdistil"
-CONFIGS = BUNDLE / "configs"
-META = str(CONFIGS / "metadata.json")
-SCHEMA = str(ROOT / "tests" / "data" / "meta_schema_20240725.json")
+CARDIAC = Bundle("cardiac_mri_groupdistil")
+BUNDLE, CONFIGS, META = CARDIAC.root, CARDIAC.config_dir, CARDIAC.meta
+_configs, run_cli, workflow, _report_rows = CARDIAC.configs, CARDIAC.run_cli, CARDIAC.workflow, report_rows
 TINY = {"epochs": 1, "teacher_epochs": 1, "spatial_size": [32, 32], "pixdim": [4.0, 4.0], "batch_size": 4}
-
-
-def _configs(*names: str) -> list[str]:
-    return [str(CONFIGS / f"{n}.json") for n in names]
 
 
 @pytest.fixture(scope="module")
@@ -44,35 +38,6 @@ def work(tmp_path_factory):
             **TINY,
         },
     }
-
-
-def _cli_args(overrides: dict) -> list[str]:
-    args = []
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]  # fire: True/False
-    return args
-
-
-def run_cli(configs: list[str], overrides: dict, runner: list[str] | None = None, check: bool = True):
-    cmd = (runner or [sys.executable, "-m", "monai.bundle"]) + ["run", "--config_file", json.dumps(configs)]
-    cmd += ["--meta_file", META, *_cli_args(overrides)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
-
-
-def workflow(configs: list[str], overrides: dict, workflow_type: str = "train"):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=configs, meta_file=META, workflow_type=workflow_type, **overrides)
-    wf.initialize()
-    return wf
-
-
-def _report_rows(folder: Path) -> list[dict]:
-    with open(folder / "group_report.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_teacher_student_evaluate_through_the_cli(work):

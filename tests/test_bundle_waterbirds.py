@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,11 @@ import pytest
 import torch
 
 from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES, load_waterbirds_datalist
+from tests.bundle_helpers import ENV, SCHEMA, Bundle, report_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-BUNDLE = ROOT / "bundles" / "waterbirds_groupdistil"
-CONFIGS = BUNDLE / "configs"
-META = str(CONFIGS / "metadata.json")
-_SCHEMA_IN_REPO = ROOT / "tests" / "data" / "meta_schema_20240725.json"
-SCHEMA = str(
-    _SCHEMA_IN_REPO if _SCHEMA_IN_REPO.is_file() else ROOT.parent / "shared" / "reference" / _SCHEMA_IN_REPO.name
-)
+WATERBIRDS = Bundle("waterbirds_groupdistil")
+ROOT, BUNDLE, CONFIGS, META = WATERBIRDS.root.parents[1], WATERBIRDS.root, WATERBIRDS.config_dir, WATERBIRDS.meta
+_configs, run_cli, workflow, _report_rows = WATERBIRDS.configs, WATERBIRDS.run_cli, WATERBIRDS.workflow, report_rows
 TINY = {
     "epochs": 1,
     "teacher_epochs": 1,
@@ -31,12 +26,7 @@ TINY = {
     "resize": [36, 36],
     "batch_size": 4,
 }
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # 2 shared cores: no thread oversubscription
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
-
-
-def _configs(*names: str) -> list[str]:
-    return [str(CONFIGS / f"{n}.json") for n in names]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,36 +55,6 @@ def work(tmp_path_factory):
             **TINY,
         },
     }
-
-
-def _cli_args(overrides: dict) -> list[str]:
-    args = []
-    for key, value in overrides.items():
-        # fire reads True/False (not true/false) as booleans
-        args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
-    return args
-
-
-def run_cli(configs: list[str], overrides: dict, runner: list[str] | None = None, check: bool = True):
-    cmd = (runner or [sys.executable, "-m", "monai.bundle"]) + ["run", "--config_file", json.dumps(configs)]
-    cmd += ["--meta_file", META, *_cli_args(overrides)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return out
-
-
-def workflow(configs: list[str], overrides: dict, workflow_type: str = "train"):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=configs, meta_file=META, workflow_type=workflow_type, **overrides)
-    wf.initialize()
-    return wf
-
-
-def _report_rows(folder: Path) -> list[dict]:
-    with open(folder / "group_report.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _need(path: Path, what: str) -> None:
