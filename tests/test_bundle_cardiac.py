@@ -78,23 +78,35 @@ def test_checkpoint_restores_dro_weights(work):
         assert torch.allclose(torch.as_tensor(last, dtype=torch.float32), loss.group_weights, atol=1e-6)
 
 
-@pytest.mark.parametrize("baseline", ["erm", "kd", "group_dro"])
-def test_baselines_through_config_workflow(work, baseline):
+# method -> (override config after train.json, checkpoint name); "groupdistil" is train.json alone
+METHODS = {
+    "teacher": ("train_teacher", "teacher.pt"),
+    "groupdistil": (None, "model.pt"),
+    "erm": ("erm", "erm.pt"),
+    "kd": ("kd", "kd.pt"),
+    "group_dro": ("group_dro", "group_dro.pt"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_training_config_through_config_workflow(work, method):
+    override, ckpt = METHODS[method]
+    configs = _configs("train") if override is None else _configs("train", override)
     ov = {**work["overrides"]}
     if not (Path(ov["ckpt_dir"]) / "teacher.pt").is_file():
         ov["train_teacher_if_missing"] = True
-    wf = workflow(_configs("train", baseline), ov)
+    wf = workflow(configs, ov)
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
-    checkpoint = torch.load(Path(ov["ckpt_dir"]) / f"{baseline}.pt", weights_only=False)
+    checkpoint = torch.load(Path(ov["ckpt_dir"]) / ckpt, weights_only=False)
     assert "model" in checkpoint
-    assert ("dro" in checkpoint) == (baseline == "group_dro")
-    ev = workflow(_configs("train", baseline, "evaluate"), ov, workflow_type="infer")
+    assert ("dro" in checkpoint) == (method in ("groupdistil", "group_dro"))
+    ev = workflow([*configs, *_configs("evaluate")], ov, workflow_type="infer")
     assert ev.check_properties() == []
     ev.run()
     ev.finalize()
-    assert len(_report_rows(Path(ov["output_dir"]) / baseline)) == 4
+    assert len(_report_rows(Path(ov["output_dir"]) / method)) == 4
 
 
 def test_inference_writes_one_row_per_study(work, tmp_path):
