@@ -230,6 +230,16 @@ def _resolve_root(root: str | os.PathLike, folder: str, csv_name: str, layout_di
     )
 
 
+def _handle_missing(missing: list[str], on_missing: str, what: str, skipped_what: str | None = None) -> None:
+    """Raise (``on_missing="error"``) or log (``"skip"``) the subjects in ``missing``, described by ``what``."""
+    if not missing:
+        return
+    if on_missing == "error":
+        shown = "; ".join(missing[:5]) + ("; ..." if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} {what}: {shown} (pass on_missing='skip' to leave them out).")
+    logger.warning("skipped %d %s: %s", len(missing), skipped_what or what, "; ".join(missing))
+
+
 def _log_left_out(counter: Counter, what: str, classes: Sequence[str]) -> None:
     if counter:
         logger.info(
@@ -422,14 +432,7 @@ def load_mnms_datalist(
 
     extra = sorted(code for code in found if code not in seen)
     missing += [f"{code}: folder {found[code][1]} is not listed in {csv_file}" for code in extra]
-    if missing:
-        if on_missing == "error":
-            shown = "; ".join(missing[:5]) + ("; ..." if len(missing) > 5 else "")
-            raise FileNotFoundError(
-                f"{len(missing)} M&Ms subject(s) without image or metadata: {shown} "
-                "(pass on_missing='skip' to leave them out)."
-            )
-        logger.warning("skipped %d M&Ms subject(s) without image or metadata: %s", len(missing), "; ".join(missing))
+    _handle_missing(missing, on_missing, "M&Ms subject(s) without image or metadata")
     _log_left_out(left_out, "M&Ms", classes)
     if unlabeled_out:
         logger.info("%d Training/Unlabeled subject(s) not included (include_unlabeled=False)", unlabeled_out)
@@ -607,14 +610,12 @@ def load_mnms2_datalist(
             "es": 0,
             "split": subject_split,
         })  # fmt: skip
-    if missing:
-        if on_missing == "error":
-            shown = "; ".join(missing[:5]) + ("; ..." if len(missing) > 5 else "")
-            raise FileNotFoundError(
-                f"{len(missing)} M&Ms-2 subject(s) listed in {csv_file} have no image on disk: {shown} "
-                "(pass on_missing='skip' to leave them out)."
-            )
-        logger.warning("skipped %d M&Ms-2 subject(s) with no image on disk: %s", len(missing), "; ".join(missing))
+    _handle_missing(
+        missing,
+        on_missing,
+        f"M&Ms-2 subject(s) listed in {csv_file} have no image on disk",
+        "M&Ms-2 subject(s) with no image on disk",
+    )
     _log_left_out(left_out, "M&Ms-2", classes)
     entries.sort(key=lambda e: e["subject"])
     logger.info("M&Ms-2 %s: %d subject(s), per group %s", split, len(entries),

@@ -630,27 +630,29 @@ def make_synthetic_mnms(
     return out
 
 
-def _parse_fractions(text: str) -> dict[str, float]:
-    out = {}
+def _parse_pairs(text: str) -> list[tuple[str, str, str]]:
+    """``(key, value, item)`` for every ``KEY=VALUE`` item of a comma-separated list (``key`` stripped)."""
+    pairs = []
     for item in text.split(","):
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {text!r}")
+        pairs.append((key.strip(), value, item))
+    return pairs
+
+
+def _parse_fractions(text: str) -> dict[str, float]:
+    out = {}
+    for key, value, item in _parse_pairs(text):
         try:
-            out[key.strip()] = float(value)
+            out[key] = float(value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"not a number in {item!r}") from e
     return out
 
 
 def _parse_mapping(text: str) -> dict[str, str]:
-    out = {}
-    for item in text.split(","):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got {text!r}")
-        out[key.strip()] = value.strip()
-    return out
+    return {key: value.strip() for key, value, _ in _parse_pairs(text)}
 
 
 def main(argv: Sequence[str] | None = None) -> str:
