@@ -36,6 +36,14 @@ class Bundle:
         self.config_dir = self.root / "configs"
         self.meta = str(self.config_dir / "metadata.json")
 
+    def run_overrides(self, base: Path, **extra) -> dict:
+        """Overrides that keep a run's data, checkpoints, reports and logs in sub-folders of ``base``."""
+        folders = {
+            f"{k}_dir": str(base / v)
+            for k, v in (("dataset", "data"), ("ckpt", "models"), ("output", "eval"), ("log", "logs"))
+        }
+        return {"bundle_root": str(self.root), **folders, "progress_bar": False, **extra}
+
     def configs(self, *names: str) -> list[str]:
         return [str(self.config_dir / f"{n}.json") for n in names]
 

@@ -25,19 +25,7 @@ def work(tmp_path_factory):
     """A tiny M&Ms-layout dataset and the folders of one bundle run."""
     base = tmp_path_factory.mktemp("cardiac_bundle")
     make_synthetic_mnms(base / "data", n_subjects=24, seed=1, matrix_scale=0.5, n_frames=4)
-    dirs = {k: str(base / k) for k in ("data", "models", "eval", "logs")}
-    return {
-        "base": base,
-        "overrides": {
-            "bundle_root": str(BUNDLE),
-            "dataset_dir": dirs["data"],
-            "ckpt_dir": dirs["models"],
-            "output_dir": dirs["eval"],
-            "log_dir": dirs["logs"],
-            "progress_bar": False,
-            **TINY,
-        },
-    }
+    return {"base": base, "overrides": CARDIAC.run_overrides(base, **TINY)}
 
 
 def test_teacher_student_evaluate_through_the_cli(work):

@@ -42,19 +42,7 @@ def one_thread():
 def work(tmp_path_factory):
     """The folders of one bundle run; the bundle generates the tiny synthetic stand-in in the empty data folder."""
     base = tmp_path_factory.mktemp("waterbirds_bundle")
-    dirs = {k: str(base / k) for k in ("data", "models", "eval", "logs")}
-    return {
-        "base": base,
-        "overrides": {
-            "bundle_root": str(BUNDLE),
-            "dataset_dir": dirs["data"],
-            "ckpt_dir": dirs["models"],
-            "output_dir": dirs["eval"],
-            "log_dir": dirs["logs"],
-            "progress_bar": False,
-            **TINY,
-        },
-    }
+    return {"base": base, "overrides": WATERBIRDS.run_overrides(base, **TINY)}
 
 
 def _need(path: Path, what: str) -> None:
