@@ -34,7 +34,15 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.12"],
-        "test": ["pytest>=7.0", "ruff>=0.6", "matplotlib>=3.7", "tensorboard>=2.12", "itk>=5.3", "jsonschema>=4.0"],
+        "test": [
+            "pytest>=7.0",
+            "pytest-timeout>=2.1",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "tensorboard>=2.12",
+            "itk>=5.3",
+            "jsonschema>=4.0",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

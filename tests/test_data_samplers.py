@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -112,7 +113,9 @@ def test_bad_arguments(kwargs, match):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     try:
         sampler = GroupBalancedSampler(IMBALANCED, num_samples=101, seed=9)  # rank and world from the group
         sampler.set_epoch(2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -276,7 +277,9 @@ def test_group_accuracy_handler_groups_from_output_and_missing_key():
 
 
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     try:
         student = torch.nn.parallel.DistributedDataParallel(make_student())
         loss = GroupDistillationLoss(G, temperature=T, alpha=ALPHA, step_size=ETA)

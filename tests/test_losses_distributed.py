@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -64,8 +64,11 @@ def _train(model, loss, kind, rank=None):
     return {"weights": weights, "grads": grads, "values": values}
 
 
-def _worker(rank: int, port: int, kind: str, out_dir: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _worker(rank: int, init_file: str, kind: str, out_dir: str):
+    # file:// rendezvous as in the sampler and handler tests; a bounded timeout turns a stuck peer into an error
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
     try:
         model = DistributedDataParallel(_model())
         result = _train(model, LOSSES[kind](), kind, rank=rank)
@@ -74,15 +77,9 @@ def _worker(rank: int, port: int, kind: str, out_dir: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("kind", sorted(LOSSES))
 def test_two_processes_match_single_process_on_concatenated_batch(kind, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), kind, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), kind, str(tmp_path)), nprocs=2, join=True)
     single = _train(_model(), LOSSES[kind](), kind)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for step in range(STEPS):
