@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 from monai_groupdistil.data import GroupBalancedSampler
+from tests.distributed_helpers import init_gloo
 
 IMBALANCED = [0] * 900 + [1] * 90 + [2] * 10
 
@@ -113,9 +113,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
+    init_gloo(rank, world, init_file)
     try:
         sampler = GroupBalancedSampler(IMBALANCED, num_samples=101, seed=9)  # rank and world from the group
         sampler.set_epoch(2)

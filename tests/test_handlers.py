@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from monai_groupdistil.engines import DistillationTrainer
 from monai_groupdistil.handlers import GroupAccuracyHandler, GroupDROHandler, GroupReportHandler
 from monai_groupdistil.losses import GroupDistillationLoss, GroupDROLoss
 from monai_groupdistil.metrics import compute_group_accuracy
+from tests.distributed_helpers import exit_worker, init_gloo
 
 G = 3
 NAMES = ["siemens", "philips", "ge"]
@@ -277,30 +277,26 @@ def test_group_accuracy_handler_groups_from_output_and_missing_key():
 
 
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
-    try:
-        student = torch.nn.parallel.DistributedDataParallel(make_student())
-        loss = GroupDistillationLoss(G, temperature=T, alpha=ALPHA, step_size=ETA)
-        dro = GroupDROHandler(loss, group_names=NAMES)
-        shard = make_data(36, seed=10 + rank)  # different data on every rank
-        trainer = DistillationTrainer(
-            "cpu", 2, DataLoader(shard, batch_size=9), student, torch.optim.Adam(student.parameters(), 0.01), loss,
-            teacher=make_teacher(), train_handlers=[dro],
-        )  # fmt: skip
-        trainer.run()
-        torch.save(torch.stack(dro.weight_history), os.path.join(out_dir, f"weights{rank}.pt"))
-        report = GroupReportHandler(os.path.join(out_dir, f"report_rank{rank}"), G, NAMES, dro_handler=dro, plots=False)
-        evaluator = SupervisedEvaluator(
-            device="cpu", val_data_loader=DataLoader(make_data(10 + 5 * rank, seed=20 + rank), batch_size=4),
-            network=student, val_handlers=[report],
-        )  # fmt: skip
-        evaluator.run()
-        with open(os.path.join(out_dir, f"summary{rank}.json"), "w") as f:
-            json.dump(report.summary, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    init_gloo(rank, world, init_file)
+    student = torch.nn.parallel.DistributedDataParallel(make_student())
+    loss = GroupDistillationLoss(G, temperature=T, alpha=ALPHA, step_size=ETA)
+    dro = GroupDROHandler(loss, group_names=NAMES)
+    shard = make_data(36, seed=10 + rank)  # different data on every rank
+    trainer = DistillationTrainer(
+        "cpu", 2, DataLoader(shard, batch_size=9), student, torch.optim.Adam(student.parameters(), 0.01), loss,
+        teacher=make_teacher(), train_handlers=[dro],
+    )  # fmt: skip
+    trainer.run()
+    torch.save(torch.stack(dro.weight_history), os.path.join(out_dir, f"weights{rank}.pt"))
+    report = GroupReportHandler(os.path.join(out_dir, f"report_rank{rank}"), G, NAMES, dro_handler=dro, plots=False)
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=DataLoader(make_data(10 + 5 * rank, seed=20 + rank), batch_size=4),
+        network=student, val_handlers=[report],
+    )  # fmt: skip
+    evaluator.run()
+    with open(os.path.join(out_dir, f"summary{rank}.json"), "w") as f:
+        json.dump(report.summary, f)
+    exit_worker()
 
 
 def test_two_processes_identical_weights_and_rank0_report(tmp_path):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from monai_groupdistil.losses import GroupDistillationLoss, GroupDROLoss
+from tests.distributed_helpers import exit_worker, init_gloo
 
 STEPS = 6
 SPLIT = 6  # rank 0 takes the first 6 samples of each global batch of 10, rank 1 the other 4
@@ -65,16 +63,11 @@ def _train(model, loss, kind, rank=None):
 
 
 def _worker(rank: int, init_file: str, kind: str, out_dir: str):
-    # file:// rendezvous as in the sampler and handler tests; a bounded timeout turns a stuck peer into an error
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
-    )
-    try:
-        model = DistributedDataParallel(_model())
-        result = _train(model, LOSSES[kind](), kind, rank=rank)
-        torch.save(result, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    init_gloo(rank, 2, init_file)
+    model = DistributedDataParallel(_model())
+    result = _train(model, LOSSES[kind](), kind, rank=rank)
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    exit_worker()
 
 
 @pytest.mark.parametrize("kind", sorted(LOSSES))
