@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -15,7 +16,7 @@ __all__ = [
     "check_target",
     "check_target_range",
     "check_groups",
-    "count_groups",
+    "group_sums_and_counts",
     "check_temperature",
     "check_alpha",
     "check_step_size",
@@ -123,8 +124,9 @@ def check_target_range(target: torch.Tensor, num_classes: int) -> None:
 
 
 def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Return ``groups`` as an int64 tensor ``[B]`` after checking its dtype and shape (see :py:func:`count_groups`
-    for the range).
+    """Return ``groups`` as an int64 tensor ``[B]`` after checking its dtype and shape.
+
+    The range of the ids is checked by :py:func:`group_sums_and_counts`.
 
     Raises:
         TypeError: when ``groups`` is not an integer tensor.
@@ -141,20 +143,34 @@ def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
     return groups.long()
 
 
-def count_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Samples per group, ``[num_groups]`` int64, for int64 ids ``[B]``; this also checks the range of the ids.
+def group_sums_and_counts(groups: torch.Tensor, values: torch.Tensor, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group sums of ``values`` (float64) and sample counts (int64), both ``[num_groups]`` numpy arrays.
+
+    This also checks the range of the ids. On the CPU both reductions run in numpy on views of the tensors (no
+    torch dispatch); on other devices they run there with ``torch.bincount`` and only the ``G`` results are copied.
+
+    Args:
+        groups: int64 group ids ``[B]``.
+        values: detached per-sample values ``[B]``.
+        num_groups: ``G``.
 
     Raises:
         ValueError: for ids outside ``[0, num_groups)``.
     """
     try:
-        counts = torch.bincount(groups, minlength=num_groups)
-    except RuntimeError:  # negative ids
+        if groups.device.type == "cpu" and values.device.type == "cpu" and values.dtype != torch.bfloat16:
+            ids = groups.numpy()
+            counts = np.bincount(ids, minlength=num_groups)
+            sums = np.bincount(ids, weights=values.numpy(), minlength=num_groups)
+        else:
+            counts = torch.bincount(groups, minlength=num_groups).cpu().numpy()
+            sums = torch.bincount(groups, weights=values.double(), minlength=num_groups).cpu().numpy()
+    except (ValueError, RuntimeError):  # negative ids
         counts = None
-    if counts is None or counts.numel() > num_groups:
+    if counts is None or counts.shape[0] > num_groups:
         lo, hi = (int(v) for v in torch.aminmax(groups))
         raise ValueError(f"groups holds ids in [{lo}, {hi}]; ids must lie in [0, num_groups) = [0, {num_groups}).")
-    return counts
+    return sums, counts
 
 
 def _describe(obj: object) -> str:

@@ -11,9 +11,14 @@ import torch.distributed as dist
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_groupdistil.losses.checks import check_groups, check_step_size, count_groups
+from monai_groupdistil.losses.checks import check_groups, check_step_size, group_sums_and_counts
 
 __all__ = ["GroupDROLoss"]
+
+_DISTRIBUTED = dist.is_available()
+# state buffers handled as numpy arrays at every call, in the order of ``GroupDROLoss._state_arrays``
+_STATE_BUFFERS = ("group_weights", "ema_group_losses", "ema_initialized", "last_group_losses", "last_group_counts")
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
 class GroupDROLoss(_Loss):
@@ -121,7 +126,8 @@ class GroupDROLoss(_Loss):
         self.register_buffer("ema_initialized", torch.zeros(num_groups, dtype=torch.bool))
         self.register_buffer("last_group_losses", torch.zeros(num_groups), persistent=False)
         self.register_buffer("last_group_counts", torch.zeros(num_groups, dtype=torch.long), persistent=False)
-        self._numpy_views: dict[str, tuple[int, np.ndarray]] = {}
+        self._adjustment_np = adj_term.numpy()
+        self._numpy_state: tuple[tuple[int, ...], list[np.ndarray]] | None = None
 
     @property
     def step_size(self) -> float:
@@ -166,96 +172,99 @@ class GroupDROLoss(_Loss):
             )
         if per_sample.ndim > 1:
             per_sample = per_sample.flatten(1).mean(dim=1)
-        counts = count_groups(groups, self.num_groups)
-        # The group statistics are G numbers: they are reduced on the device, then handled in numpy (float64),
-        # which costs far less than a dozen tiny tensor operations.
-        sums = torch.bincount(groups, weights=per_sample.detach(), minlength=self.num_groups)
+        # The group statistics are G numbers: reduced once, then handled in numpy (float64), which costs far less
+        # than a dozen tiny tensor operations; the only tensor operations left are the gather and the dot product.
+        group_sums, group_counts = group_sums_and_counts(groups, per_sample.detach(), self.num_groups)
         world_size = 1
-        if dist.is_available() and dist.is_initialized():
+        if _DISTRIBUTED and dist.is_initialized():
             world_size = dist.get_world_size()
-            stats = torch.stack([sums.to(torch.float64), counts.to(torch.float64)])
+            stats = torch.from_numpy(np.stack([group_sums, group_counts.astype(np.float64)])).to(per_sample.device)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-            group_sums, group_counts = _to_numpy(stats)
-        else:
-            group_sums = _to_numpy(sums)
-            group_counts = _to_numpy(counts)
-        denom = np.maximum(group_counts, 1.0)
+            group_sums, group_counts = stats.cpu().numpy()
+        denom = np.maximum(group_counts, 1)
         group_losses = group_sums / denom
-        if not np.isfinite(group_losses).all():
+        if not np.isfinite(group_losses.sum()):
             bad = np.flatnonzero(~np.isfinite(group_losses)).tolist()
             raise ValueError(
                 f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
                 "the DRO weights were left unchanged."
             )
-        if self.training:
-            weights = self._update_state(group_losses, group_counts)
-        else:
-            weights = self._read("group_weights")
-        self._write("last_group_losses", group_losses)
-        self._write("last_group_counts", group_counts)
-        coef = torch.from_numpy(weights / denom * world_size).to(device=per_sample.device, dtype=per_sample.dtype)
-        constant = float(weights @ self._adjustment_terms()) if self.use_adjustment else 0.0
+        state = self._state_arrays()
+        weights = self._update_state(state, group_losses, group_counts) if self.training else state[0].astype(float)
+        state[3][...] = group_losses
+        state[4][...] = group_counts
+        self._commit_state(state)
+        coef = weights / denom
+        if world_size != 1:
+            coef *= world_size
+        coef_t = torch.from_numpy(coef.astype(_NUMPY_DTYPES.get(per_sample.dtype, np.float64), copy=False))
+        if coef_t.dtype != per_sample.dtype or per_sample.device.type != "cpu":
+            coef_t = coef_t.to(device=per_sample.device, dtype=per_sample.dtype)
         if self.reduction == LossReduction.NONE.value:
-            out = per_sample * coef.index_select(0, groups)
-            return out + constant / batch if self.use_adjustment else out
-        out = torch.dot(per_sample, coef.index_select(0, groups))
-        return out + constant if self.use_adjustment else out
+            out = per_sample * coef_t.index_select(0, groups)
+            return out + float(weights @ self._adjustment_np) / batch if self.use_adjustment else out
+        out = torch.dot(per_sample, coef_t.index_select(0, groups))
+        return out + float(weights @ self._adjustment_np) if self.use_adjustment else out
 
-    def _adjustment_terms(self) -> np.ndarray:
-        return self._read("adjustment_term")
+    def _update_state(self, state: list[np.ndarray], group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Exponentiated-gradient step on the weights and EMA update, written into ``state``; returns the weights.
 
-    def _update_state(self, group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Exponentiated-gradient step on ``group_weights`` and EMA update; returns the new weights.
-
-        Nothing is written when the update fails.
+        ``state`` is left untouched when the update fails.
         """
-        adjusted = group_losses + self._adjustment_terms() if self.use_adjustment else group_losses
+        adjusted = group_losses + self._adjustment_np if self.use_adjustment else group_losses
         if self.normalize_loss:
             total = adjusted.sum()
             if total > 0:
                 adjusted = adjusted / total
-        exponent = self.step_size * adjusted
-        weights = self._read("group_weights") * np.exp(exponent - exponent.max())
+        exponent = self._step_size * adjusted
+        weights = state[0] * np.exp(exponent - exponent.max())
         total = weights.sum()
         if not np.isfinite(total) or total <= 0:
             raise ValueError(
                 f"the DRO weight update underflowed (step_size={self.step_size} is too large for losses "
                 f"{group_losses.tolist()}); the weights were left unchanged."
             )
-        weights = weights / total
+        weights /= total
         present = counts > 0
-        initialized = self._view("ema_initialized").copy()
-        ema = self._read("ema_group_losses")
-        prev = (1.0 - self.gamma * present) * initialized
-        self._write("group_weights", weights)
-        self._write("ema_group_losses", ema * prev + group_losses * (1.0 - prev))
-        self._write("ema_initialized", initialized | present)
+        keep = (1.0 - self.gamma * present) * state[2]  # 1 - gamma where seen before and present, 1 where absent
+        state[0][...] = weights
+        state[1][...] = state[1] * keep + group_losses * (1.0 - keep)
+        state[2] |= present
         return weights
 
-    def _view(self, name: str) -> np.ndarray:
-        """Numpy view of a CPU state buffer (cached while the buffer keeps its storage), or a copy from a device."""
-        tensor = self._buffers[name]
-        assert tensor is not None
-        if tensor.device.type != "cpu":
-            return tensor.cpu().numpy()
-        pointer = tensor.data_ptr()
-        cached = self._numpy_views.get(name)
-        if cached is None or cached[0] != pointer:
-            cached = (pointer, tensor.numpy())  # the view holds the tensor, so the address cannot be reused
-            self._numpy_views[name] = cached
-        return cached[1]
+    def _state_arrays(self) -> list[np.ndarray]:
+        """Numpy arrays of the state buffers (weights, EMA, EMA-initialised, last losses, last counts).
 
-    def _read(self, name: str) -> np.ndarray:
-        """A float64 copy of a G-sized state buffer."""
-        return self._view(name).astype(np.float64)
+        On the CPU they are views of the buffers (cached while every buffer keeps its storage), so writing into them
+        updates the buffers; elsewhere they are copies, written back by :py:meth:`_commit_state`.
+        """
+        buffers = self._buffers
+        tensors = [buffers[name] for name in _STATE_BUFFERS]
+        key = tuple(t.data_ptr() for t in tensors)  # type: ignore[union-attr]
+        if self._numpy_state is not None and self._numpy_state[0] == key:
+            return self._numpy_state[1]
+        if all(t.device.type == "cpu" for t in tensors):  # type: ignore[union-attr]
+            views = [t.numpy() for t in tensors]  # type: ignore[union-attr]
+            self._numpy_state = (key, views)  # the views hold the tensors, so no address can be reused meanwhile
+            return views
+        return [t.detach().cpu().numpy().copy() for t in tensors]  # type: ignore[union-attr]
 
-    def _write(self, name: str, values: np.ndarray) -> None:
-        """Write a G-sized numpy array into a state buffer (in place on the CPU)."""
-        tensor = self._buffers[name]
-        assert tensor is not None
-        if tensor.device.type == "cpu":
-            self._view(name)[...] = values
-        else:
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_numpy_state"] = None  # views of this module's buffers; a copy or an unpickled module makes its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_numpy_state", None)
+
+    def _commit_state(self, state: list[np.ndarray]) -> None:
+        """Copy ``state`` into the buffers when they are not on the CPU (on the CPU it already is their memory)."""
+        if self._numpy_state is not None and state is self._numpy_state[1]:
+            return
+        for name, values in zip(_STATE_BUFFERS, state):
+            tensor = self._buffers[name]
+            assert tensor is not None
             tensor.copy_(torch.from_numpy(values))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
@@ -274,12 +283,6 @@ class GroupDROLoss(_Loss):
             ):
                 raise ValueError(f"the checkpoint's DRO weights are not a probability vector: {weights.tolist()}.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
-
-
-def _to_numpy(tensor: torch.Tensor, dtype: type | None = np.float64) -> np.ndarray:
-    """A detached numpy copy (or view, on the CPU) of a G-sized statistic, as ``dtype`` (None keeps it)."""
-    array = (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
-    return array if dtype is None else array.astype(dtype)
 
 
 def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
