@@ -14,12 +14,17 @@ order) with ``DistillationTrainer``:
 
 Settings:
 
-- ``minority``: vendor D (Canon, the noisiest, lowest-contrast vendor) is 3 % of the training split (A 36, B 36,
+- ``minority``: vendor D (Canon, the noisiest, lowest-contrast vendor) is 2 % of the training split (A 37, B 36,
   C 25 %); validation and test are vendor-balanced; groups are the 4 vendors.
 - ``correlation``: vendors balanced in every split, but in training a fraction ``--correlation`` of every vendor's
   subjects has that vendor's "correlated" pathology (A NOR, B HCM, C DCM, D NOR: a spurious vendor-pathology
   correlation; validation and test are uncorrelated); groups are the 12 vendor x pathology cells (the group-DRO
   choice for a spurious correlation: grouping by vendor alone would not separate the cells the shortcut fails on).
+- ``waterbirds`` (not in the default run; ``--settings waterbirds``): the synthetic Waterbirds stand-in
+  (``make_synthetic_waterbirds``, ``--images`` 64-pixel images, the place agrees with the label in
+  ``--waterbirds-correlation`` of training, independent in validation and test), read with
+  ``load_waterbirds_datalist`` and ``natural_image_preprocessing`` (ImageNet normalisation, centre crop of
+  ``--size``); groups are the 4 label x place cells; the networks take 3 channels and predict 2 classes.
 
 After every epoch the student is evaluated on the validation and test splits. Model selection uses the
 worst-group validation accuracy (the group-DRO rule; ties go to the higher average validation accuracy, then to
@@ -29,15 +34,18 @@ over the groups present in the split.
 
 Outputs (``--out``, default ``docs/results``): ``worst_group_runs.csv`` (every run and selection),
 ``worst_group.md`` (mean +- std tables, the per-seed paired difference GroupDistil - KD, the settings and the
-command), ``worst_group.png``; they are rewritten after every seed. ``--sweep`` instead runs the hyper-parameter
-sweep (grid ``SWEEP``: KD alpha; GroupDistil alpha x step size; GroupDRO step size; temperature fixed at 4) on the
-seed-0 dataset of each setting, scores every configuration by the worst-group *validation* accuracy of its selected
-epoch (mean over the settings, ties to the higher mean average validation accuracy) and writes
-``worst_group_sweep.csv``; its winners are the values in ``HYPER`` (see ``docs/results.md`` for the run).
+command), ``worst_group.png``; they are rewritten after every seed. Other ``--settings`` than the default write
+``worst_group_<settings>...`` files instead (e.g. ``worst_group_waterbirds.md``). ``--sweep`` instead runs the
+hyper-parameter sweep (grid ``SWEEP``: KD alpha; GroupDistil alpha x step size; GroupDRO step size; temperature
+fixed at 4) on the seed-0 dataset of each setting, scores every configuration by the worst-group *validation*
+accuracy of its selected epoch (mean over the settings, ties to the higher mean average validation accuracy) and
+writes ``worst_group_sweep.csv`` (``worst_group_<settings>_sweep.csv`` for other settings); its winners are the
+values in ``HYPER`` (see ``docs/results.md`` for the run).
 
 Usage:
     python benchmarks/worst_group.py                   # the default benchmark (5 seeds, both settings)
     python benchmarks/worst_group.py --quick --out /tmp/wg   # a few minutes
+    python benchmarks/worst_group.py --settings waterbirds   # the synthetic Waterbirds stand-in (5 seeds)
     python benchmarks/worst_group.py --sweep           # the hyper-parameter sweep (validation data only)
 """
 
@@ -60,10 +68,14 @@ from torch.utils.data import DataLoader
 
 from monai_groupdistil.data import (
     MNMS_VENDORS,
+    WATERBIRDS_GROUP_NAMES,
     cardiac_preprocessing,
     load_mnms_datalist,
+    load_waterbirds_datalist,
     make_synthetic_mnms,
+    make_synthetic_waterbirds,
     mnms_group_names,
+    natural_image_preprocessing,
 )
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
@@ -77,14 +89,18 @@ SETTINGS = {
         "group_by": "vendor",
         "make": {
             "vendor_fractions": {
-                "train": {"A": 0.36, "B": 0.36, "C": 0.25, "D": 0.03},
+                "train": {"A": 0.37, "B": 0.36, "C": 0.25, "D": 0.02},
                 "val": BALANCED,
                 "test": BALANCED,
             }
         },
     },
     "correlation": {"group_by": ("vendor", "label"), "make": {"vendor_fractions": BALANCED}},
+    # not in the default run: python benchmarks/worst_group.py --settings waterbirds
+    "waterbirds": {"classes": ("landbird", "waterbird"), "channels": 3},
 }
+DEFAULT_SETTINGS = ["minority", "correlation"]
+WATERBIRDS_IMAGE_SIZE = 64  # generated images; the network sees the centre --size crop of a resize to 8/7 of it
 SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
 # Chosen by `--sweep` on the validation split (see docs/results.md); T and alpha are shared by KD and
 # GroupDistil, the step sizes by GroupDRO and GroupDistil.
@@ -92,14 +108,14 @@ HYPER = {"temperature": 4.0, "alpha": 0.5, "step_size": 1.0, "group_dro_step_siz
 SWEEP = {"step_size": (0.01, 0.1, 1.0), "alpha": (0.5, 0.9)}
 
 
-def resnet(width: int, layers: list[int]) -> ResNet:
+def resnet(width: int, layers: list[int], channels: int = 1, classes: int = len(CLASSES)) -> ResNet:
     return ResNet(
         "basic",
         layers,
         [width, 2 * width, 4 * width, 8 * width],
         spatial_dims=2,
-        n_input_channels=1,
-        num_classes=len(CLASSES),
+        n_input_channels=channels,
+        num_classes=classes,
         conv1_t_stride=2,
     )
 
@@ -107,18 +123,22 @@ def resnet(width: int, layers: list[int]) -> ResNet:
 STUDENT_WIDTH = 8
 
 
-def student() -> ResNet:
-    return resnet(STUDENT_WIDTH, [1, 1, 1, 1])
+def student(setting: str = "minority") -> ResNet:
+    spec = SETTINGS[setting]
+    return resnet(STUDENT_WIDTH, [1, 1, 1, 1], spec.get("channels", 1), len(spec.get("classes", CLASSES)))
 
 
-def teacher_net() -> ResNet:
-    return resnet(16, [2, 2, 2, 2])
+def teacher_net(setting: str = "minority") -> ResNet:
+    spec = SETTINGS[setting]
+    return resnet(16, [2, 2, 2, 2], spec.get("channels", 1), len(spec.get("classes", CLASSES)))
 
 
 def build_data(
     setting: str, seed: int, subjects: int, correlation: float, size: int, workdir: Path, matrix_scale: float = 0.5
 ) -> dict:
     """Generate, load and preprocess one dataset; returns tensors per split and the group names."""
+    if setting == "waterbirds":
+        return build_waterbirds(seed, subjects, correlation, size, workdir)
     spec = SETTINGS[setting]
     make = dict(spec["make"])
     if setting == "correlation":
@@ -146,6 +166,30 @@ def build_data(
     return data
 
 
+def build_waterbirds(seed: int, images: int, correlation: float, size: int, workdir: Path) -> dict:
+    """The synthetic Waterbirds stand-in: ``images`` images (50/20/30 %), place = label in a fraction
+    ``correlation`` of training, groups ``2 * y + place``, ImageNet-style evaluation preprocessing."""
+    root = make_synthetic_waterbirds(
+        workdir / f"waterbirds_{seed}",
+        n_images=images,
+        seed=seed,
+        correlation=correlation,
+        split_fractions=SPLIT_FRACTIONS,
+        image_size=WATERBIRDS_IMAGE_SIZE,
+    )
+    preprocess = natural_image_preprocessing(spatial_size=size, resize=size * 8 // 7)
+    data = {"group_names": list(WATERBIRDS_GROUP_NAMES)}
+    for split in ("train", "val", "test"):
+        items = [preprocess(d) for d in load_waterbirds_datalist(root, split)]
+        data[split] = {
+            "image": torch.stack([torch.as_tensor(i["image"]).float() for i in items]),
+            "label": torch.tensor([i["label"] for i in items]),
+            "group": torch.tensor([i["group"] for i in items]),
+        }
+    data["group_counts"] = torch.bincount(data["train"]["group"], minlength=4).tolist()
+    return data
+
+
 def evaluate(network: torch.nn.Module, split: dict, num_groups: int, counts: list[int]) -> dict:
     network.eval()
     with torch.no_grad():
@@ -166,7 +210,7 @@ def train(
     """Train one network with DistillationTrainer; returns the validation and test metrics of every epoch."""
     num_groups = len(data["group_names"])
     set_determinism(seed)
-    network = network if network is not None else student()
+    network = network if network is not None else student(data["setting"])
     if method in ("erm", "teacher"):
         loss = torch.nn.CrossEntropyLoss()
     elif method == "group_dro":
@@ -226,6 +270,13 @@ def select(history: list[dict], rule: str) -> dict:
     return max(history, key=key)
 
 
+def _sizes(args: argparse.Namespace, setting: str) -> tuple[int, float]:
+    """Dataset size and correlation of a setting: images and place-label correlation for Waterbirds."""
+    if setting == "waterbirds":
+        return args.images, args.waterbirds_correlation
+    return args.subjects, args.correlation
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -239,9 +290,10 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         for seed in range(args.seeds):
             for setting in args.settings:
                 start = time.time()
-                data = build_data(setting, seed, args.subjects, args.correlation, args.size, Path(tmp))
+                data = build_data(setting, seed, *_sizes(args, setting), args.size, Path(tmp))
+                data["setting"] = setting
                 names = data["group_names"]
-                teacher = teacher_net()
+                teacher = teacher_net(setting)
                 t_hist = train("teacher", data, args.teacher_epochs, seed, HYPER, network=teacher)
                 best = select(t_hist, "worst")
                 teacher.load_state_dict(best["state"])
@@ -277,7 +329,30 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _describe_setting(args: argparse.Namespace, setting: str) -> str:
+    if setting == "minority":
+        return (
+            f"minority: {args.subjects} subjects, vendor fractions "
+            f"{SETTINGS['minority']['make']['vendor_fractions']}, groups = vendor"
+        )
+    if setting == "correlation":
+        return (
+            f"correlation: {args.subjects} subjects, pathology-vendor correlation {args.correlation} in training, "
+            "groups = vendor x pathology"
+        )
+    return (
+        f"waterbirds: {args.images} synthetic images of {WATERBIRDS_IMAGE_SIZE} px, place = label in "
+        f"{args.waterbirds_correlation:.0%} of training, groups = label x place"
+    )
+
+
+def output_stem(settings: list[str]) -> str:
+    """File name stem of the outputs: ``worst_group`` for the default settings, else with the settings appended."""
+    return "worst_group" if list(settings) == DEFAULT_SETTINGS else "_".join(["worst_group", *settings])
+
+
 def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float, seeds: int) -> None:
+    stem = output_stem(args.settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     columns = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("test_acc/"), k))
@@ -294,7 +369,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float, seeds
         "val_worst",
     ]
     columns = base + [c for c in columns if c not in base]
-    with open(out / "worst_group_runs.csv", "w", newline="") as f:
+    with open(out / f"{stem}_runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -303,11 +378,9 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float, seeds
         "",
         f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
         "",
-        f"Seeds: {seeds} of {args.seeds}; subjects per dataset: {args.subjects} (train / val / test fractions "
-        f"{SPLIT_FRACTIONS}); minority: vendor fractions {SETTINGS['minority']['make']['vendor_fractions']}, "
-        f"groups = vendor; correlation: pathology-vendor correlation {args.correlation} in training, groups = "
-        f"vendor x pathology; student width {STUDENT_WIDTH}; epochs: teacher {args.teacher_epochs}, students "
-        f"{args.epochs}; input "
+        f"Seeds: {seeds} of {args.seeds}; train / val / test fractions {SPLIT_FRACTIONS}; "
+        + "; ".join(_describe_setting(args, setting) for setting in args.settings)
+        + f"; student width {STUDENT_WIDTH}; epochs: teacher {args.teacher_epochs}, students {args.epochs}; input "
         f"{args.size}x{args.size}; hyper-parameters: {HYPER}. Wall time: {wall / 60:.1f} min "
         f"({torch.get_num_threads()} threads).",
         "",
@@ -349,14 +422,14 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float, seeds
             f"| {setting} | {', '.join(f'{d:+.1f}' for d in diffs)} | {statistics.mean(diffs):+.1f} | "
             f"{sum(d > 0 for d in diffs)}/{len(diffs)} | {statistics.mean(avg_diff):+.1f} |"
         )
-    (out / "worst_group.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logging.warning("matplotlib is not installed (pip install matplotlib): worst_group.png not written")
+        logging.warning("matplotlib is not installed (pip install matplotlib): %s.png not written", stem)
         return
     fig, axes = plt.subplots(1, len(args.settings), figsize=(5 * len(args.settings), 3.5), squeeze=False)
     for ax, setting in zip(axes[0], args.settings):
@@ -379,7 +452,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float, seeds
         ax.set_title(setting)
         ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "worst_group.png", dpi=110)
+    fig.savefig(out / f"{stem}.png", dpi=110)
 
 
 def run_sweep(args: argparse.Namespace) -> None:
@@ -387,8 +460,9 @@ def run_sweep(args: argparse.Namespace) -> None:
     rows, start = [], time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
-            data = build_data(setting, 0, args.subjects, args.correlation, args.size, Path(tmp))
-            teacher = teacher_net()
+            data = build_data(setting, 0, *_sizes(args, setting), args.size, Path(tmp))
+            data["setting"] = setting
+            teacher = teacher_net(setting)
             best = select(train("teacher", data, args.teacher_epochs, 0, HYPER, network=teacher), "worst")
             teacher.load_state_dict(best["state"])
             teacher.eval()
@@ -435,7 +509,7 @@ def run_sweep(args: argparse.Namespace) -> None:
             print(f"[sweep {setting}] done at {(time.time() - start) / 60:.1f} min", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "worst_group_sweep.csv", "w", newline="") as f:
+    with open(out / f"{output_stem(args.settings)}_sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -456,14 +530,24 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=300, help="labelled subjects per dataset (50/20/30)")
     parser.add_argument("--size", type=int, default=48, help="input size (pixels) of the 128 mm field of view")
     parser.add_argument("--correlation", type=float, default=0.8, help="vendor-pathology correlation (setting 2)")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--images", type=int, default=1000, help="images per Waterbirds dataset (50/20/30)")
+    parser.add_argument(
+        "--waterbirds-correlation", type=float, default=0.95, help="place-label agreement in Waterbirds training"
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=DEFAULT_SETTINGS,
+        choices=list(SETTINGS),
+        help="default: minority correlation; waterbirds runs the synthetic Waterbirds stand-in",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 100 subjects, 8 epochs: a few minutes")
     parser.add_argument("--sweep", action="store_true", help="run the hyper-parameter sweep instead")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.subjects, args.epochs, args.teacher_epochs = 1, 100, 8, 8
+        args.seeds, args.subjects, args.images, args.epochs, args.teacher_epochs = 1, 100, 300, 8, 8
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -472,10 +556,8 @@ def main() -> None:
         run_sweep(args)
         return
     run_benchmark(args)
-    print(
-        f"wrote {args.out}/worst_group.md, worst_group_runs.csv, worst_group.png "
-        f"in {(time.time() - start) / 60:.1f} min"
-    )
+    stem = output_stem(args.settings)
+    print(f"wrote {args.out}/{stem}.md, {stem}_runs.csv, {stem}.png in {(time.time() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from PIL import Image
 
 from monai_groupdistil.data.waterbirds import (
     WATERBIRDS_COLUMNS,
+    _render,
     load_waterbirds_datalist,
     make_synthetic_waterbirds,
 )
@@ -48,18 +49,46 @@ def test_synthetic_spurious_correlation_in_train_only(synthetic):
     assert {d["group"] for d in held_out} == {0, 1, 2, 3}
 
 
-def test_synthetic_backgrounds_and_birds_differ(synthetic):
+def test_synthetic_backgrounds_differ(synthetic):
     data = load_waterbirds_datalist(synthetic, "all")
     pixels = {d["img_id"]: np.asarray(Image.open(d["image"]), dtype=float) / 255 for d in data}
-    corner = {k: v[:6, :6].reshape(-1, 3).mean(0) for k, v in pixels.items()}  # background only
+    corner = {k: v[:6, :6].reshape(-1, 3).mean(0) for k, v in pixels.items()}  # background (almost always)
     blue_water = np.mean([corner[d["img_id"]][2] for d in data if d["place"] == 1])
     blue_land = np.mean([corner[d["img_id"]][2] for d in data if d["place"] == 0])
     assert blue_water - blue_land > 0.2
-    centre = {k: v[12:20, 12:20].reshape(-1, 3).mean(0) for k, v in pixels.items()}  # the bird
-    red_minus_blue = {
-        y: np.mean([centre[d["img_id"]][0] - centre[d["img_id"]][2] for d in data if d["label"] == y]) for y in (0, 1)
-    }
-    assert red_minus_blue[0] - red_minus_blue[1] > 0.2  # warm landbirds, pale waterbirds
+
+
+def _elongation(mask):
+    """Ratio of the principal axes of the mask's pixel coordinates."""
+    coords = np.argwhere(mask).astype(float)
+    eig = np.linalg.eigvalsh(np.cov(coords.T))
+    return float(np.sqrt(eig[1] / eig[0]))
+
+
+def _birds(y, n=40, **kwargs):
+    rng = np.random.default_rng(y)
+    return [_render(rng, y, place=int(rng.integers(2)), size=64, **kwargs) for _ in range(n)]
+
+
+def test_synthetic_bird_shape_follows_the_label_and_is_small():
+    land, water = _birds(0), _birds(1)
+    assert np.mean([_elongation(m) for _, m in water]) > np.mean([_elongation(m) for _, m in land]) + 0.5
+    area = np.mean([m.mean() for _, m in land + water])
+    assert 0.02 < area < 0.12  # the background covers most of the image
+    small = np.mean([m.mean() for _, m in _birds(0, bird_scale=0.5) + _birds(1, bird_scale=0.5)])
+    assert small == pytest.approx(area / 4, rel=0.25)  # the area scales with bird_scale squared
+
+
+def _bird_colour(birds):
+    return np.mean([img[m].mean(0) / 255 for img, m in birds], axis=0)
+
+
+def test_synthetic_colour_cue():
+    warm = lambda c: c[0] - c[2]  # noqa: E731  red minus blue
+    with_cue = {y: _bird_colour(_birds(y, n=200, noise=0.0, colour_cue=1.0)) for y in (0, 1)}
+    assert warm(with_cue[0]) - warm(with_cue[1]) > 0.3  # warm landbirds; pale, dark and slate waterbirds
+    without = {y: _bird_colour(_birds(y, n=200, noise=0.0, colour_cue=0.0)) for y in (0, 1)}
+    assert np.abs(without[0] - without[1]).max() < 0.08  # same palette for both classes
 
 
 def test_synthetic_is_deterministic(tmp_path):
@@ -135,4 +164,10 @@ def test_synthetic_bad_arguments(tmp_path):
         make_synthetic_waterbirds(tmp_path, n_images=10, correlation=1.5)
     with pytest.raises(ValueError, match="n_images must be >= 3"):
         make_synthetic_waterbirds(tmp_path, n_images=2)
+    with pytest.raises(ValueError, match=r"bird_scale must lie in \(0, 1.5\], got 0"):
+        make_synthetic_waterbirds(tmp_path, n_images=10, bird_scale=0)
+    with pytest.raises(ValueError, match=r"colour_cue must lie in \[0, 1\], got 2"):
+        make_synthetic_waterbirds(tmp_path, n_images=10, colour_cue=2)
+    with pytest.raises(ValueError, match="noise must be >= 0, got -0.1"):
+        make_synthetic_waterbirds(tmp_path, n_images=10, noise=-0.1)
     assert not (tmp_path / "metadata.csv").exists()
