@@ -64,6 +64,40 @@ def test_distillation_gradcheck():
     assert torch.autograd.gradcheck(lambda s, t: loss(s, t, target), (student, teacher))
 
 
+@pytest.mark.parametrize("spatial", [(), (2, 3)])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_hand_written_gradient(spatial, alpha):
+    """A teacher without gradient takes the path with the written-out gradient: gradcheck it, and compare it with
+    autograd through the composite formula (taken when the teacher needs a gradient)."""
+    student, teacher, target, groups = _batch(3, batch=4, classes=3, spatial=spatial)
+    student.requires_grad_(True)
+    loss = DistillationLoss(temperature=2.0, alpha=alpha, reduction="none")
+    weights = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)  # a non-uniform upstream gradient
+    assert torch.autograd.gradcheck(lambda s: loss(s, teacher, target) * weights, (student,))
+    (fused,) = torch.autograd.grad((loss(student, teacher, target) * weights).sum(), student)
+    composite_value = loss(student, teacher.clone().requires_grad_(True), target)
+    (composite,) = torch.autograd.grad((composite_value * weights).sum(), student)
+    assert torch.allclose(fused, composite, atol=1e-12)
+    assert torch.allclose(loss(student, teacher, target), composite_value, atol=1e-12)
+    group_loss = GroupDistillationLoss(2, temperature=2.0, alpha=alpha, step_size=0.5)
+    assert torch.autograd.gradcheck(lambda s: group_loss.eval()(s, teacher, target, groups % 2), (student,))
+
+
+def test_hand_written_gradient_with_retained_graph_and_meta_tensors():
+    from monai.data import MetaTensor
+
+    student, teacher, target, _ = _batch(4, batch=6, classes=5)
+    student = MetaTensor(student).requires_grad_(True)
+    value = DistillationLoss(temperature=3.0, alpha=0.6)(student, MetaTensor(teacher), MetaTensor(target))
+    value.backward(retain_graph=True)
+    first = student.grad.clone()
+    value.backward()  # the saved tensors were not modified by the first pass
+    assert torch.allclose(student.grad, 2 * first)
+    reference = student.detach().as_tensor().requires_grad_(True)
+    DistillationLoss(temperature=3.0, alpha=0.6)(reference, teacher.requires_grad_(True), target).backward()
+    assert torch.allclose(first, reference.grad, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [

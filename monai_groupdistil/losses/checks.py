@@ -143,7 +143,9 @@ def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
     return groups.long()
 
 
-def group_sums_and_counts(groups: torch.Tensor, values: torch.Tensor, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+def group_sums_and_counts(
+    groups: torch.Tensor, values: torch.Tensor, num_groups: int, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-group sums of ``values`` (float64) and sample counts (int64), both ``[num_groups]`` numpy arrays.
 
     This also checks the range of the ids. On the CPU both reductions run in numpy on views of the tensors (no
@@ -153,13 +155,16 @@ def group_sums_and_counts(groups: torch.Tensor, values: torch.Tensor, num_groups
         groups: int64 group ids ``[B]``.
         values: detached per-sample values ``[B]``.
         num_groups: ``G``.
+        ids: ``groups`` as a numpy array (a view of the CPU tensor), when the caller has it already.
 
     Raises:
         ValueError: for ids outside ``[0, num_groups)``.
     """
     try:
-        if groups.device.type == "cpu" and values.device.type == "cpu" and values.dtype != torch.bfloat16:
-            ids = groups.numpy()
+        if ids is not None or (
+            groups.device.type == "cpu" and values.device.type == "cpu" and values.dtype != torch.bfloat16
+        ):
+            ids = groups.numpy() if ids is None else ids
             counts = np.bincount(ids, minlength=num_groups)
             sums = np.bincount(ids, weights=values.numpy(), minlength=num_groups)
         else:

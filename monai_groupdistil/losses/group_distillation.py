@@ -8,7 +8,7 @@ import torch
 from monai.utils import LossReduction
 
 from monai_groupdistil.losses.checks import check_alpha, check_groups, check_temperature
-from monai_groupdistil.losses.distillation import DistillationLoss, distillation_per_sample
+from monai_groupdistil.losses.distillation import DistillationLoss, _per_sample
 from monai_groupdistil.losses.group_dro import GroupDROLoss
 
 __all__ = ["GroupDistillationLoss"]
@@ -96,7 +96,7 @@ class GroupDistillationLoss(GroupDROLoss):
         Returns:
             the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
         """
-        per_sample = distillation_per_sample(input, teacher_logits, target, self.temperature, self.alpha)
+        per_sample = _per_sample(input, teacher_logits, target, self.temperature, self.alpha)
         groups = check_groups(groups, input.shape[0])
         try:
             return self.robust_reduce(per_sample, groups)

@@ -172,9 +172,14 @@ class GroupDROLoss(_Loss):
             )
         if per_sample.ndim > 1:
             per_sample = per_sample.flatten(1).mean(dim=1)
+        num_groups = self.num_groups
         # The group statistics are G numbers: reduced once, then handled in numpy (float64), which costs far less
-        # than a dozen tiny tensor operations; the only tensor operations left are the gather and the dot product.
-        group_sums, group_counts = group_sums_and_counts(groups, per_sample.detach(), self.num_groups)
+        # than a dozen tiny tensor operations. On the CPU the ids and values are read as numpy views, so the only
+        # tensor operation left is the final dot product.
+        dtype = _NUMPY_DTYPES.get(per_sample.dtype)
+        on_cpu = dtype is not None and per_sample.device.type == "cpu" and groups.device.type == "cpu"
+        ids = groups.numpy() if on_cpu else None
+        group_sums, group_counts = group_sums_and_counts(groups, per_sample.detach(), num_groups, ids)
         world_size = 1
         if _DISTRIBUTED and dist.is_initialized():
             world_size = dist.get_world_size()
@@ -183,27 +188,33 @@ class GroupDROLoss(_Loss):
             group_sums, group_counts = stats.cpu().numpy()
         denom = np.maximum(group_counts, 1)
         group_losses = group_sums / denom
-        if not np.isfinite(group_losses.sum()):
+        if not math.isfinite(group_losses.sum()):
             bad = np.flatnonzero(~np.isfinite(group_losses)).tolist()
             raise ValueError(
                 f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
                 "the DRO weights were left unchanged."
             )
         state = self._state_arrays()
-        weights = self._update_state(state, group_losses, group_counts) if self.training else state[0].astype(float)
+        if self.training:
+            weights = self._update_state(state, group_losses, group_counts)
+        else:
+            weights = state[0].astype(np.float64)
         state[3][...] = group_losses
         state[4][...] = group_counts
-        self._commit_state(state)
+        if state is not self._cpu_state:
+            self._commit_state(state)
         coef = weights / denom
         if world_size != 1:
             coef *= world_size
-        coef_t = torch.from_numpy(coef.astype(_NUMPY_DTYPES.get(per_sample.dtype, np.float64), copy=False))
-        if coef_t.dtype != per_sample.dtype or per_sample.device.type != "cpu":
-            coef_t = coef_t.to(device=per_sample.device, dtype=per_sample.dtype)
-        if self.reduction == LossReduction.NONE.value:
-            out = per_sample * coef_t.index_select(0, groups)
+        if on_cpu:  # per-sample coefficients gathered in numpy
+            sample_coef = torch.from_numpy(coef.astype(dtype).take(ids))  # type: ignore[union-attr]
+        else:
+            coef_t = torch.from_numpy(coef).to(device=per_sample.device, dtype=per_sample.dtype)
+            sample_coef = coef_t.index_select(0, groups)
+        if self.reduction == "none":
+            out = per_sample * sample_coef
             return out + float(weights @ self._adjustment_np) / batch if self.use_adjustment else out
-        out = torch.dot(per_sample, coef_t.index_select(0, groups))
+        out = torch.dot(per_sample, sample_coef)
         return out + float(weights @ self._adjustment_np) if self.use_adjustment else out
 
     def _update_state(self, state: list[np.ndarray], group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -217,19 +228,23 @@ class GroupDROLoss(_Loss):
             if total > 0:
                 adjusted = adjusted / total
         exponent = self._step_size * adjusted
-        weights = state[0] * np.exp(exponent - exponent.max())
+        if exponent.max() > 700.0:  # exp would overflow in float64: shift by the largest exponent (same weights)
+            exponent = exponent - exponent.max()
+        weights = state[0] * np.exp(exponent)
         total = weights.sum()
-        if not np.isfinite(total) or total <= 0:
+        if not 0.0 < total < math.inf:
             raise ValueError(
                 f"the DRO weight update underflowed (step_size={self.step_size} is too large for losses "
                 f"{group_losses.tolist()}); the weights were left unchanged."
             )
         weights /= total
         present = counts > 0
-        keep = (1.0 - self.gamma * present) * state[2]  # 1 - gamma where seen before and present, 1 where absent
+        ema, initialized = state[1], state[2]
+        # EMA factor: gamma where the group was seen before and is present now, 1 at its first appearance, 0 absent
+        rate = np.where(present, np.where(initialized, self.gamma, 1.0), 0.0)
+        ema += rate * (group_losses - ema)
+        initialized |= present
         state[0][...] = weights
-        state[1][...] = state[1] * keep + group_losses * (1.0 - keep)
-        state[2] |= present
         return weights
 
     def _state_arrays(self) -> list[np.ndarray]:
@@ -249,6 +264,11 @@ class GroupDROLoss(_Loss):
             return views
         return [t.detach().cpu().numpy().copy() for t in tensors]  # type: ignore[union-attr]
 
+    @property
+    def _cpu_state(self) -> list[np.ndarray] | None:
+        """The cached numpy views of the CPU state buffers (None before the first call or off the CPU)."""
+        return None if self._numpy_state is None else self._numpy_state[1]
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_numpy_state"] = None  # views of this module's buffers; a copy or an unpickled module makes its own
@@ -259,9 +279,7 @@ class GroupDROLoss(_Loss):
         self.__dict__.setdefault("_numpy_state", None)
 
     def _commit_state(self, state: list[np.ndarray]) -> None:
-        """Copy ``state`` into the buffers when they are not on the CPU (on the CPU it already is their memory)."""
-        if self._numpy_state is not None and state is self._numpy_state[1]:
-            return
+        """Copy ``state`` (copies of buffers that are not on the CPU) into the buffers."""
         for name, values in zip(_STATE_BUFFERS, state):
             tensor = self._buffers[name]
             assert tensor is not None
