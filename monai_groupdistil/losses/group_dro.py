@@ -253,11 +253,17 @@ class GroupDROLoss(_Loss):
         On the CPU they are views of the buffers (cached while every buffer keeps its storage), so writing into them
         updates the buffers; elsewhere they are copies, written back by :py:meth:`_commit_state`.
         """
-        buffers = self._buffers
-        tensors = [buffers[name] for name in _STATE_BUFFERS]
-        key = tuple(t.data_ptr() for t in tensors)  # type: ignore[union-attr]
+        b = self._buffers
+        key = (  # the storage of every buffer: a replaced buffer or a moved storage invalidates the views
+            b["group_weights"].data_ptr(),  # type: ignore[union-attr]
+            b["ema_group_losses"].data_ptr(),  # type: ignore[union-attr]
+            b["ema_initialized"].data_ptr(),  # type: ignore[union-attr]
+            b["last_group_losses"].data_ptr(),  # type: ignore[union-attr]
+            b["last_group_counts"].data_ptr(),  # type: ignore[union-attr]
+        )
         if self._numpy_state is not None and self._numpy_state[0] == key:
             return self._numpy_state[1]
+        tensors = [b[name] for name in _STATE_BUFFERS]
         if all(t.device.type == "cpu" for t in tensors):  # type: ignore[union-attr]
             views = [t.numpy() for t in tensors]  # type: ignore[union-attr]
             self._numpy_state = (key, views)  # the views hold the tensors, so no address can be reused meanwhile
