@@ -1,4 +1,7 @@
-"""Makes docs/figures/synthetic_examples.png: one preprocessed ED mid-ventricular slice per vendor and pathology.
+"""Makes the figures of docs/data.md.
+
+- docs/figures/synthetic_examples.png: one preprocessed ED mid-ventricular slice per vendor and pathology;
+- docs/figures/synthetic_waterbirds.png: four images of each Waterbirds group from the synthetic stand-in.
 
 Usage: python docs/make_figures.py [--seed 0]
 """
@@ -17,13 +20,39 @@ import matplotlib.pyplot as plt  # noqa: E402
 from monai_groupdistil.data import (  # noqa: E402
     MNMS_VENDOR_NAMES,
     MNMS_VENDORS,
+    WATERBIRDS_GROUP_NAMES,
     cardiac_preprocessing,
     load_mnms_datalist,
+    load_waterbirds_datalist,
     make_synthetic_mnms,
+    make_synthetic_waterbirds,
 )
 
 CLASSES = ("NOR", "HCM", "DCM")
 OUTPUT = Path(__file__).resolve().parent / "figures" / "synthetic_examples.png"
+WATERBIRDS_OUTPUT = OUTPUT.parent / "synthetic_waterbirds.png"
+
+
+def waterbirds_figure(seed: int) -> None:
+    """Four images per group of the synthetic Waterbirds stand-in (validation split: the groups are balanced)."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_synthetic_waterbirds(tmp, n_images=200, seed=seed)
+        datalist = load_waterbirds_datalist(root, split="val")
+        fig, axes = plt.subplots(4, 4, figsize=(8, 8.6))
+        for row, name in enumerate(WATERBIRDS_GROUP_NAMES):
+            entries = [d for d in datalist if d["group_name"] == name][:4]
+            for col in range(4):
+                ax = axes[row][col]
+                ax.axis("off")
+                if col < len(entries):
+                    ax.imshow(Image.open(entries[col]["image"]))
+                    ax.set_title(name, fontsize=8)
+        fig.suptitle(f"Synthetic Waterbirds stand-in, 64 x 64 images (seed {seed})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(WATERBIRDS_OUTPUT, dpi=90)
+    print(f"wrote {WATERBIRDS_OUTPUT}")
 
 
 def main() -> None:
@@ -54,6 +83,7 @@ def main() -> None:
         OUTPUT.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(OUTPUT, dpi=110)
     print(f"wrote {OUTPUT}")
+    waterbirds_figure(args.seed)
 
 
 if __name__ == "__main__":
