@@ -36,7 +36,8 @@ class GroupDROLoss(_Loss):
     it. In ``eval()`` mode the weights are frozen and the loss uses the current ones. An exponential moving average
     of each group's loss (``ema_group_losses``, factor ``gamma``; an absent group keeps its value) and the
     per-group losses and counts of the last call (``last_group_losses``, ``last_group_counts``) are kept for
-    logging. The group reduction is vectorised (``index_add``/``bincount``), with no Python loop over groups.
+    logging. The group reduction is vectorised (one ``bincount`` for the sums and one for the counts), with no
+    Python loop over groups or samples.
 
     Multi-process: when ``torch.distributed`` is initialised, the per-group sums and counts are all-reduced before
     the update, so every rank holds identical weights, and the returned loss is scaled by the world size so that
