@@ -287,6 +287,15 @@ def test_float32_and_extreme_losses_keep_weights_finite():
     assert loss.group_weights[0] > 0.99
 
 
+def test_very_negative_losses_do_not_underflow_the_update():
+    """exp(step * L) underflows to 0 for every group when all losses are very negative; the update is shift-free."""
+    loss = GroupDROLoss(lambda x, y: x.sum(dim=1), num_groups=2, step_size=1.0)
+    values = torch.tensor([[-1000.0], [-1001.0]])
+    loss(values, torch.zeros(2), torch.tensor([0, 1]))
+    expected = torch.softmax(torch.tensor([-1000.0, -1001.0], dtype=torch.float64), 0)
+    assert torch.allclose(loss.group_weights.double(), expected, atol=1e-6)
+
+
 # ---------------------------------------------------------------- bad input leaves the weights untouched
 
 

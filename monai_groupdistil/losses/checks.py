@@ -148,23 +148,21 @@ def group_sums_and_counts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-group sums of ``values`` (float64) and sample counts (int64), both ``[num_groups]`` numpy arrays.
 
-    This also checks the range of the ids. On the CPU both reductions run in numpy on views of the tensors (no
-    torch dispatch); on other devices they run there with ``torch.bincount`` and only the ``G`` results are copied.
+    This also checks the range of the ids. With ``ids`` (the caller's numpy view of CPU ids, for CPU values of a
+    numpy dtype) both reductions run in numpy (no torch dispatch); otherwise they run on the tensors' device with
+    ``torch.bincount`` and only the ``G`` results are copied.
 
     Args:
         groups: int64 group ids ``[B]``.
         values: detached per-sample values ``[B]``.
         num_groups: ``G``.
-        ids: ``groups`` as a numpy array (a view of the CPU tensor), when the caller has it already.
+        ids: ``groups`` as a numpy array (a view of the CPU tensor) to take the numpy path, or None.
 
     Raises:
         ValueError: for ids outside ``[0, num_groups)``.
     """
     try:
-        if ids is not None or (
-            groups.device.type == "cpu" and values.device.type == "cpu" and values.dtype != torch.bfloat16
-        ):
-            ids = groups.numpy() if ids is None else ids
+        if ids is not None:
             counts = np.bincount(ids, minlength=num_groups)
             sums = np.bincount(ids, weights=values.numpy(), minlength=num_groups)
         else:

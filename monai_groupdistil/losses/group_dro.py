@@ -229,8 +229,9 @@ class GroupDROLoss(_Loss):
             if total > 0:
                 adjusted = adjusted / total
         exponent = self._step_size * adjusted
-        if exponent.max() > 700.0:  # exp would overflow in float64: shift by the largest exponent (same weights)
-            exponent = exponent - exponent.max()
+        top = exponent.max()
+        if not -700.0 < top < 700.0:  # exp would overflow or underflow in float64: shift (same weights)
+            exponent = exponent - top
         weights = state[0] * np.exp(exponent)
         total = weights.sum()
         if not 0.0 < total < math.inf:
