@@ -151,18 +151,11 @@ def build_data(
         n_frames=4,
         **make,
     )
-    names = mnms_group_names(spec["group_by"], CLASSES)
-    preprocess = cardiac_preprocessing(spatial_size=(size, size), pixdim=(128.0 / size, 128.0 / size))
-    data = {"group_names": names}
-    for split in ("train", "val", "test"):
-        items = [preprocess(d) for d in load_mnms_datalist(root, split, group_by=spec["group_by"], classes=CLASSES)]
-        data[split] = {
-            "image": torch.stack([torch.as_tensor(i["image"]).float() for i in items]),
-            "label": torch.tensor([i["label"] for i in items]),
-            "group": torch.tensor([i["group"] for i in items]),
-        }
-    data["group_counts"] = torch.bincount(data["train"]["group"], minlength=len(names)).tolist()
-    return data
+    return _preprocessed_splits(
+        lambda split: load_mnms_datalist(root, split, group_by=spec["group_by"], classes=CLASSES),
+        cardiac_preprocessing(spatial_size=(size, size), pixdim=(128.0 / size, 128.0 / size)),
+        mnms_group_names(spec["group_by"], CLASSES),
+    )
 
 
 def build_waterbirds(seed: int, images: int, correlation: float, size: int, workdir: Path) -> dict:
@@ -176,16 +169,25 @@ def build_waterbirds(seed: int, images: int, correlation: float, size: int, work
         split_fractions=SPLIT_FRACTIONS,
         image_size=WATERBIRDS_IMAGE_SIZE,
     )
-    preprocess = natural_image_preprocessing(spatial_size=size, resize=size * 8 // 7)
-    data = {"group_names": list(WATERBIRDS_GROUP_NAMES)}
+    return _preprocessed_splits(
+        lambda split: load_waterbirds_datalist(root, split),
+        natural_image_preprocessing(spatial_size=size, resize=size * 8 // 7),
+        list(WATERBIRDS_GROUP_NAMES),
+    )
+
+
+def _preprocessed_splits(datalist, preprocess, names: list[str]) -> dict:
+    """Tensors (image, label, group) of every split from ``datalist(split)`` through ``preprocess``; the group
+    names; the training-set size of every group."""
+    data: dict = {"group_names": names}
     for split in ("train", "val", "test"):
-        items = [preprocess(d) for d in load_waterbirds_datalist(root, split)]
+        items = [preprocess(d) for d in datalist(split)]
         data[split] = {
             "image": torch.stack([torch.as_tensor(i["image"]).float() for i in items]),
             "label": torch.tensor([i["label"] for i in items]),
             "group": torch.tensor([i["group"] for i in items]),
         }
-    data["group_counts"] = torch.bincount(data["train"]["group"], minlength=4).tolist()
+    data["group_counts"] = torch.bincount(data["train"]["group"], minlength=len(names)).tolist()
     return data
 
 
