@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from monai_groupdistil.engines import DistillationTrainer
 from monai_groupdistil.handlers import GroupAccuracyHandler, GroupDROHandler, GroupReportHandler
-from monai_groupdistil.losses import GroupDistillationLoss, GroupDROLoss
+from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
 from monai_groupdistil.metrics import compute_group_accuracy
 from tests.distributed_helpers import exit_worker, init_gloo
 
@@ -195,6 +195,89 @@ def test_checkpoint_with_another_group_count_is_refused(tmp_path):
     with pytest.raises(ValueError, match="num_groups=4"):
         loss4.load_state_dict(loss.state_dict())
     assert torch.equal(loss4.group_weights, torch.full((4,), 0.25))  # nothing was loaded
+
+
+def test_mid_epoch_checkpoint_restores_the_state_but_restarts_the_epoch_loader(tmp_path):
+    """The documented limit of resuming from a checkpoint saved mid-epoch (exact resume needs epoch-level
+    checkpoints, see test_checkpoint_resume_reproduces_the_weight_trajectory): the DRO state is restored exactly,
+    but ignite restarts the interrupted epoch's loader, so the batches (and weights) after the resume differ."""
+
+    def capture_images(trainer) -> list[torch.Tensor]:
+        images: list[torch.Tensor] = []
+        trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, lambda e: images.append(e.state.output["image"]))
+        return images
+
+    # uninterrupted run: 2 epochs x 4 iterations, saving a checkpoint every 6 iterations (mid-epoch 2)
+    trainer, student, opt, loss, dro = build(2)
+    save_dict = {"network": student, "optimizer": opt, "trainer": trainer, "loss": loss, "dro": dro}
+    CheckpointSaver(str(tmp_path), save_dict, epoch_level=False, save_interval=6).attach(trainer)
+    straight_images = capture_images(trainer)
+    trainer.run()
+    straight = torch.stack(dro.weight_history)
+    ckpt = tmp_path / "checkpoint_iteration=6.pt"
+    assert straight.shape == (8, G) and ckpt.exists()
+
+    trainer, student, opt, loss, dro = build(2, seed=99)
+    load_dict = {"network": student, "optimizer": opt, "trainer": trainer, "loss": loss, "dro": dro}
+    CheckpointLoader(str(ckpt), load_dict).attach(trainer)
+    resumed_images = capture_images(trainer)
+    trainer.run()
+    resumed = torch.stack(dro.weight_history)
+    assert trainer.state.iteration == 8 and dro.iterations == list(range(1, 9)) and len(resumed_images) == 2
+    assert torch.equal(resumed[:6], straight[:6])  # the DRO state at the checkpoint is restored exactly
+    # ...but iterations 7-8 see the epoch's first two batches (straight run: iterations 1-2), not its last two
+    assert torch.equal(resumed_images[0], straight_images[0]) and torch.equal(resumed_images[1], straight_images[1])
+    assert not torch.equal(resumed_images[0], straight_images[6])
+    assert not torch.equal(resumed[6:], straight[6:])
+
+
+def test_uniform_weights_equal_plain_kd_only_for_equal_group_sizes():
+    """Warm-up (step size 0, uniform weights) gives the mean of the per-group mean losses: plain KD exactly when
+    every group has the same number of samples in the batch, something else otherwise."""
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 2), torch.randn(6, 2), torch.randint(0, 2, (6,))
+    plain = DistillationLoss(temperature=T, alpha=ALPHA)(s, t, y)
+    uniform = GroupDistillationLoss(G, temperature=T, alpha=ALPHA, step_size=0.0)
+    equal_sizes = uniform(s, t, y, torch.tensor([0, 1, 2, 0, 1, 2]))
+    torch.testing.assert_close(equal_sizes, plain)
+    assert torch.equal(uniform.group_weights, torch.full((G,), 1.0 / G))
+    unequal = torch.tensor([0, 0, 0, 0, 1, 2])
+    per_sample = DistillationLoss(temperature=T, alpha=ALPHA, reduction="none")(s, t, y)
+    group_balanced = (per_sample[:4].mean() + per_sample[4] + per_sample[5]) / 3
+    torch.testing.assert_close(uniform(s, t, y, unequal), group_balanced)
+    assert not torch.allclose(group_balanced, plain)
+
+
+def test_per_iteration_values_through_monai_iteration_writers(tmp_path):
+    """MONAI's iteration_event_writer / iteration_print_logger hooks log the handler's values of every iteration
+    (the pattern of docs/usage.md); the default writers log engine.state.metrics at epoch end only."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+    def dro_values(engine) -> dict:
+        keys = ("dro_weight/", "group_loss/", "group_count/", "dro_step_size")
+        return {k: v for k, v in engine.state.metrics.items() if k.startswith(keys)}
+
+    def write_every_iteration(engine, writer):
+        writer.add_scalar("Loss", float(from_engine("loss", first=True)(engine.state.output)), engine.state.iteration)
+        for name, value in dro_values(engine).items():
+            writer.add_scalar(f"iteration/{name}", value, engine.state.iteration)
+
+    printed: list[dict] = []
+    tb = TensorBoardStatsHandler(log_dir=str(tmp_path), iteration_event_writer=write_every_iteration)
+    stats = StatsHandler(name="dro_iter", iteration_print_logger=lambda e: printed.append(dro_values(e)))
+    trainer, _, _, _, dro = build(2, handlers=[tb, stats])
+    trainer.run()
+    tb.close()
+    acc = event_accumulator.EventAccumulator(str(tmp_path))
+    acc.Reload()
+    for k, name in enumerate(NAMES):
+        per_iteration = acc.Scalars(f"iteration/dro_weight/{name}")
+        assert [e.step for e in per_iteration] == list(range(1, 9))
+        assert [e.value for e in per_iteration] == pytest.approx([float(w[k]) for w in dro.weight_history])
+        assert [e.step for e in acc.Scalars(f"dro_weight/{name}")] == [1, 2]  # epoch-level default, unchanged
+    assert len(acc.Scalars("Loss")) == 8
+    assert len(printed) == 8
+    assert [p["dro_weight/ge"] for p in printed] == [float(w[2]) for w in dro.weight_history]
 
 
 def test_handler_argument_errors():

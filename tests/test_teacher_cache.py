@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from ignite.engine import Events
@@ -149,3 +151,88 @@ def test_errors_and_random_transform_detection(tmp_path):
             torch.optim.SGD(student.parameters(), 0.1), GroupDistillationLoss(G), teacher=CountingTeacher(),
             teacher_cache=TeacherOutputCache(id_key="id"),
         )  # fmt: skip
+
+
+def train_augmented(epochs: int, **kwargs):
+    """Cached distillation on a dataset whose transform holds a random flip; counts the teacher calls."""
+    teacher, student, cache = CountingTeacher(), make_student(), TeacherOutputCache(id_key="id")
+    flip = Compose([RandFlipd("image", prob=0.5, spatial_axis=1)])
+    flip.set_random_state(seed=0)
+    loader = DataLoader(Dataset(make_data(), transform=flip), batch_size=8)
+    trainer = DistillationTrainer(
+        "cpu", epochs, loader, student, torch.optim.SGD(student.parameters(), 0.1),
+        GroupDistillationLoss(G, temperature=2.0, step_size=0.2), teacher=teacher, teacher_cache=cache, **kwargs,
+    )  # fmt: skip
+    calls_per_epoch, online_checks = [], []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: calls_per_epoch.append(teacher.calls))
+
+    def check(engine):  # the logits given to the loss are the teacher's output on the view the student sees
+        out = engine.state.output
+        with torch.no_grad():
+            online_checks.append(torch.allclose(out["teacher_pred"], teacher.net(out["image"]), atol=1e-6))
+
+    trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, check)
+    return trainer, teacher, cache, calls_per_epoch, online_checks
+
+
+def test_random_augmentation_runs_the_teacher_online_and_ignores_the_cache():
+    expected = "random transforms, so the teacher_cache is ignored and the teacher runs online"
+    with pytest.warns(UserWarning, match=expected):
+        trainer, teacher, cache, calls, online = train_augmented(3)
+    assert trainer.teacher_cache is None and trainer.cache_with_random_transforms is False
+    trainer.run()
+    assert calls == [3, 6, 9] and teacher.samples == 72  # every batch of every epoch
+    assert len(online) == 9 and all(online)
+    assert cache.hits == cache.misses == 0 and len(cache) == 0  # the given cache was never touched
+
+
+def test_random_augmentation_with_explicit_opt_in_uses_the_cache():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, teacher, cache, calls, online = train_augmented(3, cache_with_random_transforms=True)
+    assert not [w for w in caught if "random transforms" in str(w.message)]
+    assert trainer.teacher_cache is cache
+    trainer.run()
+    assert calls == [3, 3, 3] and teacher.samples == 24  # the first epoch only
+    assert cache.misses == 24 and cache.hits == 48 and len(cache) == 24
+    assert all(online[:3]) and not all(online[3:])  # later epochs reuse the first epoch's views (the documented cost)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_wrong_teacher_shape_leaves_the_cache_empty(tmp_path, on_disk):
+    cache_dir = tmp_path / "cache" if on_disk else None
+    cache = TeacherOutputCache(cache_dir, id_key="id", keep_in_memory=True)
+    torch.manual_seed(0)
+    wrong_teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))  # 3 classes, the student has 2
+    student = make_student()
+    trainer = DistillationTrainer(
+        "cpu", 1, DataLoader(make_data(), batch_size=8), student, torch.optim.SGD(student.parameters(), 0.1),
+        GroupDistillationLoss(G), teacher=wrong_teacher, teacher_cache=cache,
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"teacher output has shape \(8, 3\) but the student output has shape \(8, 2\).*Nothing was"
+    ):
+        trainer.run()
+    assert len(cache) == 0
+    for sample in make_data()[:8]:
+        assert sample["id"] not in cache and cache.get(sample["id"]) is None
+    if on_disk:
+        assert list(cache_dir.iterdir()) == []  # no .pt file and no leftover temporary file
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_wrong_teacher_shape_on_partial_hits_stores_nothing_new(tmp_path, on_disk):
+    cache = TeacherOutputCache(tmp_path if on_disk else None, id_key="index")
+    x = torch.randn(5, 1, 6, 6)
+    teacher = CountingTeacher().eval()
+    good = cache.lookup({"index": torch.tensor([0, 1, 2])}, x[:3], lambda inp: teacher(inp).detach(), (3, 2))
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    order = torch.tensor([2, 3, 0, 4, 1])
+    with pytest.raises(
+        ValueError, match=r"output for the 2 samples missing from the cache has shape \(2, 3\), expected \(2, 2\)"
+    ):
+        cache.lookup({"index": order}, x[order], lambda inp: wrong(inp).detach(), expected_shape=(5, 2))
+    assert len(cache) == 3 and 3 not in cache and 4 not in cache
+    assert all(torch.equal(cache.get(str(i)), good[i]) for i in range(3))  # the stored values are untouched
+    if on_disk:
+        assert len(list(tmp_path.iterdir())) == 3

@@ -51,9 +51,10 @@ class TeacherOutputCache:
     is deterministic** (no random augmentation): the cache then computes the logits in the first epoch and
     returns the stored values afterwards, so distillation costs about what training the student alone costs.
     With random augmentation (any ``Rand*`` transform, ``OneOf``...) the teacher sees a different input every
-    epoch and must run online: do not use a cache there (:py:class:`DistillationTrainer` warns when its dataset's
-    transform holds random transforms). Use a fresh ``cache_dir`` whenever the teacher, its weights or the
-    preprocessing change: stored values are never invalidated.
+    epoch and must run online: do not use a cache there (:py:class:`DistillationTrainer` ignores a cache, with a
+    warning, when its dataset's transform holds random transforms, unless ``cache_with_random_transforms=True``).
+    Use a fresh ``cache_dir`` whenever the teacher, its weights or the preprocessing change: stored values are never
+    invalidated. A teacher output of the wrong shape (``expected_shape``) is refused before anything is stored.
 
     The sample id is read from ``batch[id_key]`` (a list of strings, e.g. file names or subject codes, or an
     integer tensor of indices). In memory the values live on ``storage_device`` (CPU by default); on disk every
@@ -167,21 +168,28 @@ class TeacherOutputCache:
         batchdata: Mapping,
         inputs: torch.Tensor,
         teacher: Callable[[torch.Tensor], torch.Tensor],
+        expected_shape: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Teacher outputs of a batch: stored values where present, ``teacher`` run on the missing samples only.
+
+        The outputs computed for the missing samples are checked against ``expected_shape`` *before* any of them is
+        stored, so a failed call leaves the cache (memory and disk) as it was.
 
         Args:
             batchdata: the collated batch (holds ``id_key``).
             inputs: the teacher's input ``[B, ...]``, on the target device.
             teacher: callable computing outputs ``[b, C, *spatial]`` from ``inputs[missing]`` (already in eval mode
                 and under ``torch.no_grad()``, see :py:func:`run_teacher`).
+            expected_shape: the shape ``[B, C, *spatial]`` the batch's outputs must have (the student's output
+                shape); ``None`` skips the check.
 
         Returns:
             the outputs ``[B, C, *spatial]`` on ``inputs.device``.
 
         Raises:
             KeyError: when the sample-id key is missing.
-            ValueError: when the ids and the batch size differ.
+            ValueError: when the ids and the batch size differ, or when the computed outputs do not match
+                ``expected_shape`` (both shapes are named; nothing is stored).
         """
         keys = self.ids_from_batch(batchdata)
         if len(keys) != inputs.shape[0]:
@@ -196,6 +204,7 @@ class TeacherOutputCache:
         if missing:
             sub = inputs if len(missing) == len(keys) else inputs[torch.as_tensor(missing, device=inputs.device)]
             computed = teacher(sub)
+            _check_computed_shape(computed, len(missing), len(keys), expected_shape)
             for j, i in enumerate(missing):
                 found[i] = computed[j]
                 self.put(keys[i], computed[j])
@@ -206,6 +215,28 @@ class TeacherOutputCache:
         return torch.stack([v.to(inputs.device) for v in found], dim=0)  # type: ignore[union-attr]
 
 
+def _check_computed_shape(
+    computed: torch.Tensor, num_missing: int, batch_size: int, expected_shape: Sequence[int] | None
+) -> None:
+    """Raise a ``ValueError`` naming both shapes when the outputs computed for ``num_missing`` of the ``batch_size``
+    samples of a batch do not have the shape ``expected_shape`` (of the whole batch) implies."""
+    if expected_shape is None:
+        return
+    expected = tuple(int(d) for d in expected_shape)
+    wanted = (num_missing, *expected[1:])
+    got = tuple(computed.shape)
+    if got == wanted:
+        return
+    if num_missing == batch_size:
+        detail = f"the teacher output has shape {got} but the student output has shape {expected}"
+    else:
+        detail = (
+            f"the teacher output for the {num_missing} samples missing from the cache has shape {got}, expected "
+            f"{wanted} (the student output has shape {expected})"
+        )
+    raise ValueError(f"{detail}; they must match (same classes and spatial size). Nothing was stored in the cache.")
+
+
 def run_teacher(
     teacher: torch.nn.Module,
     inputs: torch.Tensor,
@@ -214,6 +245,7 @@ def run_teacher(
     batchdata: Mapping | None = None,
     args: Sequence = (),
     kwargs: dict | None = None,
+    expected_shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Run a frozen teacher: eval mode, ``torch.no_grad()``, through ``cache`` when given.
 
@@ -226,9 +258,16 @@ def run_teacher(
         batchdata: the collated batch.
         args: further positional arguments of the network.
         kwargs: further keyword arguments of the network.
+        expected_shape: with ``cache``, the shape the batch's output must have (the student's output shape): a
+            computed output of another shape raises before it is stored (see :py:meth:`TeacherOutputCache.lookup`).
+            Without a cache it is not checked here.
 
     Returns:
         the teacher's output, detached.
+
+    Raises:
+        ValueError: with ``cache``, when ``batchdata`` is missing or the computed output does not match
+            ``expected_shape``.
     """
     kwargs = {} if kwargs is None else kwargs
     teacher.eval()
@@ -242,4 +281,4 @@ def run_teacher(
         return _forward(inputs)
     if batchdata is None:
         raise ValueError("run_teacher: a teacher cache needs the batch (for the sample ids).")
-    return cache.lookup(batchdata, inputs, _forward)
+    return cache.lookup(batchdata, inputs, _forward, expected_shape=expected_shape)

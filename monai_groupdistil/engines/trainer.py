@@ -141,15 +141,22 @@ class DistillationTrainer(SupervisedTrainer):
         teacher: the frozen teacher network (moved to ``device``; ``requires_grad`` is switched off); ``None``
             for ERM and GroupDRO students.
         group_key: key of the integer group ids ``[B]`` in the batch dictionary.
-        teacher_cache: optional :py:class:`TeacherOutputCache`; use it only with deterministic preprocessing
-            (a warning is issued when the loader's dataset transform holds random transforms).
+        teacher_cache: optional :py:class:`TeacherOutputCache`, for deterministic preprocessing only. When the
+            loader's dataset transform holds random transforms (``Rand*``, ``OneOf``..., see
+            :py:func:`has_random_transforms`) the cache is **ignored** and the teacher runs online, with a warning:
+            a cache would give the student, in every epoch, the teacher output of the sample's first augmented
+            view instead of the view it is trained on. ``self.teacher_cache`` is then ``None``.
+        cache_with_random_transforms: use ``teacher_cache`` even when the dataset transform holds random
+            transforms (an explicit opt-in, e.g. for augmentations the teacher is known to be invariant to, or
+            to trade exactness for speed); default ``False``.
         progress_bar: attach an ignite ``ProgressBar`` (tqdm) showing the loss.
         kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (``epoch_length``, ``prepare_batch``,
             ``inferer``, ``train_handlers``, ``amp``, ``key_train_metric``, ``decollate``...).
 
     Raises:
         ValueError: at construction for a ``DistillationLoss``/``GroupDistillationLoss`` without a teacher; during
-            training for a teacher output whose shape differs from the student's (both shapes are named).
+            training for a teacher output whose shape differs from the student's (both shapes are named; the
+            shape is checked before the output is stored in ``teacher_cache``, so the cache is left unchanged).
         KeyError: during training for a batch lacking the image, the label or (for group losses) the group key; the
             message names the missing key and the keys present.
 
@@ -176,6 +183,7 @@ class DistillationTrainer(SupervisedTrainer):
         group_key: str = "group",
         teacher_cache: TeacherOutputCache | None = None,
         progress_bar: bool = False,
+        cache_with_random_transforms: bool = False,
         **kwargs: Any,
     ) -> None:
         if needs_teacher(loss_function) and teacher is None:
@@ -197,17 +205,20 @@ class DistillationTrainer(SupervisedTrainer):
             teacher.eval()
         self.teacher = teacher
         self.group_key = group_key
-        self.teacher_cache = teacher_cache
-        self._check_keys = self.prepare_batch is default_prepare_batch
-        if teacher_cache is not None:
+        self.cache_with_random_transforms = bool(cache_with_random_transforms)
+        if teacher_cache is not None and not self.cache_with_random_transforms:
             dataset_transform = getattr(getattr(train_data_loader, "dataset", None), "transform", None)
             if has_random_transforms(dataset_transform):
                 warnings.warn(
-                    "DistillationTrainer: the training transform holds random transforms, but a teacher cache "
-                    "reuses the teacher output of a sample's first (augmented) view in every epoch; run the "
-                    "teacher online (teacher_cache=None) with random augmentation.",
+                    "DistillationTrainer: the training transform holds random transforms, so the teacher_cache is "
+                    "ignored and the teacher runs online: a cache would give the student, in every epoch, the "
+                    "teacher output of a sample's first augmented view instead of the view it is trained on. "
+                    "Pass cache_with_random_transforms=True to use the cache anyway.",
                     stacklevel=2,
                 )
+                teacher_cache = None
+        self.teacher_cache = teacher_cache
+        self._check_keys = self.prepare_batch is default_prepare_batch
         sampler = getattr(train_data_loader, "sampler", None)
         if hasattr(sampler, "set_epoch") and not isinstance(sampler, DistributedSampler):
             # MONAI sets the epoch of a DistributedSampler only; samplers such as GroupBalancedSampler draw anew
@@ -266,7 +277,14 @@ class DistillationTrainer(SupervisedTrainer):
             output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
             if engine.teacher is not None:
                 teacher_pred = run_teacher(
-                    engine.teacher, inputs, engine.inferer, engine.teacher_cache, batchdata, args, kwargs
+                    engine.teacher,
+                    inputs,
+                    engine.inferer,
+                    engine.teacher_cache,
+                    batchdata,
+                    args,
+                    kwargs,
+                    expected_shape=output[Keys.PRED].shape,  # checked before anything is cached
                 )
                 check_teacher_shape(output[Keys.PRED], teacher_pred)
                 output[TEACHER_PRED] = teacher_pred

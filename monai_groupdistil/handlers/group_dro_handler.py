@@ -43,20 +43,37 @@ class GroupDROHandler:
     """Manages the group-DRO weights of a ``GroupDROLoss`` / ``GroupDistillationLoss`` at every training iteration.
 
     - Before every iteration (``ITERATION_STARTED``) it sets the loss's ``step_size``: ``0.0`` during the first
-      ``warmup_iterations`` iterations (the weights stay uniform, i.e. plain KD / ERM), then
-      ``step_size_schedule(iteration)`` (``iteration`` is ignite's 1-based global count) or the loss's initial
-      step size.
+      ``warmup_iterations`` iterations, then ``step_size_schedule(iteration)`` (``iteration`` is ignite's 1-based
+      global count) or the loss's initial step size. During the warm-up the weights stay uniform, so the loss is
+      ``(1/G) * sum_g L_g``, the mean of the per-group mean losses (an absent group counts 0). That equals the
+      plain batch mean (plain KD for a ``GroupDistillationLoss``, ERM for a ``GroupDROLoss``) only when each of
+      the ``G`` groups has the same number of samples in the batch (``n_g = B / G``); otherwise it weights each
+      sample by ``1 / (G * n_g)`` instead of ``1 / B``, i.e. it is a group-balanced loss. A
+      ``GroupBalancedSampler`` makes the groups equally frequent on average only (its batches are random draws),
+      so there the two agree only approximately.
     - After the loss (``IterationEvents.MODEL_COMPLETED``, so before ``ITERATION_COMPLETED`` loggers run) it
       records into ``engine.state.metrics`` one float per group:
       ``dro_weight/<name>`` (``q_g`` after this iteration's update), ``group_loss/<name>`` (the group's mean loss
       of the iteration, ``0`` when absent, as the loss module reports it), ``group_count/<name>`` (its number of
-      samples), and ``dro_step_size``. ``StatsHandler``, ``TensorBoardStatsHandler`` and ``MLFlowHandler`` log
-      them at the end of every epoch (the last iteration's values).
+      samples), and ``dro_step_size``. ``StatsHandler``, ``TensorBoardStatsHandler`` and ``MLFlowHandler`` read
+      ``engine.state.metrics`` only at the end of every epoch, so by default they log the epoch's last iteration's
+      values. Their default *iteration* writers log ``output_transform(engine.state.output)`` only, and their
+      ``state_attributes`` are epoch-level too; to log the values of every iteration, pass MONAI's supported
+      customisation hook, a callable reading ``engine.state.metrics``: ``iteration_event_writer(engine, writer)``
+      of ``TensorBoardStatsHandler``, ``iteration_print_logger(engine)`` of ``StatsHandler`` or
+      ``iteration_logger(engine)`` of ``MLFlowHandler`` (it replaces the default loss logging, so log the loss
+      there too). ``docs/usage.md`` ("Logging the DRO weights of every iteration") has a working example.
     - With ``history=True`` it keeps the weights and group losses of every iteration (``weight_history``,
       ``loss_history``, ``iterations``), used by the report plots.
     - ``state_dict()`` holds the loss's DRO state (weights, EMA) and the history; put the handler (and the loss)
-      in ``CheckpointSaver``'s ``save_dict``: ``CheckpointLoader`` restores them, and a resumed run continues with
-      exactly the weights it would have had. A checkpoint with another group count is refused (``ValueError``).
+      in ``CheckpointSaver``'s ``save_dict``: ``CheckpointLoader`` restores them exactly, and a run resumed from a
+      checkpoint saved at the end of an epoch continues with exactly the weights it would have had
+      (``tests/test_handlers.py::test_checkpoint_resume_reproduces_the_weight_trajectory``). A checkpoint saved
+      *mid-epoch* (iteration-level ``CheckpointSaver``) restores the DRO state exactly too, but ignite restarts the
+      interrupted epoch's data loader from its first batch (and only runs the epoch's remaining number of
+      iterations), so the batches after such a resume differ from those of the uninterrupted run and so does the
+      weight trajectory: exact resume needs epoch-level checkpoints. A checkpoint with another group count is
+      refused (``ValueError``).
 
     In multi-process runs the loss all-reduces the group statistics, so the weights (and the recorded values) are
     identical on every rank.
