@@ -259,7 +259,8 @@ def test_mnms2(tmp_path, caplog):
     assert "'XYZ': 1" in caplog.text  # subject 004 left out
     e = train[0]
     assert e["image"] == str(base / "dataset" / "001" / "001_SA_ED.nii.gz") and e["seg"].endswith("001_SA_ED_gt.nii.gz")
-    assert e["cine"].endswith("001_SA_CINE.nii.gz") and e["image_es"].endswith("001_SA_ES.nii.gz")
+    assert e["cine"].endswith("001_SA_CINE.nii.gz") and e["es_image"].endswith("001_SA_ES.nii.gz")
+    assert (e["ed_image"], e["ed_seg"]) == (e["image"], e["seg"]) and e["es_seg"].endswith("001_SA_ES_gt.nii.gz")
     assert (e["label"], e["scanner"], e["field"], e["ed"], e["es"], e["frame"]) == (0, "Avanto", "1.5", 0, 0, "ed")
     val = load_mnms2_datalist(base, split="val")
     test = load_mnms2_datalist(base, split="test")
@@ -271,6 +272,45 @@ def test_mnms2(tmp_path, caplog):
     cross = load_mnms2_datalist(base, split="all", group_by=("VENDOR", "label"))
     assert all(x["group"] == names.index(x["vendor"]) * 8 + x["label"] for x in cross)
     assert snapshot(base) == before
+
+
+def test_mnms2_entries_have_the_required_keys(tmp_path):
+    """Every key the issue requires, ``centre`` included (None: M&Ms-2 has no centre column)."""
+    base = build_mnms2_layout(tmp_path)
+    for frame in ("ed", "es"):
+        data = load_mnms2_datalist(base, split="all", frame=frame)
+        assert len(data) == 5
+        for e in data:
+            assert KEYS <= set(e), KEYS - set(e)
+            assert e["centre"] is None
+    # no path key may look like a MONAI metadata key of "image"/"seg" (Spacingd would call .update() on it)
+    assert not [k for k in data[0] if k.startswith(("image_", "seg_"))]
+
+
+def _latin1_csv(path):
+    """Make a CSV invalid UTF-8: one Latin-1 encoded character."""
+    raw = path.read_bytes()
+    path.write_bytes(raw.replace(b"SIEMENS", b"SI\xc9MENS", 1).replace(b"Siemens", b"Si\xe9mens", 1))
+
+
+def test_csv_not_utf8_is_a_clear_error(tmp_path):
+    real = build_real_layout(tmp_path / "mnms")
+    _latin1_csv(real / CSV_NAME)
+    with pytest.raises(ValueError) as info:
+        load_mnms_datalist(real)
+    assert not isinstance(info.value, UnicodeDecodeError)
+    message = str(info.value)
+    assert f"metadata CSV {real / CSV_NAME} is not UTF-8 text" in message and "offset" in message, message
+    base = build_mnms2_layout(tmp_path / "mnms2")
+    _latin1_csv(base / "dataset_information.csv")
+    for load in (load_mnms2_datalist, mnms2_group_names):
+        with pytest.raises(ValueError, match=r"metadata CSV .*dataset_information\.csv is not UTF-8 text") as info:
+            load(base)
+        assert not isinstance(info.value, UnicodeDecodeError)
+    # a UTF-8 byte-order mark (Excel's "CSV UTF-8") is still accepted
+    csv_path = real / CSV_NAME
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes().replace(b"Si\xe9mens", b"Siemens"))
+    assert [e["subject"] for e in load_mnms_datalist(real)] == ["A0S9V9", "A1D0Q7", "A1D9Z7"]
 
 
 def test_mnms2_errors(tmp_path):

@@ -20,9 +20,11 @@ from monai_groupdistil.data import (
     SelectMidVentricularSliced,
     cardiac_augmentation,
     cardiac_preprocessing,
+    load_mnms2_datalist,
     load_mnms_datalist,
+    slice_affine_2d,
 )
-from tests.data_fixtures import build_real_layout, heart_phantom, save_nifti, tiny_mnms
+from tests.data_fixtures import build_mnms2_layout, build_real_layout, heart_phantom, save_nifti, tiny_mnms
 
 # itk (ITKReader) emits SWIG deprecation warnings when it is imported lazily
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
@@ -225,6 +227,119 @@ def test_real_layout_end_to_end(tmp_path):
         assert out["image"].shape == (1, 32, 32)
         if entry["seg"] is not None:
             assert out["slice_index"] == 2 and {1.0, 2.0} <= set(torch.unique(out["seg"]).tolist())
+
+
+@pytest.mark.parametrize("reader", ["NibabelReader", "ITKReader"])
+@pytest.mark.parametrize("frame", ["ed", "es"])
+def test_mnms2_entries_end_to_end(tmp_path, reader, frame):
+    """M&Ms-2 entries (one 3-D frame per file, extra path keys) go through the preprocessing as they are."""
+    if reader == "ITKReader":
+        pytest.importorskip("itk")
+    data = load_mnms2_datalist(build_mnms2_layout(tmp_path), split="all", frame=frame)
+    pre = cardiac_preprocessing((32, 32), pixdim=(1.25, 1.25), frame=frame, reader=reader)
+    lv_areas = set()
+    for entry in data:
+        out = pre(dict(entry))
+        img, seg = out["image"], out["seg"]
+        assert img.shape == (1, 32, 32) and seg.shape == (1, 32, 32) and img.dtype == torch.float32
+        assert float(img.min()) >= 0.0 and float(img.max()) == pytest.approx(1.0)
+        assert out["slice_index"] == 2  # LV and MYO on slices 1-3 of the phantom
+        assert {1.0, 2.0} <= set(torch.unique(seg).tolist()) <= {0.0, 1.0, 2.0, 3.0}
+        assert img[seg == 1].mean() > img[seg == 2].mean() + 0.2  # the image matches the mask
+        assert (out["group"], out["subject"], out["es_image"]) == (entry["group"], entry["subject"], entry["es_image"])
+        lv_areas.add(int((seg == 1).sum()))
+    assert len(lv_areas) == 1  # the same phantom frame for every subject
+    native = heart_phantom(shape=(24, 20, 5, 8), ed=0, es=4)[1][..., 2, 0 if frame == "ed" else 4]
+    assert abs(lv_areas.pop() - (native == 1).sum()) <= 0.05 * (native == 1).sum()  # 1.25 mm in and out
+
+
+def _rotation(axis: str, degrees: float) -> np.ndarray:
+    t = np.radians(degrees)
+    c, s = np.cos(t), np.sin(t)
+    return {
+        "x": np.array([[1, 0, 0], [0, c, -s], [0, s, c]]),
+        "y": np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]),
+        "z": np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]),
+    }[axis]
+
+
+def _oblique_entry(folder, rotation, spacing=(1.5, 1.25, 10.0)):
+    """A 96 x 96 x 5 x 8 cine and mask with an elliptic LV (radius 14 voxels) in a MYO ring on slices 1-3,
+    saved with the affine ``rotation @ diag(spacing)``; returns the entry and the true LV area in mm^2."""
+    xx, yy = np.meshgrid(np.arange(96), np.arange(96), indexing="ij")
+    r = np.hypot(xx - 48, yy - 48)
+    image = np.full((96, 96, 5, 8), 20.0, np.float32)
+    mask = np.zeros((96, 96, 5, 8), np.uint8)
+    for z in (1, 2, 3):
+        image[..., z, :][r < 20] = 60.0
+        image[..., z, :][r < 14] = 200.0
+        for t in (0, 4):
+            mask[..., z, t][r < 20] = 2
+            mask[..., z, t][r < 14] = 1
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = (-30.0, 20.0, 5.0)
+    paths = []
+    for name, array in (("cine", image), ("gt", mask)):
+        img = nib.Nifti1Image(array, affine)
+        img.header.set_zooms((*spacing, 40.0))
+        paths.append(os.path.join(folder, f"{name}.nii.gz"))
+        nib.save(img, paths[-1])
+    true_area = float((mask[..., 2, 0] == 1).sum()) * spacing[0] * spacing[1]
+    return {"image": paths[0], "seg": paths[1], "ed": 0, "es": 4}, true_area
+
+
+@pytest.mark.parametrize("reader", ["NibabelReader", "ITKReader"])
+@pytest.mark.parametrize(
+    "name, rotation",
+    [
+        ("axial", np.eye(3)),
+        ("tilted about y", _rotation("y", 40)),
+        ("tilted about x and y", _rotation("x", 50) @ _rotation("y", 35)),
+        ("rotated in plane and flipped", _rotation("z", 30) @ np.diag([-1.0, 1.0, 1.0])),
+    ],
+)
+def test_oblique_stack_keeps_physical_size(tmp_path, reader, name, rotation):
+    """The 2-D slice gets its true in-plane voxel sizes, so resampling preserves the LV area of a tilted stack."""
+    if reader == "ITKReader":
+        pytest.importorskip("itk")
+    entry, true_area = _oblique_entry(tmp_path, rotation)
+    out = cardiac_preprocessing((160, 160), pixdim=(1.0, 1.0), reader=reader)(dict(entry))
+    np.testing.assert_allclose(out["image"].pixdim[:2].numpy(), (1.0, 1.0), atol=1e-4)
+    area = float((out["seg"] == 1).sum()) * 1.0 * 1.0
+    assert abs(area - true_area) < 0.03 * true_area, (name, area, true_area)
+    # before resampling: the selected slice carries the true in-plane spacings (1.5, 1.25)
+    keys = ("image", "seg")
+    sliced = SelectMidVentricularSliced(keys)(SelectFramed(keys)(LoadCardiacImaged(keys, reader=reader)(dict(entry))))
+    assert sliced["slice_index"] == 2
+    for key in keys:
+        assert sliced[key].shape == (1, 96, 96) and sliced[key].affine.shape == (3, 3)
+        np.testing.assert_allclose(sliced[key].pixdim[:2].numpy(), (1.5, 1.25), atol=1e-6)
+
+
+def test_slice_affine_2d_orientation():
+    def affine(rotation, spacing=(1.5, 1.25, 8.0), origin=(3.0, -2.0, 7.0)):
+        a = np.eye(4)
+        a[:3, :3] = rotation @ np.diag(spacing)
+        a[:3, 3] = origin
+        return a
+
+    # in-plane rotation: the 2-D affine is the same rotation with the same spacings
+    out = slice_affine_2d(affine(_rotation("z", 30)))
+    np.testing.assert_allclose(out[:2, :2], _rotation("z", 30)[:2, :2] @ np.diag([1.5, 1.25]), atol=1e-12)
+    np.testing.assert_allclose(out[:2, 2], (3.0, -2.0))
+    np.testing.assert_allclose(out[2], (0.0, 0.0, 1.0))
+    # tilt about y: x and y of the slice still run along the scanner's x and y, with the true spacings
+    out = slice_affine_2d(torch.as_tensor(affine(_rotation("y", 40))))
+    np.testing.assert_allclose(out[:2, :2], np.diag([1.5, 1.25]), atol=1e-12)
+    # a flip (RAS vs LPS storage) stays a reflection; spacings are column norms in every case
+    flipped = slice_affine_2d(affine(np.diag([-1.0, -1.0, 1.0]) @ _rotation("x", 25)))
+    np.testing.assert_allclose(np.linalg.norm(flipped[:2, :2], axis=0), (1.5, 1.25))
+    np.testing.assert_allclose(flipped[:2, :2], np.diag([-1.5, -1.25]), atol=1e-12)
+    mirrored = slice_affine_2d(affine(np.diag([-1.0, 1.0, 1.0]) @ _rotation("y", 20)))
+    assert np.linalg.det(mirrored[:2, :2]) < 0
+    with pytest.raises(ValueError, match="4 x 4"):
+        slice_affine_2d(np.eye(3))
 
 
 def test_dataloader_batches_group_ids(entries):

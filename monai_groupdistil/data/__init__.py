@@ -35,6 +35,7 @@ _EXPORTS = {
         "CropAroundHeartd",
         "cardiac_preprocessing",
         "cardiac_augmentation",
+        "slice_affine_2d",
     ),
     "waterbirds": (
         "WATERBIRDS_COLUMNS",
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # for static analysis and IDEs
         SelectMidVentricularSliced,
         cardiac_augmentation,
         cardiac_preprocessing,
+        slice_affine_2d,
     )
     from monai_groupdistil.data.waterbirds import (  # noqa: F401
         WATERBIRDS_COLUMNS,

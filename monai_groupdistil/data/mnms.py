@@ -30,6 +30,7 @@ from one split keeps its index. Loaders only read; nothing is written into the d
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -160,23 +161,30 @@ def _read_csv(path: str, required: Sequence[str]) -> tuple[list[str], list[tuple
     """Rows of a CSV as ``(line number, {column: stripped value})``, checking the required columns."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"metadata CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise ValueError(f"metadata CSV is empty: {path}") from None
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"metadata CSV {path} lacks required column(s) {missing}; its header is {header}.")
-        rows = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) > len(header):
-                raise ValueError(f"{path}, line {reader.line_num}: {len(row)} cells for {len(header)} columns.")
-            row = row + [""] * (len(header) - len(row))
-            rows.append((reader.line_num, {h: cell.strip() for h, cell in zip(header, row)}))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"metadata CSV {path} is not UTF-8 text: undecodable byte {err.object[err.start : err.start + 1]!r} at "
+            f"offset {err.start} ({err.reason}); save it as UTF-8 (the encoding of the release CSVs)."
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise ValueError(f"metadata CSV is empty: {path}") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"metadata CSV {path} lacks required column(s) {missing}; its header is {header}.")
+    rows = []
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) > len(header):
+            raise ValueError(f"{path}, line {reader.line_num}: {len(row)} cells for {len(header)} columns.")
+        row = row + [""] * (len(header) - len(row))
+        rows.append((reader.line_num, {h: cell.strip() for h, cell in zip(header, row)}))
     return header, rows
 
 
@@ -312,8 +320,9 @@ def load_mnms_datalist(
 
     Raises:
         FileNotFoundError: missing root, CSV, or (``on_missing="error"``) subject image; the path is named.
-        ValueError: unknown ``split``/``group_by``/``on_missing``, a missing CSV column, a bad cell (the column
-            and line are named), an unknown vendor or centre, duplicate codes, ED/ES outside the image frames.
+        ValueError: unknown ``split``/``group_by``/``on_missing``, a CSV that is not UTF-8 text (the file is
+            named), a missing CSV column, a bad cell (the column and line are named), an unknown vendor or centre,
+            duplicate codes, ED/ES outside the image frames.
         RuntimeError: an unreadable NIfTI header (with ``check_frames``); the file is named.
 
     Example::
@@ -523,14 +532,20 @@ def load_mnms2_datalist(
 
     Returns:
         the datalist sorted by subject number (and the group names). Each entry has ``image``, ``seg`` (None
-        when absent), ``image_ed``, ``image_es``, ``seg_ed``, ``seg_es``, ``cine`` (paths, None when absent),
-        ``label``, ``group``, ``group_name``, ``pathology`` (the DISEASE code), ``vendor``, ``scanner``,
-        ``field``, ``subject`` (``"001"``...), ``frame``, ``ed``, ``es`` and ``split``.
+        when absent), ``ed_image``, ``es_image``, ``ed_seg``, ``es_seg``, ``cine`` (paths of both frames and of
+        the cine, None when absent), ``label``, ``group``, ``group_name``, ``pathology`` (the DISEASE code),
+        ``vendor``, ``scanner``, ``field``, ``centre`` (always None: the M&Ms-2 CSV has no centre column; the key
+        is there so that code written for M&Ms entries works unchanged), ``subject`` (``"001"``...), ``frame``,
+        ``ed``, ``es`` and ``split``. The extra path keys are named ``<frame>_image``/``<frame>_seg`` rather than
+        ``image_<frame>``: MONAI dictionary transforms such as ``Spacingd`` treat every key starting with
+        ``image_`` or ``seg_`` as a metadata dict of ``image``/``seg``, so the entries go through
+        :func:`~monai_groupdistil.data.transforms.cardiac_preprocessing` as they are.
 
     Raises:
         FileNotFoundError: missing root, CSV or (``on_missing="error"``) image, naming the path.
-        ValueError: unknown ``split``/``group_by``/``frame``/``view``/``on_missing``, a missing column or bad
-            cell (naming column and line), a subject number outside 1-360, a mask that does not match its image.
+        ValueError: unknown ``split``/``group_by``/``frame``/``view``/``on_missing``, a CSV that is not UTF-8
+            text (naming the file), a missing column or bad cell (naming column and line), a subject number outside
+            1-360, a mask that does not match its image.
         RuntimeError: an unreadable NIfTI header; the file is named.
     """
     split = _check_split(split)
@@ -574,14 +589,15 @@ def load_mnms2_datalist(
             p = os.path.join(folder, f"{code}_{suffix}.nii.gz")
             return p if os.path.isfile(p) else None
 
+        # not image_ed/seg_ed: MONAI (e.g. Spacingd) treats keys starting with "image_"/"seg_" as metadata dicts
         paths = {
-            "image_ed": _path(f"{view_u}_ED"),
-            "image_es": _path(f"{view_u}_ES"),
-            "seg_ed": _path(f"{view_u}_ED_gt"),
-            "seg_es": _path(f"{view_u}_ES_gt"),
+            "ed_image": _path(f"{view_u}_ED"),
+            "es_image": _path(f"{view_u}_ES"),
+            "ed_seg": _path(f"{view_u}_ED_gt"),
+            "es_seg": _path(f"{view_u}_ES_gt"),
             "cine": _path(f"{view_u}_CINE"),
         }
-        image, seg = paths[f"image_{frame_l}"], paths[f"seg_{frame_l}"]
+        image, seg = paths[f"{frame_l}_image"], paths[f"{frame_l}_seg"]
         if image is None:
             missing.append(os.path.join(folder, f"{code}_{view_u}_{frame_l.upper()}.nii.gz"))
             continue
@@ -604,6 +620,7 @@ def load_mnms2_datalist(
             "vendor": row["VENDOR"],
             "scanner": row["SCANNER"],
             "field": row["FIELD"],
+            "centre": None,
             "subject": code,
             "frame": frame_l,
             "ed": 0,

@@ -49,6 +49,7 @@ __all__ = [
     "SelectFramed",
     "SelectMidVentricularSliced",
     "CropAroundHeartd",
+    "slice_affine_2d",
     "cardiac_preprocessing",
     "cardiac_augmentation",
 ]
@@ -164,14 +165,47 @@ class SelectFramed(MapTransform):
         return d
 
 
+def slice_affine_2d(affine: np.ndarray | torch.Tensor) -> np.ndarray:
+    """2-D ``3 x 3`` affine of one slice ``(x, y)`` of a volume with the ``4 x 4`` affine ``affine``.
+
+    The in-plane spacings are the true voxel sizes, the norms of the first two columns of the 3-D affine (MONAI's
+    ``SqueezeDim`` keeps the upper-left ``2 x 2`` block, whose columns are shorter when the slice plane is tilted
+    out of the scanner's x-y plane, so in-plane resampling would then distort areas). The in-plane orientation is
+    the rotation (or reflection, when the 2-D block has a negative determinant) closest to that ``2 x 2`` block of
+    direction cosines, i.e. the slice's x-y orientation as seen by the scanner; the origin is the first two
+    world coordinates of the slice's first voxel.
+
+    Args:
+        affine: ``4 x 4`` voxel-to-world affine of the slice (already cropped to it, so its translation is the
+            slice's first voxel).
+
+    Returns:
+        the ``3 x 3`` float64 affine.
+    """
+    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ValueError(f"slice_affine_2d: expected a 4 x 4 affine, got shape {a.shape}.")
+    columns = a[:3, :2]
+    spacing = np.linalg.norm(columns, axis=0)
+    spacing = np.where(spacing > 0, spacing, 1.0)
+    block = (columns / spacing)[:2]  # in-plane direction cosines seen in the scanner's x-y plane
+    u, _, vt = np.linalg.svd(block)
+    rotation = u @ vt  # the orthogonal matrix nearest to the block (polar decomposition; keeps a reflection)
+    out = np.eye(3)
+    out[:2, :2] = rotation * spacing
+    out[:2, 2] = a[:2, 3]
+    return out
+
+
 class SelectMidVentricularSliced(MapTransform):
     """Pick the mid-ventricular short-axis slice: ``(1, x, y, z)`` -> ``(1, x, y)``.
 
     With a mask under ``seg_key``, the slice is the middle one (index ``(n - 1) // 2`` of the sorted list) among
     the slices that contain every label of ``labels`` (default LV and MYO); if none does, among those with any
     of them; with no mask or no such slice, the middle slice ``z // 2``. The same slice is taken from every key.
-    Uses :class:`monai.transforms.SpatialCrop` and :class:`monai.transforms.SqueezeDim`, so a ``MetaTensor``
-    gets the matching 2-D affine.
+    Uses :class:`monai.transforms.SpatialCrop` and :class:`monai.transforms.SqueezeDim`; a ``MetaTensor`` then
+    gets the 2-D affine of :func:`slice_affine_2d`, whose in-plane spacings are the true voxel sizes even when the
+    stack is tilted out of the scanner's x-y plane (the 2 x 2 block of the 3-D affine would shrink them).
 
     Args:
         keys: keys to slice (image and mask).
@@ -196,7 +230,7 @@ class SelectMidVentricularSliced(MapTransform):
         self.seg_key = seg_key
         self.labels = tuple(int(v) for v in ensure_tuple(labels))
         self.slice_key = slice_key
-        self.squeeze = SqueezeDim(dim=3, update_meta=True)
+        self.squeeze = SqueezeDim(dim=3, update_meta=False)
 
     def select(self, seg: torch.Tensor | np.ndarray | None, n_slices: int) -> int:
         """Index of the mid-ventricular slice of ``seg`` (``(1, x, y, z)``) or the middle slice."""
@@ -226,7 +260,12 @@ class SelectMidVentricularSliced(MapTransform):
         index = self.select(d.get(self.seg_key), n.pop())
         crop = SpatialCrop(roi_slices=[slice(None), slice(None), slice(index, index + 1)])
         for key in keys:
-            d[key] = self.squeeze(crop(d[key]))
+            sliced = crop(d[key])
+            affine = sliced.affine if isinstance(sliced, MetaTensor) else None
+            sliced = self.squeeze(sliced)
+            if isinstance(sliced, MetaTensor) and affine is not None and tuple(affine.shape) == (4, 4):
+                sliced.affine = torch.as_tensor(slice_affine_2d(affine), dtype=affine.dtype, device=affine.device)
+            d[key] = sliced
         if self.slice_key is not None:
             d[self.slice_key] = index
         return d
