@@ -235,6 +235,56 @@ def test_training_gradient_uses_updated_weights():
     assert torch.allclose(student.grad, s2.grad, atol=1e-12)
 
 
+@pytest.mark.parametrize("spatial", [(), (2, 3)])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_one_node_objective_matches_autograd_in_training(spatial, alpha):
+    """A teacher without gradient takes the one-node objective (written-out gradient, statistics inside); a teacher
+    requiring gradient takes autograd through the composite formula. Values, gradients and weights agree over
+    several training steps, with adjustment and normalised losses."""
+    kwargs = dict(num_groups=3, temperature=2.5, alpha=alpha, step_size=0.7, adjustment=[0.5, 1.0, 0.0])
+    kwargs.update(group_counts=[4, 5, 6], normalize_loss=True)
+    fused, composite = GroupDistillationLoss(**kwargs), GroupDistillationLoss(**kwargs)
+    for step in range(3):
+        student, teacher, target, groups = _batch(20 + step, batch=6, classes=3, spatial=spatial)
+        s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        v1 = fused(s1, teacher, target, groups)
+        v2 = composite(s2, teacher.clone().requires_grad_(True), target, groups)
+        assert v1.grad_fn is not None and v2.grad_fn is not None
+        assert type(v1.grad_fn).__name__ != type(v2.grad_fn).__name__  # the two paths were taken
+        (g1,) = torch.autograd.grad(v1, s1)
+        (g2,) = torch.autograd.grad(v2, s2)
+        assert torch.allclose(v1, v2, atol=1e-12)
+        assert torch.allclose(g1, g2, atol=1e-12)
+        assert torch.allclose(fused.group_weights, composite.group_weights, atol=1e-12)
+        assert torch.allclose(fused.ema_group_losses, composite.ema_group_losses, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: GroupDistillationLoss(2), lambda: DistillationLoss(reduction="none")])
+def test_written_out_gradient_refuses_a_target_modified_in_place(make):
+    loss = make()
+    student, teacher, target, groups = _batch(7, batch=5, classes=3, num_groups=2)
+    student.requires_grad_(True)
+    value = loss(student, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(student, teacher, target)
+    target.add_(0)  # an in-place operation between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        value.sum().backward()
+
+
+def test_written_out_gradient_is_first_order_only():
+    loss = GroupDistillationLoss(2, step_size=0.3)
+    student, teacher, target, groups = _batch(8, batch=5, classes=3, num_groups=2)
+    student.requires_grad_(True)
+    (first,) = torch.autograd.grad(loss.eval()(student, teacher, target, groups), student)
+    (grad,) = torch.autograd.grad(loss(student, teacher, target, groups), student, create_graph=True)
+    assert torch.allclose(grad, first, atol=1e-12)  # eval mode: the same weights
+    # no second derivative (as torch's once_differentiable): differentiating the gradient again raises
+    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
+        grad.sum().backward()
+    (grad,) = torch.autograd.grad(loss(student, teacher, target, groups) * student.sum(), student, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
+
+
 def test_eval_mode_freezes_weights_and_ema():
     loss = GroupDistillationLoss(num_groups=3, step_size=1.0)
     student, teacher, target, groups = _batch(6)

@@ -110,7 +110,7 @@ def check_target(target: torch.Tensor, input: torch.Tensor, check_range: bool = 
         target = target.long()
     if check_range:
         check_target_range(target, input.shape[1])
-    return target.long()
+    return target if target.dtype == torch.int64 else target.long()
 
 
 def check_target_range(target: torch.Tensor, num_classes: int) -> None:
@@ -140,7 +140,7 @@ def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
         groups = groups.squeeze(1)
     if tuple(groups.shape) != (batch_size,):
         raise ValueError(f"groups must have shape [B] = ({batch_size},) to match input, got {tuple(groups.shape)}.")
-    return groups.long()
+    return groups if groups.dtype == torch.int64 else groups.long()
 
 
 def group_sums_and_counts(
@@ -161,13 +161,14 @@ def group_sums_and_counts(
     Raises:
         ValueError: for ids outside ``[0, num_groups)``.
     """
+    weights = values.numpy() if ids is not None else values.double()  # outside the try: its errors are not ids'
     try:
         if ids is not None:
             counts = np.bincount(ids, minlength=num_groups)
-            sums = np.bincount(ids, weights=values.numpy(), minlength=num_groups)
+            sums = np.bincount(ids, weights=weights, minlength=num_groups)
         else:
             counts = torch.bincount(groups, minlength=num_groups).cpu().numpy()
-            sums = torch.bincount(groups, weights=values.double(), minlength=num_groups).cpu().numpy()
+            sums = torch.bincount(groups, weights=weights, minlength=num_groups).cpu().numpy()
     except (ValueError, RuntimeError):  # negative ids
         counts = None
     if counts is None or counts.shape[0] > num_groups:

@@ -56,30 +56,45 @@ def distillation_per_sample(
     return _per_sample(input, teacher_logits, target, temperature, alpha)
 
 
+def prepare_distillation_inputs(
+    input: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """Check the logits and target of a distillation loss call and return them ready for the kernels.
+
+    Returns:
+        ``(input, teacher_logits, labels, fused)``: ``labels`` are int64 class indices ``[B, *spatial]`` (``None``
+        when ``alpha == 1``); ``fused`` is True when the teacher needs no gradient, so the written-out gradient
+        (:py:class:`DistillationKernel`) applies; the tensors are then plain ``torch.Tensor`` s (a MONAI
+        ``MetaTensor`` is viewed as one).
+
+    Raises:
+        TypeError, ValueError: see :py:func:`distillation_per_sample`.
+    """
+    check_logits(input, teacher_logits)
+    if target is None and alpha < 1.0:
+        raise ValueError(f"target is required when alpha < 1 (alpha={alpha}); pass class indices or set alpha=1.")
+    on_cpu = input.is_cpu  # on CPU the kernels' own index checks are caught below; on GPUs they assert
+    labels = None if alpha == 1.0 else check_target(target, input, check_range=not on_cpu)  # type: ignore[arg-type]
+    if teacher_logits.requires_grad:  # a teacher trained jointly: autograd through the composite formula
+        return input, teacher_logits, labels, False
+    if type(input) is not torch.Tensor:  # e.g. a MONAI MetaTensor: plain tensors through the autograd.Function
+        input = input.as_subclass(torch.Tensor)
+    if type(teacher_logits) is not torch.Tensor:
+        teacher_logits = teacher_logits.as_subclass(torch.Tensor)
+    if labels is not None and type(labels) is not torch.Tensor:
+        labels = labels.as_subclass(torch.Tensor)
+    return input, teacher_logits, labels, True
+
+
 def _per_sample(
     input: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, temperature: float, alpha: float
 ) -> torch.Tensor:
     """:py:func:`distillation_per_sample` for hyper-parameters that are already checked (the losses' hot path)."""
-    check_logits(input, teacher_logits)
-    if target is None and alpha < 1.0:
-        raise ValueError(f"target is required when alpha < 1 (alpha={alpha}); pass class indices or set alpha=1.")
-    on_cpu = input.device.type == "cpu"  # on CPU the kernels' own index checks are caught below; on GPUs they assert
-    labels = None if alpha == 1.0 else check_target(target, input, check_range=not on_cpu)  # type: ignore[arg-type]
-    if teacher_logits.requires_grad:  # a teacher trained jointly: autograd through the composite formula
-        voxel_loss = _composite(input, teacher_logits, labels, temperature, alpha)
+    input, teacher_logits, labels, fused = prepare_distillation_inputs(input, teacher_logits, target, alpha)
+    if fused:
+        voxel_loss = _DistillationPerSample.apply(input, teacher_logits, labels, temperature, alpha)
     else:
-        if type(input) is not torch.Tensor:  # e.g. a MONAI MetaTensor: plain tensors through the autograd.Function
-            input = input.as_subclass(torch.Tensor)
-        if type(teacher_logits) is not torch.Tensor:
-            teacher_logits = teacher_logits.as_subclass(torch.Tensor)
-        if labels is not None and type(labels) is not torch.Tensor:
-            labels = labels.as_subclass(torch.Tensor)
-        try:
-            voxel_loss = _FusedDistillation.apply(input, teacher_logits, labels, temperature, alpha)
-        except (IndexError, RuntimeError):
-            if labels is not None:
-                check_target_range(labels, input.shape[1])
-            raise
+        voxel_loss = _composite(input, teacher_logits, labels, temperature, alpha)
     if voxel_loss.ndim > 1:
         voxel_loss = voxel_loss.flatten(1).mean(dim=1)
     return voxel_loss
@@ -107,49 +122,155 @@ def _composite(
     return voxel_loss
 
 
-class _FusedDistillation(torch.autograd.Function):
-    """Voxel-wise KD + CE loss ``[B, *spatial]`` with its gradient with respect to the student's logits written out.
+class DistillationKernel:
+    """The KD + CE loss of a student whose teacher needs no gradient, with its gradient written out.
 
-    For student logits ``s``, teacher logits ``t`` (no gradient) and labels ``y``, with ``p_T = softmax(s / T)``,
-    ``q_T = softmax(t / T)`` and ``p = softmax(s)``::
+    For student logits ``s``, teacher logits ``t`` and labels ``y``, with ``p_T = softmax(s / T)``,
+    ``q_T = softmax(t / T)`` and ``p = softmax(s)``, the voxel-wise value is ``scale * raw`` where::
 
-        value  = alpha * T^2 * sum_c q_T (log q_T - log p_T) - (1 - alpha) * log p[y]
-        d / ds = alpha * T * (p_T - q_T) + (1 - alpha) * (p - onehot(y))
+        K   = sum_c q_T (log q_T - log p_T)          E = -log p[y]
+        raw = K + c * E,   c = (1 - alpha) / (alpha * T^2),   scale = alpha * T^2     (0 < alpha < 1)
+        raw = K,           scale = T^2                                             (alpha = 1)
+        raw = E,           scale = 1                                               (alpha = 0)
+        d(scale * raw) / ds = alpha * T * (p_T - q_T) + (1 - alpha) * (p - onehot(y))
 
-    Computed without building an autograd graph, it needs about half the kernels of the composite formula (the
-    per-sample loss is dispatch-bound for classification batches). Only first derivatives are available.
+    Keeping the scale out of the voxel-wise values saves a kernel where the caller can fold it into its own
+    arithmetic (the group statistics of the group-DRO objective). Built from a handful of library kernels without
+    an autograd graph, the forward and backward need about half the operations of autograd through the composite
+    formula, which is what small (dispatch-bound) batches pay for. Only first derivatives are available.
+
+    Args:
+        input: student logits ``[B, C, *spatial]`` (no autograd graph is built here).
+        teacher_logits: teacher logits of the same shape.
+        labels: int64 class indices ``[B, *spatial]``, or None (``alpha == 1``).
+        temperature: ``T > 0``.
+        alpha: weight of the distillation term in ``[0, 1]``.
+
+    Raises:
+        ValueError: for labels outside ``[0, C)`` (on the CPU, where the kernels check them).
     """
+
+    def __init__(
+        self,
+        input: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        temperature: float,
+        alpha: float,
+    ):
+        self.temperature, self.alpha, self.labels = temperature, alpha, labels
+        self.log_p_t = self.q_t = self.log_p = None
+        raw = None
+        if alpha > 0.0:
+            self.log_p_t = F.log_softmax(input / temperature, dim=1)
+            log_q_t = F.log_softmax(teacher_logits / temperature, dim=1)
+            self.q_t = log_q_t.exp()
+            raw = torch.linalg.vecdot(self.q_t, log_q_t - self.log_p_t, dim=1)
+        if labels is not None:
+            self.log_p = F.log_softmax(input, dim=1)
+            try:
+                ce = F.nll_loss(self.log_p, labels, reduction="none")
+            except (IndexError, RuntimeError):
+                check_target_range(labels, input.shape[1])
+                raise
+            raw = ce if raw is None else raw.add_(ce, alpha=(1.0 - alpha) / (alpha * temperature * temperature))
+        assert raw is not None
+        self.raw: torch.Tensor = raw
+        self.scale = alpha * temperature * temperature if alpha > 0.0 else 1.0
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors the gradient needs (to pass through ``ctx.save_for_backward``)."""
+        return self.log_p_t, self.q_t, self.log_p, self.labels
+
+    @staticmethod
+    def gradient(
+        log_p_t: torch.Tensor | None,
+        q_t: torch.Tensor | None,
+        log_p: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        temperature: float,
+        alpha: float,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Gradient of ``sum(weights * scale * raw)`` with respect to the student's logits.
+
+        ``weights`` broadcasts against the logits (``[B, 1, *spatial]`` or ``[B, 1, 1...]``). The saved tensors
+        are not modified (a graph may be retained and differentiated again).
+        """
+        grad = None
+        if log_p_t is not None and q_t is not None:  # alpha * T * (p_T - q_T)
+            grad = log_p_t.exp().sub_(q_t).mul_(alpha * temperature)
+        if log_p is not None and labels is not None:  # (1 - alpha) * (p - onehot(y))
+            p = log_p.exp().scatter_(1, labels.unsqueeze(1), -1.0, reduce="add")
+            grad = p.mul_(1.0 - alpha) if grad is None else grad.add_(p, alpha=1.0 - alpha)
+        assert grad is not None
+        return grad.mul_(weights)
+
+
+def save_kernel_tensors(
+    ctx, tensors: tuple[torch.Tensor | None, ...], labels: torch.Tensor | None, dense: bool
+) -> None:
+    """Keep the tensors a written-out gradient needs on an autograd ``ctx``.
+
+    Classification-sized tensors are kept as a plain attribute, which is markedly cheaper per call than
+    ``ctx.save_for_backward`` on these dispatch-bound sizes; the labels, the only input among them, are then checked
+    for in-place modification by their version counter, as ``save_for_backward`` would. Dense tensors go through
+    ``save_for_backward``, which frees them right after the backward pass.
+    """
+    if dense:
+        ctx.save_for_backward(*tensors)
+        ctx.stash = None
+    else:
+        ctx.stash = tensors
+        ctx.labels_version = None if labels is None else labels._version
+
+
+def saved_kernel_tensors(ctx, labels_position: int) -> tuple[torch.Tensor | None, ...]:
+    """The tensors kept by :py:func:`save_kernel_tensors` (``labels_position``: index of the labels among them).
+
+    Raises:
+        RuntimeError: when the labels were modified in place after the forward pass.
+    """
+    if ctx.stash is None:
+        return ctx.saved_tensors
+    labels = ctx.stash[labels_position]
+    if labels is not None and labels._version != ctx.labels_version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: the "
+            f"target of the distillation loss is at version {labels._version}, expected {ctx.labels_version}."
+        )
+    return ctx.stash
+
+
+def first_derivative_only(backward):
+    """Decorate an ``autograd.Function.backward``: plain call in the usual case (grad mode off), and
+    ``torch.autograd.function.once_differentiable`` semantics under ``create_graph=True`` (the gradient is returned,
+    differentiating it again raises)."""
+    once = once_differentiable(backward)
+
+    def wrapper(ctx, *grads):
+        return once(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+
+    return wrapper
+
+
+class _DistillationPerSample(torch.autograd.Function):
+    """Voxel-wise KD + CE loss ``[B, *spatial]`` of :py:class:`DistillationKernel` (teacher without gradient)."""
 
     @staticmethod
     def forward(ctx, input, teacher_logits, labels, temperature, alpha):  # type: ignore[override]
-        values = log_p_t = q_t = log_p = None
-        if alpha > 0.0:
-            log_p_t = F.log_softmax(input / temperature, dim=1)
-            log_q_t = F.log_softmax(teacher_logits / temperature, dim=1)
-            q_t = log_q_t.exp()
-            values = (q_t * (log_q_t - log_p_t)).sum(dim=1).mul_(alpha * temperature * temperature)
-        if labels is not None:
-            log_p = F.log_softmax(input, dim=1)
-            ce = log_p.gather(1, labels.unsqueeze(1)).squeeze(1).mul_(alpha - 1.0)
-            values = ce if values is None else values.add_(ce)
-        ctx.save_for_backward(log_p_t, q_t, log_p, labels)
+        kernel = DistillationKernel(input, teacher_logits, labels, temperature, alpha)
+        save_kernel_tensors(ctx, kernel.tensors(), labels, input.ndim > 2)
         ctx.temperature, ctx.alpha = temperature, alpha
-        return values
+        return kernel.raw.mul_(kernel.scale) if kernel.scale != 1.0 else kernel.raw
 
     @staticmethod
-    @once_differentiable
+    @first_derivative_only
     def backward(ctx, grad_values):  # type: ignore[override]
-        log_p_t, q_t, log_p, labels = ctx.saved_tensors
-        temperature, alpha = ctx.temperature, ctx.alpha
-        grad = None
-        if log_p_t is not None:
-            grad = log_p_t.exp().sub_(q_t).mul_(alpha * temperature)  # saved tensors stay intact (retain_graph)
-        if log_p is not None:
-            index = labels.unsqueeze(1)
-            minus_one = torch.full(index.shape, -1.0, dtype=log_p.dtype, device=index.device)
-            p = log_p.exp().scatter_add_(1, index, minus_one)
-            grad = p.mul_(1.0 - alpha) if grad is None else grad.add_(p, alpha=1.0 - alpha)
-        return grad.mul_(grad_values.unsqueeze(1)), None, None, None, None
+        weights = grad_values.unsqueeze(1)
+        saved = saved_kernel_tensors(ctx, 3)
+        grad = DistillationKernel.gradient(*saved, ctx.temperature, ctx.alpha, weights)
+        return grad, None, None, None, None
 
 
 class DistillationLoss(_Loss):

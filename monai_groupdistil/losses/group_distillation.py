@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from monai.utils import LossReduction
 
 from monai_groupdistil.losses.checks import check_alpha, check_groups, check_temperature
-from monai_groupdistil.losses.distillation import DistillationLoss, _per_sample
+from monai_groupdistil.losses.distillation import (
+    DistillationKernel,
+    DistillationLoss,
+    _composite,
+    _DistillationPerSample,
+    first_derivative_only,
+    prepare_distillation_inputs,
+    save_kernel_tensors,
+    saved_kernel_tensors,
+)
 from monai_groupdistil.losses.group_dro import GroupDROLoss
 
 __all__ = ["GroupDistillationLoss"]
@@ -96,9 +106,17 @@ class GroupDistillationLoss(GroupDROLoss):
         Returns:
             the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
         """
-        per_sample = _per_sample(input, teacher_logits, target, self.temperature, self.alpha)
+        input, teacher_logits, labels, fused = prepare_distillation_inputs(input, teacher_logits, target, self.alpha)
         groups = check_groups(groups, input.shape[0])
+        temperature, alpha = self.temperature, self.alpha
         try:
+            if fused and self.reduction != "none":  # the whole objective in one autograd node
+                objective = _GroupDistillationObjective.apply
+                return objective(input, teacher_logits, labels, groups, self, temperature, alpha)
+            if fused:
+                per_sample = _DistillationPerSample.apply(input, teacher_logits, labels, temperature, alpha)
+            else:
+                per_sample = _composite(input, teacher_logits, labels, temperature, alpha)
             return self.robust_reduce(per_sample, groups)
         except ValueError as err:
             if "not finite" in str(err):
@@ -108,3 +126,43 @@ class GroupDistillationLoss(GroupDROLoss):
                 if culprits:
                     raise ValueError(f"{' and '.join(culprits)} hold NaN or infinite values; {err}") from err
             raise
+
+
+class _GroupDistillationObjective(torch.autograd.Function):
+    """The robust scalar of :py:class:`GroupDistillationLoss` for a teacher without gradient, in one autograd node.
+
+    Forward: the voxel-wise values ``scale * raw`` of :py:class:`DistillationKernel`, their per-sample means, and
+    :py:meth:`GroupDROLoss.robust_coefficients` (statistics, weight update, per-sample coefficients ``a_i``). In a
+    single process the value is the robust loss computed from the group statistics (``sum_g q_g L_g + c``, which
+    equals ``sum_i a_i l_i + c``); in multi-process runs it is this rank's share ``sum_i a_i l_i + c``. Backward:
+    the kernel's written-out gradient weighted by ``a_i`` times the incoming gradient. The graph holds this one
+    node instead of the kernel, the reduction and a dot product: on small batches every node and kernel launch
+    counts. Only first derivatives are available (see :py:func:`first_derivative_only`).
+    """
+
+    @staticmethod
+    def forward(ctx, input, teacher_logits, labels, groups, loss, temperature, alpha):  # type: ignore[override]
+        kernel = DistillationKernel(input, teacher_logits, labels, temperature, alpha)
+        raw = kernel.raw if kernel.raw.ndim == 1 else kernel.raw.flatten(1).mean(dim=1)  # dense: mean over voxels
+        sample_coef, constant, robust = loss.robust_coefficients(raw, groups, kernel.scale)
+        if robust is not None:  # single process: the value from the group statistics, no tensor reduction
+            value = torch.tensor(robust, dtype=raw.dtype, device=raw.device)
+        else:
+            value = torch.dot(raw, sample_coef).mul_(kernel.scale)
+            if loss.use_adjustment:
+                value.add_(constant)
+        save_kernel_tensors(ctx, (sample_coef, *kernel.tensors()), labels, input.ndim > 2)
+        ctx.temperature, ctx.alpha, ctx.ndim = temperature, alpha, input.ndim
+        ctx.voxels = math.prod(input.shape[2:])
+        return value
+
+    @staticmethod
+    @first_derivative_only
+    def backward(ctx, grad_value):  # type: ignore[override]
+        sample_coef, *saved = saved_kernel_tensors(ctx, 4)
+        weights = sample_coef * grad_value
+        if ctx.voxels != 1:  # dense: d(mean over voxels) / d(voxel)
+            weights.div_(ctx.voxels)
+        weights = weights.view(-1, *([1] * (ctx.ndim - 1)))
+        grad = DistillationKernel.gradient(*saved, ctx.temperature, ctx.alpha, weights)
+        return grad, None, None, None, None, None, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,7 +14,19 @@ from torch.nn.modules.loss import _Loss
 
 from monai_groupdistil.losses.checks import check_groups, check_step_size, group_sums_and_counts
 
-__all__ = ["GroupDROLoss"]
+__all__ = ["GroupDROLoss", "RobustStep"]
+
+
+class RobustStep(NamedTuple):
+    """Linear form of one group-DRO step (:py:meth:`GroupDROLoss.robust_coefficients`)."""
+
+    coefficients: torch.Tensor
+    """per-sample coefficients ``a_i`` ``[B]`` of the per-sample losses."""
+    constant: float
+    """the adjustment term ``c``."""
+    value: float | None
+    """the robust loss ``sum_i a_i l_i + c`` (single process), or None (multi-process: each rank's share differs)."""
+
 
 _DISTRIBUTED = dist.is_available()
 # state buffers handled as numpy arrays at every call, in the order of ``GroupDROLoss._state_arrays``
@@ -128,6 +141,7 @@ class GroupDROLoss(_Loss):
         self.register_buffer("last_group_losses", torch.zeros(num_groups), persistent=False)
         self.register_buffer("last_group_counts", torch.zeros(num_groups, dtype=torch.long), persistent=False)
         self._adjustment_np = adj_term.numpy()
+        self._ones = np.ones(num_groups)
         self._numpy_state: tuple[tuple[int, ...], list[np.ndarray]] | None = None
 
     @property
@@ -173,23 +187,56 @@ class GroupDROLoss(_Loss):
             )
         if per_sample.ndim > 1:
             per_sample = per_sample.flatten(1).mean(dim=1)
+        sample_coef, constant, _ = self.robust_coefficients(per_sample.detach(), groups)
+        if self.reduction == "none":
+            out = per_sample * sample_coef
+            return out + constant / batch if self.use_adjustment else out
+        out = torch.dot(per_sample, sample_coef)
+        return out + constant if self.use_adjustment else out
+
+    def robust_coefficients(self, values: torch.Tensor, groups: torch.Tensor, scale: float = 1.0) -> RobustStep:
+        """The group-DRO step on the detached per-sample losses ``l_i = scale * values_i``: returns its linear form.
+
+        Computes the per-group losses and counts, all-reduces them across processes, updates the weights and the
+        EMA in training mode (exactly as in the class description), records the last call's statistics, and
+        returns the per-sample coefficients ``a_i`` and the constant ``c`` such that the robust loss is
+        ``sum_i a_i * l_i + c`` (``a_i = q_g / n_g`` for the sample's group ``g``, times the world size in
+        multi-process runs; ``c`` the adjustment term ``sum_g q_g C_g / sqrt(N_g)``, 0 without adjustment).
+
+        Args:
+            values: detached per-sample values ``[B]`` (floating point).
+            groups: int64 group ids ``[B]``; their range is checked here.
+            scale: factor from ``values`` to the losses (e.g. a loss kernel's constant factor kept out of its
+                values).
+
+        Returns:
+            a :py:class:`RobustStep` ``(coefficients, constant, value)``: ``a`` as a ``[B]`` tensor of the dtype and
+            device of ``values``, ``c`` a float, and in a single process the robust loss as a float (``None`` in
+            multi-process runs, where each rank returns its share).
+
+        Raises:
+            ValueError: for group ids outside ``[0, num_groups)``, non-finite per-group losses or a failed weight
+                update; the state is then left untouched.
+        """
         num_groups = self.num_groups
         # The group statistics are G numbers: reduced once, then handled in numpy (float64), which costs far less
-        # than a dozen tiny tensor operations. On the CPU the ids and values are read as numpy views, so the only
-        # tensor operation left is the final dot product.
-        dtype = _NUMPY_DTYPES.get(per_sample.dtype)
-        on_cpu = dtype is not None and per_sample.device.type == "cpu" and groups.device.type == "cpu"
+        # than a dozen tiny tensor operations. On the CPU the ids and values are read as numpy views, so no tensor
+        # operation is needed at all.
+        dtype = _NUMPY_DTYPES.get(values.dtype)
+        on_cpu = dtype is not None and values.is_cpu and groups.is_cpu
         ids = groups.numpy() if on_cpu else None
-        group_sums, group_counts = group_sums_and_counts(groups, per_sample.detach(), num_groups, ids)
+        group_sums, group_counts = group_sums_and_counts(groups, values, num_groups, ids)
+        if scale != 1.0:
+            group_sums *= scale
         world_size = 1
         if _DISTRIBUTED and dist.is_initialized():
             world_size = dist.get_world_size()
-            stats = torch.from_numpy(np.stack([group_sums, group_counts.astype(np.float64)])).to(per_sample.device)
+            stats = torch.from_numpy(np.stack([group_sums, group_counts.astype(np.float64)])).to(values.device)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             group_sums, group_counts = stats.cpu().numpy()
         denom = np.maximum(group_counts, 1)
         group_losses = group_sums / denom
-        if not math.isfinite(group_losses.sum()):
+        if not math.isfinite(group_losses @ self._ones):  # a dot product: the cheapest numpy sum of G numbers
             bad = np.flatnonzero(~np.isfinite(group_losses)).tolist()
             raise ValueError(
                 f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
@@ -210,30 +257,31 @@ class GroupDROLoss(_Loss):
         if on_cpu:  # per-sample coefficients gathered in numpy
             sample_coef = torch.from_numpy(coef.astype(dtype).take(ids))  # type: ignore[union-attr]
         else:
-            coef_t = torch.from_numpy(coef).to(device=per_sample.device, dtype=per_sample.dtype)
+            coef_t = torch.from_numpy(coef).to(device=values.device, dtype=values.dtype)
             sample_coef = coef_t.index_select(0, groups)
-        if self.reduction == "none":
-            out = per_sample * sample_coef
-            return out + float(weights @ self._adjustment_np) / batch if self.use_adjustment else out
-        out = torch.dot(per_sample, sample_coef)
-        return out + float(weights @ self._adjustment_np) if self.use_adjustment else out
+        constant = float(weights @ self._adjustment_np) if self.use_adjustment else 0.0
+        # single process: the robust loss sum_g q_g L_g + c itself (the same number as sum_i a_i l_i + c)
+        value = float(weights @ group_losses) + constant if world_size == 1 else None
+        return RobustStep(sample_coef, constant, value)
 
     def _update_state(self, state: list[np.ndarray], group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Exponentiated-gradient step on the weights and EMA update, written into ``state``; returns the weights.
 
-        ``state`` is left untouched when the update fails.
+        ``state`` is left untouched when the update fails. (G numbers: written for few numpy calls, each of which
+        costs far more than its arithmetic.)
         """
         adjusted = group_losses + self._adjustment_np if self.use_adjustment else group_losses
         if self.normalize_loss:
-            total = adjusted.sum()
+            total = adjusted @ self._ones
             if total > 0:
                 adjusted = adjusted / total
-        exponent = self._step_size * adjusted
-        top = exponent.max()
+        exponent = adjusted * self._step_size
+        top = max(exponent.tolist())
         if not -700.0 < top < 700.0:  # exp would overflow or underflow in float64: shift (same weights)
-            exponent = exponent - top
-        weights = state[0] * np.exp(exponent)
-        total = weights.sum()
+            exponent -= top
+        weights = np.exp(exponent)
+        weights *= state[0]
+        total = weights @ self._ones
         if not 0.0 < total < math.inf:
             raise ValueError(
                 f"the DRO weight update underflowed (step_size={self.step_size} is too large for losses "
@@ -243,8 +291,11 @@ class GroupDROLoss(_Loss):
         present = counts > 0
         ema, initialized = state[1], state[2]
         # EMA factor: gamma where the group was seen before and is present now, 1 at its first appearance, 0 absent
-        rate = np.where(present, np.where(initialized, self.gamma, 1.0), 0.0)
-        ema += rate * (group_losses - ema)
+        rate = np.where(initialized, self.gamma, 1.0)
+        rate *= present
+        step = group_losses - ema
+        step *= rate
+        ema += step
         initialized |= present
         state[0][...] = weights
         return weights
