@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,22 @@ def cli_args(overrides: dict) -> list[str]:
     for key, value in overrides.items():
         args += [f"--{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     return args
+
+
+def error_chain(err: BaseException) -> str:
+    """The messages of an exception and of every exception it was raised from or during."""
+    parts = []
+    while err is not None:
+        parts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return "\n".join(parts)
+
+
+def root_error(err: BaseException) -> BaseException:
+    """The first exception of the chain (the one MONAI's config parser wrapped)."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    return err
 
 
 def report_rows(folder: Path) -> list[dict]:
@@ -55,9 +72,48 @@ class Bundle:
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
         return out
 
-    def workflow(self, configs: list[str], overrides: dict, workflow_type: str = "train"):
+    def workflow(self, configs: list[str], overrides: dict, workflow_type: str = "train", initialize: bool = True):
+        """A ``ConfigWorkflow`` of ``configs`` with ``overrides``, initialised (its ``initialize`` list run) or not."""
         from monai.bundle import ConfigWorkflow
 
         wf = ConfigWorkflow(config_file=configs, meta_file=self.meta, workflow_type=workflow_type, **overrides)
-        wf.initialize()
+        if initialize:
+            wf.initialize()
         return wf
+
+    def raw_config(self, name: str) -> dict:
+        with open(self.config_dir / f"{name}.json") as f:
+            return json.load(f)
+
+    def boolean_ids(self) -> list[str]:
+        """Top-level ids of train.json whose default is a boolean."""
+        return sorted(k for k, v in self.raw_config("train").items() if isinstance(v, bool))
+
+    def teacher_shared_ids(self) -> set[str]:
+        """The settings train_teacher.json reads from train.json: derived from the two files, not listed by hand.
+
+        A setting is a top-level id of train.json that train_teacher.json does not set itself, whose default is a
+        literal (number, string, list, bool, null) or an expression of nothing but ``@bundle_root`` (the folders,
+        ``device``); components, derived values (``num_classes``, ``splits``...) and the workflow lists are not.
+        """
+        teacher = self.raw_config("train_teacher")
+
+        def strings(value):
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, list):
+                for v in value:
+                    yield from strings(v)
+
+        def is_setting(value) -> bool:
+            if isinstance(value, dict):
+                return False
+            exprs = [s for s in strings(value) if s[:1] in ("$", "@", "%")]
+            if not exprs:
+                return True
+            return isinstance(value, str) and set(re.findall(r"@([\w#]+)", value)) <= {"bundle_root"}
+
+        workflow_lists = {"imports", "initialize", "run", "finalize"}
+        return {
+            k for k, v in self.raw_config("train").items() if k not in set(teacher) | workflow_lists and is_setting(v)
+        }

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 
 import pytest
 import torch
 
 from monai_groupdistil.bundle import (
+    as_bool,
+    checked_arguments,
     find_mnms_root,
     group_counts,
     inference_datalist,
@@ -17,6 +21,7 @@ from monai_groupdistil.bundle import (
     output_classes,
     prepare_mnms_dataset,
     require_file,
+    teacher_command,
 )
 from monai_groupdistil.data import make_synthetic_mnms
 
@@ -98,10 +103,10 @@ def test_load_network_and_teacher(tmp_path):
     wider = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5))
     with pytest.raises(ValueError, match=r"does not fit .*2.weight: checkpoint \(3, 8\) vs network \(5, 8\)"):
         load_network(wider, tmp_path / "teacher.pt")
-    with pytest.raises(
-        FileNotFoundError, match=r"teacher checkpoint .*missing.pt' not found. Train the teacher first: CMD"
-    ):
-        load_teacher(fresh, tmp_path / "missing.pt", how_to_train="CMD")
+    with pytest.raises(FileNotFoundError) as info:
+        load_teacher(fresh, tmp_path / "missing.pt", how_to_train="CMD --x 1")
+    assert f"teacher checkpoint '{tmp_path / 'missing.pt'}' not found. Train the teacher first" in str(info.value)
+    assert "\n\n    CMD --x 1\n\n" in str(info.value) and "--train_teacher_if_missing true" in str(info.value)
     calls = []
 
     def train():
@@ -112,3 +117,62 @@ def test_load_network_and_teacher(tmp_path):
     assert calls == [1]
     with pytest.raises(FileNotFoundError, match="the trained model; run"):
         require_file(tmp_path / "none.pt", "the trained model; run the training config first")
+
+
+@pytest.mark.parametrize("value", [True, 1, "true", "True", "TRUE", "1", "yes", "Yes", " yes "])
+def test_as_bool_true(value):
+    assert as_bool(value, "augment") is True
+
+
+@pytest.mark.parametrize("value", [False, 0, "false", "False", "0", "no", "NO"])
+def test_as_bool_false(value):
+    assert as_bool(value, "augment") is False
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, None, [True]])
+def test_as_bool_names_the_id_for_anything_else(value):
+    with pytest.raises(ValueError, match=rf"'use_dro' must be a boolean, got {re.escape(repr(value))}"):
+        as_bool(value, "use_dro")
+
+
+def test_checked_arguments_names_the_unknown_argument():
+    def loss(temperature: float = 1.0, *, alpha: float = 0.5):
+        return temperature, alpha
+
+    make = checked_arguments(loss, "loss")
+    assert make(temperature=2.0, alpha=0.1) == (2.0, 0.1)
+    assert inspect.signature(make) == inspect.signature(loss)
+    with pytest.raises(TypeError) as info:
+        make(temprature=2.0, gamma=1)
+    message = str(info.value)
+    assert "got unknown argument(s) 'temprature' (did you mean 'temperature'?), 'gamma'" in message
+    assert "are: temperature, alpha." in message and "(e.g. --loss#temperature 2.0)" in message
+
+    def free(**kwargs):
+        return kwargs
+
+    assert checked_arguments(free) is free  # anything goes
+
+
+def test_teacher_command_repeats_the_settings_that_differ_from_train_json(tmp_path):
+    (tmp_path / "configs").mkdir()
+    defaults = {"batch_size": 16, "augment": True, "spatial_size": [96, 96], "ckpt_dir": "$@bundle_root + '/m'"}
+    (tmp_path / "configs" / "train.json").write_text(json.dumps(defaults))
+    settings = {
+        "bundle_root": str(tmp_path),
+        "batch_size": 16,  # the default: left out
+        "augment": "no",  # fire's string: written as the boolean it means
+        "spatial_size": [32, 32],
+        "ckpt_dir": "/data/run 1/models",  # an expression by default: always passed on
+        "device": torch.device("cpu"),
+        "group_by": "vendor",
+        "seed": "7",  # a string that fire would read as a number
+    }
+    command = teacher_command(tmp_path, settings)
+    files = f"['{tmp_path}/configs/train.json','{tmp_path}/configs/train_teacher.json']"
+    assert command.startswith(f'python -m monai.bundle run --config_file "{files}" --meta_file {tmp_path}/configs/')
+    assert "--batch_size" not in command
+    assert command.endswith(
+        '--augment False --spatial_size "[32, 32]" --ckpt_dir "/data/run 1/models" --device cpu '
+        "--group_by vendor --seed \"'7'\""
+    )

@@ -1,8 +1,13 @@
-"""Bundle-level tests of bundles/waterbirds_groupdistil on a tiny synthetic stand-in (24 images, 32 px, 1 epoch)."""
+"""Bundle-level tests of bundles/waterbirds_groupdistil on a tiny synthetic stand-in (24 images, 32 px, 1 epoch).
+
+Every test can run alone: the teacher/student/evaluation CLI chain is a module-scoped fixture that the tests needing
+its checkpoints request, and runs that train write into their own folders.
+"""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import subprocess
 import sys
@@ -12,7 +17,7 @@ import pytest
 import torch
 
 from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES, load_waterbirds_datalist
-from tests.bundle_helpers import ENV, SCHEMA, Bundle, report_rows
+from tests.bundle_helpers import ENV, SCHEMA, Bundle, error_chain, report_rows, root_error
 
 WATERBIRDS = Bundle("waterbirds_groupdistil")
 ROOT, BUNDLE, CONFIGS, META = WATERBIRDS.root.parents[1], WATERBIRDS.root, WATERBIRDS.config_dir, WATERBIRDS.meta
@@ -45,21 +50,34 @@ def work(tmp_path_factory):
     return {"base": base, "overrides": WATERBIRDS.run_overrides(base, **TINY)}
 
 
-def _need(path: Path, what: str) -> None:
-    if not path.is_file():
-        pytest.skip(f"needs {what} ({path.name}) of test_teacher_student_evaluate_through_the_cli")
-
-
-def test_teacher_student_evaluate_through_the_cli(work):
+@pytest.fixture(scope="module")
+def trained(work):
+    """Teacher, GroupDistil student (a large DRO step size, so the weights move) and evaluation, through the CLI;
+    the bundle generates the synthetic stand-in in the empty data folder on the first run."""
     ov = work["overrides"]
     run_cli(_configs("train", "train_teacher"), ov)
+    run_cli(_configs("train"), {**ov, "step_size": 5.0})
+    evaluation = run_cli(_configs("train", "evaluate"), ov)
+    return {**work, "evaluate_stdout": evaluation.stdout}
+
+
+def _own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = None) -> dict:
+    """``overrides`` with checkpoints, reports and logs in ``tmp_path``; the trained teacher linked in if given."""
+    ov = {**overrides, **{f"{k}_dir": str(tmp_path / k) for k in ("ckpt", "output", "log")}}
+    (tmp_path / "ckpt").mkdir()
+    if teacher_from is not None:
+        (tmp_path / "ckpt" / "teacher.pt").symlink_to(Path(teacher_from["overrides"]["ckpt_dir"]) / "teacher.pt")
+    return ov
+
+
+def test_teacher_student_evaluate_through_the_cli(trained):
+    ov = trained["overrides"]
     # the bundle generated the synthetic stand-in in the release layout
     assert (Path(ov["dataset_dir"]) / "metadata.csv").is_file()
     assert len(load_waterbirds_datalist(ov["dataset_dir"], "all")) == TINY["synthetic_images"]
     teacher = torch.load(Path(ov["ckpt_dir"]) / "teacher.pt", weights_only=False)
     assert teacher["model"]["layer1.1.conv1.weight"].shape[0] == 32  # the larger [2, 2, 2, 2] network
 
-    run_cli(_configs("train"), {**ov, "step_size": 5.0})
     checkpoint = torch.load(Path(ov["ckpt_dir"]) / "model.pt", weights_only=False)
     assert {"model", "loss", "dro"} <= set(checkpoint)
     assert (
@@ -70,9 +88,8 @@ def test_teacher_student_evaluate_through_the_cli(work):
     assert weights.shape == (4,) and abs(float(weights.sum()) - 1) < 1e-5 and bool((weights > 0).all())
     assert not torch.allclose(weights, torch.full((4,), 0.25), atol=1e-3)  # a large step size moved them
 
-    out = run_cli(_configs("train", "evaluate"), ov)
     report = Path(ov["output_dir"]) / "groupdistil"
-    assert f"per-group report: {report}" in out.stdout
+    assert f"per-group report: {report}" in trained["evaluate_stdout"]
     rows = _report_rows(report)
     assert list(rows[0]) == ["group", "name", "samples", "accuracy", "mean_loss"]
     assert [r["name"] for r in rows] == list(WATERBIRDS_GROUP_NAMES) and [r["group"] for r in rows] == list("0123")
@@ -85,12 +102,11 @@ def test_teacher_student_evaluate_through_the_cli(work):
     assert (report / "group_accuracy.png").stat().st_size > 0 and (report / "dro_weights.png").stat().st_size > 0
 
 
-def test_checkpoint_restores_dro_weights(work):
+def test_checkpoint_restores_dro_weights(trained):
     from monai_groupdistil.handlers import GroupDROHandler
     from monai_groupdistil.losses import GroupDistillationLoss
 
-    path = Path(work["overrides"]["ckpt_dir"]) / "model.pt"
-    _need(path, "the student checkpoint")
+    path = Path(trained["overrides"]["ckpt_dir"]) / "model.pt"
     checkpoint = torch.load(path, weights_only=False)
     loss = GroupDistillationLoss(num_groups=4, step_size=5.0)
     assert torch.allclose(loss.group_weights, torch.full((4,), 0.25))
@@ -106,10 +122,8 @@ def test_checkpoint_restores_dro_weights(work):
 
 
 @pytest.mark.parametrize("baseline", ["erm", "kd", "group_dro"])
-def test_baselines_through_config_workflow(work, baseline):
-    ov = {**work["overrides"]}
-    if not (Path(ov["ckpt_dir"]) / "teacher.pt").is_file():
-        ov["train_teacher_if_missing"] = True
+def test_baselines_through_config_workflow(trained, baseline, tmp_path):
+    ov = _own_folders(trained["overrides"], tmp_path, teacher_from=trained)
     wf = workflow(_configs("train", baseline), ov)
     assert wf.check_properties() == []
     wf.run()
@@ -125,23 +139,23 @@ def test_baselines_through_config_workflow(work, baseline):
     assert [r["name"] for r in rows] == list(WATERBIRDS_GROUP_NAMES)
 
 
-def test_student_trains_its_missing_teacher_through_config_workflow(work, tmp_path):
+def test_student_trains_its_missing_teacher_through_config_workflow(trained, tmp_path):
     """train_teacher_if_missing runs train_teacher.json through ConfigWorkflow, then trains the student."""
-    ov = {**work["overrides"], "ckpt_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "logs")}
+    ov = _own_folders(trained["overrides"], tmp_path)
     teacher_wf = workflow(_configs("train", "train_teacher"), ov)
     assert teacher_wf.check_properties() == []
     assert teacher_wf.parser.get_parsed_content("use_dro") is False
-    wf = workflow(_configs("train"), {**ov, "train_teacher_if_missing": True})
+    wf = workflow(_configs("train"), {**ov, "train_teacher_if_missing": "yes", "augment": "false"})  # fire's strings
     assert wf.check_properties() == []
+    assert wf.parser.get_parsed_content("train_teacher_fn").keywords["augment"] == "false"
     wf.run()
     wf.finalize()
-    assert (tmp_path / "models" / "teacher.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
-    assert (tmp_path / "logs" / "teacher").is_dir() and (tmp_path / "logs" / "groupdistil").is_dir()
+    assert (tmp_path / "ckpt" / "teacher.pt").is_file() and (tmp_path / "ckpt" / "model.pt").is_file()
+    assert (tmp_path / "log" / "teacher").is_dir() and (tmp_path / "log" / "groupdistil").is_dir()
 
 
-def test_inference_on_the_release_and_on_a_folder(work, tmp_path):
-    ov = work["overrides"]
-    _need(Path(ov["ckpt_dir"]) / "model.pt", "the student checkpoint")
+def test_inference_on_the_release_and_on_a_folder(trained, tmp_path):
+    ov = trained["overrides"]
     common = {k: ov[k] for k in ("bundle_root", "ckpt_dir", "spatial_size", "resize")}
     # the release: the test split by default, identified by img_id
     out_file = tmp_path / "release.csv"
@@ -173,23 +187,19 @@ def test_inference_on_the_release_and_on_a_folder(work, tmp_path):
     assert ids == ["sub0/bird0.jpg", "sub0/bird2.jpg", "sub1/bird1.jpg"]
 
 
-def test_multi_process_training_with_torchrun(work, tmp_path):
-    ov = {**work["overrides"], "ckpt_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "logs")}
-    teacher = Path(work["overrides"]["ckpt_dir"]) / "teacher.pt"
-    _need(teacher, "the teacher checkpoint")
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "teacher.pt").symlink_to(teacher)
+def test_multi_process_training_with_torchrun(trained, tmp_path):
+    ov = _own_folders(trained["overrides"], tmp_path, teacher_from=trained)
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle"]
     run_cli(_configs("train", "multi_gpu_train"), {**ov, "step_size": 5.0}, runner=runner)
-    checkpoint = torch.load(tmp_path / "models" / "model.pt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=False)
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # saved without the DDP wrapper
     weights = checkpoint["loss"]["group_weights"]
     assert abs(float(weights.sum()) - 1) < 1e-5 and not torch.allclose(weights, torch.full((4,), 0.25), atol=1e-3)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
-def test_conformance_commands(work, tmp_path):
-    ov = work["overrides"]
+def test_conformance_commands(trained, tmp_path):
+    ov = trained["overrides"]
     base = [sys.executable, "-m", "monai.bundle"]
     out = subprocess.run(
         base + ["verify_metadata", "--meta_file", META, "--filepath", SCHEMA],
@@ -207,7 +217,6 @@ def test_conformance_commands(work, tmp_path):
         out.stderr
     )
     ckpt = Path(ov["ckpt_dir"]) / "model.pt"
-    _need(ckpt, "the student checkpoint")
     ts = tmp_path / "model.ts"
     export = ["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--key_in_ckpt", "model"]
     out = subprocess.run(
@@ -229,27 +238,27 @@ def test_conformance_commands(work, tmp_path):
 # ------------------------------------------------------------------ pretrained weights
 
 
-def test_pretrained_weights_initialise_the_student_but_not_its_classifier(work, tmp_path):
-    source = workflow(_configs("train"), work["overrides"]).parser.get_parsed_content("network_def")
+def test_pretrained_weights_initialise_the_student_but_not_its_classifier(trained, tmp_path):
+    source = workflow(_configs("train"), trained["overrides"]).parser.get_parsed_content("network_def")
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.state_dict().items()}
     state["fc.weight"], state["fc.bias"] = torch.randn(1000, 128), torch.randn(1000)  # an ImageNet classifier
     path = tmp_path / "imagenet_like.pt"
     torch.save(state, path)
-    wf = workflow(_configs("train"), {**work["overrides"], "pretrained_weights": str(path)})
+    wf = workflow(_configs("train"), {**trained["overrides"], "pretrained_weights": str(path)})
     net = wf.parser.get_parsed_content("network")
     assert torch.equal(net.conv1.weight, state["conv1.weight"])
     assert torch.equal(net.layer4[0].bn2.running_var, state["layer4.0.bn2.running_var"])
     assert net.fc.weight.shape == (2, 128)
 
 
-def test_pretrained_teacher_weights_go_to_the_teacher_config(work, tmp_path):
+def test_pretrained_teacher_weights_go_to_the_teacher_config(trained, tmp_path):
     path = tmp_path / "teacher_init.pt"
-    wf = workflow(_configs("train", "train_teacher"), {**work["overrides"], "teacher_pretrained_weights": str(path)})
+    wf = workflow(_configs("train", "train_teacher"), {**trained["overrides"], "teacher_pretrained_weights": str(path)})
     assert wf.parser.get_parsed_content("pretrained_weights") == str(path)
     with pytest.raises(Exception) as info:
         wf.parser.get_parsed_content("network")
-    assert isinstance(_root(info.value), FileNotFoundError)
-    assert f"pretrained weights '{path}' not found" in _chain(info.value)
+    assert isinstance(root_error(info.value), FileNotFoundError)
+    assert f"pretrained weights '{path}' not found" in error_chain(info.value)
 
 
 # ------------------------------------------------------------------ bad input
@@ -259,38 +268,101 @@ def test_dataset_dir_that_is_not_a_release(work, tmp_path):
     (tmp_path / "notes.txt").write_text("not a dataset")
     with pytest.raises(Exception) as info:
         workflow(_configs("train", "train_teacher"), {**work["overrides"], "dataset_dir": str(tmp_path)})
-    assert isinstance(_root(info.value), ValueError)
-    message = _chain(info.value)
+    assert isinstance(root_error(info.value), ValueError)
+    message = error_chain(info.value)
     assert f"dataset_dir '{tmp_path}' is neither empty nor a Waterbirds release" in message
     assert "no 'metadata.csv' in it" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing generated over the user's files
 
 
-def test_missing_teacher_says_how_to_train_it(work, tmp_path):
+def test_missing_teacher_says_how_to_train_it_with_this_runs_settings(trained, tmp_path):
+    ov = {**_own_folders(trained["overrides"], tmp_path), "train_teacher_if_missing": "False"}
     with pytest.raises(Exception) as info:
-        workflow(_configs("train"), {**work["overrides"], "ckpt_dir": str(tmp_path)}).run()
-    message = _chain(info.value)
-    assert isinstance(_root(info.value), FileNotFoundError)
-    assert "teacher checkpoint" in message and "not found" in message
-    assert "configs/train_teacher.json" in message and "train_teacher_if_missing" in message
+        workflow(_configs("train"), ov).run()
+    message = error_chain(info.value)
+    assert isinstance(root_error(info.value), FileNotFoundError)
+    assert not (tmp_path / "ckpt" / "teacher.pt").exists()
+    assert "teacher checkpoint" in message and "not found" in message and "train_teacher_if_missing" in message
+    command = message.split("Train the teacher first", 1)[1].split("\n\n")[1].strip()
+    assert "configs/train_teacher.json" in command
+    for key in ("ckpt_dir", "dataset_dir", "log_dir", "output_dir"):
+        assert f"--{key} {ov[key]}" in command, key
+    for key, shown in [("device", "cpu"), ("spatial_size", '"[32, 32]"'), ("resize", '"[36, 36]"')]:
+        assert f"--{key} {shown}" in command, key
+    for key in ("synthetic_images", "synthetic_image_size", "batch_size", "teacher_epochs"):
+        assert f"--{key} {TINY[key]}" in command, key
 
 
-def test_evaluate_without_a_trained_model(work, tmp_path):
+def test_evaluate_without_a_trained_model(trained, tmp_path):
     with pytest.raises(Exception) as info:
-        workflow(_configs("train", "evaluate"), {**work["overrides"], "ckpt_dir": str(tmp_path)}, "infer")
-    assert isinstance(_root(info.value), FileNotFoundError)
-    assert f"'{tmp_path}/model.pt' not found: the trained model; run the training config first" in _chain(info.value)
+        workflow(_configs("train", "evaluate"), {**trained["overrides"], "ckpt_dir": str(tmp_path)}, "infer")
+    assert isinstance(root_error(info.value), FileNotFoundError)
+    message = error_chain(info.value)
+    assert f"'{tmp_path}/model.pt' not found: the trained model; run the training config first" in message
 
 
-def _chain(err: BaseException) -> str:
-    parts = []
-    while err is not None:
-        parts.append(str(err))
-        err = err.__cause__ or err.__context__
-    return "\n".join(parts)
+# ------------------------------------------------------------------ settings given on the command line
+
+BOOLEAN_USES = {
+    "use_dro": ("train#handlers", lambda handlers: any(type(h).__name__ == "GroupDROHandler" for h in handlers)),
+    "augment": ("train#augmentation", lambda compose: len(compose.transforms) > 0),
+    "balanced_sampling": ("train#sampler", lambda sampler: type(sampler).__name__ == "GroupBalancedSampler"),
+    "progress_bar": ("train#trainer#progress_bar", lambda value: value),
+}
+SPELLINGS = [("false", False), ("False", False), ("0", False), ("no", False), (0, False), (False, False)]
+SPELLINGS += [("true", True), ("True", True), ("1", True), ("yes", True), (1, True), (True, True)]
 
 
-def _root(err: BaseException) -> BaseException:
-    while (err.__cause__ or err.__context__) is not None:
-        err = err.__cause__ or err.__context__
-    return err
+def test_every_boolean_id_reads_every_spelling(trained, tmp_path):
+    assert set(BOOLEAN_USES) | {"train_teacher_if_missing"} == set(WATERBIRDS.boolean_ids())
+    ov = trained["overrides"]
+    for spelling, expected in SPELLINGS:
+        wf = workflow(_configs("train"), {**ov, **dict.fromkeys(BOOLEAN_USES, spelling)})
+        for key, (item, decision) in BOOLEAN_USES.items():
+            assert decision(wf.parser.get_parsed_content(item)) is expected, (key, spelling)
+        crops = [type(t).__name__ for t in wf.parser.get_parsed_content("train#base_preprocessing").transforms]
+        assert ("CenterSpatialCropd" in crops) is not expected  # random crops replace the centre crop
+    for spelling in ("false", "False", "0", "no", 0):  # a missing teacher is not trained
+        wf = workflow(_configs("train"), {**ov, "ckpt_dir": str(tmp_path), "train_teacher_if_missing": spelling})
+        with pytest.raises(Exception) as info:
+            wf.parser.get_parsed_content("teacher")
+        assert isinstance(root_error(info.value), FileNotFoundError), spelling
+    uses = {**BOOLEAN_USES, "train_teacher_if_missing": ("teacher", None)}
+    for key, (item, _) in uses.items():
+        wf = workflow(_configs("train"), {**ov, key: "maybe"})
+        with pytest.raises(Exception) as info:
+            wf.parser.get_parsed_content(item)
+        assert isinstance(root_error(info.value), ValueError)
+        assert f"'{key}' must be a boolean, got 'maybe'" in error_chain(info.value)
+
+
+def test_teacher_run_gets_every_setting_it_shares_with_train_json():
+    """Derived from the config files: every setting of train.json that train_teacher.json reads is passed on."""
+    shared = WATERBIRDS.teacher_shared_ids()
+    assert {"resize", "crop_scale", "weight_decay", "teacher_pretrained_weights", "log_dir", "augment"} <= shared
+    assert "pretrained_weights" not in shared  # train_teacher.json sets it from teacher_pretrained_weights
+    assert set(WATERBIRDS.raw_config("train")["teacher_overrides"]) == shared
+    values = {key: f"<{key}>" for key in shared}  # a distinct value each, so a mix-up shows
+    wf = workflow(_configs("train"), values, initialize=False)
+    assert wf.parser.get_parsed_content("train_teacher_fn").keywords == values
+    command = wf.parser.get_parsed_content("train_teacher_command")
+    for key in shared:
+        assert f'--{key} "<{key}>"' in command, key
+
+
+@pytest.mark.parametrize(
+    "config, typo, meant",
+    [("train", "temprature", "temperature"), ("kd", "alpah", "alpha"), ("group_dro", "step", "step_size")],
+)
+def test_unknown_loss_argument_is_named_with_the_valid_ones(work, config, typo, meant):
+    configs = _configs("train") if config == "train" else _configs("train", config)
+    wf = workflow(configs, {**work["overrides"], f"loss#{typo}": 2.0})
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("loss")
+    assert isinstance(root_error(info.value), TypeError)
+    message = str(root_error(info.value))
+    loss_class = wf.parser.get_parsed_content("loss#_target_").__wrapped__
+    name, valid = f"{loss_class.__module__}.{loss_class.__qualname__}", list(inspect.signature(loss_class).parameters)
+    assert f"'loss' ({name}) got unknown argument(s) '{typo}' (did you mean '{meant}'?)" in message
+    assert f"The valid arguments of {name} are: {', '.join(valid)}." in message
+    assert f"(e.g. --loss#{meant} 2.0)" in message

@@ -5,6 +5,7 @@ so both bundles share one implementation.
 """
 
 from monai_groupdistil.bundle.checkpoints import load_network, load_teacher, output_classes, require_file
+from monai_groupdistil.bundle.config import as_bool, checked_arguments, teacher_command
 from monai_groupdistil.bundle.datasets import (
     find_mnms_root,
     group_counts,
@@ -18,6 +19,8 @@ from monai_groupdistil.bundle.pretrained import load_pretrained
 from monai_groupdistil.bundle.workflow import run_workflow
 
 __all__ = [
+    "as_bool",
+    "checked_arguments",
     "find_mnms_root",
     "group_counts",
     "inference_datalist",
@@ -30,5 +33,6 @@ __all__ = [
     "prepare_waterbirds_dataset",
     "require_file",
     "run_workflow",
+    "teacher_command",
     "waterbirds_splits",
 ]

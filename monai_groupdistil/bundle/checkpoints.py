@@ -78,7 +78,8 @@ def load_teacher(
         train_if_missing: when the checkpoint is missing, call ``train_fn`` (which must write it) instead of
             failing.
         train_fn: trains the teacher and writes ``checkpoint``.
-        how_to_train: the command that trains the teacher, quoted in the error message.
+        how_to_train: the command that trains the teacher (:py:func:`teacher_command`), quoted on a line of its
+            own in the error message.
 
     Raises:
         FileNotFoundError: when the checkpoint is missing (and ``train_if_missing`` is False), with the command
@@ -91,8 +92,13 @@ def load_teacher(
         if not train_if_missing:
             raise FileNotFoundError(
                 f"teacher checkpoint '{path}' not found. Train the teacher first"
-                + (f": {how_to_train}" if how_to_train else "")
-                + ", or set train_teacher_if_missing=true to train it now."
+                + (
+                    f", from the folder this run was started in (the command repeats this run's settings):\n\n"
+                    f"    {how_to_train}\n\nthen rerun this command;"
+                    if how_to_train
+                    else ";"
+                )
+                + " or rerun with train_teacher_if_missing=true (--train_teacher_if_missing true) to train it now."
             )
         if train_fn is None:
             raise ValueError("train_teacher_if_missing is true but no teacher training function was given.")
