@@ -251,8 +251,8 @@ def test_one_node_objective_matches_autograd_in_training(spatial, alpha):
         v2 = composite(s2, teacher.clone().requires_grad_(True), target, groups)
         assert v1.grad_fn is not None and v2.grad_fn is not None
         assert type(v1.grad_fn).__name__ != type(v2.grad_fn).__name__  # the two paths were taken
-        (g1,) = torch.autograd.grad(v1, s1)
-        (g2,) = torch.autograd.grad(v2, s2)
+        (g1,) = torch.autograd.grad(v1 * (step + 0.5), s1)  # incoming gradients other than 1 too
+        (g2,) = torch.autograd.grad(v2 * (step + 0.5), s2)
         assert torch.allclose(v1, v2, atol=1e-12)
         assert torch.allclose(g1, g2, atol=1e-12)
         assert torch.allclose(fused.group_weights, composite.group_weights, atol=1e-12)

@@ -191,20 +191,34 @@ class DistillationKernel:
         temperature: float,
         alpha: float,
         weights: torch.Tensor,
+        weights_scaled: bool = False,
     ) -> torch.Tensor:
         """Gradient of ``sum(weights * scale * raw)`` with respect to the student's logits.
 
-        ``weights`` broadcasts against the logits (``[B, 1, *spatial]`` or ``[B, 1, 1...]``). The saved tensors
-        are not modified (a graph may be retained and differentiated again).
+        ``weights`` broadcasts against the logits (``[B, 1, *spatial]`` or ``[B, 1, 1...]``). With
+        ``weights_scaled`` they already hold the factor :py:meth:`gradient_factor` (a kernel fewer). The saved
+        tensors are not modified (a graph may be retained and differentiated again).
         """
+        factor = DistillationKernel.gradient_factor(temperature, alpha)
         grad = None
         if log_p_t is not None and q_t is not None:  # alpha * T * (p_T - q_T)
-            grad = log_p_t.exp().sub_(q_t).mul_(alpha * temperature)
+            grad = log_p_t.exp().sub_(q_t)
+            if not weights_scaled:
+                grad.mul_(factor)
         if log_p is not None and labels is not None:  # (1 - alpha) * (p - onehot(y))
             p = log_p.exp().scatter_(1, labels.unsqueeze(1), -1.0, reduce="add")
-            grad = p.mul_(1.0 - alpha) if grad is None else grad.add_(p, alpha=1.0 - alpha)
+            ce_factor = (1.0 - alpha) / factor if weights_scaled else 1.0 - alpha
+            if grad is None:
+                grad = p.mul_(ce_factor) if ce_factor != 1.0 else p
+            else:
+                grad.add_(p, alpha=ce_factor)
         assert grad is not None
         return grad.mul_(weights)
+
+    @staticmethod
+    def gradient_factor(temperature: float, alpha: float) -> float:
+        """The factor ``alpha * T`` (``1`` when ``alpha == 0``) that :py:meth:`gradient` can take from its weights."""
+        return alpha * temperature if alpha > 0.0 else 1.0
 
 
 def save_kernel_tensors(

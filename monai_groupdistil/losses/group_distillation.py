@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from monai.utils import LossReduction
 
@@ -19,7 +20,7 @@ from monai_groupdistil.losses.distillation import (
     save_kernel_tensors,
     saved_kernel_tensors,
 )
-from monai_groupdistil.losses.group_dro import GroupDROLoss
+from monai_groupdistil.losses.group_dro import _NUMPY_DTYPES, GroupDROLoss
 
 __all__ = ["GroupDistillationLoss"]
 
@@ -144,25 +145,29 @@ class _GroupDistillationObjective(torch.autograd.Function):
     def forward(ctx, input, teacher_logits, labels, groups, loss, temperature, alpha):  # type: ignore[override]
         kernel = DistillationKernel(input, teacher_logits, labels, temperature, alpha)
         raw = kernel.raw if kernel.raw.ndim == 1 else kernel.raw.flatten(1).mean(dim=1)  # dense: mean over voxels
-        sample_coef, constant, robust = loss.robust_coefficients(raw, groups, kernel.scale)
-        if robust is not None:  # single process: the value from the group statistics, no tensor reduction
-            value = torch.tensor(robust, dtype=raw.dtype, device=raw.device)
-        else:
-            value = torch.dot(raw, sample_coef).mul_(kernel.scale)
+        # the backward weights a_i * alpha * T / voxels, shaped to broadcast against the logits
+        factor = DistillationKernel.gradient_factor(temperature, alpha) / math.prod(input.shape[2:])
+        sample_coef, constant, robust = loss.robust_coefficients(raw, groups, kernel.scale, factor, input.ndim)
+        if robust is None:  # multi-process: this rank's share
+            coef = sample_coef.flatten()
+            value = torch.dot(raw, coef).mul_(kernel.scale / factor)
             if loss.use_adjustment:
                 value.add_(constant)
+        elif raw.is_cpu and raw.dtype in _NUMPY_DTYPES:  # the value from the group statistics
+            value = torch.from_numpy(np.array(robust, dtype=_NUMPY_DTYPES[raw.dtype]))
+        else:
+            value = torch.scalar_tensor(robust, dtype=raw.dtype, device=raw.device)
         save_kernel_tensors(ctx, (sample_coef, *kernel.tensors()), labels, input.ndim > 2)
-        ctx.temperature, ctx.alpha, ctx.ndim = temperature, alpha, input.ndim
-        ctx.voxels = math.prod(input.shape[2:])
+        ctx.temperature, ctx.alpha = temperature, alpha
         return value
 
     @staticmethod
     @first_derivative_only
     def backward(ctx, grad_value):  # type: ignore[override]
-        sample_coef, *saved = saved_kernel_tensors(ctx, 4)
-        weights = sample_coef * grad_value
-        if ctx.voxels != 1:  # dense: d(mean over voxels) / d(voxel)
-            weights.div_(ctx.voxels)
-        weights = weights.view(-1, *([1] * (ctx.ndim - 1)))
-        grad = DistillationKernel.gradient(*saved, ctx.temperature, ctx.alpha, weights)
+        weights, *saved = saved_kernel_tensors(ctx, 4)
+        if not grad_value.is_cpu:
+            weights = weights * grad_value
+        elif (incoming := float(grad_value)) != 1.0:  # 1 for loss.backward()
+            weights = weights * incoming
+        grad = DistillationKernel.gradient(*saved, ctx.temperature, ctx.alpha, weights, weights_scaled=True)
         return grad, None, None, None, None, None, None

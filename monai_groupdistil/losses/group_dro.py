@@ -194,7 +194,14 @@ class GroupDROLoss(_Loss):
         out = torch.dot(per_sample, sample_coef)
         return out + constant if self.use_adjustment else out
 
-    def robust_coefficients(self, values: torch.Tensor, groups: torch.Tensor, scale: float = 1.0) -> RobustStep:
+    def robust_coefficients(
+        self,
+        values: torch.Tensor,
+        groups: torch.Tensor,
+        scale: float = 1.0,
+        coefficient_factor: float = 1.0,
+        coefficient_dims: int = 1,
+    ) -> RobustStep:
         """The group-DRO step on the detached per-sample losses ``l_i = scale * values_i``: returns its linear form.
 
         Computes the per-group losses and counts, all-reduces them across processes, updates the weights and the
@@ -208,11 +215,15 @@ class GroupDROLoss(_Loss):
             groups: int64 group ids ``[B]``; their range is checked here.
             scale: factor from ``values`` to the losses (e.g. a loss kernel's constant factor kept out of its
                 values).
+            coefficient_factor: factor applied to the returned coefficients only (folded into the G numbers, so it
+                costs no kernel), e.g. a constant of the caller's gradient.
+            coefficient_dims: number of dimensions of the returned coefficients, ``[B, 1, ...]``, to broadcast
+                against per-sample tensors.
 
         Returns:
-            a :py:class:`RobustStep` ``(coefficients, constant, value)``: ``a`` as a ``[B]`` tensor of the dtype and
-            device of ``values``, ``c`` a float, and in a single process the robust loss as a float (``None`` in
-            multi-process runs, where each rank returns its share).
+            a :py:class:`RobustStep` ``(coefficients, constant, value)``: ``a`` (times ``coefficient_factor``) as a
+            ``[B]`` (``[B, 1, ...]``) tensor of the dtype and device of ``values``, ``c`` a float, and in a single
+            process the robust loss as a float (``None`` in multi-process runs, where each rank returns its share).
 
         Raises:
             ValueError: for group ids outside ``[0, num_groups)``, non-finite per-group losses or a failed weight
@@ -252,13 +263,16 @@ class GroupDROLoss(_Loss):
         if state is not self._cpu_state:
             self._commit_state(state)
         coef = weights / denom
-        if world_size != 1:
-            coef *= world_size
+        if world_size != 1 or coefficient_factor != 1.0:
+            coef *= world_size * coefficient_factor
         if on_cpu:  # per-sample coefficients gathered in numpy
-            sample_coef = torch.from_numpy(coef.astype(dtype).take(ids))  # type: ignore[union-attr]
+            taken = coef.astype(dtype).take(ids)  # type: ignore[union-attr]
+            sample_coef = torch.from_numpy(taken.reshape(-1, *([1] * (coefficient_dims - 1))))
         else:
             coef_t = torch.from_numpy(coef).to(device=values.device, dtype=values.dtype)
             sample_coef = coef_t.index_select(0, groups)
+            if coefficient_dims != 1:
+                sample_coef = sample_coef.view(-1, *([1] * (coefficient_dims - 1)))
         constant = float(weights @ self._adjustment_np) if self.use_adjustment else 0.0
         # single process: the robust loss sum_g q_g L_g + c itself (the same number as sum_i a_i l_i + c)
         value = float(weights @ group_losses) + constant if world_size == 1 else None
