@@ -1,13 +1,15 @@
 """Forward+backward time of GroupDistillationLoss relative to a plain KD loss on the same tensors.
 
-The baseline (KL + CE, written inline below) and GroupDistillationLoss are timed interleaved in one process;
-the script prints the median time of each and their ratio for three cases:
+The baseline (KL + CE, written inline below) and GroupDistillationLoss are timed interleaved in one process, in
+alternating blocks of ``--block`` forward+backward calls (a block averages out the timer and scheduling noise of
+single sub-millisecond calls on a shared machine); the script prints the median time per call of each and their
+ratio for three cases:
 
 - classification: B=1024, C=10, G=16 (target: at most 1.15x)
 - dense: B=8, C=4, 128x128, G=4 (target: at most 1.10x)
 - small, dispatch-bound: B=256, C=4, G=16 (target: at most 1.5x; the absolute overhead is printed in microseconds)
 
-Usage: python benchmarks/loss_overhead.py [--repeats 300] [--threads N]
+Usage: python benchmarks/loss_overhead.py [--repeats 100] [--block 10] [--threads N]
 """
 
 from __future__ import annotations
@@ -40,14 +42,16 @@ def plain_kd(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor)
     return per_voxel.mean()
 
 
-def _time(fn, student) -> float:
-    student.grad = None
+def _time(fn, student, block: int) -> float:
+    """Mean time of one forward+backward call over ``block`` consecutive calls."""
     start = time.perf_counter()
-    fn().backward()
-    return time.perf_counter() - start
+    for _ in range(block):
+        student.grad = None
+        fn().backward()
+    return (time.perf_counter() - start) / block
 
 
-def run_case(shape, num_groups, repeats):
+def run_case(shape, num_groups, repeats, block):
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(*shape, generator=gen).requires_grad_(True)
     teacher = torch.randn(*shape, generator=gen)
@@ -64,28 +68,32 @@ def run_case(shape, num_groups, repeats):
     # same formula: with uniform, frozen weights and every group of equal size the two losses agree
     check = GroupDistillationLoss(1, TEMPERATURE, ALPHA).eval()
     assert torch.allclose(check(student, teacher, target, torch.zeros_like(groups)), base(), rtol=1e-5)
-    for _ in range(20):  # warm-up
-        _time(base, student)
-        _time(group, student)
+    for _ in range(5):  # warm-up
+        _time(base, student, block)
+        _time(group, student, block)
     t_base, t_group = [], []
     for i in range(repeats):
         order = (base, group) if i % 2 == 0 else (group, base)
         for fn in order:
-            (t_base if fn is base else t_group).append(_time(fn, student))
+            (t_base if fn is base else t_group).append(_time(fn, student, block))
     return statistics.median(t_base), statistics.median(t_group)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=300, help="timed repetitions of each loss per case")
+    parser.add_argument("--repeats", type=int, default=100, help="timed blocks of each loss per case")
+    parser.add_argument("--block", type=int, default=10, help="forward+backward calls per timed block")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave the default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.repeats} interleaved blocks of {args.block} calls"
+    )
     print(f"{'case':34s} {'plain KD (us)':>14s} {'GroupDistil (us)':>17s} {'ratio':>7s} {'overhead (us)':>14s} target")
     for name, shape, groups, target in CASES:
-        base, group = run_case(shape, groups, args.repeats)
+        base, group = run_case(shape, groups, args.repeats, args.block)
         ratio = group / base
         verdict = "ok" if ratio <= target else "MISSED"
         print(

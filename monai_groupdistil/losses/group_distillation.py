@@ -15,6 +15,7 @@ from monai_groupdistil.losses.distillation import (
     DistillationLoss,
     _composite,
     _DistillationPerSample,
+    apply_function,
     first_derivative_only,
     prepare_distillation_inputs,
     save_kernel_tensors,
@@ -112,10 +113,10 @@ class GroupDistillationLoss(GroupDROLoss):
         temperature, alpha = self.temperature, self.alpha
         try:
             if fused and self.reduction != "none":  # the whole objective in one autograd node
-                objective = _GroupDistillationObjective.apply
-                return objective(input, teacher_logits, labels, groups, self, temperature, alpha)
+                objective = _GroupDistillationObjective
+                return apply_function(objective, input, teacher_logits, labels, groups, self, temperature, alpha)
             if fused:
-                per_sample = _DistillationPerSample.apply(input, teacher_logits, labels, temperature, alpha)
+                per_sample = apply_function(_DistillationPerSample, input, teacher_logits, labels, temperature, alpha)
             else:
                 per_sample = _composite(input, teacher_logits, labels, temperature, alpha)
             return self.robust_reduce(per_sample, groups)

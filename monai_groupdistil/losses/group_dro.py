@@ -302,15 +302,19 @@ class GroupDROLoss(_Loss):
                 f"{group_losses.tolist()}); the weights were left unchanged."
             )
         weights /= total
-        present = counts > 0
         ema, initialized = state[1], state[2]
-        # EMA factor: gamma where the group was seen before and is present now, 1 at its first appearance, 0 absent
-        rate = np.where(initialized, self.gamma, 1.0)
-        rate *= present
         step = group_losses - ema
-        step *= rate
+        if 0 in counts.tolist() or False in initialized.tolist():
+            # EMA factor: gamma where the group was seen before and is present now, 1 at its first appearance, 0
+            # where it is absent
+            present = counts > 0
+            rate = np.where(initialized, self.gamma, 1.0)
+            rate *= present
+            step *= rate
+            initialized |= present
+        else:  # every group present and seen before (the usual case): factor gamma everywhere
+            step *= self.gamma
         ema += step
-        initialized |= present
         state[0][...] = weights
         return weights
 
