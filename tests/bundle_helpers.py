@@ -117,3 +117,24 @@ class Bundle:
         return {
             k for k, v in self.raw_config("train").items() if k not in set(teacher) | workflow_lists and is_setting(v)
         }
+
+
+def own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = None) -> dict:
+    """``overrides`` with checkpoints, reports and logs in ``tmp_path``; the trained teacher linked in if given."""
+    ov = {**overrides, **{f"{k}_dir": str(tmp_path / k) for k in ("ckpt", "output", "log")}}
+    (tmp_path / "ckpt").mkdir()
+    if teacher_from is not None:
+        (tmp_path / "ckpt" / "teacher.pt").symlink_to(Path(teacher_from["overrides"]["ckpt_dir"]) / "teacher.pt")
+    return ov
+
+
+# boolean id -> the train.json item whose value the id decides, and how to read the decision from it (both bundles)
+BOOLEAN_USES = {
+    "use_dro": ("train#handlers", lambda handlers: any(type(h).__name__ == "GroupDROHandler" for h in handlers)),
+    "augment": ("train#augmentation", lambda compose: len(compose.transforms) > 0),
+    "balanced_sampling": ("train#sampler", lambda sampler: type(sampler).__name__ == "GroupBalancedSampler"),
+    "progress_bar": ("train#trainer#progress_bar", lambda value: value),
+}
+# every accepted spelling of a boolean id on the command line and in overrides, with its meaning
+SPELLINGS = [("false", False), ("False", False), ("0", False), ("no", False), (0, False), (False, False)]
+SPELLINGS += [("true", True), ("True", True), ("1", True), ("yes", True), (1, True), (True, True)]

@@ -21,7 +21,17 @@ import pytest
 import torch
 
 from monai_groupdistil.data import make_synthetic_mnms
-from tests.bundle_helpers import ENV, SCHEMA, Bundle, error_chain, report_rows, root_error
+from tests.bundle_helpers import (
+    BOOLEAN_USES,
+    ENV,
+    SCHEMA,
+    SPELLINGS,
+    Bundle,
+    error_chain,
+    own_folders,
+    report_rows,
+    root_error,
+)
 
 CARDIAC = Bundle("cardiac_mri_groupdistil")
 BUNDLE, CONFIGS, META = CARDIAC.root, CARDIAC.config_dir, CARDIAC.meta
@@ -56,15 +66,6 @@ def trained(work):
     run_cli(_configs("train"), {**ov, "step_size": 5.0})
     evaluation = run_cli(_configs("train", "evaluate"), ov)
     return {**work, "evaluate_stdout": evaluation.stdout}
-
-
-def _own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = None) -> dict:
-    """``overrides`` with checkpoints, reports and logs in ``tmp_path``; the trained teacher linked in if given."""
-    ov = {**overrides, **{f"{k}_dir": str(tmp_path / k) for k in ("ckpt", "output", "log")}}
-    (tmp_path / "ckpt").mkdir()
-    if teacher_from is not None:
-        (tmp_path / "ckpt" / "teacher.pt").symlink_to(Path(teacher_from["overrides"]["ckpt_dir"]) / "teacher.pt")
-    return ov
 
 
 def test_teacher_student_evaluate_through_the_cli(trained):
@@ -116,7 +117,7 @@ METHODS = {
 def test_every_training_config_through_config_workflow(trained, method, tmp_path):
     override, ckpt = METHODS[method]
     configs = _configs("train") if override is None else _configs("train", override)
-    ov = _own_folders(trained["overrides"], tmp_path, teacher_from=None if method == "teacher" else trained)
+    ov = own_folders(trained["overrides"], tmp_path, teacher_from=None if method == "teacher" else trained)
     wf = workflow(configs, ov)
     assert wf.check_properties() == []
     wf.run()
@@ -147,7 +148,7 @@ def test_multi_gpu_train_through_config_workflow(trained, tmp_path, monkeypatch)
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in {**env, "MASTER_PORT": str(_free_port())}.items():
         monkeypatch.setenv(key, value)
-    ov = _own_folders(trained["overrides"], tmp_path, teacher_from=trained)
+    ov = own_folders(trained["overrides"], tmp_path, teacher_from=trained)
     wf = None
     try:
         wf = workflow(_configs("train", "multi_gpu_train"), {**ov, "step_size": 5.0, "balanced_sampling": "false"})
@@ -169,7 +170,7 @@ def test_multi_gpu_train_through_config_workflow(trained, tmp_path, monkeypatch)
 
 
 def test_multi_process_training_with_torchrun(trained, tmp_path):
-    ov = _own_folders(trained["overrides"], tmp_path, teacher_from=trained)
+    ov = own_folders(trained["overrides"], tmp_path, teacher_from=trained)
     run_cli(_configs("train", "multi_gpu_train"), {**ov, "step_size": 5.0}, runner=TORCHRUN)
     checkpoint = torch.load(Path(ov["ckpt_dir"]) / "model.pt", weights_only=False)
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # saved without the DDP wrapper
@@ -267,17 +268,6 @@ def test_initialize_generates_the_synthetic_dataset_in_an_empty_dataset_dir(work
     assert splits["group_names"] == ["A", "B", "C", "D"] and sum(splits["group_counts"]) == len(splits["train"])
 
 
-# id -> the config item whose value the id decides, and how to read the decision from it
-BOOLEAN_USES = {
-    "use_dro": ("train#handlers", lambda handlers: any(type(h).__name__ == "GroupDROHandler" for h in handlers)),
-    "augment": ("train#augmentation", lambda compose: len(compose.transforms) > 0),
-    "balanced_sampling": ("train#sampler", lambda sampler: type(sampler).__name__ == "GroupBalancedSampler"),
-    "progress_bar": ("train#trainer#progress_bar", lambda value: value),
-}
-SPELLINGS = [("false", False), ("False", False), ("0", False), ("no", False), (0, False), (False, False)]
-SPELLINGS += [("true", True), ("True", True), ("1", True), ("yes", True), (1, True), (True, True)]
-
-
 def test_every_boolean_id_reads_every_spelling(trained, tmp_path):
     assert set(BOOLEAN_USES) | {"train_teacher_if_missing"} == set(CARDIAC.boolean_ids())
     ov = trained["overrides"]
@@ -315,7 +305,7 @@ def test_teacher_run_gets_every_setting_it_shares_with_train_json(work):
 
 
 def test_missing_teacher_message_gives_a_command_that_makes_the_student_run_work(work, tmp_path):
-    ov = {**_own_folders(work["overrides"], tmp_path), "train_teacher_if_missing": "false"}  # fire's string
+    ov = {**own_folders(work["overrides"], tmp_path), "train_teacher_if_missing": "false"}  # fire's string
     out = run_cli(_configs("train"), ov, check=False)
     assert out.returncode != 0
     assert not (tmp_path / "ckpt" / "teacher.pt").exists() and "Epoch" not in out.stdout + out.stderr  # not trained
@@ -347,7 +337,7 @@ def test_missing_teacher_message_gives_a_command_that_makes_the_student_run_work
 
 
 def test_train_teacher_if_missing_trains_it_into_the_runs_own_ckpt_dir(work, tmp_path):
-    ov = {**_own_folders(work["overrides"], tmp_path), "val_interval": 1, "balanced_sampling": "no", "use_dro": "no"}
+    ov = {**own_folders(work["overrides"], tmp_path), "val_interval": 1, "balanced_sampling": "no", "use_dro": "no"}
     wf = workflow(_configs("train"), {**ov, "train_teacher_if_missing": "true"})
     assert wf.check_properties() == []
     wf.run()

@@ -17,7 +17,17 @@ import pytest
 import torch
 
 from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES, load_waterbirds_datalist
-from tests.bundle_helpers import ENV, SCHEMA, Bundle, error_chain, report_rows, root_error
+from tests.bundle_helpers import (
+    BOOLEAN_USES,
+    ENV,
+    SCHEMA,
+    SPELLINGS,
+    Bundle,
+    error_chain,
+    own_folders,
+    report_rows,
+    root_error,
+)
 
 WATERBIRDS = Bundle("waterbirds_groupdistil")
 ROOT, BUNDLE, CONFIGS, META = WATERBIRDS.root.parents[1], WATERBIRDS.root, WATERBIRDS.config_dir, WATERBIRDS.meta
@@ -59,15 +69,6 @@ def trained(work):
     run_cli(_configs("train"), {**ov, "step_size": 5.0})
     evaluation = run_cli(_configs("train", "evaluate"), ov)
     return {**work, "evaluate_stdout": evaluation.stdout}
-
-
-def _own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = None) -> dict:
-    """``overrides`` with checkpoints, reports and logs in ``tmp_path``; the trained teacher linked in if given."""
-    ov = {**overrides, **{f"{k}_dir": str(tmp_path / k) for k in ("ckpt", "output", "log")}}
-    (tmp_path / "ckpt").mkdir()
-    if teacher_from is not None:
-        (tmp_path / "ckpt" / "teacher.pt").symlink_to(Path(teacher_from["overrides"]["ckpt_dir"]) / "teacher.pt")
-    return ov
 
 
 def test_teacher_student_evaluate_through_the_cli(trained):
@@ -123,7 +124,7 @@ def test_checkpoint_restores_dro_weights(trained):
 
 @pytest.mark.parametrize("baseline", ["erm", "kd", "group_dro"])
 def test_baselines_through_config_workflow(trained, baseline, tmp_path):
-    ov = _own_folders(trained["overrides"], tmp_path, teacher_from=trained)
+    ov = own_folders(trained["overrides"], tmp_path, teacher_from=trained)
     wf = workflow(_configs("train", baseline), ov)
     assert wf.check_properties() == []
     wf.run()
@@ -141,7 +142,7 @@ def test_baselines_through_config_workflow(trained, baseline, tmp_path):
 
 def test_student_trains_its_missing_teacher_through_config_workflow(trained, tmp_path):
     """train_teacher_if_missing runs train_teacher.json through ConfigWorkflow, then trains the student."""
-    ov = _own_folders(trained["overrides"], tmp_path)
+    ov = own_folders(trained["overrides"], tmp_path)
     teacher_wf = workflow(_configs("train", "train_teacher"), ov)
     assert teacher_wf.check_properties() == []
     assert teacher_wf.parser.get_parsed_content("use_dro") is False
@@ -188,7 +189,7 @@ def test_inference_on_the_release_and_on_a_folder(trained, tmp_path):
 
 
 def test_multi_process_training_with_torchrun(trained, tmp_path):
-    ov = _own_folders(trained["overrides"], tmp_path, teacher_from=trained)
+    ov = own_folders(trained["overrides"], tmp_path, teacher_from=trained)
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle"]
     run_cli(_configs("train", "multi_gpu_train"), {**ov, "step_size": 5.0}, runner=runner)
     checkpoint = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=False)
@@ -276,7 +277,7 @@ def test_dataset_dir_that_is_not_a_release(work, tmp_path):
 
 
 def test_missing_teacher_says_how_to_train_it_with_this_runs_settings(trained, tmp_path):
-    ov = {**_own_folders(trained["overrides"], tmp_path), "train_teacher_if_missing": "False"}
+    ov = {**own_folders(trained["overrides"], tmp_path), "train_teacher_if_missing": "False"}
     with pytest.raises(Exception) as info:
         workflow(_configs("train"), ov).run()
     message = error_chain(info.value)
@@ -302,15 +303,6 @@ def test_evaluate_without_a_trained_model(trained, tmp_path):
 
 
 # ------------------------------------------------------------------ settings given on the command line
-
-BOOLEAN_USES = {
-    "use_dro": ("train#handlers", lambda handlers: any(type(h).__name__ == "GroupDROHandler" for h in handlers)),
-    "augment": ("train#augmentation", lambda compose: len(compose.transforms) > 0),
-    "balanced_sampling": ("train#sampler", lambda sampler: type(sampler).__name__ == "GroupBalancedSampler"),
-    "progress_bar": ("train#trainer#progress_bar", lambda value: value),
-}
-SPELLINGS = [("false", False), ("False", False), ("0", False), ("no", False), (0, False), (False, False)]
-SPELLINGS += [("true", True), ("True", True), ("1", True), ("yes", True), (1, True), (True, True)]
 
 
 def test_every_boolean_id_reads_every_spelling(trained, tmp_path):
