@@ -285,6 +285,26 @@ def test_written_out_gradient_is_first_order_only():
         grad.sum().backward()
 
 
+def test_losses_run_under_torch_compile():
+    """Traced by torch.compile (the eager backend: no compiler needed), the losses give the eager values, gradients
+    and weights."""
+    student, teacher, target, groups = _batch(9, batch=6, classes=3)
+    results = []
+    for compiled in (False, True):
+        loss, plain = GroupDistillationLoss(3, step_size=0.5), DistillationLoss(reduction="none")
+
+        def both(s, t, y, g, loss=loss, plain=plain):
+            return loss(s, t, y, g) + plain(s, t, y).sum()
+
+        fn = torch.compile(both, backend="eager") if compiled else both
+        s = student.clone().requires_grad_(True)
+        value = fn(s, teacher, target, groups)
+        value.backward()
+        results.append((value.detach(), s.grad, loss.group_weights.clone()))
+    for eager, traced in zip(*results):
+        assert torch.allclose(eager, traced, atol=1e-12)
+
+
 def test_eval_mode_freezes_weights_and_ema():
     loss = GroupDistillationLoss(num_groups=3, step_size=1.0)
     student, teacher, target, groups = _batch(6)

@@ -229,10 +229,11 @@ def apply_function(function: type[torch.autograd.Function], *args):
 
     ``torch.autograd.Function.apply`` binds default arguments and inspects every argument for functorch wrappers
     before calling the C++ ``apply``; on the small batches the losses are timed on, that wrapper alone costs about a
-    sixth of the loss's fixed cost. The wrapper is skipped only when no functorch transform (``vmap``, ``grad``...)
-    is active; otherwise, or when this torch lacks the internal names, ``function.apply`` is called.
+    sixth of the loss's fixed cost. The wrapper is skipped only in plain eager execution; under a functorch
+    transform (``vmap``, ``grad``...) or ``torch.compile`` tracing, or when this torch lacks the internal names,
+    ``function.apply`` is called.
     """
-    if _FUNCTORCH_ACTIVE is None or _FUNCTORCH_ACTIVE():
+    if _FUNCTORCH_ACTIVE is None or _FUNCTORCH_ACTIVE() or torch.compiler.is_compiling():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*args)  # type: ignore[misc]
 
