@@ -65,7 +65,7 @@ def test_distillation_gradcheck():
 
 
 @pytest.mark.parametrize("spatial", [(), (2, 3)])
-@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.05, 0.4, 1.0])
 def test_hand_written_gradient(spatial, alpha):
     """A teacher without gradient takes the path with the written-out gradient: gradcheck it, and compare it with
     autograd through the composite formula (taken when the teacher needs a gradient)."""
@@ -236,7 +236,7 @@ def test_training_gradient_uses_updated_weights():
 
 
 @pytest.mark.parametrize("spatial", [(), (2, 3)])
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3, 1.0])
 def test_one_node_objective_matches_autograd_in_training(spatial, alpha):
     """A teacher without gradient takes the one-node objective (written-out gradient, statistics inside); a teacher
     requiring gradient takes autograd through the composite formula. Values, gradients and weights agree over
@@ -303,6 +303,126 @@ def test_losses_run_under_torch_compile():
         results.append((value.detach(), s.grad, loss.group_weights.clone()))
     for eager, traced in zip(*results):
         assert torch.allclose(eager, traced, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [1e-6, 1e-3, 0.5, 1.0])
+@pytest.mark.parametrize("spatial", [(), (4, 4)])
+def test_half_precision_values_and_gradients_for_any_alpha(alpha, spatial):
+    """float16 logits: no overflow when (1 - alpha) / (alpha * T^2) is large, values and gradients within float16
+    precision of the float64 computation, and float32 DRO coefficients (float16 would round them)."""
+    student, teacher, target, groups = _batch(40, batch=6, classes=5, spatial=spatial)
+    student, teacher = student * 5, teacher * 5  # confident logits: cross entropies of ~20
+    kwargs = dict(num_groups=3, temperature=4.0, alpha=alpha, step_size=0.5)
+    got = DistillationLoss(4.0, alpha, reduction="none")(student.half(), teacher.half(), target)
+    want = DistillationLoss(4.0, alpha, reduction="none")(student, teacher, target)
+    assert got.dtype == torch.float16
+    assert torch.allclose(got.double(), want, rtol=5e-3, atol=5e-3), (got, want)
+    grads, values = [], []
+    for dtype in (torch.float16, torch.float64):
+        s = student.to(dtype).requires_grad_(True)
+        loss = GroupDistillationLoss(**kwargs)
+        value = loss(s, teacher.to(dtype), target, groups)
+        value.backward()
+        assert value.dtype == dtype
+        values.append(value.double())
+        grads.append(s.grad.double())
+    assert torch.isfinite(grads[0]).all()
+    assert torch.allclose(values[0], values[1], rtol=5e-3)
+    scale = grads[1].abs().max()
+    assert (grads[0] - grads[1]).abs().max() <= 5e-3 * scale, (grads[0] - grads[1]).abs().max() / scale
+
+
+def test_robust_coefficients_are_float32_for_half_values():
+    loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups=3, step_size=0.3)
+    values = torch.tensor([0.7, 1.3, 2.9, 0.1, 5.0, 0.2, 3.3], dtype=torch.float16)
+    groups = torch.tensor([0, 0, 1, 2, 2, 2, 1])
+    step = loss.robust_coefficients(values, groups, scale=1.7, coefficient_factor=1e-5, coefficient_dims=3)
+    assert step.coefficients.dtype == torch.float32 and step.coefficients.shape == (7, 1, 1)
+    q = loss.group_weights.double()
+    counts = torch.bincount(groups, minlength=3).double()
+    want = (q / counts)[groups] * 1e-5
+    assert torch.allclose(step.coefficients.flatten().double(), want, rtol=1e-6)
+    # the generic reduction keeps the per-sample dtype and matches a float64 computation
+    per_sample = torch.nn.CrossEntropyLoss(reduction="none")
+    logits, labels = torch.randn(7, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    half_loss = GroupDROLoss(per_sample, num_groups=3, step_size=0.3)
+    value = half_loss(logits.half(), labels, groups)
+    reference = GroupDROLoss(per_sample, num_groups=3, step_size=0.3)(logits.double(), labels, groups)
+    assert value.dtype == torch.float16
+    assert math.isclose(value.item(), reference.item(), rel_tol=2e-3)
+    contributions = GroupDROLoss(per_sample, num_groups=3, step_size=0.3, reduction="none")(
+        logits.half(), labels, groups
+    )
+    assert contributions.dtype == torch.float16
+    assert math.isclose(contributions.double().sum().item(), reference.item(), rel_tol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_losses_under_autocast_compute_in_float32(dtype):
+    """Under torch.autocast the losses return float32 (as autocast does for torch's losses), equal to the float32
+    computation on the same logits, with float32 gradients cast back to the input's dtype."""
+    student, teacher, target, groups = _batch(41, batch=8, classes=4)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    for make in (lambda: GroupDistillationLoss(3, step_size=0.5), lambda: DistillationLoss(alpha=0.3)):
+        s = student.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = make()
+            value = loss(s, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(s, teacher, target)
+        value.backward()
+        reference_input = student.float().clone().requires_grad_(True)
+        loss = make()
+        args = (reference_input, teacher.float(), target)
+        reference = loss(*args, groups) if isinstance(loss, GroupDROLoss) else loss(*args)
+        reference.backward()
+        assert value.dtype == torch.float32
+        assert torch.allclose(value, reference, rtol=1e-6, atol=1e-7)
+        assert s.grad.dtype == dtype
+        assert torch.allclose(s.grad.float(), reference_input.grad.to(dtype).float(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spatial", [(), (2, 3)])
+def test_ignored_index_is_refused_like_any_out_of_range_label(spatial):
+    """-100 (torch's default ignore_index) is not a class: every path refuses it and the weights stay as they were."""
+    student, teacher, target, groups = _batch(42, batch=5, classes=3, spatial=spatial)
+    target.view(-1)[1] = -100
+    loss = GroupDistillationLoss(3, step_size=0.5)
+    for trainable_teacher in (False, True):
+        t = teacher.clone().requires_grad_(trainable_teacher)
+        with pytest.raises(ValueError, match=r"class indices in \[-100, 2\] .* must lie in \[0, 3\)"):
+            DistillationLoss()(student, t, target)
+        with pytest.raises(ValueError, match=r"class indices in \[-100, 2\] .* must lie in \[0, 3\)"):
+            loss(student, t, target, groups)
+    assert torch.equal(loss.group_weights, torch.full((3,), 1 / 3)) and not loss.ema_initialized.any()
+
+
+@pytest.mark.parametrize("spatial", [(), (2, 3)])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_second_backward_through_a_freed_graph_raises(spatial, alpha):
+    """As for torch's own operations, a second backward pass without retain_graph raises instead of accumulating
+    the gradient again."""
+    student, teacher, target, groups = _batch(43, batch=4, classes=3, spatial=spatial)
+    student.requires_grad_(True)
+    for loss in (GroupDistillationLoss(3, alpha=alpha), DistillationLoss(alpha=alpha)):
+        value = (
+            loss(student, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(student, teacher, target)
+        )
+        value.backward()
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            value.backward()
+
+
+def test_module_pickled_without_numpy_constants_still_trains():
+    """A module pickled by an earlier version (without the numpy copies of its constants) is restored whole."""
+    import pickle
+
+    kwargs = dict(num_groups=3, step_size=0.5, adjustment=[1.0, 0.0, 2.0], group_counts=[10, 20, 30])
+    loss, reference = GroupDistillationLoss(**kwargs), GroupDistillationLoss(**kwargs)
+    del loss.__dict__["_ones"], loss.__dict__["_adjustment_np"]
+    restored = pickle.loads(pickle.dumps(loss))
+    for seed in (44, 45):
+        batch = _batch(seed)
+        assert torch.allclose(restored(*batch), reference(*batch), atol=1e-12)
+    assert torch.allclose(restored.group_weights, reference.group_weights, atol=1e-12)
 
 
 def test_eval_mode_freezes_weights_and_ema():

@@ -18,6 +18,8 @@ from monai_groupdistil.losses.checks import (
 
 __all__ = ["DistillationLoss", "distillation_per_sample"]
 
+_LOWER_PRECISION = (torch.float16, torch.bfloat16)
+
 
 def distillation_per_sample(
     input: torch.Tensor,
@@ -65,7 +67,7 @@ def prepare_distillation_inputs(
         ``(input, teacher_logits, labels, fused)``: ``labels`` are int64 class indices ``[B, *spatial]`` (``None``
         when ``alpha == 1``); ``fused`` is True when the teacher needs no gradient, so the written-out gradient
         (:py:class:`DistillationKernel`) applies; the tensors are then plain ``torch.Tensor`` s (a MONAI
-        ``MetaTensor`` is viewed as one).
+        ``MetaTensor`` is viewed as one), and half-precision logits under ``torch.autocast`` are cast to float32.
 
     Raises:
         TypeError, ValueError: see :py:func:`distillation_per_sample`.
@@ -73,10 +75,16 @@ def prepare_distillation_inputs(
     check_logits(input, teacher_logits)
     if target is None and alpha < 1.0:
         raise ValueError(f"target is required when alpha < 1 (alpha={alpha}); pass class indices or set alpha=1.")
-    on_cpu = input.is_cpu  # on CPU the kernels' own index checks are caught below; on GPUs they assert
-    labels = None if alpha == 1.0 else check_target(target, input, check_range=not on_cpu)  # type: ignore[arg-type]
-    if teacher_logits.requires_grad:  # a teacher trained jointly: autograd through the composite formula
+    # on the CPU the written-out kernel's own index check is caught (DistillationKernel); on GPUs it would assert,
+    # and the composite formula's cross entropy skips the index -100 unchecked
+    composite = teacher_logits.requires_grad
+    check_range = composite or not input.is_cpu
+    labels = None if alpha == 1.0 else check_target(target, input, check_range=check_range)  # type: ignore[arg-type]
+    if composite:  # a teacher trained jointly: autograd through the composite formula
         return input, teacher_logits, labels, False
+    if input.dtype in _LOWER_PRECISION and autocast_active(input.device.type):
+        # as autocast does for losses: computed in float32 (the gradient is cast back to the input's dtype)
+        input, teacher_logits = input.float(), teacher_logits.float()
     if type(input) is not torch.Tensor:  # e.g. a MONAI MetaTensor: plain tensors through the autograd.Function
         input = input.as_subclass(torch.Tensor)
     if type(teacher_logits) is not torch.Tensor:
@@ -126,18 +134,23 @@ class DistillationKernel:
     """The KD + CE loss of a student whose teacher needs no gradient, with its gradient written out.
 
     For student logits ``s``, teacher logits ``t`` and labels ``y``, with ``p_T = softmax(s / T)``,
-    ``q_T = softmax(t / T)`` and ``p = softmax(s)``, the voxel-wise value is ``scale * raw`` where::
+    ``q_T = softmax(t / T)`` and ``p = softmax(s)``, the voxel-wise loss is ``alpha * T^2 * K + (1 - alpha) * E``
+    with::
 
-        K   = sum_c q_T (log q_T - log p_T)          E = -log p[y]
-        raw = K + c * E,   c = (1 - alpha) / (alpha * T^2),   scale = alpha * T^2     (0 < alpha < 1)
-        raw = K,           scale = T^2                                             (alpha = 1)
-        raw = E,           scale = 1                                               (alpha = 0)
-        d(scale * raw) / ds = alpha * T * (p_T - q_T) + (1 - alpha) * (p - onehot(y))
+        K = sum_c q_T (log q_T - log p_T)          E = -log p[y]
+        d(loss) / ds = alpha * T * (p_T - q_T) + (1 - alpha) * (p - onehot(y))
 
-    Keeping the scale out of the voxel-wise values saves a kernel where the caller can fold it into its own
-    arithmetic (the group statistics of the group-DRO objective). Built from a handful of library kernels without
-    an autograd graph, the forward and backward need about half the operations of autograd through the composite
-    formula, which is what small (dispatch-bound) batches pay for. Only first derivatives are available.
+    The kernel returns it as ``scale * raw``, where ``scale = max(alpha * T^2, 1 - alpha)`` is kept out of the
+    voxel-wise values ``raw`` (so the larger of the two terms enters ``raw`` with factor 1: no overflow or loss of
+    precision in half precision, whatever ``alpha``); the caller folds ``scale`` into its own arithmetic (the group
+    statistics of the group-DRO objective), which saves a kernel. In the same way the gradient's constant factor
+    :py:meth:`gradient_factor` ``max(alpha * T, 1 - alpha)`` can be taken from the caller's weights. Built from a
+    handful of library kernels without an autograd graph, the forward and backward need about half the operations
+    of autograd through the composite formula, which is what small (dispatch-bound) batches pay for. Only first
+    derivatives are available.
+
+    Under ``torch.autocast`` the callers pass float32 logits (as autocast does for losses) and the kernel keeps to
+    operations that autocast does not lower, so the values are float32.
 
     Args:
         input: student logits ``[B, C, *spatial]`` (no autograd graph is built here).
@@ -160,23 +173,29 @@ class DistillationKernel:
     ):
         self.temperature, self.alpha, self.labels = temperature, alpha, labels
         self.log_p_t = self.q_t = self.log_p = None
+        kd_weight, ce_weight = alpha * temperature * temperature, 1.0 - alpha
+        self.scale = max(kd_weight, ce_weight)
         raw = None
         if alpha > 0.0:
             self.log_p_t = torch.log_softmax(input / temperature, 1)
             log_q_t = torch.log_softmax(teacher_logits / temperature, 1)
             self.q_t = log_q_t.exp()
-            raw = torch.linalg.vecdot(self.q_t, log_q_t - self.log_p_t, dim=1)
+            if autocast_active(input.device.type):  # vecdot is among the operations autocast lowers
+                raw = log_q_t.sub_(self.log_p_t).mul_(self.q_t).sum(1)
+            else:
+                raw = torch.linalg.vecdot(self.q_t, log_q_t - self.log_p_t, dim=1)
+            if kd_weight != self.scale:
+                raw.mul_(kd_weight / self.scale)
         if labels is not None:
             self.log_p = torch.log_softmax(input, 1)
-            try:
-                ce = F.nll_loss(self.log_p, labels, reduction="none")
+            try:  # gather (not nll_loss, which skips the index -100 unchecked) rejects every index outside [0, C)
+                log_p_y = self.log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
             except (IndexError, RuntimeError):
                 check_target_range(labels, input.shape[1])
                 raise
-            raw = ce if raw is None else raw.add_(ce, alpha=(1.0 - alpha) / (alpha * temperature * temperature))
+            raw = log_p_y.neg_() if raw is None else raw.sub_(log_p_y, alpha=ce_weight / self.scale)
         assert raw is not None
         self.raw: torch.Tensor = raw
-        self.scale = alpha * temperature * temperature if alpha > 0.0 else 1.0
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:
         """The tensors the gradient needs (to pass through ``ctx.save_for_backward``)."""
@@ -193,21 +212,23 @@ class DistillationKernel:
         weights: torch.Tensor,
         weights_scaled: bool = False,
     ) -> torch.Tensor:
-        """Gradient of ``sum(weights * scale * raw)`` with respect to the student's logits.
+        """Gradient of ``sum(weights * loss)`` with respect to the student's logits.
 
         ``weights`` broadcasts against the logits (``[B, 1, *spatial]`` or ``[B, 1, 1...]``). With
         ``weights_scaled`` they already hold the factor :py:meth:`gradient_factor` (a kernel fewer). The saved
         tensors are not modified (a graph may be retained and differentiated again).
         """
-        factor = DistillationKernel.gradient_factor(temperature, alpha)
+        kd_factor, ce_factor = alpha * temperature, 1.0 - alpha
+        if weights_scaled:
+            factor = DistillationKernel.gradient_factor(temperature, alpha)
+            kd_factor, ce_factor = kd_factor / factor, ce_factor / factor
         grad = None
         if log_p_t is not None and q_t is not None:  # alpha * T * (p_T - q_T)
             grad = log_p_t.exp().sub_(q_t)
-            if not weights_scaled:
-                grad.mul_(factor)
+            if kd_factor != 1.0:
+                grad.mul_(kd_factor)
         if log_p is not None and labels is not None:  # (1 - alpha) * (p - onehot(y))
             p = log_p.exp().scatter_(1, labels.unsqueeze(1), -1.0, reduce="add")
-            ce_factor = (1.0 - alpha) / factor if weights_scaled else 1.0 - alpha
             if grad is None:
                 grad = p.mul_(ce_factor) if ce_factor != 1.0 else p
             else:
@@ -217,8 +238,18 @@ class DistillationKernel:
 
     @staticmethod
     def gradient_factor(temperature: float, alpha: float) -> float:
-        """The factor ``alpha * T`` (``1`` when ``alpha == 0``) that :py:meth:`gradient` can take from its weights."""
-        return alpha * temperature if alpha > 0.0 else 1.0
+        """The factor ``max(alpha * T, 1 - alpha)`` that :py:meth:`gradient` can take from its weights."""
+        return max(alpha * temperature, 1.0 - alpha)
+
+
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_active(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is enabled for ``device_type`` (a cheap first test when this torch has it)."""
+    if _ANY_AUTOCAST is not None and not _ANY_AUTOCAST():
+        return False
+    return torch.is_autocast_enabled(device_type)
 
 
 _FUNCTORCH_ACTIVE = getattr(torch._C, "_are_functorch_transforms_active", None)
@@ -243,34 +274,29 @@ def save_kernel_tensors(
 ) -> None:
     """Keep the tensors a written-out gradient needs on an autograd ``ctx``.
 
-    Classification-sized tensors are kept as a plain attribute, which is markedly cheaper per call than
-    ``ctx.save_for_backward`` on these dispatch-bound sizes; the labels, the only input among them, are then checked
-    for in-place modification by their version counter, as ``save_for_backward`` would. Dense tensors go through
-    ``save_for_backward``, which frees them right after the backward pass.
+    Dense tensors go through ``ctx.save_for_backward``, which frees them right after the backward pass. Of the
+    classification-sized ones only the labels (or, without labels, the first tensor) go through it, and the others
+    are kept as a plain attribute, which is markedly cheaper per call on these dispatch-bound sizes: the one saved
+    tensor still gives autograd's checks, i.e. an error for labels modified in place after the forward pass and for
+    a second backward pass through a graph that was not retained.
     """
     if dense:
         ctx.save_for_backward(*tensors)
         ctx.stash = None
     else:
+        ctx.save_for_backward(labels if labels is not None else tensors[0])
         ctx.stash = tensors
-        ctx.labels_version = None if labels is None else labels._version
 
 
-def saved_kernel_tensors(ctx, labels_position: int) -> tuple[torch.Tensor | None, ...]:
-    """The tensors kept by :py:func:`save_kernel_tensors` (``labels_position``: index of the labels among them).
+def saved_kernel_tensors(ctx) -> tuple[torch.Tensor | None, ...]:
+    """The tensors kept by :py:func:`save_kernel_tensors`.
 
     Raises:
-        RuntimeError: when the labels were modified in place after the forward pass.
+        RuntimeError: (from autograd) when the labels were modified in place after the forward pass, or when the
+            graph was freed by an earlier backward pass.
     """
-    if ctx.stash is None:
-        return ctx.saved_tensors
-    labels = ctx.stash[labels_position]
-    if labels is not None and labels._version != ctx.labels_version:
-        raise RuntimeError(
-            "one of the variables needed for gradient computation has been modified by an inplace operation: the "
-            f"target of the distillation loss is at version {labels._version}, expected {ctx.labels_version}."
-        )
-    return ctx.stash
+    saved = ctx.saved_tensors
+    return saved if ctx.stash is None else ctx.stash
 
 
 def first_derivative_only(backward):
@@ -299,7 +325,7 @@ class _DistillationPerSample(torch.autograd.Function):
     @first_derivative_only
     def backward(ctx, grad_values):  # type: ignore[override]
         weights = grad_values.unsqueeze(1)
-        saved = saved_kernel_tensors(ctx, 3)
+        saved = saved_kernel_tensors(ctx)
         grad = DistillationKernel.gradient(*saved, ctx.temperature, ctx.alpha, weights)
         return grad, None, None, None, None
 

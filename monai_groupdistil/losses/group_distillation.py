@@ -151,7 +151,7 @@ class _GroupDistillationObjective(torch.autograd.Function):
         sample_coef, constant, robust = loss.robust_coefficients(raw, groups, kernel.scale, factor, input.ndim)
         if robust is None:  # multi-process: this rank's share
             coef = sample_coef.flatten()
-            value = torch.dot(raw, coef).mul_(kernel.scale / factor)
+            value = torch.dot(raw.to(coef.dtype), coef).mul_(kernel.scale / factor).to(raw.dtype)
             if loss.use_adjustment:
                 value.add_(constant)
         elif raw.is_cpu and raw.dtype in _NUMPY_DTYPES:  # the value from the group statistics
@@ -165,7 +165,7 @@ class _GroupDistillationObjective(torch.autograd.Function):
     @staticmethod
     @first_derivative_only
     def backward(ctx, grad_value):  # type: ignore[override]
-        weights, *saved = saved_kernel_tensors(ctx, 4)
+        weights, *saved = saved_kernel_tensors(ctx)
         if not grad_value.is_cpu:
             weights = weights * grad_value
         elif (incoming := float(grad_value)) != 1.0:  # 1 for loss.backward()

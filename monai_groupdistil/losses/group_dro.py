@@ -189,9 +189,12 @@ class GroupDROLoss(_Loss):
             per_sample = per_sample.flatten(1).mean(dim=1)
         sample_coef, constant, _ = self.robust_coefficients(per_sample.detach(), groups)
         if self.reduction == "none":
-            out = per_sample * sample_coef
+            out = (per_sample * sample_coef).to(per_sample.dtype)
             return out + constant / batch if self.use_adjustment else out
-        out = torch.dot(per_sample, sample_coef)
+        if sample_coef.dtype != per_sample.dtype:  # half precision: float32 coefficients
+            out = torch.dot(per_sample.to(sample_coef.dtype), sample_coef).to(per_sample.dtype)
+        else:
+            out = torch.dot(per_sample, sample_coef)
         return out + constant if self.use_adjustment else out
 
     def robust_coefficients(
@@ -222,7 +225,8 @@ class GroupDROLoss(_Loss):
 
         Returns:
             a :py:class:`RobustStep` ``(coefficients, constant, value)``: ``a`` (times ``coefficient_factor``) as a
-            ``[B]`` (``[B, 1, ...]``) tensor of the dtype and device of ``values``, ``c`` a float, and in a single
+            ``[B]`` (``[B, 1, ...]``) tensor on the device of ``values``, float64 for float64 values and float32
+            otherwise (half-precision coefficients would lose digits or underflow), ``c`` a float, and in a single
             process the robust loss as a float (``None`` in multi-process runs, where each rank returns its share).
 
         Raises:
@@ -233,8 +237,7 @@ class GroupDROLoss(_Loss):
         # The group statistics are G numbers: reduced once, then handled in numpy (float64), which costs far less
         # than a dozen tiny tensor operations. On the CPU the ids and values are read as numpy views, so no tensor
         # operation is needed at all.
-        dtype = _NUMPY_DTYPES.get(values.dtype)
-        on_cpu = dtype is not None and values.is_cpu and groups.is_cpu
+        on_cpu = values.dtype in _NUMPY_DTYPES and values.is_cpu and groups.is_cpu
         ids = groups.numpy() if on_cpu else None
         group_sums, group_counts = group_sums_and_counts(groups, values, num_groups, ids)
         if scale != 1.0:
@@ -265,11 +268,12 @@ class GroupDROLoss(_Loss):
         coef = weights / denom
         if world_size != 1 or coefficient_factor != 1.0:
             coef *= world_size * coefficient_factor
+        double = values.dtype == torch.float64  # coefficients in float64 or float32 (also for half values)
         if on_cpu:  # per-sample coefficients gathered in numpy
-            taken = coef.astype(dtype).take(ids)  # type: ignore[union-attr]
+            taken = coef.astype(np.float64 if double else np.float32).take(ids)  # type: ignore[union-attr]
             sample_coef = torch.from_numpy(taken.reshape(-1, *([1] * (coefficient_dims - 1))))
         else:
-            coef_t = torch.from_numpy(coef).to(device=values.device, dtype=values.dtype)
+            coef_t = torch.from_numpy(coef).to(device=values.device, dtype=torch.float64 if double else torch.float32)
             sample_coef = coef_t.index_select(0, groups)
             if coefficient_dims != 1:
                 sample_coef = sample_coef.view(-1, *([1] * (coefficient_dims - 1)))
@@ -354,6 +358,11 @@ class GroupDROLoss(_Loss):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_numpy_state", None)
+        # modules pickled by earlier versions lack the numpy copies of the constants
+        if "_ones" not in self.__dict__:
+            self._ones = np.ones(self.num_groups)
+        if "_adjustment_np" not in self.__dict__:
+            self._adjustment_np = self.adjustment_term.double().cpu().numpy()
 
     def _commit_state(self, state: list[np.ndarray]) -> None:
         """Copy ``state`` (copies of buffers that are not on the CPU) into the buffers."""
