@@ -412,12 +412,12 @@ def test_second_backward_through_a_freed_graph_raises(spatial, alpha):
 
 
 def test_module_pickled_without_numpy_constants_still_trains():
-    """A module pickled by an earlier version (without the numpy copies of its constants) is restored whole."""
+    """A module pickled by an earlier version (without the Python copy of its adjustment terms) is restored whole."""
     import pickle
 
     kwargs = dict(num_groups=3, step_size=0.5, adjustment=[1.0, 0.0, 2.0], group_counts=[10, 20, 30])
     loss, reference = GroupDistillationLoss(**kwargs), GroupDistillationLoss(**kwargs)
-    del loss.__dict__["_ones"], loss.__dict__["_adjustment_np"]
+    del loss.__dict__["_adjustment_list"]
     restored = pickle.loads(pickle.dumps(loss))
     for seed in (44, 45):
         batch = _batch(seed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import add, mul, sub, truediv
 from typing import NamedTuple
 
 import numpy as np
@@ -140,8 +142,7 @@ class GroupDROLoss(_Loss):
         self.register_buffer("ema_initialized", torch.zeros(num_groups, dtype=torch.bool))
         self.register_buffer("last_group_losses", torch.zeros(num_groups), persistent=False)
         self.register_buffer("last_group_counts", torch.zeros(num_groups, dtype=torch.long), persistent=False)
-        self._adjustment_np = adj_term.numpy()
-        self._ones = np.ones(num_groups)
+        self._adjustment_list: list[float] = adj_term.tolist()
         self._numpy_state: tuple[tuple[int, ...], list[np.ndarray]] | None = None
 
     @property
@@ -234,23 +235,25 @@ class GroupDROLoss(_Loss):
                 update; the state is then left untouched.
         """
         num_groups = self.num_groups
-        # The group statistics are G numbers: reduced once, then handled in numpy (float64), which costs far less
-        # than a dozen tiny tensor operations. On the CPU the ids and values are read as numpy views, so no tensor
-        # operation is needed at all.
+        # The group sums and counts are one bincount each (on the CPU on numpy views of the tensors, so no tensor
+        # operation is needed at all). The G numbers they give are then handled as Python floats: on these sizes
+        # every numpy or torch call costs microseconds (several, right after the loss kernels have gone through
+        # the caches), far more than its arithmetic, and the update below needs about twenty of them.
         on_cpu = values.dtype in _NUMPY_DTYPES and values.is_cpu and groups.is_cpu
         ids = groups.numpy() if on_cpu else None
         group_sums, group_counts = group_sums_and_counts(groups, values, num_groups, ids)
-        if scale != 1.0:
-            group_sums *= scale
         world_size = 1
         if _DISTRIBUTED and dist.is_initialized():
             world_size = dist.get_world_size()
             stats = torch.from_numpy(np.stack([group_sums, group_counts.astype(np.float64)])).to(values.device)
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             group_sums, group_counts = stats.cpu().numpy()
-        denom = np.maximum(group_counts, 1)
-        group_losses = group_sums / denom
-        if not math.isfinite(group_losses @ self._ones):  # a dot product: the cheapest numpy sum of G numbers
+        counts = group_counts.tolist()
+        denom = list(map(max, counts, repeat(1)))
+        group_losses = list(map(truediv, group_sums.tolist(), denom))
+        if scale != 1.0:
+            group_losses = list(map(mul, group_losses, repeat(scale)))
+        if not math.isfinite(sum(group_losses)):
             bad = np.flatnonzero(~np.isfinite(group_losses)).tolist()
             raise ValueError(
                 f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
@@ -258,67 +261,67 @@ class GroupDROLoss(_Loss):
             )
         state = self._state_arrays()
         if self.training:
-            weights = self._update_state(state, group_losses, group_counts)
+            weights = self._update_state(state, group_losses, counts)
         else:
-            weights = state[0].astype(np.float64)
+            weights = state[0].tolist()
         state[3][...] = group_losses
-        state[4][...] = group_counts
+        state[4][...] = counts
         if state is not self._cpu_state:
             self._commit_state(state)
-        coef = weights / denom
+        coef = map(truediv, weights, denom)  # q_g / n_g (times the factors), per group
         if world_size != 1 or coefficient_factor != 1.0:
-            coef *= world_size * coefficient_factor
+            coef = map(mul, coef, repeat(world_size * coefficient_factor))
         double = values.dtype == torch.float64  # coefficients in float64 or float32 (also for half values)
         if on_cpu:  # per-sample coefficients gathered in numpy
-            taken = coef.astype(np.float64 if double else np.float32).take(ids)  # type: ignore[union-attr]
-            sample_coef = torch.from_numpy(taken.reshape(-1, *([1] * (coefficient_dims - 1))))
+            taken = np.fromiter(coef, np.float64 if double else np.float32, num_groups).take(ids)  # type: ignore[union-attr]
+            if coefficient_dims != 1:
+                taken = taken.reshape(-1, *([1] * (coefficient_dims - 1)))
+            sample_coef = torch.from_numpy(taken)
         else:
-            coef_t = torch.from_numpy(coef).to(device=values.device, dtype=torch.float64 if double else torch.float32)
+            coef_t = torch.tensor(list(coef), dtype=torch.float64 if double else torch.float32, device=values.device)
             sample_coef = coef_t.index_select(0, groups)
             if coefficient_dims != 1:
                 sample_coef = sample_coef.view(-1, *([1] * (coefficient_dims - 1)))
-        constant = float(weights @ self._adjustment_np) if self.use_adjustment else 0.0
+        constant = sum(map(mul, weights, self._adjustment_list)) if self.use_adjustment else 0.0
         # single process: the robust loss sum_g q_g L_g + c itself (the same number as sum_i a_i l_i + c)
-        value = float(weights @ group_losses) + constant if world_size == 1 else None
+        value = sum(map(mul, weights, group_losses)) + constant if world_size == 1 else None
         return RobustStep(sample_coef, constant, value)
 
-    def _update_state(self, state: list[np.ndarray], group_losses: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    def _update_state(self, state: list[np.ndarray], group_losses: list[float], counts: list[float]) -> list[float]:
         """Exponentiated-gradient step on the weights and EMA update, written into ``state``; returns the weights.
 
-        ``state`` is left untouched when the update fails. (G numbers: written for few numpy calls, each of which
-        costs far more than its arithmetic.)
+        ``state`` is left untouched when the update fails. (G numbers as Python floats, combined with ``map``: see
+        :py:meth:`robust_coefficients`.)
         """
-        adjusted = group_losses + self._adjustment_np if self.use_adjustment else group_losses
+        adjusted = list(map(add, group_losses, self._adjustment_list)) if self.use_adjustment else group_losses
         if self.normalize_loss:
-            total = adjusted @ self._ones
+            total = sum(adjusted)
             if total > 0:
-                adjusted = adjusted / total
-        exponent = adjusted * self._step_size
-        top = max(exponent.tolist())
+                adjusted = list(map(truediv, adjusted, repeat(total)))
+        exponent = list(map(mul, adjusted, repeat(self._step_size)))
+        top = max(exponent)
         if not -700.0 < top < 700.0:  # exp would overflow or underflow in float64: shift (same weights)
-            exponent -= top
-        weights = np.exp(exponent)
-        weights *= state[0]
-        total = weights @ self._ones
+            exponent = list(map(sub, exponent, repeat(top)))
+        weights = list(map(mul, map(math.exp, exponent), state[0].tolist()))
+        total = sum(weights)
         if not 0.0 < total < math.inf:
             raise ValueError(
                 f"the DRO weight update underflowed (step_size={self.step_size} is too large for losses "
-                f"{group_losses.tolist()}); the weights were left unchanged."
+                f"{group_losses}); the weights were left unchanged."
             )
-        weights /= total
+        weights = list(map(truediv, weights, repeat(total)))
         ema, initialized = state[1], state[2]
-        step = group_losses - ema
-        if 0 in counts.tolist() or False in initialized.tolist():
+        if 0 in counts or False in initialized.tolist():
             # EMA factor: gamma where the group was seen before and is present now, 1 at its first appearance, 0
             # where it is absent
-            present = counts > 0
+            present = np.asarray(counts) > 0
             rate = np.where(initialized, self.gamma, 1.0)
             rate *= present
-            step *= rate
+            ema += rate * (np.asarray(group_losses) - ema)
             initialized |= present
         else:  # every group present and seen before (the usual case): factor gamma everywhere
-            step *= self.gamma
-        ema += step
+            previous = ema.tolist()
+            ema[...] = list(map(add, previous, map(mul, map(sub, group_losses, previous), repeat(self.gamma))))
         state[0][...] = weights
         return weights
 
@@ -358,11 +361,9 @@ class GroupDROLoss(_Loss):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_numpy_state", None)
-        # modules pickled by earlier versions lack the numpy copies of the constants
-        if "_ones" not in self.__dict__:
-            self._ones = np.ones(self.num_groups)
-        if "_adjustment_np" not in self.__dict__:
-            self._adjustment_np = self.adjustment_term.double().cpu().numpy()
+        # modules pickled by earlier versions lack the Python copy of the adjustment terms
+        if "_adjustment_list" not in self.__dict__:
+            self._adjustment_list = self.adjustment_term.double().cpu().tolist()
 
     def _commit_state(self, state: list[np.ndarray]) -> None:
         """Copy ``state`` (copies of buffers that are not on the CPU) into the buffers."""
