@@ -380,6 +380,39 @@ def test_losses_under_autocast_compute_in_float32(dtype):
         assert torch.allclose(s.grad.float(), reference_input.grad.to(dtype).float(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize(
+    "student_dtype,teacher_dtype",
+    [
+        (torch.float32, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float16),
+    ],
+)
+def test_student_and_teacher_of_different_dtypes(student_dtype, teacher_dtype, autocast):
+    """Logits of two dtypes are computed in their promoted dtype (float32 for two half precisions, and under
+    autocast), as torch promotes them in the composite formula; the gradient has the student's dtype."""
+    student, teacher, target, groups = _batch(46, batch=8, classes=5)
+    teacher = teacher.to(teacher_dtype)
+    for make in (lambda: GroupDistillationLoss(3, step_size=0.5), lambda: DistillationLoss(alpha=0.3)):
+        s = student.to(student_dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = make()
+            value = loss(s, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(s, teacher, target)
+        value.backward()
+        reference_input = student.to(student_dtype).double().requires_grad_(True)
+        loss = make()
+        args = (reference_input, teacher.double(), target)
+        reference = loss(*args, groups) if isinstance(loss, GroupDROLoss) else loss(*args)
+        reference.backward()
+        assert value.dtype == torch.float32
+        assert math.isclose(value.item(), reference.item(), rel_tol=1e-5)
+        assert s.grad.dtype == student_dtype
+        tolerance = 1e-2 if student_dtype in (torch.float16, torch.bfloat16) else 1e-5
+        assert torch.allclose(s.grad.double(), reference_input.grad, rtol=tolerance, atol=tolerance * 1e-2)
+
+
 @pytest.mark.parametrize("spatial", [(), (2, 3)])
 def test_ignored_index_is_refused_like_any_out_of_range_label(spatial):
     """-100 (torch's default ignore_index) is not a class: every path refuses it and the weights stay as they were."""

@@ -67,7 +67,8 @@ def prepare_distillation_inputs(
         ``(input, teacher_logits, labels, fused)``: ``labels`` are int64 class indices ``[B, *spatial]`` (``None``
         when ``alpha == 1``); ``fused`` is True when the teacher needs no gradient, so the written-out gradient
         (:py:class:`DistillationKernel`) applies; the tensors are then plain ``torch.Tensor`` s (a MONAI
-        ``MetaTensor`` is viewed as one), and half-precision logits under ``torch.autocast`` are cast to float32.
+        ``MetaTensor`` is viewed as one), in one dtype: the promoted dtype of the two (float32 rather than a half
+        precision under ``torch.autocast``).
 
     Raises:
         TypeError, ValueError: see :py:func:`distillation_per_sample`.
@@ -82,9 +83,14 @@ def prepare_distillation_inputs(
     labels = None if alpha == 1.0 else check_target(target, input, check_range=check_range)  # type: ignore[arg-type]
     if composite:  # a teacher trained jointly: autograd through the composite formula
         return input, teacher_logits, labels, False
-    if input.dtype in _LOWER_PRECISION and autocast_active(input.device.type):
-        # as autocast does for losses: computed in float32 (the gradient is cast back to the input's dtype)
-        input, teacher_logits = input.float(), teacher_logits.float()
+    lower = input.dtype in _LOWER_PRECISION or teacher_logits.dtype in _LOWER_PRECISION
+    if teacher_logits.dtype != input.dtype or (lower and autocast_active(input.device.type)):
+        # one dtype for the kernels: the promoted one, and under autocast float32 rather than a half precision (as
+        # autocast does for torch's losses); the gradient is cast back to the input's dtype
+        dtype = torch.promote_types(input.dtype, teacher_logits.dtype)
+        if dtype in _LOWER_PRECISION and autocast_active(input.device.type):
+            dtype = torch.float32
+        input, teacher_logits = input.to(dtype), teacher_logits.to(dtype)
     if type(input) is not torch.Tensor:  # e.g. a MONAI MetaTensor: plain tensors through the autograd.Function
         input = input.as_subclass(torch.Tensor)
     if type(teacher_logits) is not torch.Tensor:
