@@ -285,22 +285,33 @@ def test_written_out_gradient_is_first_order_only():
         grad.sum().backward()
 
 
-def test_losses_run_under_torch_compile():
+@pytest.mark.parametrize("kind", ["objective", "none", "group_dro"])
+def test_losses_run_under_torch_compile(kind):
     """Traced by torch.compile (the eager backend: no compiler needed), the losses give the eager values, gradients
-    and weights."""
-    student, teacher, target, groups = _batch(9, batch=6, classes=3)
+    and weights over several steps, including steps where every group is present and already seen."""
     results = []
     for compiled in (False, True):
-        loss, plain = GroupDistillationLoss(3, step_size=0.5), DistillationLoss(reduction="none")
+        torch._dynamo.reset()
+        if kind == "group_dro":
+            loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), 3, step_size=0.5)
+        else:
+            loss = GroupDistillationLoss(3, step_size=0.5, reduction="mean" if kind == "objective" else "none")
+        plain = DistillationLoss(reduction="none")
 
         def both(s, t, y, g, loss=loss, plain=plain):
-            return loss(s, t, y, g) + plain(s, t, y).sum()
+            value = loss(s, y, g) if kind == "group_dro" else loss(s, t, y, g)
+            return value.sum() + plain(s, t, y).sum()
 
         fn = torch.compile(both, backend="eager") if compiled else both
-        s = student.clone().requires_grad_(True)
-        value = fn(s, teacher, target, groups)
-        value.backward()
-        results.append((value.detach(), s.grad, loss.group_weights.clone()))
+        trajectory = []
+        for step in range(4):
+            student, teacher, target, groups = _batch(9 + step, batch=6, classes=3)
+            groups = torch.tensor([0, 1, 2, 0, 1, 2]) if step else groups
+            s = student.clone().requires_grad_(True)
+            value = fn(s, teacher, target, groups)
+            value.backward()
+            trajectory += [value.detach(), s.grad, loss.group_weights.clone(), loss.ema_group_losses.clone()]
+        results.append(trajectory)
     for eager, traced in zip(*results):
         assert torch.allclose(eager, traced, atol=1e-12)
 

@@ -234,6 +234,14 @@ class GroupDROLoss(_Loss):
             ValueError: for group ids outside ``[0, num_groups)``, non-finite per-group losses or a failed weight
                 update; the state is then left untouched.
         """
+        if torch.compiler.is_compiling():  # host-side state: run eagerly at every call, never traced by dynamo
+            return _robust_step_eager(self, values, groups, scale, coefficient_factor, coefficient_dims)
+        return self._robust_step(values, groups, scale, coefficient_factor, coefficient_dims)
+
+    def _robust_step(
+        self, values: torch.Tensor, groups: torch.Tensor, scale: float, coefficient_factor: float, coefficient_dims: int
+    ) -> RobustStep:
+        """:py:meth:`robust_coefficients` itself."""
         num_groups = self.num_groups
         # The group sums and counts are one bincount each (on the CPU on numpy views of the tensors, so no tensor
         # operation is needed at all). The G numbers they give are then handled as Python floats: on these sizes
@@ -388,6 +396,10 @@ class GroupDROLoss(_Loss):
             ):
                 raise ValueError(f"the checkpoint's DRO weights are not a probability vector: {weights.tolist()}.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+
+
+# dynamo would specialise on the Python floats of the bookkeeping (and fail its own guards when they change)
+_robust_step_eager = torch.compiler.disable(GroupDROLoss._robust_step)
 
 
 def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
