@@ -77,7 +77,7 @@ class ReferenceGroupDRO:
             scores = list(adjusted)
             if self.normalize_loss:
                 total = sum(scores)
-                if total > 0:
+                if total != 0:
                     scores = [s / total for s in scores]
             new_q = [self.q[g] * math.exp(self.step_size * scores[g]) for g in range(self.num_groups)]
             total = sum(new_q)

@@ -455,6 +455,35 @@ def test_second_backward_through_a_freed_graph_raises(spatial, alpha):
             value.backward()
 
 
+def test_normalize_loss_divides_by_a_negative_total_too():
+    """FACTS: A <- A / sum(A) whatever the sign of the sum (a per-sample loss may be negative)."""
+    loss = GroupDROLoss(lambda x, y: x.sum(dim=1), num_groups=3, step_size=0.4, normalize_loss=True)
+    reference = ReferenceGroupDRO(num_groups=3, step_size=0.4, normalize_loss=True)
+    gen = torch.Generator().manual_seed(47)
+    for _ in range(4):
+        values = torch.randn(9, 1, generator=gen, dtype=torch.float64) - 2.0  # mostly negative losses
+        groups = torch.tensor([0, 1, 2] * 3)
+        got = loss(values, torch.zeros(9), groups)
+        want = reference.step(values.flatten().tolist(), groups.tolist())
+        assert math.isclose(got.item(), want, rel_tol=1e-6)  # the weights are stored in float32
+        assert torch.allclose(loss.group_weights.double(), torch.tensor(reference.q, dtype=torch.float64), atol=1e-7)
+
+
+def test_bfloat16_state_buffers():
+    """After module.to(torch.bfloat16) the buffers are bfloat16 (no numpy dtype): the loss still trains, and its
+    weights follow the float32 module's within bfloat16 rounding."""
+    low, full = GroupDistillationLoss(3, step_size=0.5).to(torch.bfloat16), GroupDistillationLoss(3, step_size=0.5)
+    assert low.group_weights.dtype == torch.bfloat16
+    for seed in (48, 49, 50):
+        batch = _batch(seed)
+        low(*batch)
+        full(*batch)
+    assert low.group_weights.dtype == torch.bfloat16 and low.ema_group_losses.dtype == torch.bfloat16
+    assert torch.allclose(low.group_weights.float(), full.group_weights, atol=1e-2)
+    assert torch.allclose(low.ema_group_losses.float(), full.ema_group_losses, rtol=2e-2)
+    assert torch.equal(low.last_group_counts, full.last_group_counts)
+
+
 def test_module_pickled_without_numpy_constants_still_trains():
     """A module pickled by an earlier version (without the Python copy of its adjustment terms) is restored whole."""
     import pickle

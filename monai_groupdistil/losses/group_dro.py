@@ -68,7 +68,8 @@ class GroupDROLoss(_Loss):
             plain attribute read at every call, so handlers may change it (warm-up, schedules).
         adjustment: ``C`` of the generalisation adjustment, a float or one value per group, ``>= 0``.
         group_counts: training-set size ``N_g`` of every group; required when ``adjustment`` is non-zero.
-        normalize_loss: normalise the adjusted group losses to sum 1 before the update (a zero sum leaves them 0).
+        normalize_loss: divide the adjusted group losses by their sum before the update (a zero sum leaves them as
+            they are).
         gamma: factor of the exponential moving average of the group losses, in ``(0, 1]``.
         reduction: ``"mean"`` or ``"sum"`` return the robust scalar; ``"none"`` returns per-sample contributions
             ``[B]`` whose sum equals it.
@@ -304,7 +305,7 @@ class GroupDROLoss(_Loss):
         adjusted = list(map(add, group_losses, self._adjustment_list)) if self.use_adjustment else group_losses
         if self.normalize_loss:
             total = sum(adjusted)
-            if total > 0:
+            if total != 0.0:
                 adjusted = list(map(truediv, adjusted, repeat(total)))
         exponent = list(map(mul, adjusted, repeat(self._step_size)))
         top = max(exponent)
@@ -350,11 +351,15 @@ class GroupDROLoss(_Loss):
         if self._numpy_state is not None and self._numpy_state[0] == key:
             return self._numpy_state[1]
         tensors = [b[name] for name in _STATE_BUFFERS]
-        if all(t.device.type == "cpu" for t in tensors):  # type: ignore[union-attr]
+        if all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in tensors):  # type: ignore[union-attr]
             views = [t.numpy() for t in tensors]  # type: ignore[union-attr]
             self._numpy_state = (key, views)  # the views hold the tensors, so no address can be reused meanwhile
             return views
-        return [t.detach().cpu().numpy().copy() for t in tensors]  # type: ignore[union-attr]
+        # copies (float32 for bfloat16, which numpy lacks), written back by _commit_state
+        return [
+            t.detach().cpu().float().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy().copy()  # type: ignore[union-attr]
+            for t in tensors
+        ]
 
     @property
     def _cpu_state(self) -> list[np.ndarray] | None:
