@@ -23,6 +23,11 @@ def _batch(seed, batch=12, classes=4, spatial=(), num_groups=3, absent=()):
     return student, teacher, target, groups
 
 
+def _call(loss, student, teacher, target, groups):
+    """Call a group loss with the groups, a plain distillation loss without them."""
+    return loss(student, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(student, teacher, target)
+
+
 def _nested(t: torch.Tensor):
     return t.flatten(2).tolist() if t.ndim > 2 else t.tolist()
 
@@ -264,7 +269,7 @@ def test_written_out_gradient_refuses_a_target_modified_in_place(make):
     loss = make()
     student, teacher, target, groups = _batch(7, batch=5, classes=3, num_groups=2)
     student.requires_grad_(True)
-    value = loss(student, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(student, teacher, target)
+    value = _call(loss, student, teacher, target, groups)
     target.add_(0)  # an in-place operation between forward and backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         value.sum().backward()
@@ -378,12 +383,11 @@ def test_losses_under_autocast_compute_in_float32(dtype):
         s = student.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = make()
-            value = loss(s, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(s, teacher, target)
+            value = _call(loss, s, teacher, target, groups)
         value.backward()
         reference_input = student.float().clone().requires_grad_(True)
         loss = make()
-        args = (reference_input, teacher.float(), target)
-        reference = loss(*args, groups) if isinstance(loss, GroupDROLoss) else loss(*args)
+        reference = _call(loss, reference_input, teacher.float(), target, groups)
         reference.backward()
         assert value.dtype == torch.float32
         assert torch.allclose(value, reference, rtol=1e-6, atol=1e-7)
@@ -410,12 +414,11 @@ def test_student_and_teacher_of_different_dtypes(student_dtype, teacher_dtype, a
         s = student.to(student_dtype).requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = make()
-            value = loss(s, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(s, teacher, target)
+            value = _call(loss, s, teacher, target, groups)
         value.backward()
         reference_input = student.to(student_dtype).double().requires_grad_(True)
         loss = make()
-        args = (reference_input, teacher.double(), target)
-        reference = loss(*args, groups) if isinstance(loss, GroupDROLoss) else loss(*args)
+        reference = _call(loss, reference_input, teacher.double(), target, groups)
         reference.backward()
         assert value.dtype == torch.float32
         assert math.isclose(value.item(), reference.item(), rel_tol=1e-5)
@@ -447,9 +450,7 @@ def test_second_backward_through_a_freed_graph_raises(spatial, alpha):
     student, teacher, target, groups = _batch(43, batch=4, classes=3, spatial=spatial)
     student.requires_grad_(True)
     for loss in (GroupDistillationLoss(3, alpha=alpha), DistillationLoss(alpha=alpha)):
-        value = (
-            loss(student, teacher, target, groups) if isinstance(loss, GroupDROLoss) else loss(student, teacher, target)
-        )
+        value = _call(loss, student, teacher, target, groups)
         value.backward()
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
             value.backward()

@@ -84,11 +84,12 @@ def prepare_distillation_inputs(
     if composite:  # a teacher trained jointly: autograd through the composite formula
         return input, teacher_logits, labels, False
     lower = input.dtype in _LOWER_PRECISION or teacher_logits.dtype in _LOWER_PRECISION
-    if teacher_logits.dtype != input.dtype or (lower and autocast_active(input.device.type)):
+    autocast = lower and autocast_active(input.device.type)
+    if teacher_logits.dtype != input.dtype or autocast:
         # one dtype for the kernels: the promoted one, and under autocast float32 rather than a half precision (as
         # autocast does for torch's losses); the gradient is cast back to the input's dtype
         dtype = torch.promote_types(input.dtype, teacher_logits.dtype)
-        if dtype in _LOWER_PRECISION and autocast_active(input.device.type):
+        if autocast and dtype in _LOWER_PRECISION:
             dtype = torch.float32
         input, teacher_logits = input.to(dtype), teacher_logits.to(dtype)
     if type(input) is not torch.Tensor:  # e.g. a MONAI MetaTensor: plain tensors through the autograd.Function

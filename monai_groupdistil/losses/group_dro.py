@@ -193,10 +193,8 @@ class GroupDROLoss(_Loss):
         if self.reduction == "none":
             out = (per_sample * sample_coef).to(per_sample.dtype)
             return out + constant / batch if self.use_adjustment else out
-        if sample_coef.dtype != per_sample.dtype:  # half precision: float32 coefficients
-            out = torch.dot(per_sample.to(sample_coef.dtype), sample_coef).to(per_sample.dtype)
-        else:
-            out = torch.dot(per_sample, sample_coef)
+        # (half-precision losses have float32 coefficients; .to is a no-op otherwise)
+        out = torch.dot(per_sample.to(sample_coef.dtype), sample_coef).to(per_sample.dtype)
         return out + constant if self.use_adjustment else out
 
     def robust_coefficients(
