@@ -48,10 +48,24 @@ def per_sample_kd(student, teacher, target, temperature: float, alpha: float) ->
 
 
 class ReferenceGroupDRO:
-    """The online group-DRO state of Sagawa et al. (reference code ``loss.py``), one group at a time."""
+    """The online group-DRO state of Sagawa et al. (reference code ``loss.py``), one group at a time.
 
-    def __init__(self, num_groups, step_size=0.01, adjustment=0.0, group_counts=None, normalize_loss=False, gamma=0.1):
+    ``absent_groups="zero"`` is the reference rule (an absent group's loss is 0 in the update); with ``"ema"`` an
+    absent group enters the update with its running loss (before it was ever seen: the mean of the present groups).
+    """
+
+    def __init__(
+        self,
+        num_groups,
+        step_size=0.01,
+        adjustment=0.0,
+        group_counts=None,
+        normalize_loss=False,
+        gamma=0.1,
+        absent_groups="ema",
+    ):
         self.num_groups = num_groups
+        self.absent_groups = absent_groups
         self.step_size = step_size
         adj = [adjustment] * num_groups if isinstance(adjustment, (int, float)) else list(adjustment)
         self.adj_term = [(adj[g] / math.sqrt(group_counts[g]) if adj[g] > 0 else 0.0) for g in range(num_groups)]
@@ -74,7 +88,14 @@ class ReferenceGroupDRO:
         means, counts = self.group_means(losses, groups)
         adjusted = [means[g] + self.adj_term[g] for g in range(self.num_groups)]
         if update:
-            scores = list(adjusted)
+            present = [means[g] for g in range(self.num_groups) if counts[g]]
+            scores = []
+            for g in range(self.num_groups):
+                if counts[g] or self.absent_groups == "zero":
+                    score = means[g]
+                else:  # "ema": an absent group enters the update with its running loss
+                    score = self.ema[g] if self.ema_init[g] else sum(present) / len(present)
+                scores.append(score + self.adj_term[g])
             if self.normalize_loss:
                 total = sum(scores)
                 if total != 0:

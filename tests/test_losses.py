@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -9,7 +10,13 @@ import sys
 import pytest
 import torch
 
-from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
+from monai_groupdistil.losses import (
+    DistillationLoss,
+    GroupDistillationLoss,
+    GroupDROLoss,
+    PerSampleDiceCELoss,
+    soft_dice_per_sample,
+)
 from tests.loss_reference import ReferenceGroupDRO, per_sample_kd
 
 
@@ -71,24 +78,25 @@ def test_distillation_gradcheck():
 
 @pytest.mark.parametrize("spatial", [(), (2, 3)])
 @pytest.mark.parametrize("alpha", [0.0, 0.05, 0.4, 1.0])
-def test_hand_written_gradient(spatial, alpha):
-    """A teacher without gradient takes the path with the written-out gradient: gradcheck it, and compare it with
-    autograd through the composite formula (taken when the teacher needs a gradient)."""
+def test_gradients_first_and_second_order(spatial, alpha):
+    """Autograd through the formula: first and second derivatives for the student (teacher fixed) and for a teacher
+    trained jointly, and for the group loss with non-uniform frozen weights."""
     student, teacher, target, groups = _batch(3, batch=4, classes=3, spatial=spatial)
     student.requires_grad_(True)
     loss = DistillationLoss(temperature=2.0, alpha=alpha, reduction="none")
     weights = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)  # a non-uniform upstream gradient
     assert torch.autograd.gradcheck(lambda s: loss(s, teacher, target) * weights, (student,))
-    (fused,) = torch.autograd.grad((loss(student, teacher, target) * weights).sum(), student)
-    composite_value = loss(student, teacher.clone().requires_grad_(True), target)
-    (composite,) = torch.autograd.grad((composite_value * weights).sum(), student)
-    assert torch.allclose(fused, composite, atol=1e-12)
-    assert torch.allclose(loss(student, teacher, target), composite_value, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda s: loss(s, teacher, target) * weights, (student,))
+    trained_teacher = teacher.clone().requires_grad_(alpha > 0)
+    if alpha > 0:
+        assert torch.autograd.gradcheck(lambda s, t: loss(s, t, target) * weights, (student, trained_teacher))
     group_loss = GroupDistillationLoss(2, temperature=2.0, alpha=alpha, step_size=0.5)
+    group_loss.group_weights.copy_(torch.tensor([0.3, 0.7]))
     assert torch.autograd.gradcheck(lambda s: group_loss.eval()(s, teacher, target, groups % 2), (student,))
+    assert torch.autograd.gradgradcheck(lambda s: group_loss.eval()(s, teacher, target, groups % 2), (student,))
 
 
-def test_hand_written_gradient_with_retained_graph_and_meta_tensors():
+def test_retained_graph_and_meta_tensors():
     from monai.data import MetaTensor
 
     student, teacher, target, _ = _batch(4, batch=6, classes=5)
@@ -141,6 +149,39 @@ def test_distillation_bad_inputs():
         loss(torch.randn(0, 3), torch.randn(0, 3), torch.zeros(0, dtype=torch.long))
 
 
+def test_soft_dice_and_dice_ce_per_sample_against_a_direct_computation():
+    """The soft Dice term: 1 - (2 sum(p y) + eps) / (sum p + sum y + eps) per class, averaged over the classes."""
+    student, teacher, target, groups = _batch(60, batch=4, classes=3, spatial=(5, 6))
+    probs = torch.softmax(student, 1)
+    onehot = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).double()
+    inter, total = (probs * onehot).flatten(2).sum(2), (probs + onehot).flatten(2).sum(2)
+    dice = (1 - (2 * inter + 1e-5) / (total + 1e-5)).mean(1)
+    ce = torch.nn.functional.cross_entropy(student, target, reduction="none").flatten(1).mean(1)
+    assert torch.allclose(soft_dice_per_sample(student, target), dice, atol=1e-12)
+    assert torch.allclose(PerSampleDiceCELoss(0.5, reduction="none")(student, target), ce + 0.5 * dice, atol=1e-12)
+    kd = DistillationLoss(2.0, 0.3, reduction="none")(student, teacher, target)
+    got = DistillationLoss(2.0, 0.3, dice_weight=0.5, reduction="none")(student, teacher, target)
+    assert torch.allclose(got, kd + 0.5 * dice, atol=1e-12)
+    assert torch.allclose(DistillationLoss(alpha=0.0, reduction="none")(student, None, target), ce, atol=1e-12)
+    wrapped = GroupDROLoss(PerSampleDiceCELoss(reduction="none"), num_groups=3, step_size=0.0)
+    means = [(ce + dice)[groups == g].mean() for g in range(3) if (groups == g).any()]
+    assert math.isclose(wrapped(student, target, groups).item(), sum(means).item() / 3, rel_tol=1e-9)
+    group_loss = GroupDistillationLoss(3, 2.0, 0.3, step_size=0.0, dice_weight=0.5)
+    means = [(kd + 0.5 * dice)[groups == g].mean() for g in range(3) if (groups == g).any()]
+    assert math.isclose(group_loss(student, teacher, target, groups).item(), sum(means).item() / 3, rel_tol=1e-9)
+
+
+def test_dice_terms_refuse_bad_input():
+    with pytest.raises(ValueError, match=r"dice_weight > 0 needs dense logits \[B, C, \*spatial\], got shape \(4, 3\)"):
+        DistillationLoss(dice_weight=1.0)(torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"input must be dense logits"):
+        PerSampleDiceCELoss()(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\] .* C=4"):
+        PerSampleDiceCELoss()(torch.randn(2, 4, 3, 3), torch.tensor([0, 4]).view(2, 1, 1).expand(2, 3, 3))
+    with pytest.raises(ValueError, match="teacher_logits are required when alpha > 0"):
+        DistillationLoss(alpha=0.5)(torch.randn(4, 3), None, torch.tensor([0, 1, 2, 0]))
+
+
 # ---------------------------------------------------------------- group DRO: values and trajectories
 
 CONFIGS = [
@@ -151,14 +192,17 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("absent_groups", ["ema", "zero"])
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("spatial", [(), (2, 3)])
-def test_group_distillation_trajectory_matches_reference(config, spatial):
+def test_group_distillation_trajectory_matches_reference(config, spatial, absent_groups):
     temperature, alpha = 3.0, 0.6
-    loss = GroupDistillationLoss(num_groups=3, temperature=temperature, alpha=alpha, **config)
-    ref = ReferenceGroupDRO(num_groups=3, **config)
+    loss = GroupDistillationLoss(
+        num_groups=3, temperature=temperature, alpha=alpha, absent_groups=absent_groups, **config
+    )
+    ref = ReferenceGroupDRO(num_groups=3, absent_groups=absent_groups, **config)
     for step in range(6):
-        absent = (step % 3,) if step in (1, 2, 4) else ()  # some steps lack a group
+        absent = (step % 3,) if step in (0, 1, 2, 4) else ()  # some steps lack a group (group 0 unseen at first)
         student, teacher, target, groups = _batch(10 + step, spatial=spatial, absent=absent)
         value = loss(student, teacher, target, groups)
         flat_target = target.flatten(1).tolist() if spatial else target.tolist()
@@ -173,10 +217,11 @@ def test_group_distillation_trajectory_matches_reference(config, spatial):
     assert not torch.allclose(loss.group_weights, torch.full((3,), 1 / 3))  # the weights really moved
 
 
-def test_group_dro_wraps_any_per_sample_loss():
+@pytest.mark.parametrize("absent_groups", ["ema", "zero"])
+def test_group_dro_wraps_any_per_sample_loss(absent_groups):
     ce = torch.nn.CrossEntropyLoss(reduction="none")
-    loss = GroupDROLoss(ce, num_groups=3, step_size=0.4)
-    ref = ReferenceGroupDRO(num_groups=3, step_size=0.4)
+    loss = GroupDROLoss(ce, num_groups=3, step_size=0.4, absent_groups=absent_groups)
+    ref = ReferenceGroupDRO(num_groups=3, step_size=0.4, absent_groups=absent_groups)
     for step in range(5):
         student, _, target, groups = _batch(30 + step, absent=(2,) if step == 3 else ())
         value = loss(student, target, groups)
@@ -212,6 +257,42 @@ def test_reduction_none_contributions_sum_to_robust_loss(config):
         assert math.isclose(sum_loss(student, teacher, target, groups).item(), value.item(), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rule: GroupDistillationLoss(4, step_size=0.1, absent_groups=rule),
+        lambda rule: GroupDROLoss(lambda x, y: x.sum(1), 4, step_size=0.1, absent_groups=rule),
+    ],
+)
+def test_a_group_missing_from_most_batches_is_not_down_weighted_for_its_absence(make):
+    """Identical per-sample losses everywhere; group 3 is present in one batch of four. With "ema" the weights stay
+    uniform (absence alone never moves a weight); with "zero" (the reference rule) group 3's weight falls."""
+    weights = {}
+    for rule in ("ema", "zero"):
+        loss = make(rule)
+        for step in range(400):
+            groups = torch.tensor([0, 1, 2, 3] if step % 4 == 0 else [0, 1, 2, 0])
+            if isinstance(loss, GroupDistillationLoss):  # equal logits in every sample: equal losses
+                logits = torch.tensor([[2.0, 0.0, -1.0]]).expand(4, 3)
+                loss(logits, torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), groups)
+            else:
+                loss(torch.full((4, 1), 0.7), None, groups)
+        weights[rule] = loss.group_weights.clone()
+    assert torch.allclose(weights["ema"], torch.full((4,), 0.25), atol=1e-6), weights["ema"]
+    assert weights["zero"][3] < 0.05 and weights["zero"][:3].min() > 0.3, weights["zero"]
+
+
+def test_absent_rule_uses_the_mean_of_present_groups_before_a_group_was_seen():
+    loss = GroupDROLoss(lambda x, y: x.sum(1), 3, step_size=1.0)
+    loss(torch.tensor([[1.0], [3.0]]), None, torch.tensor([0, 1]))  # group 2 never seen: it enters with (1 + 3) / 2
+    expected = torch.softmax(torch.tensor([1.0, 3.0, 2.0]), 0)
+    assert torch.allclose(loss.group_weights, expected, atol=1e-6)
+    assert loss.ema_initialized.tolist() == [True, True, False] and loss.ema_group_losses.tolist() == [1.0, 3.0, 0.0]
+    loss(torch.tensor([[5.0]]), None, torch.tensor([2]))  # groups 0 and 1 absent: their running losses 1 and 3
+    expected = torch.softmax(expected.log() + torch.tensor([1.0, 3.0, 5.0]), 0)
+    assert torch.allclose(loss.group_weights, expected, atol=1e-6)
+
+
 # ---------------------------------------------------------------- gradients, modes, state
 
 
@@ -238,56 +319,6 @@ def test_training_gradient_uses_updated_weights():
     explicit = sum(q[g] * values[groups == g].mean() for g in range(3) if (groups == g).any())
     explicit.backward()
     assert torch.allclose(student.grad, s2.grad, atol=1e-12)
-
-
-@pytest.mark.parametrize("spatial", [(), (2, 3)])
-@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.3, 1.0])
-def test_one_node_objective_matches_autograd_in_training(spatial, alpha):
-    """A teacher without gradient takes the one-node objective (written-out gradient, statistics inside); a teacher
-    requiring gradient takes autograd through the composite formula. Values, gradients and weights agree over
-    several training steps, with adjustment and normalised losses."""
-    kwargs = dict(num_groups=3, temperature=2.5, alpha=alpha, step_size=0.7, adjustment=[0.5, 1.0, 0.0])
-    kwargs.update(group_counts=[4, 5, 6], normalize_loss=True)
-    fused, composite = GroupDistillationLoss(**kwargs), GroupDistillationLoss(**kwargs)
-    for step in range(3):
-        student, teacher, target, groups = _batch(20 + step, batch=6, classes=3, spatial=spatial)
-        s1, s2 = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-        v1 = fused(s1, teacher, target, groups)
-        v2 = composite(s2, teacher.clone().requires_grad_(True), target, groups)
-        assert v1.grad_fn is not None and v2.grad_fn is not None
-        assert type(v1.grad_fn).__name__ != type(v2.grad_fn).__name__  # the two paths were taken
-        (g1,) = torch.autograd.grad(v1 * (step + 0.5), s1)  # incoming gradients other than 1 too
-        (g2,) = torch.autograd.grad(v2 * (step + 0.5), s2)
-        assert torch.allclose(v1, v2, atol=1e-12)
-        assert torch.allclose(g1, g2, atol=1e-12)
-        assert torch.allclose(fused.group_weights, composite.group_weights, atol=1e-12)
-        assert torch.allclose(fused.ema_group_losses, composite.ema_group_losses, atol=1e-12)
-
-
-@pytest.mark.parametrize("make", [lambda: GroupDistillationLoss(2), lambda: DistillationLoss(reduction="none")])
-def test_written_out_gradient_refuses_a_target_modified_in_place(make):
-    loss = make()
-    student, teacher, target, groups = _batch(7, batch=5, classes=3, num_groups=2)
-    student.requires_grad_(True)
-    value = _call(loss, student, teacher, target, groups)
-    target.add_(0)  # an in-place operation between forward and backward
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        value.sum().backward()
-
-
-def test_written_out_gradient_is_first_order_only():
-    loss = GroupDistillationLoss(2, step_size=0.3)
-    student, teacher, target, groups = _batch(8, batch=5, classes=3, num_groups=2)
-    student.requires_grad_(True)
-    (first,) = torch.autograd.grad(loss.eval()(student, teacher, target, groups), student)
-    (grad,) = torch.autograd.grad(loss(student, teacher, target, groups), student, create_graph=True)
-    assert torch.allclose(grad, first, atol=1e-12)  # eval mode: the same weights
-    # no second derivative (as torch's once_differentiable): differentiating the gradient again raises
-    with pytest.raises(RuntimeError, match="differentiate twice|does not require grad"):
-        grad.sum().backward()
-    (grad,) = torch.autograd.grad(loss(student, teacher, target, groups) * student.sum(), student, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        grad.sum().backward()
 
 
 @pytest.mark.parametrize("kind", ["objective", "none", "group_dro"])
@@ -348,17 +379,9 @@ def test_half_precision_values_and_gradients_for_any_alpha(alpha, spatial):
     assert (grads[0] - grads[1]).abs().max() <= 5e-3 * scale, (grads[0] - grads[1]).abs().max() / scale
 
 
-def test_robust_coefficients_are_float32_for_half_values():
-    loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups=3, step_size=0.3)
-    values = torch.tensor([0.7, 1.3, 2.9, 0.1, 5.0, 0.2, 3.3], dtype=torch.float16)
+def test_group_dro_on_half_precision_losses():
+    """Half-precision per-sample losses are reduced in float32 and the result keeps their dtype."""
     groups = torch.tensor([0, 0, 1, 2, 2, 2, 1])
-    step = loss.robust_coefficients(values, groups, scale=1.7, coefficient_factor=1e-5, coefficient_dims=3)
-    assert step.coefficients.dtype == torch.float32 and step.coefficients.shape == (7, 1, 1)
-    q = loss.group_weights.double()
-    counts = torch.bincount(groups, minlength=3).double()
-    want = (q / counts)[groups] * 1e-5
-    assert torch.allclose(step.coefficients.flatten().double(), want, rtol=1e-6)
-    # the generic reduction keeps the per-sample dtype and matches a float64 computation
     per_sample = torch.nn.CrossEntropyLoss(reduction="none")
     logits, labels = torch.randn(7, 3, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0])
     half_loss = GroupDROLoss(per_sample, num_groups=3, step_size=0.3)
@@ -485,18 +508,21 @@ def test_bfloat16_state_buffers():
     assert torch.equal(low.last_group_counts, full.last_group_counts)
 
 
-def test_module_pickled_without_numpy_constants_still_trains():
-    """A module pickled by an earlier version (without the Python copy of its adjustment terms) is restored whole."""
+def test_pickled_module_continues_the_trajectory():
     import pickle
 
     kwargs = dict(num_groups=3, step_size=0.5, adjustment=[1.0, 0.0, 2.0], group_counts=[10, 20, 30])
     loss, reference = GroupDistillationLoss(**kwargs), GroupDistillationLoss(**kwargs)
-    del loss.__dict__["_adjustment_list"]
+    for seed in (43, 44):
+        batch = _batch(seed, absent=(1,))
+        loss(*batch)
+        reference(*batch)
     restored = pickle.loads(pickle.dumps(loss))
-    for seed in (44, 45):
+    for seed in (45, 46):
         batch = _batch(seed)
-        assert torch.allclose(restored(*batch), reference(*batch), atol=1e-12)
-    assert torch.allclose(restored.group_weights, reference.group_weights, atol=1e-12)
+        assert torch.equal(restored(*batch), reference(*batch))
+    assert torch.equal(restored.group_weights, reference.group_weights)
+    assert torch.equal(restored.ema_group_losses, reference.ema_group_losses)
 
 
 def test_eval_mode_freezes_weights_and_ema():
@@ -522,7 +548,8 @@ def test_state_dict_round_trip_restores_trajectory():
     first = GroupDistillationLoss(num_groups=3, step_size=0.7)
     run(first, range(3))
     state = first.state_dict()
-    assert set(state) == {"group_weights", "ema_group_losses", "ema_initialized"}
+    assert set(state) == {"group_weights", "ema_group_losses", "ema_initialized", "_extra_state"}
+    assert state["_extra_state"] == {"absent_groups": "ema"}
     resumed = GroupDistillationLoss(num_groups=3, step_size=0.7)
     resumed.load_state_dict(state)
     assert values_straight[3:] == run(resumed, range(3, 6))
@@ -530,15 +557,21 @@ def test_state_dict_round_trip_restores_trajectory():
     assert torch.equal(resumed.ema_group_losses, straight.ema_group_losses)
 
 
-def test_load_refuses_other_group_count_and_bad_weights():
+def test_load_refuses_other_group_count_other_absent_rule_and_bad_weights():
     loss = GroupDistillationLoss(num_groups=3)
+    with pytest.raises(ValueError, match=r"trained with absent_groups='zero' but this loss has absent_groups='ema'"):
+        trained = GroupDistillationLoss(num_groups=3, step_size=0.5, absent_groups="zero")
+        trained(*_batch(210))
+        loss.load_state_dict(trained.state_dict())
+    older = {k: v for k, v in trained.state_dict().items() if k != "_extra_state"}  # a checkpoint of version 0.x
+    GroupDistillationLoss(num_groups=3, absent_groups="zero").load_state_dict(older)
     with pytest.raises(ValueError, match=r"DRO weights for 4 groups .* num_groups=3"):
         loss.load_state_dict(GroupDistillationLoss(num_groups=4).state_dict())
     bad = loss.state_dict()
     bad["group_weights"] = torch.tensor([0.5, float("nan"), 0.5])
     with pytest.raises(ValueError, match="not a probability vector"):
         loss.load_state_dict(bad)
-    assert torch.equal(loss.group_weights, torch.full((3,), 1 / 3))
+    assert torch.equal(loss.group_weights, torch.full((3,), 1 / 3)) and not loss.ema_initialized.any()
 
 
 def test_float32_and_extreme_losses_keep_weights_finite():
@@ -590,17 +623,19 @@ BAD_CALLS = [
         "teacher_logits hold NaN or infinite values",
     ),
     ("empty batch", lambda s, t, y, g: (s[:0], t[:0], y[:0], g[:0]), ValueError, "empty batch"),
+    ("label above range", lambda s, t, y, g: (s, t, y + 4, g), ValueError, r"class indices in \[4, 7\] .* C=4"),
 ]
 
 
 @pytest.mark.parametrize("name,mutate,error,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_calls_raise_and_leave_weights_untouched(name, mutate, error, message):
     loss = _fresh_trained_loss()
-    state = {k: v.clone() for k, v in loss.state_dict().items()}
+    state = copy.deepcopy(loss.state_dict())
     with pytest.raises(error, match=message):
         loss(*mutate(*_batch(201)))
-    for key, value in loss.state_dict().items():
-        assert torch.equal(value, state[key]), key
+    assert loss.state_dict()["_extra_state"] == state.pop("_extra_state")
+    for key, value in state.items():
+        assert torch.equal(loss.state_dict()[key], value), key
 
 
 def test_group_dro_non_finite_per_group_losses_and_wrong_loss_shape():
@@ -627,6 +662,8 @@ def test_group_dro_non_finite_per_group_losses_and_wrong_loss_shape():
         ({"num_groups": 2, "adjustment": 1.0, "group_counts": [3]}, ValueError, "group_counts must have one value"),
         ({"num_groups": 2, "adjustment": [1.0, 0.0], "group_counts": [0, 4]}, ValueError, r"is 0 for groups \[0\]"),
         ({"num_groups": 2, "adjustment": -1.0, "group_counts": [3, 4]}, ValueError, "adjustment must be >= 0"),
+        ({"num_groups": 2, "absent_groups": "mean"}, ValueError, r"absent_groups must be one of \('ema', 'zero'\)"),
+        ({"num_groups": 2, "dice_weight": -1}, ValueError, "dice_weight must be a finite number >= 0"),
     ],
 )
 def test_bad_hyperparameters(kwargs, error, message):
@@ -657,8 +694,6 @@ def test_losses_import_without_ignite():
 
 
 def test_state_stays_consistent_across_copies_and_dtype_changes():
-    import copy
-
     loss = GroupDistillationLoss(num_groups=3, step_size=0.7)
     ref = ReferenceGroupDRO(num_groups=3, step_size=0.7)
     temperature, alpha = 4.0, 0.5

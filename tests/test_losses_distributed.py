@@ -15,7 +15,12 @@ SPLIT = 6  # rank 0 takes the first 6 samples of each global batch of 10, rank 1
 LOSSES = {
     "groupdistil": lambda: GroupDistillationLoss(num_groups=3, temperature=2.0, alpha=0.5, step_size=0.8),
     "groupdro_adjusted": lambda: GroupDROLoss(
-        torch.nn.CrossEntropyLoss(reduction="none"), 3, step_size=0.5, adjustment=1.0, group_counts=[30, 20, 5]
+        torch.nn.CrossEntropyLoss(reduction="none"),
+        3,
+        step_size=0.5,
+        adjustment=1.0,
+        group_counts=[30, 20, 5],
+        absent_groups="zero",
     ),
 }
 
@@ -46,7 +51,7 @@ def _call(loss, kind, logits, teacher, y, groups):
 
 def _train(model, loss, kind, rank=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    weights, grads, values = [], [], []
+    weights, grads, values, running = [], [], [], []
     for step in range(STEPS):
         x, teacher, y, groups = _global_batch(step)
         if rank is not None:
@@ -56,10 +61,11 @@ def _train(model, loss, kind, rank=None):
         value = _call(loss, kind, model(x), teacher, y, groups)
         value.backward()
         weights.append(loss.group_weights.clone())
+        running.append(loss.ema_group_losses.clone())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
         values.append(value.detach().clone())
         optimizer.step()
-    return {"weights": weights, "grads": grads, "values": values}
+    return {"weights": weights, "grads": grads, "values": values, "running": running}
 
 
 def _worker(rank: int, init_file: str, kind: str, out_dir: str):
@@ -78,6 +84,7 @@ def test_two_processes_match_single_process_on_concatenated_batch(kind, tmp_path
     for step in range(STEPS):
         for rank in ranks:
             assert torch.allclose(rank["weights"][step].double(), single["weights"][step].double(), atol=1e-6), step
+            assert torch.allclose(rank["running"][step], single["running"][step], atol=1e-6), step
             assert torch.allclose(rank["grads"][step], single["grads"][step], atol=1e-5), step
         mean_value = (ranks[0]["values"][step] + ranks[1]["values"][step]) / 2
         assert torch.allclose(mean_value, single["values"][step], atol=1e-6), step

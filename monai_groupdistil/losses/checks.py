@@ -1,59 +1,58 @@
 """Argument and tensor checks shared by the losses.
 
-Every check raises ``ValueError`` (``TypeError`` for a wrong dtype) with a message that names the argument and the
-expected form, and never modifies its inputs.
+Every check raises ``ValueError`` (``TypeError`` for a wrong type) naming the argument and the expected form, and
+never modifies its inputs.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 __all__ = [
+    "check_positive",
+    "check_non_negative",
+    "check_fraction",
     "check_logits",
     "check_target",
-    "check_target_range",
     "check_groups",
-    "group_sums_and_counts",
-    "check_temperature",
-    "check_alpha",
-    "check_step_size",
+    "clamp_labels",
+    "raise_label_range",
 ]
 
 
-def check_temperature(temperature: float) -> float:
-    """Return ``temperature`` as a float after checking that it is finite and > 0."""
-    value = float(temperature)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
-    return value
+def check_positive(value: float, name: str) -> float:
+    """Return ``value`` as a float after checking that it is finite and > 0."""
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return number
 
 
-def check_alpha(alpha: float) -> float:
-    """Return ``alpha`` as a float after checking that it lies in [0, 1]."""
-    value = float(alpha)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}.")
-    return value
+def check_non_negative(value: float, name: str) -> float:
+    """Return ``value`` as a float after checking that it is finite and >= 0."""
+    number = float(value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return number
 
 
-def check_step_size(step_size: float) -> float:
-    """Return ``step_size`` as a float after checking that it is finite and >= 0."""
-    value = float(step_size)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"step_size must be a finite number >= 0, got {step_size!r}.")
-    return value
+def check_fraction(value: float, name: str, open_at_zero: bool = False) -> float:
+    """Return ``value`` as a float after checking that it lies in ``[0, 1]`` (``(0, 1]`` with ``open_at_zero``)."""
+    number = float(value)
+    if not (0.0 < number <= 1.0 if open_at_zero else 0.0 <= number <= 1.0):
+        raise ValueError(f"{name} must lie in {'(' if open_at_zero else '['}0, 1], got {value!r}.")
+    return number
 
 
 def check_logits(input: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
-    """Check the student (and teacher) logits: floating tensors of shape ``[B, C, *spatial]`` with ``B >= 1``.
+    """Check the student (and teacher) logits: floating tensors ``[B, C, *spatial]``, ``B >= 1``, of one shape.
 
     Raises:
         TypeError: when a tensor is not a floating-point ``torch.Tensor``.
-        ValueError: when ``input`` has fewer than 2 dimensions, an empty batch, or ``teacher_logits`` does not have
-            the shape of ``input`` (a different class count is reported as such).
+        ValueError: for fewer than 2 dimensions, an empty batch, or teacher logits of another shape (a different
+            class count is reported as such).
     """
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor of logits [B, C, *spatial], got {_describe(input)}.")
@@ -65,34 +64,27 @@ def check_logits(input: torch.Tensor, teacher_logits: torch.Tensor | None = None
         return
     if not isinstance(teacher_logits, torch.Tensor) or not teacher_logits.is_floating_point():
         raise TypeError(f"teacher_logits must be a floating-point tensor, got {_describe(teacher_logits)}.")
-    if teacher_logits.ndim == input.ndim and teacher_logits.shape[0] == input.shape[0]:
-        if teacher_logits.shape[1] != input.shape[1]:
-            raise ValueError(
-                f"student and teacher have different class counts: input has C={input.shape[1]} "
-                f"(shape {tuple(input.shape)}), teacher_logits has C={teacher_logits.shape[1]} "
-                f"(shape {tuple(teacher_logits.shape)})."
-            )
+    if teacher_logits.ndim == input.ndim and teacher_logits.shape[1] != input.shape[1]:
+        raise ValueError(
+            f"student and teacher have different class counts: input has C={input.shape[1]} "
+            f"(shape {tuple(input.shape)}), teacher_logits has C={teacher_logits.shape[1]} "
+            f"(shape {tuple(teacher_logits.shape)})."
+        )
     if teacher_logits.shape != input.shape:
         raise ValueError(
             f"teacher_logits must have the shape of input {tuple(input.shape)}, got {tuple(teacher_logits.shape)}."
         )
 
 
-def check_target(target: torch.Tensor, input: torch.Tensor, check_range: bool = True) -> torch.Tensor:
-    """Return class-index targets of shape ``[B, *spatial]`` (int64) for logits ``input`` of shape ``[B, C, *spatial]``.
+def check_target(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """Return the class indices ``target`` as int64 ``[B, *spatial]`` for logits ``[B, C, *spatial]``.
 
-    ``target`` may be ``[B, *spatial]`` or ``[B, 1, *spatial]``; an integer tensor, or a floating tensor holding whole
-    numbers (as MONAI transforms often produce).
-
-    Args:
-        target: the class indices.
-        input: the logits they belong to.
-        check_range: also check that the indices lie in ``[0, C)`` (one reduction over ``target``); callers on the
-            CPU may skip it and call :py:func:`check_target_range` when the loss kernel rejects an index.
+    ``target`` may be ``[B, *spatial]`` or ``[B, 1, *spatial]``, integer or floating with whole numbers (as MONAI
+    transforms often produce). The range ``[0, C)`` is checked by :py:func:`clamp_labels`.
 
     Raises:
-        TypeError: when ``target`` is not a tensor, is boolean, or is complex.
-        ValueError: for a shape that does not match ``input``, non-integral values or indices outside ``[0, C)``.
+        TypeError: for a non-tensor, boolean or complex ``target``.
+        ValueError: for a shape that does not match ``input`` or non-integral values.
     """
     if not isinstance(target, torch.Tensor) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class indices, got {_describe(target)}.")
@@ -104,29 +96,32 @@ def check_target(target: torch.Tensor, input: torch.Tensor, check_range: bool = 
             f"target must have shape {(batch, *spatial)} or {(batch, 1, *spatial)} to match input "
             f"{tuple(input.shape)}, got {tuple(target.shape)}."
         )
-    if target.is_floating_point():
-        if not bool(torch.all(target == torch.round(target))):
-            raise ValueError("target holds non-integral values; class indices are expected.")
-        target = target.long()
-    if check_range:
-        check_target_range(target, input.shape[1])
-    return target if target.dtype == torch.int64 else target.long()
+    if target.is_floating_point() and not bool(torch.all(target == torch.round(target))):
+        raise ValueError("target holds non-integral values; class indices are expected.")
+    return target.long()
 
 
-def check_target_range(target: torch.Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` naming the offending range when ``target`` holds indices outside ``[0, num_classes)``."""
-    lo, hi = (int(v) for v in torch.aminmax(target))
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(
-            f"target holds class indices in [{lo}, {hi}] but input has C={num_classes} classes; "
-            f"indices must lie in [0, {num_classes})."
-        )
+def clamp_labels(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels clamped into ``[0, num_classes)``, safe for any kernel, and a 0-dim tensor: whether any was outside.
+
+    The flag stays on the device (no host synchronisation), so the caller can check it together with other values;
+    ``-100`` (torch's ``ignore_index``) is no class here and counts as outside.
+    """
+    clamped = labels.clamp(0, num_classes - 1)
+    return clamped, (clamped != labels).any()
+
+
+def raise_label_range(labels: torch.Tensor, num_classes: int) -> None:
+    """Raise the ``ValueError`` for labels outside ``[0, num_classes)``, naming their range."""
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    raise ValueError(
+        f"target holds class indices in [{lo}, {hi}] but input has C={num_classes} classes; "
+        f"indices must lie in [0, {num_classes})."
+    )
 
 
 def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Return ``groups`` as an int64 tensor ``[B]`` after checking its dtype and shape.
-
-    The range of the ids is checked by :py:func:`group_sums_and_counts`.
+    """Return the group ids ``groups`` as int64 ``[B]``; their range is checked with the group statistics.
 
     Raises:
         TypeError: when ``groups`` is not an integer tensor.
@@ -140,44 +135,10 @@ def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
         groups = groups.squeeze(1)
     if tuple(groups.shape) != (batch_size,):
         raise ValueError(f"groups must have shape [B] = ({batch_size},) to match input, got {tuple(groups.shape)}.")
-    return groups if groups.dtype == torch.int64 else groups.long()
-
-
-def group_sums_and_counts(
-    groups: torch.Tensor, values: torch.Tensor, num_groups: int, ids: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-group sums of ``values`` (float64) and sample counts (int64), both ``[num_groups]`` numpy arrays.
-
-    This also checks the range of the ids. With ``ids`` (the caller's numpy view of CPU ids, for CPU values of a
-    numpy dtype) both reductions run in numpy (no torch dispatch); otherwise they run on the tensors' device with
-    ``torch.bincount`` and only the ``G`` results are copied.
-
-    Args:
-        groups: int64 group ids ``[B]``.
-        values: detached per-sample values ``[B]``.
-        num_groups: ``G``.
-        ids: ``groups`` as a numpy array (a view of the CPU tensor) to take the numpy path, or None.
-
-    Raises:
-        ValueError: for ids outside ``[0, num_groups)``.
-    """
-    weights = values.numpy() if ids is not None else values.double()  # outside the try: its errors are not ids'
-    try:
-        if ids is not None:
-            counts = np.bincount(ids, minlength=num_groups)
-            sums = np.bincount(ids, weights=weights, minlength=num_groups)
-        else:
-            counts = torch.bincount(groups, minlength=num_groups).cpu().numpy()
-            sums = torch.bincount(groups, weights=weights, minlength=num_groups).cpu().numpy()
-    except (ValueError, RuntimeError):  # negative ids
-        counts = None
-    if counts is None or counts.shape[0] > num_groups:
-        lo, hi = (int(v) for v in torch.aminmax(groups))
-        raise ValueError(f"groups holds ids in [{lo}, {hi}]; ids must lie in [0, num_groups) = [0, {num_groups}).")
-    return sums, counts
+    return groups.long()
 
 
 def _describe(obj: object) -> str:
     if isinstance(obj, torch.Tensor):
         return f"a {obj.dtype} tensor of shape {tuple(obj.shape)}"
-    return f"{type(obj).__name__}"
+    return type(obj).__name__
