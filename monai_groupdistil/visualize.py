@@ -1,4 +1,5 @@
-"""PNG plots of group results: per-group accuracy bars and DRO-weight trajectories (needs matplotlib)."""
+"""PNG plots of group results: per-group accuracy bars, per-group per-structure metric bars, DRO-weight
+trajectories and segmentation overlays (needs matplotlib)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["plot_group_accuracy", "plot_dro_weights", "require_matplotlib"]
+__all__ = [
+    "plot_group_accuracy",
+    "plot_group_metric",
+    "plot_dro_weights",
+    "plot_segmentation_overlays",
+    "require_matplotlib",
+]
 
 _MISSING = (
     "plotting needs matplotlib, which is not installed; install it with `pip install matplotlib` "
@@ -117,4 +124,115 @@ def plot_dro_weights(
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return str(path)
+
+
+def plot_group_metric(
+    per_group_channel: Sequence[Sequence[float]] | torch.Tensor,
+    group_names: Sequence[str],
+    channel_names: Sequence[str],
+    path: str | os.PathLike,
+    metric_name: str = "Dice",
+    counts: Sequence[int] | None = None,
+    title: str | None = None,
+    ylim: tuple[float, float] | None = (0.0, 1.05),
+) -> str:
+    """Grouped bar chart of a metric per group (x axis) and channel (bars, e.g. LV, MYO, RV) with the channel mean.
+
+    Args:
+        per_group_channel: ``[G, C]`` values (NaN drawn as a missing bar).
+        group_names: ``G`` names.
+        channel_names: ``C`` names.
+        path: the PNG file to write.
+        metric_name: y-axis label.
+        counts: optional samples per group (shown under the names).
+        title: figure title (default ``"<metric_name> per group and structure"``).
+        ylim: y-axis range, None for automatic (e.g. distances).
+
+    Returns:
+        ``str(path)``.
+
+    Raises:
+        ImportError: when matplotlib is not installed.
+        ValueError: when the values are not ``[G, C]`` for the names given.
+    """
+    figure_cls = require_matplotlib()
+    values = torch.as_tensor(per_group_channel, dtype=torch.float64)
+    if values.ndim != 2 or tuple(values.shape) != (len(group_names), len(channel_names)):
+        raise ValueError(
+            f"per_group_channel must be [{len(group_names)}, {len(channel_names)}] (groups x channels), got "
+            f"{tuple(values.shape)}."
+        )
+    mean = torch.stack([row[~torch.isnan(row)].mean() if (~torch.isnan(row)).any() else row[0] for row in values])
+    series = [*channel_names, "mean"]
+    data = torch.cat([values, mean[:, None]], dim=1)
+    width = 0.8 / len(series)
+    fig = figure_cls(figsize=(max(5.0, 1.3 * len(group_names) + 2), 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    for c, name in enumerate(series):
+        xs = [g + (c - (len(series) - 1) / 2) * width for g in range(len(group_names))]
+        heights = [0.0 if math.isnan(v) else v for v in data[:, c].tolist()]
+        ax.bar(xs, heights, width=width, label=name, color="black" if name == "mean" else None)
+    labels = [
+        f"{n}\n(n={int(k)})" if counts is not None else str(n)
+        for n, k in zip(group_names, counts if counts is not None else [0] * len(group_names))
+    ]
+    ax.set_xticks(range(len(group_names)))
+    ax.set_xticklabels(labels, fontsize=8)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_ylabel(metric_name)
+    ax.set_title(title or f"{metric_name} per group and structure")
+    ax.legend(fontsize=7, ncol=len(series))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return str(path)
+
+
+def plot_segmentation_overlays(
+    images: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    preds: Sequence[torch.Tensor],
+    titles: Sequence[str],
+    path: str | os.PathLike,
+    num_classes: int = 4,
+) -> str:
+    """Rows of (image, ground truth overlay, prediction overlay) for a few 2-D slices, written as PNG.
+
+    Args:
+        images: 2-D intensity images ``[H, W]``.
+        labels: 2-D label maps ``[H, W]`` (0 background).
+        preds: 2-D predicted label maps ``[H, W]``.
+        titles: one title per row (e.g. the case and its Dice).
+        path: the PNG file to write.
+        num_classes: number of labels including background (colour scale).
+
+    Returns:
+        ``str(path)``.
+
+    Raises:
+        ImportError: when matplotlib is not installed.
+        ValueError: when the sequences differ in length or are empty.
+    """
+    figure_cls = require_matplotlib()
+    n = len(images)
+    if n == 0 or not len(labels) == len(preds) == len(titles) == n:
+        raise ValueError(
+            f"images, labels, preds and titles must have the same non-zero length, got {n}, {len(labels)}, "
+            f"{len(preds)}, {len(titles)}."
+        )
+    fig = figure_cls(figsize=(7.5, 2.6 * n))
+    for i in range(n):
+        image = torch.as_tensor(images[i]).float().cpu().t()  # (x, y) -> rows y, columns x
+        for j, (overlay, name) in enumerate(((None, "image"), (labels[i], "ground truth"), (preds[i], "prediction"))):
+            ax = fig.add_subplot(n, 3, 3 * i + j + 1)
+            ax.imshow(image.numpy(), cmap="gray", origin="lower")
+            if overlay is not None:
+                lab = torch.as_tensor(overlay).float().cpu().t()
+                masked = torch.where(lab > 0, lab, torch.full_like(lab, float("nan")))
+                ax.imshow(masked.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=num_classes - 1, origin="lower")
+            ax.set_title(f"{titles[i]}\n{name}" if j == 0 else name, fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     return str(path)

@@ -1,6 +1,6 @@
 """Data layer: M&Ms / M&Ms-2 datalists with vendor and centre groups, a synthetic multi-vendor cine generator in
-the M&Ms layout, cardiac preprocessing transforms, group-balanced sampling, and the Waterbirds datalist, its
-synthetic stand-in and ImageNet-style preprocessing for natural images.
+the M&Ms layout, ED/ES segmentation frames and slices, cardiac preprocessing transforms, group-balanced sampling,
+and the Waterbirds datalist, its synthetic stand-in and ImageNet-style preprocessing for natural images.
 
 Log messages (counts of left-out or skipped subjects, group sizes) go to the ``monai_groupdistil.data`` logger.
 Names are imported lazily, so ``python -m monai_groupdistil.data.synthetic`` and the datalist loaders do not
@@ -26,6 +26,15 @@ _EXPORTS = {
         "mnms2_group_names",
     ),
     "synthetic": ("VENDOR_PROFILES", "make_synthetic_mnms"),
+    "segmentation": (
+        "SEG_LABELS",
+        "SEG_STRUCTURES",
+        "CheckSegmentationd",
+        "SegmentationSliceDataset",
+        "segmentation_frames",
+        "segmentation_preprocessing",
+        "volume_slices",
+    ),
     "splits": ("split_by_group",),
     "samplers": ("GroupBalancedSampler",),
     "transforms": (
@@ -82,6 +91,15 @@ if TYPE_CHECKING:  # for static analysis and IDEs
         natural_image_preprocessing,
     )
     from monai_groupdistil.data.samplers import GroupBalancedSampler  # noqa: F401
+    from monai_groupdistil.data.segmentation import (  # noqa: F401
+        SEG_LABELS,
+        SEG_STRUCTURES,
+        CheckSegmentationd,
+        SegmentationSliceDataset,
+        segmentation_frames,
+        segmentation_preprocessing,
+        volume_slices,
+    )
     from monai_groupdistil.data.splits import split_by_group  # noqa: F401
     from monai_groupdistil.data.synthetic import VENDOR_PROFILES, make_synthetic_mnms  # noqa: F401
     from monai_groupdistil.data.transforms import (  # noqa: F401

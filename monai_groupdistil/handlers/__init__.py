@@ -2,14 +2,22 @@
 
 from monai_groupdistil.handlers.group_accuracy_handler import GroupAccuracyHandler, extract_groups
 from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler
-from monai_groupdistil.handlers.group_report_handler import GroupReportHandler, per_sample_cross_entropy
+from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, batch_spacing
+from monai_groupdistil.handlers.group_report_handler import (
+    GroupMetricReportHandler,
+    GroupReportHandler,
+    per_sample_cross_entropy,
+)
 from monai_groupdistil.handlers.prediction_writer import ClassPredictionWriter
 
 __all__ = [
     "ClassPredictionWriter",
     "GroupAccuracyHandler",
     "GroupDROHandler",
+    "GroupMetricHandler",
+    "GroupMetricReportHandler",
     "GroupReportHandler",
+    "batch_spacing",
     "extract_groups",
     "per_sample_cross_entropy",
 ]

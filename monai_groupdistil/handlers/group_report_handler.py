@@ -1,4 +1,6 @@
-"""GroupReportHandler: per-group evaluation report (CSV, JSON) and plots at the end of an evaluator run."""
+"""Per-group evaluation reports (CSV, JSON, plots) at the end of an evaluator run: ``GroupReportHandler``
+(classification: accuracy and loss) and ``GroupMetricReportHandler`` (any per-sample metrics per channel, e.g. Dice
+and Hausdorff distance per structure, with overlays of the worst group's cases)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,12 @@ from monai.utils.enums import CommonKeys as Keys
 from monai_groupdistil.handlers.group_accuracy_handler import split_output
 from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler, default_group_names
 from monai_groupdistil.metrics.group_accuracy import _check_groups, _summarise, as_batch, per_sample_accuracy
-from monai_groupdistil.visualize import plot_dro_weights, plot_group_accuracy
+from monai_groupdistil.visualize import (
+    plot_dro_weights,
+    plot_group_accuracy,
+    plot_group_metric,
+    plot_segmentation_overlays,
+)
 
 idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
@@ -29,7 +36,7 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["GroupReportHandler", "per_sample_cross_entropy"]
+__all__ = ["GroupMetricReportHandler", "GroupReportHandler", "per_sample_cross_entropy"]
 
 CSV_COLUMNS = ("group", "name", "samples", "accuracy", "mean_loss")
 
@@ -207,3 +214,265 @@ class GroupReportHandler:
                 plot_dro_weights(weights, dro.group_names, self.output_dir / "dro_weights.png", iters)
         except ImportError as err:
             warnings.warn(f"GroupReportHandler: plots skipped: {err}", stacklevel=2)
+
+
+def _finite(value: float) -> float | None:
+    """A JSON-safe number: NaN and infinities (e.g. a distance to an empty prediction) become ``null``."""
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def _class_map(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C>1, *spatial]`` scores / one-hot -> ``[B, *spatial]`` argmax; ``[B, 1, *spatial]`` -> indices."""
+    return x.argmax(dim=1) if x.shape[1] > 1 else x[:, 0].round().long()
+
+
+class GroupMetricReportHandler:
+    """Per-group report of any per-sample metrics (e.g. Dice and 95 % Hausdorff distance per structure), written
+    when an evaluator run completes.
+
+    Every metric is accumulated with :py:class:`~monai_groupdistil.metrics.GroupMetric` (gathered over all ranks);
+    rank 0 then writes into ``output_dir``:
+
+    - ``group_report.csv``: columns ``group, name, structure, samples, <metric>...``; for every group one row per
+      channel (``channel_names``, e.g. LV, MYO, RV) and one ``mean`` row (the mean over the channels);
+    - ``metrics.json``: for every metric ``<m>`` (over all samples), ``mean_group_<m>``, ``worst_group_<m>``,
+      ``per_group_<m>`` (group -> channel -> value), ``<m>_per_structure``, ``weighted_<m>`` with
+      ``group_counts``; ``worst_group`` (the worst group by ``key_metric``), ``samples``; NaN and infinities are
+      written as ``null``;
+    - ``group_<key_metric>.png``: the key metric per group and channel;
+    - ``dro_weights.png``: the DRO-weight trajectories, when ``dro_handler`` holds a history;
+    - ``worst_group_cases.png``: overlays (image, ground truth, prediction) of the ``overlays`` samples of the worst
+      group with the lowest key metric (the slice with the most ground-truth foreground of a 3-D sample). In a
+      multi-process evaluation they are taken from rank 0's share of the samples.
+
+    The plots need matplotlib; without it they are skipped with a warning. ``self.summary`` holds the JSON content.
+
+    ``output_transform`` maps ``engine.state.output`` to ``(y_pred, y)`` or ``(y_pred, y, groups)``: one-hot (or
+    probability) ``[B, C, *spatial]`` tensors, as MONAI's ``DiceMetric`` and ``HausdorffDistanceMetric`` expect
+    (e.g. after ``AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=C)`` in the evaluator's
+    postprocessing); the groups come from the batch otherwise.
+
+    Args:
+        output_dir: folder of the report files (created).
+        num_groups: number of groups.
+        metrics: name -> per-sample metric (MONAI cumulative metric with ``reduction="none"`` or a callable giving
+            ``[B, C]``), e.g. ``{"dice": DiceMetric(include_background=False, reduction="none")}``.
+        group_names: one name per group (default ``group0``...).
+        channel_names: one name per channel of the metrics (e.g. ``["LV", "MYO", "RV"]``); default ``c0``...
+        key_metric: the metric that names the worst group, draws the bar plot and picks the overlays (default: the
+            first of ``metrics``).
+        lower_is_better: names of the metrics where lower is better (distances).
+        metric_kwargs: name -> ``engine -> dict`` of further arguments (e.g. ``batch_spacing("label")`` for
+            distances in mm).
+        output_transform: see above; ``None`` uses ``from_engine(["pred", "label"])``.
+        group_key: key of the group ids in the batch.
+        image_key: key of the network input in ``engine.state.output`` (for the overlays).
+        case_key: key of a sample's name in the batch (for the overlay titles); missing names are numbered.
+        dro_handler: the training run's :py:class:`GroupDROHandler`, for the weight plot.
+        group_counts: optional training-set size of every group (adds ``weighted_<m>``).
+        overlays: number of worst-group samples drawn (0: none).
+        plots: write the PNG plots.
+
+    Raises:
+        ValueError: for an empty ``metrics``, names of the wrong length, or a ``key_metric`` not in ``metrics``.
+
+    Example::
+
+        report = GroupMetricReportHandler(
+            "eval", num_groups=4, group_names=["A", "B", "C", "D"], channel_names=["LV", "MYO", "RV"],
+            metrics={"dice": DiceMetric(include_background=False, reduction="none"),
+                     "hd95": HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")},
+            lower_is_better=["hd95"], metric_kwargs={"hd95": batch_spacing("label")},
+        )
+        evaluator = SupervisedEvaluator(..., postprocessing=one_hot, val_handlers=[report])
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        num_groups: int,
+        metrics: dict[str, Callable],
+        group_names: Sequence[str] | None = None,
+        channel_names: Sequence[str] | None = None,
+        key_metric: str | None = None,
+        lower_is_better: Sequence[str] = (),
+        metric_kwargs: dict[str, Callable[[Engine], dict]] | None = None,
+        output_transform: Callable | None = None,
+        group_key: str = "group",
+        image_key: str = Keys.IMAGE,
+        case_key: str = "case",
+        dro_handler: GroupDROHandler | None = None,
+        group_counts: Sequence[float] | None = None,
+        overlays: int = 4,
+        plots: bool = True,
+    ) -> None:
+        from monai_groupdistil.metrics.group_metric import GroupMetric
+
+        if not metrics:
+            raise ValueError("metrics must name at least one metric, e.g. {'dice': DiceMetric(reduction='none')}.")
+        names = default_group_names(num_groups) if group_names is None else [str(n) for n in group_names]
+        if len(names) != num_groups:
+            raise ValueError(f"group_names has {len(names)} names but num_groups is {num_groups}.")
+        self.key_metric = next(iter(metrics)) if key_metric is None else str(key_metric)
+        if self.key_metric not in metrics:
+            raise ValueError(f"key_metric {self.key_metric!r} is not one of the metrics {sorted(metrics)}.")
+        unknown = sorted(set(lower_is_better) - set(metrics))
+        if unknown:
+            raise ValueError(f"lower_is_better names {unknown}, which are not metrics ({sorted(metrics)}).")
+        self.output_dir = Path(output_dir)
+        self.num_groups = num_groups
+        self.group_names = names
+        self.channel_names = None if channel_names is None else [str(c) for c in channel_names]
+        self.lower_is_better = set(lower_is_better)
+        self.metrics = {
+            name: GroupMetric(m, num_groups, group_counts, higher_is_better=name not in self.lower_is_better)
+            for name, m in metrics.items()
+        }
+        self.metric_kwargs = dict(metric_kwargs or {})
+        self.output_transform = from_engine([Keys.PRED, Keys.LABEL]) if output_transform is None else output_transform
+        self.group_key = group_key
+        self.image_key = image_key
+        self.case_key = case_key
+        self.dro_handler = dro_handler
+        self.group_counts = group_counts
+        self.overlays = int(overlays)
+        self.plots = plots
+        self.summary: dict[str, Any] | None = None
+        self.reset()
+
+    def attach(self, engine: Engine) -> None:
+        """Reset at ``EPOCH_STARTED``, accumulate at ``ITERATION_COMPLETED``, write at ``COMPLETED``."""
+        for event, fn in (
+            (Events.EPOCH_STARTED, self.reset),
+            (Events.ITERATION_COMPLETED, self.iteration_completed),
+            (Events.COMPLETED, self.completed),
+        ):
+            if not engine.has_event_handler(fn, event):
+                engine.add_event_handler(event, fn)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Drop the accumulated samples."""
+        for metric in self.metrics.values():
+            metric.reset()
+        self._snapshots: list[dict[str, Any]] = []
+
+    @torch.no_grad()
+    def iteration_completed(self, engine: Engine) -> None:
+        """Accumulate the iteration's per-sample metric values, groups and an overlay snapshot of every sample."""
+        y_pred, y, groups = split_output(engine, self.output_transform(engine.state.output), self.group_key)
+        pred_t, y_t = as_batch(y_pred, "y_pred").detach(), as_batch(y, "y").detach()
+        values = {}
+        for name, metric in self.metrics.items():
+            kwargs = self.metric_kwargs[name](engine) if name in self.metric_kwargs else {}
+            values[name], groups_t = metric(pred_t, y_t, groups=groups, **kwargs)
+        if self.overlays > 0:
+            self._snapshot(engine, pred_t, y_t, groups_t, values[self.key_metric])
+
+    def _snapshot(self, engine: Engine, pred: torch.Tensor, y: torch.Tensor, groups, key_values) -> None:
+        output = engine.state.output
+        try:
+            images = as_batch(from_engine([self.image_key])(output), "image").detach()
+        except (KeyError, TypeError, ValueError):
+            return
+        cases = None
+        batch = engine.state.batch
+        if isinstance(batch, dict) and self.case_key in batch:
+            cases = list(batch[self.case_key])
+        elif isinstance(batch, (list, tuple)) and batch and all(isinstance(d, dict) for d in batch):
+            cases = [d.get(self.case_key) for d in batch]
+        pred_map, label_map = _class_map(pred).cpu(), _class_map(y).cpu()
+        image = images[:, 0].float().cpu()
+        score = torch.nanmean(key_values.double(), dim=1).cpu() if key_values.ndim > 1 else key_values.cpu()
+        for b in range(pred_map.shape[0]):
+            lab, prd, img = label_map[b], pred_map[b], image[b]
+            if lab.ndim == 3:  # a volume: the slice with the most ground-truth foreground
+                z = int((lab > 0).flatten(0, 1).sum(0).argmax())
+                lab, prd, img = lab[..., z], prd[..., z], img[..., z]
+            name = cases[b] if cases is not None and b < len(cases) else f"sample {len(self._snapshots)}"
+            self._snapshots.append({
+                "image": img.half(), "label": lab.to(torch.uint8), "pred": prd.to(torch.uint8),
+                "group": int(groups[b]), "score": float(score[b]), "case": str(name),
+            })  # fmt: skip
+
+    def completed(self, engine: Engine) -> None:
+        """Gather the samples of all ranks and (rank 0) write the report files."""
+        results = {name: metric.aggregate() for name, metric in self.metrics.items()}
+        key = results[self.key_metric]
+        channels = key["per_group_channel"].shape[1]
+        cnames = self.channel_names if self.channel_names is not None else [f"c{c}" for c in range(channels)]
+        for name, res in results.items():
+            if res["per_group_channel"].shape[1] != len(cnames):
+                raise ValueError(
+                    f"metric {name!r} gave {res['per_group_channel'].shape[1]} values per sample but there are "
+                    f"{len(cnames)} channel names {cnames}."
+                )
+        worst_id = key["worst_group_id"]
+        counts = key["counts"]
+        summary: dict[str, Any] = {
+            "worst_group": self.group_names[worst_id] if worst_id >= 0 else None,
+            "key_metric": self.key_metric,
+            "samples": int(counts.sum()),
+        }
+        for name, res in results.items():
+            summary[name] = _finite(res["overall"])
+            summary[f"mean_group_{name}"] = _finite(res["mean_group"])
+            summary[f"worst_group_{name}"] = _finite(res["worst_group"])
+            summary[f"{name}_per_structure"] = {c: _finite(v) for c, v in zip(cnames, res["overall_channel"].tolist())}
+            summary[f"per_group_{name}"] = {
+                g: {
+                    **{c: _finite(v) for c, v in zip(cnames, res["per_group_channel"][k].tolist())},
+                    "mean": _finite(float(res["per_group"][k])),
+                }
+                for k, g in enumerate(self.group_names)
+            }
+            if "weighted" in res:
+                summary[f"weighted_{name}"] = _finite(res["weighted"])
+        self.summary = summary
+        if idist.get_rank() != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "group_report.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["group", "name", "structure", "samples", *results])
+            for k, gname in enumerate(self.group_names):
+                for c, cname in enumerate([*cnames, "mean"]):
+                    row = [
+                        float(res["per_group"][k]) if c == len(cnames) else float(res["per_group_channel"][k, c])
+                        for res in results.values()
+                    ]
+                    writer.writerow([k, gname, cname, int(counts[k]), *row])
+        with open(self.output_dir / "metrics.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        if self.plots:
+            self._write_plots(key, cnames, worst_id)
+
+    def _write_plots(self, key: dict[str, Any], cnames: list[str], worst_id: int) -> None:
+        try:
+            name = self.key_metric
+            plot_group_metric(
+                key["per_group_channel"],
+                self.group_names,
+                cnames,
+                self.output_dir / f"group_{name}.png",
+                metric_name=name,
+                counts=key["counts"].tolist(),
+                ylim=None if name in self.lower_is_better else (0.0, 1.05),
+            )
+            dro = self.dro_handler
+            if dro is not None and dro.weight_history:
+                iters, weights, _ = dro.history_tensors()
+                plot_dro_weights(weights, dro.group_names, self.output_dir / "dro_weights.png", iters)
+            cases = [s for s in self._snapshots if s["group"] == worst_id and not math.isnan(s["score"])]
+            cases.sort(key=lambda s: s["score"], reverse=name in self.lower_is_better)
+            cases = cases[: self.overlays]
+            if cases:
+                plot_segmentation_overlays(
+                    [s["image"] for s in cases],
+                    [s["label"] for s in cases],
+                    [s["pred"] for s in cases],
+                    [f"{self.group_names[worst_id]} {s['case']}: {name} {s['score']:.3f}" for s in cases],
+                    self.output_dir / "worst_group_cases.png",
+                    num_classes=len(cnames) + 1,
+                )
+        except ImportError as err:
+            warnings.warn(f"GroupMetricReportHandler: plots skipped: {err}", stacklevel=2)
