@@ -15,8 +15,8 @@ from monai_groupdistil.losses import (
     GroupDistillationLoss,
     GroupDROLoss,
     PerSampleDiceCELoss,
-    soft_dice_per_sample,
 )
+from monai_groupdistil.losses.distillation import soft_dice_per_sample
 from tests.loss_reference import ReferenceGroupDRO, per_sample_kd
 
 

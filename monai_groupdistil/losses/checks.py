@@ -1,8 +1,4 @@
-"""Argument and tensor checks shared by the losses.
-
-Every check raises ``ValueError`` (``TypeError`` for a wrong type) naming the argument and the expected form, and
-never modifies its inputs.
-"""
+"""Argument and tensor checks of the losses: ``ValueError`` (``TypeError`` for a type) naming what was expected."""
 
 from __future__ import annotations
 
@@ -10,31 +6,14 @@ import math
 
 import torch
 
-__all__ = [
-    "check_positive",
-    "check_non_negative",
-    "check_fraction",
-    "check_logits",
-    "check_target",
-    "check_groups",
-    "clamp_labels",
-    "raise_label_range",
-]
+__all__ = ["check_number", "check_fraction", "check_logits", "check_target", "check_groups", "clamp_labels"]
 
 
-def check_positive(value: float, name: str) -> float:
-    """Return ``value`` as a float after checking that it is finite and > 0."""
+def check_number(value: float, name: str, positive: bool = False) -> float:
+    """Return ``value`` as a float after checking that it is finite and ``> 0`` (``positive``) or ``>= 0``."""
     number = float(value)
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-    return number
-
-
-def check_non_negative(value: float, name: str) -> float:
-    """Return ``value`` as a float after checking that it is finite and >= 0."""
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value!r}.")
     return number
 
 

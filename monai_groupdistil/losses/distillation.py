@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from monai_groupdistil.losses.checks import (
     check_fraction,
     check_logits,
-    check_non_negative,
-    check_positive,
+    check_number,
     check_target,
     clamp_labels,
     raise_label_range,
 )
-from monai_groupdistil.losses.dice import soft_dice_per_sample
 
-__all__ = ["DistillationLoss", "distillation_per_sample"]
+__all__ = ["DistillationLoss", "PerSampleDiceCELoss", "distillation_per_sample", "soft_dice_per_sample"]
+
+# MONAI's soft Dice loss per sample and class ([B, C, 1, ...]): softmax of the logits against one-hot labels
+_SOFT_DICE = DiceLoss(softmax=True, to_onehot_y=True, reduction="none")
+
+
+def soft_dice_per_sample(input: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``1 - soft Dice`` of every sample ``[B]``, averaged over the classes (background included), for logits
+    ``[B, C, *spatial]`` and int64 labels ``[B, *spatial]`` in ``[0, C)``."""
+    return _SOFT_DICE(input, labels.unsqueeze(1)).flatten(1).mean(dim=1)
 
 
 def distillation_per_sample(
@@ -38,7 +46,7 @@ def distillation_per_sample(
         l_i  = alpha * kd_i + (1 - alpha) * ce_i  [+ dice_weight * (1 - softDice_i)]
 
     For dense outputs (``[B, C, *spatial]``) ``kd`` and ``ce`` are averaged over the voxels; the optional soft Dice
-    term (:py:func:`~monai_groupdistil.losses.dice.soft_dice_per_sample`) is for segmentation. Half-precision logits
+    term (:py:func:`soft_dice_per_sample`) is for segmentation. Half-precision logits
     are computed in float32 and the result is cast back to their dtype (float32 under ``torch.autocast``, as
     autocast does for torch's losses); logits of two dtypes give their promoted dtype.
 
@@ -51,79 +59,23 @@ def distillation_per_sample(
         alpha: weight of the distillation term, in ``[0, 1]``.
         dice_weight: weight of the soft Dice term, ``>= 0`` (dense logits only).
 
-    Returns:
-        a ``[B]`` tensor of per-sample losses.
+    Returns a ``[B]`` tensor of per-sample losses.
 
     Raises:
         TypeError: for non-floating logits or a non-integer target.
         ValueError: for mismatched shapes or class counts, an empty batch, bad hyper-parameters, a missing
-            ``teacher_logits`` or ``target``, or class indices outside ``[0, C)`` (checked with one host
-            synchronisation).
+            ``teacher_logits`` or ``target``, or class indices outside ``[0, C)`` (one host synchronisation).
     """
-    temperature, alpha = check_positive(temperature, "temperature"), check_fraction(alpha, "alpha")
-    dice_weight = check_non_negative(dice_weight, "dice_weight")
-    labels, outside = prepare_labels(input, teacher_logits, target, alpha, dice_weight)
-    if outside is not None and bool(outside):
-        raise_label_range(check_target(target, input), input.shape[1])  # type: ignore[arg-type]
-    return per_sample_loss(input, teacher_logits, labels, temperature, alpha, dice_weight)
-
-
-def prepare_labels(
-    input: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    target: torch.Tensor | None,
-    alpha: float,
-    dice_weight: float,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Check the inputs of a distillation call; return the labels clamped into ``[0, C)`` and the 0-dim flag of
-    :py:func:`~monai_groupdistil.losses.checks.clamp_labels` (both ``None`` when no labels are needed)."""
-    if teacher_logits is None and alpha > 0:
-        raise ValueError(f"teacher_logits are required when alpha > 0 (alpha={alpha}).")
-    check_logits(input, teacher_logits)
-    if dice_weight > 0 and input.ndim < 3:
-        raise ValueError(f"dice_weight > 0 needs dense logits [B, C, *spatial], got shape {tuple(input.shape)}.")
-    if alpha == 1.0 and dice_weight == 0:
-        return None, None
-    if target is None:
-        raise ValueError(f"target is required when alpha < 1 or dice_weight > 0 (alpha={alpha}); pass class indices.")
-    return clamp_labels(check_target(target, input), input.shape[1])
-
-
-def per_sample_loss(
-    input: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    temperature: float,
-    alpha: float,
-    dice_weight: float,
-) -> torch.Tensor:
-    """:py:func:`distillation_per_sample` on checked inputs and labels in ``[0, C)`` (see :py:func:`prepare_labels`)."""
-    dtype = input.dtype if teacher_logits is None else torch.promote_types(input.dtype, teacher_logits.dtype)
-    compute_dtype = torch.promote_types(dtype, torch.float32)  # half precision would lose the KD term's digits
-    if torch.is_autocast_enabled(input.device.type):
-        dtype = compute_dtype
-    student = input.to(compute_dtype)
-    voxel_loss = torch.zeros((), dtype=compute_dtype, device=input.device)
-    if alpha > 0:
-        log_p_student = F.log_softmax(student / temperature, dim=1)
-        log_p_teacher = F.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=1)  # type: ignore[union-attr]
-        kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
-        voxel_loss = voxel_loss + alpha * temperature * temperature * kl
-    if alpha < 1:
-        voxel_loss = voxel_loss + (1 - alpha) * F.cross_entropy(student, labels, reduction="none")  # type: ignore[arg-type]
-    per_sample = voxel_loss.flatten(1).mean(dim=1) if voxel_loss.ndim > 1 else voxel_loss
-    if dice_weight > 0:
-        per_sample = per_sample + dice_weight * soft_dice_per_sample(student, labels)  # type: ignore[arg-type]
-    return per_sample.to(dtype)
+    return DistillationLoss(temperature, alpha, dice_weight, reduction="none")(input, teacher_logits, target)
 
 
 class DistillationLoss(_Loss):
     """Knowledge-distillation loss: ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``.
 
-    The formula of Hinton et al., "Distilling the Knowledge in a Neural Network" (2015), as torchdistill's
-    ``KDLoss``, for classification logits ``[B, C]`` and dense logits ``[B, C, *spatial]`` (each sample's value is
-    the mean over its voxels), with an optional per-sample soft Dice term for segmentation. Autograd runs through
-    ``log_softmax``, ``kl_div`` and ``cross_entropy``, so a teacher trained jointly gets its gradient too.
+    The per-sample value of :py:func:`distillation_per_sample` (Hinton et al., 2015, as torchdistill's ``KDLoss``;
+    mean over voxels for dense logits; an optional soft Dice term for segmentation), reduced over the batch.
+    Autograd runs through ``log_softmax``, ``kl_div`` and ``cross_entropy``, so a teacher trained jointly gets its
+    gradient too, and second derivatives exist.
 
     Args:
         temperature: softmax temperature ``T > 0``. Defaults to 4.0.
@@ -133,9 +85,7 @@ class DistillationLoss(_Loss):
         reduction: ``"none"`` (a ``[B]`` tensor of per-sample values), ``"mean"`` or ``"sum"`` over samples.
 
     Raises:
-        ValueError: for ``temperature <= 0``, ``alpha`` outside ``[0, 1]``, a negative ``dice_weight`` or an unknown
-            ``reduction``; at call time, see :py:func:`distillation_per_sample`.
-        TypeError: at call time for non-floating logits or a non-integer target.
+        ValueError, TypeError: for bad hyper-parameters; at call time, see :py:func:`distillation_per_sample`.
 
     Example::
 
@@ -143,8 +93,7 @@ class DistillationLoss(_Loss):
         >>> from monai_groupdistil.losses import DistillationLoss
         >>> student, teacher = torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)
         >>> labels = torch.randint(0, 3, (8,))
-        >>> loss = DistillationLoss(temperature=4.0, alpha=0.5)(student, teacher, labels)
-        >>> loss.backward()
+        >>> DistillationLoss(temperature=4.0, alpha=0.5)(student, teacher, labels).backward()
         >>> DistillationLoss(reduction="none")(student, teacher, labels).shape
         torch.Size([8])
     """
@@ -157,9 +106,9 @@ class DistillationLoss(_Loss):
         reduction: LossReduction | str = "mean",
     ):
         super().__init__(reduction=LossReduction(reduction).value)
-        self.temperature = check_positive(temperature, "temperature")
+        self.temperature = check_number(temperature, "temperature", positive=True)
         self.alpha = check_fraction(alpha, "alpha")
-        self.dice_weight = check_non_negative(dice_weight, "dice_weight")
+        self.dice_weight = check_number(dice_weight, "dice_weight")
 
     def forward(
         self, input: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor | None = None
@@ -173,11 +122,78 @@ class DistillationLoss(_Loss):
         Returns:
             a scalar for ``"mean"``/``"sum"``, a ``[B]`` tensor for ``"none"``.
         """
-        per_sample = distillation_per_sample(
-            input, teacher_logits, target, self.temperature, self.alpha, self.dice_weight
-        )
+        labels, outside = self.prepare_labels(input, teacher_logits, target)
+        if outside is not None and bool(outside):  # one host synchronisation
+            raise_label_range(check_target(target, input), input.shape[1])  # type: ignore[arg-type]
+        per_sample = self.per_sample(input, teacher_logits, labels)
         if self.reduction == LossReduction.MEAN.value:
             return per_sample.mean()
         if self.reduction == LossReduction.SUM.value:
             return per_sample.sum()
         return per_sample
+
+    def prepare_labels(
+        self, input: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Check the inputs of a call; return the labels clamped into ``[0, C)`` and the 0-dim flag of
+        :py:func:`~monai_groupdistil.losses.checks.clamp_labels` (both ``None`` when no labels are needed)."""
+        alpha, dice_weight = self.alpha, self.dice_weight
+        if teacher_logits is None and alpha > 0:
+            raise ValueError(f"teacher_logits are required when alpha > 0 (alpha={alpha}).")
+        check_logits(input, teacher_logits)
+        if dice_weight > 0 and input.ndim < 3:
+            raise ValueError(f"dice_weight > 0 needs dense logits [B, C, *spatial], got shape {tuple(input.shape)}.")
+        if alpha == 1.0 and dice_weight == 0:
+            return None, None
+        if target is None:
+            raise ValueError(f"target is required when alpha < 1 or dice_weight > 0 (alpha={alpha}).")
+        return clamp_labels(check_target(target, input), input.shape[1])
+
+    def per_sample(
+        self, input: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The per-sample values ``[B]`` for inputs checked by :py:meth:`prepare_labels` (labels in ``[0, C)``)."""
+        temperature, alpha = self.temperature, self.alpha
+        dtype = input.dtype if teacher_logits is None else torch.promote_types(input.dtype, teacher_logits.dtype)
+        compute_dtype = torch.promote_types(dtype, torch.float32)  # half precision would lose the KD term's digits
+        if torch.is_autocast_enabled(input.device.type):
+            dtype = compute_dtype
+        student = input.to(compute_dtype)
+        voxel_loss = torch.zeros((), dtype=compute_dtype, device=input.device)
+        if alpha > 0:
+            log_p_student = F.log_softmax(student / temperature, dim=1)
+            log_p_teacher = F.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=1)  # type: ignore[union-attr]
+            kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
+            voxel_loss = voxel_loss + alpha * temperature * temperature * kl
+        if alpha < 1:
+            voxel_loss = voxel_loss + (1 - alpha) * F.cross_entropy(student, labels, reduction="none")  # type: ignore[arg-type]
+        per_sample = voxel_loss.flatten(1).mean(dim=1) if voxel_loss.ndim > 1 else voxel_loss
+        if self.dice_weight > 0:
+            per_sample = per_sample + self.dice_weight * soft_dice_per_sample(student, labels)  # type: ignore[arg-type]
+        return per_sample.to(dtype)
+
+
+class PerSampleDiceCELoss(DistillationLoss):
+    """Cross entropy (mean over voxels) plus ``dice_weight`` times the soft Dice loss, for every sample.
+
+    ``l_i = mean_v CE(s_iv, y_iv) + dice_weight * (1 - softDice_i)`` (:py:class:`DistillationLoss` with
+    ``alpha=0``, no teacher) is a segmentation loss that a group-DRO objective can take:
+    ``GroupDROLoss(PerSampleDiceCELoss(reduction="none"), num_groups)``; MONAI's ``DiceCELoss`` reduces over the
+    batch. ``forward(input, target)``: logits ``[B, C, *spatial]``, class indices ``[B(, 1), *spatial]``.
+
+    Example::
+
+        >>> import torch
+        >>> from monai_groupdistil.losses import GroupDROLoss, PerSampleDiceCELoss
+        >>> loss = GroupDROLoss(PerSampleDiceCELoss(reduction="none"), num_groups=2)
+        >>> logits, masks = torch.randn(4, 4, 16, 16, requires_grad=True), torch.randint(0, 4, (4, 16, 16))
+        >>> loss(logits, masks, torch.tensor([0, 0, 1, 1])).backward()
+    """
+
+    def __init__(self, dice_weight: float = 1.0, reduction: LossReduction | str = "mean"):
+        super().__init__(alpha=0.0, dice_weight=dice_weight, reduction=reduction)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if isinstance(input, torch.Tensor) and input.ndim < 3:
+            raise ValueError(f"input must be dense logits [B, C, *spatial], got shape {tuple(input.shape)}.")
+        return super().forward(input, None, target)

@@ -8,13 +8,10 @@ import torch
 from monai.utils import LossReduction
 
 from monai_groupdistil.losses.checks import (
-    check_fraction,
     check_groups,
-    check_non_negative,
-    check_positive,
     raise_label_range,
 )
-from monai_groupdistil.losses.distillation import DistillationLoss, per_sample_loss, prepare_labels
+from monai_groupdistil.losses.distillation import DistillationLoss
 from monai_groupdistil.losses.group_dro import GroupDROLoss
 
 __all__ = ["GroupDistillationLoss"]
@@ -34,18 +31,10 @@ class GroupDistillationLoss(GroupDROLoss):
     ``[B]``/``[B, 1]`` or ``[B, *spatial]``/``[B, 1, *spatial]`` class indices; ``groups`` an integer tensor ``[B]``.
 
     Args:
-        num_groups: number of groups ``G >= 1``.
-        temperature: softmax temperature ``T > 0``. Defaults to 4.0.
-        alpha: weight of the distillation term in ``[0, 1]``. Defaults to 0.5.
-        step_size: robust step size ``eta >= 0``. Defaults to 0.01.
-        adjustment: generalisation adjustment ``C`` (float or one per group, ``>= 0``).
-        group_counts: training-set size of every group; required when ``adjustment`` is non-zero.
-        normalize_loss: normalise the adjusted group losses to sum 1 before the update.
-        gamma: factor of the running group losses, in ``(0, 1]``.
-        absent_groups: ``"ema"`` (default: an absent group enters the update with its running loss) or ``"zero"``
-            (the reference rule), see :py:class:`GroupDROLoss`.
-        dice_weight: weight of a per-sample soft Dice term (dense logits only), ``>= 0``. Defaults to 0.
-        reduction: ``"mean"``/``"sum"``: the robust scalar; ``"none"``: per-sample contributions ``[B]`` summing to it.
+        num_groups, step_size, adjustment, group_counts, normalize_loss, gamma, absent_groups, reduction: as for
+            :py:class:`GroupDROLoss` (``absent_groups="ema"`` by default: an absent group enters the update with
+            its running loss).
+        temperature, alpha, dice_weight: as for :py:class:`DistillationLoss` (defaults 4.0, 0.5 and 0).
 
     Raises:
         ValueError: for invalid hyper-parameters; at call time for group ids outside ``[0, num_groups)``, class
@@ -80,37 +69,29 @@ class GroupDistillationLoss(GroupDROLoss):
         dice_weight: float = 0.0,
         reduction: LossReduction | str = "mean",
     ):
-        self.temperature = check_positive(temperature, "temperature")
-        self.alpha = check_fraction(alpha, "alpha")
-        self.dice_weight = check_non_negative(dice_weight, "dice_weight")
+        distillation = DistillationLoss(temperature, alpha, dice_weight, reduction="none")
         super().__init__(
-            loss_fn=DistillationLoss(self.temperature, self.alpha, self.dice_weight, reduction="none"),
-            num_groups=num_groups,
-            step_size=step_size,
-            adjustment=adjustment,
-            group_counts=group_counts,
-            normalize_loss=normalize_loss,
-            gamma=gamma,
-            absent_groups=absent_groups,
-            reduction=reduction,
+            distillation,
+            num_groups,
+            step_size,
+            adjustment,
+            group_counts,
+            normalize_loss,
+            gamma,
+            absent_groups,
+            reduction,
         )
+        self.temperature, self.alpha, self.dice_weight = distillation.temperature, distillation.alpha, dice_weight
 
     def forward(  # type: ignore[override]
         self, input: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, groups: torch.Tensor
     ) -> torch.Tensor:
-        """
-        Args:
-            input: student logits ``[B, C, *spatial]``.
-            teacher_logits: teacher logits, same shape as ``input``.
-            target: class indices (``None`` allowed only when ``alpha == 1`` and ``dice_weight == 0``).
-            groups: integer group ids ``[B]`` in ``[0, num_groups)``.
-
-        Returns:
-            the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
-        """
-        labels, outside = prepare_labels(input, teacher_logits, target, self.alpha, self.dice_weight)
+        """Student and teacher logits ``[B, C, *spatial]``, class indices ``target`` (``None`` only when
+        ``alpha == 1`` and ``dice_weight == 0``) and group ids ``[B]``; returns the robust scalar (``"mean"``/``"sum"``)
+        or per-sample contributions ``[B]`` (``"none"``)."""
+        labels, outside = self.loss_fn.prepare_labels(input, teacher_logits, target)
         groups = check_groups(groups, input.shape[0])
-        per_sample = per_sample_loss(input, teacher_logits, labels, self.temperature, self.alpha, self.dice_weight)
+        per_sample = self.loss_fn.per_sample(input, teacher_logits, labels)
         try:
             return self.robust_reduce(per_sample, groups, outside)
         except ValueError as err:  # name the culprit where the group statistics cannot

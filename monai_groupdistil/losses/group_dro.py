@@ -9,12 +9,11 @@ import torch.distributed as dist
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_groupdistil.losses.checks import check_fraction, check_groups, check_non_negative
+from monai_groupdistil.losses.checks import check_fraction, check_groups, check_number
 
 __all__ = ["GroupDROLoss", "ABSENT_GROUP_RULES"]
 
-ABSENT_GROUP_RULES = ("ema", "zero")
-"""Values of ``absent_groups``: what a group missing from the batch contributes to the weight update."""
+ABSENT_GROUP_RULES = ("ema", "zero")  # values of ``absent_groups``: what an absent group brings to the update
 
 
 class GroupDROLoss(_Loss):
@@ -120,6 +119,7 @@ class GroupDROLoss(_Loss):
         self.register_buffer("ema_initialized", torch.zeros(num_groups, dtype=torch.bool))
         self.register_buffer("last_group_losses", torch.zeros(num_groups), persistent=False)
         self.register_buffer("last_group_counts", torch.zeros(num_groups, dtype=torch.long), persistent=False)
+        self.register_load_state_dict_pre_hook(self._check_checkpoint)
 
     @property
     def step_size(self) -> float:
@@ -128,18 +128,11 @@ class GroupDROLoss(_Loss):
 
     @step_size.setter
     def step_size(self, value: float) -> None:
-        self._step_size = check_non_negative(value, "step_size")
+        self._step_size = check_number(value, "step_size")
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            input: network output passed to ``loss_fn``, first dimension the batch ``B``.
-            target: target passed to ``loss_fn``.
-            groups: integer group ids ``[B]`` in ``[0, num_groups)``.
-
-        Returns:
-            the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
-        """
+        """``loss_fn(input, target)`` gives per-sample losses, ``groups`` integer ids ``[B]`` in ``[0, num_groups)``;
+        returns the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``)."""
         if not isinstance(input, torch.Tensor) or input.ndim < 1 or input.shape[0] == 0:
             raise ValueError("input must be a tensor with a non-empty batch dimension.")
         groups = check_groups(groups, input.shape[0])
@@ -148,17 +141,9 @@ class GroupDROLoss(_Loss):
     def robust_reduce(
         self, per_sample: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The group-DRO objective of per-sample losses (the weights are updated first in training mode).
-
-        Args:
-            per_sample: per-sample losses ``[B]`` (or ``[B, *spatial]``, averaged over the non-batch dimensions).
-            groups: int64 group ids ``[B]`` (see ``check_groups``); their range is checked here.
-            labels_outside: optional 0-dim bool tensor, the caller's flag for labels outside the classes; it is
-                checked with the group statistics (one host synchronisation) and raises before any update.
-
-        Returns:
-            the reduced robust loss, see ``reduction``.
-        """
+        """The robust loss (see ``reduction``) of per-sample losses ``[B]`` (or ``[B, *spatial]``, averaged over the
+        non-batch dimensions) and int64 ids ``[B]``, updating the weights first in training mode. ``labels_outside``,
+        a caller's 0-dim flag for labels outside the classes, is checked with the ids and the group losses."""
         batch = groups.shape[0]
         if not isinstance(per_sample, torch.Tensor) or per_sample.ndim == 0 or per_sample.shape[0] != batch:
             shape = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
@@ -170,13 +155,10 @@ class GroupDROLoss(_Loss):
             per_sample = per_sample.flatten(1).mean(dim=1)
         coefficients, constant = self._group_step(per_sample.detach(), groups, labels_outside)
         contributions = per_sample.to(coefficients.dtype) * coefficients.to(per_sample.device)
+        constant = constant.to(per_sample.device)
         if self.reduction == LossReduction.NONE.value:
-            robust = contributions + constant.to(per_sample.device) / batch if self.use_adjustment else contributions
-        else:
-            robust = (
-                contributions.sum() + constant.to(per_sample.device) if self.use_adjustment else contributions.sum()
-            )
-        return robust.to(per_sample.dtype)
+            return (contributions + constant / batch).to(per_sample.dtype)
+        return (contributions.sum() + constant).to(per_sample.dtype)
 
     def _group_step(
         self, losses: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None
@@ -192,8 +174,8 @@ class GroupDROLoss(_Loss):
         ids = groups.clamp(0, num_groups - 1)  # safe for index_add_; ids outside are reported below
         sums = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, losses)
         counts = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, torch.ones_like(losses))
-        no_flag = torch.zeros((), dtype=torch.bool, device=device)
-        flags = torch.stack([(ids != groups).any(), no_flag if labels_outside is None else labels_outside.to(device)])
+        labels_outside = torch.zeros((), dtype=torch.bool) if labels_outside is None else labels_outside
+        flags = torch.stack([(ids != groups).any(), labels_outside.to(device)])
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             world_size = dist.get_world_size()
@@ -243,10 +225,11 @@ class GroupDROLoss(_Loss):
     def get_extra_state(self) -> dict:
         return {"absent_groups": self.absent_groups}
 
-    def set_extra_state(self, state: dict) -> None:
-        pass  # checked in _load_from_state_dict, before any buffer is overwritten
+    def set_extra_state(self, state: dict) -> None:  # checked by _check_checkpoint, before any buffer is written
+        pass
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
+    def _check_checkpoint(self, module, state_dict, prefix, *args) -> None:
+        """Load pre-hook: refuse a checkpoint of another grouping or ``absent_groups``, or with bad weights."""
         weights = state_dict.get(prefix + "group_weights")
         if weights is not None and tuple(weights.shape) != (self.num_groups,):
             raise ValueError(
@@ -257,16 +240,13 @@ class GroupDROLoss(_Loss):
             bool(torch.isfinite(weights).all()) and bool((weights >= 0).all()) and abs(float(weights.sum()) - 1) < 1e-3
         ):
             raise ValueError(f"the checkpoint's DRO weights are not a probability vector: {weights.tolist()}.")
-        extra_key = prefix + "_extra_state"
-        saved_rule = state_dict.get(extra_key, {}).get("absent_groups", self.absent_groups)
+        # checkpoints of earlier versions carry no rule: they are taken as they are
+        saved_rule = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())["absent_groups"]
         if saved_rule != self.absent_groups:
             raise ValueError(
                 f"the checkpoint was trained with absent_groups={saved_rule!r} but this loss has "
                 f"absent_groups={self.absent_groups!r}; use the same rule or start anew."
             )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
-        if extra_key not in state_dict and extra_key in missing_keys:  # checkpoints of earlier versions
-            missing_keys.remove(extra_key)
 
 
 def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
