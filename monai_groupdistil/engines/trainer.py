@@ -17,7 +17,7 @@ from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from monai_groupdistil.engines.teacher_cache import TeacherOutputCache, has_random_transforms, run_teacher
-from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
+from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss, PerSampleDiceCELoss
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -51,8 +51,10 @@ def _unwrap_loss(loss: Any) -> Any:
 
 
 def needs_teacher(loss: Any) -> bool:
-    """Whether ``loss`` consumes teacher logits (``DistillationLoss``, ``GroupDistillationLoss``)."""
-    return isinstance(_unwrap_loss(loss), (DistillationLoss, GroupDistillationLoss))
+    """Whether ``loss`` consumes teacher logits (``DistillationLoss``, ``GroupDistillationLoss``; not
+    ``PerSampleDiceCELoss``, a ``DistillationLoss`` without teacher called as ``loss(pred, label)``)."""
+    inner = _unwrap_loss(loss)
+    return isinstance(inner, (DistillationLoss, GroupDistillationLoss)) and not isinstance(inner, PerSampleDiceCELoss)
 
 
 def needs_groups(loss: Any) -> bool:
@@ -83,7 +85,7 @@ def compute_distillation_loss(
         raise ValueError(f"{type(inner).__name__} needs teacher logits: give the trainer a `teacher`.")
     if needs_groups(inner) and groups is None:
         raise ValueError(f"{type(inner).__name__} needs group ids, got None.")
-    if isinstance(inner, DistillationLoss):
+    if isinstance(inner, DistillationLoss) and needs_teacher(inner):
         return loss_function(pred, teacher_pred, label)
     if isinstance(inner, GroupDROLoss) and not isinstance(inner, GroupDistillationLoss):
         return loss_function(pred, label, groups)
