@@ -1,6 +1,8 @@
 """Median time per training iteration of the distillation engines, against the student trained alone (ERM).
 
-In one process, with the same student, data and optimiser settings, the script times ``DistillationTrainer``:
+The student is the cardiac bundle's (MONAI 2-D ResNet, widths 16-128, one basic block per stage, 3 classes) on
+batches of 16 x 1 x 96 x 96, as in ``bundles/cardiac_mri_groupdistil``; the teacher is a wider CNN. In one process,
+with the same student, data and optimiser settings, the script times ``DistillationTrainer``:
 
 - ``erm``: the student alone, cross entropy (the baseline);
 - ``kd_online``: plain KD (``DistillationLoss``), the teacher run every iteration;
@@ -11,10 +13,11 @@ In one process, with the same student, data and optimiser settings, the script t
 An iteration is timed from ignite's ``GET_BATCH_STARTED`` to ``ITERATION_COMPLETED`` (collation, forward passes,
 loss, backward, optimiser step, MONAI's decollation and the handlers). The configurations run one epoch each in
 turn, ``--repeats`` times (interleaved, so drifts in machine load hit all of them alike); the first round is a
-warm-up and is discarded. The script prints the median time per iteration and the ratio to ``erm``.
-Target: ``groupdistil_cached`` at most 1.10x ``erm``.
+warm-up and is discarded. The script prints the median time per iteration, the ratio to ``erm`` and the ratio
+that a user of GroupDistil pays over plain KD. Target: ``groupdistil_cached`` at most 1.03x ``kd_cached`` (the
+group statistics and the weight update cost next to nothing beside a network's forward and backward).
 
-Usage: python benchmarks/train_step.py [--repeats 5] [--iterations 20] [--batch-size 32] [--size 64] [--threads N]
+Usage: python benchmarks/train_step.py [--repeats 5] [--iterations 20] [--batch-size 16] [--size 96] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,14 +28,20 @@ import time
 
 import torch
 from ignite.engine import Events
+from monai.networks.nets import ResNet
 from torch.utils.data import DataLoader
 
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache
 from monai_groupdistil.handlers import GroupDROHandler
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss
 
-NUM_CLASSES, NUM_GROUPS = 4, 4
-TARGET = 1.10
+NUM_CLASSES, NUM_GROUPS = 3, 4
+TARGET = 1.03
+
+
+def bundle_student() -> torch.nn.Module:
+    """The cardiac bundle's student: a 2-D ResNet, widths 16-128, one basic block per stage."""
+    return ResNet("basic", [1, 1, 1, 1], [16, 32, 64, 128], spatial_dims=2, n_input_channels=1, num_classes=NUM_CLASSES)
 
 
 def conv_net(width: int, depth: int) -> torch.nn.Module:
@@ -58,7 +67,7 @@ def make_data(n: int, size: int) -> list[dict]:
 
 def build(kind: str, loader: DataLoader, teacher: torch.nn.Module) -> tuple[DistillationTrainer, list[float]]:
     torch.manual_seed(1)
-    student = conv_net(width=16, depth=3)
+    student = bundle_student()
     handlers: list = []
     if kind == "erm":
         loss, teacher_arg = torch.nn.CrossEntropyLoss(), None
@@ -90,8 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (the first is a warm-up)")
     parser.add_argument("--iterations", type=int, default=20, help="iterations per round (one epoch)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--size", type=int, default=64, help="image side (1 x size x size inputs)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=96, help="image side (1 x size x size inputs)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -120,9 +129,13 @@ def main() -> None:
     for kind in kinds:
         value = statistics.median(medians[kind])
         print(f"{kind:<22}{value * 1e3:>14.2f}{value / base:>13.2f}x")
-    ratio = statistics.median(medians["groupdistil_cached"]) / base
+    for mode in ("cached", "online"):
+        pairs = [g / k for g, k in zip(medians[f"groupdistil_{mode}"], medians[f"kd_{mode}"])]  # same round
+        spread = f"rounds: {min(pairs):.3f}-{max(pairs):.3f}"
+        print(f"groupdistil_{mode} / kd_{mode}: {statistics.median(pairs):.3f}x ({spread})")
+    ratio = statistics.median(g / k for g, k in zip(medians["groupdistil_cached"], medians["kd_cached"]))
     verdict = "met" if ratio <= TARGET else "NOT met"
-    print(f"target groupdistil_cached <= {TARGET:.2f}x erm: {verdict} ({ratio:.2f}x)")
+    print(f"target groupdistil_cached <= {TARGET:.2f}x kd_cached: {verdict} ({ratio:.3f}x)")
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ class GroupDROLoss(_Loss):
         ids = groups.clamp(0, num_groups - 1)  # safe for index_add_; ids outside are reported below
         sums = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, losses)
         counts = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, torch.ones_like(losses))
-        labels_outside = torch.zeros((), dtype=torch.bool) if labels_outside is None else labels_outside
+        labels_outside = torch.zeros((), dtype=torch.bool, device=device) if labels_outside is None else labels_outside
         flags = torch.stack([(ids != groups).any(), labels_outside.to(device)])
         world_size = 1
         if dist.is_available() and dist.is_initialized():
