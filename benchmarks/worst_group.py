@@ -1,59 +1,70 @@
 """Worst-group benchmark: GroupDistil against KD, ERM and GroupDRO students on synthetic multi-vendor cardiac MRI.
 
-For every seed and setting the script generates one dataset with ``make_synthetic_mnms`` (M&Ms layout; train /
-val / test = 50 / 20 / 30 % of ``--subjects``, 4 frames, ``matrix_scale`` 0.5), reads it with the package's loader
-and preprocessing (ED mid-ventricular slice, ``--size`` pixels over a 128 mm field of view), trains one teacher (a
-wider and deeper 2-D ResNet: widths 16-128, two blocks per stage, cross entropy) and then four students of the same
-architecture and budget (ResNet widths 8-64, one block per stage; same epochs, optimiser, batch size and data
-order) with ``DistillationTrainer``:
+Data (``make_synthetic_mnms``, 4 frames, ``matrix_scale`` 0.5, read with the package's loader and
+``cardiac_preprocessing``: ED mid-ventricular slice, ``--size`` pixels over a 128 mm field of view):
 
-- ``erm``: cross entropy, no teacher;
-- ``group_dro``: ``GroupDROLoss`` around cross entropy, no teacher;
-- ``kd``: ``DistillationLoss`` (Hinton KD) with the teacher;
-- ``groupdistil``: ``GroupDistillationLoss`` with the teacher.
+- one **evaluation pool** per run, shared by every seed and setting: ``--val-per-cell`` validation and
+  ``--test-per-cell`` test subjects in each of the 12 vendor x pathology cells (NOR / HCM / DCM; no
+  vendor-pathology correlation), generated once with ``--eval-seed``;
+- one **training split** of ``--train-subjects`` subjects per setting and seed (generator seed = the seed).
 
-Settings:
+Preprocessed tensors are cached under ``--cache`` (keyed by every generator and preprocessing argument), so a
+rerun or the sweep does not generate the data again; the cache does not change any number.
 
-- ``minority``: vendor D (Canon, the noisiest, lowest-contrast vendor) is 2 % of the training split (A 37, B 36,
-  C 25 %); validation and test are vendor-balanced; groups are the 4 vendors.
-- ``correlation``: vendors balanced in every split, but in training a fraction ``--correlation`` of every vendor's
-  subjects has that vendor's "correlated" pathology (A NOR, B HCM, C DCM, D NOR: a spurious vendor-pathology
-  correlation; validation and test are uncorrelated); groups are the 12 vendor x pathology cells (the group-DRO
-  choice for a spurious correlation: grouping by vendor alone would not separate the cells the shortcut fails on).
-- ``waterbirds`` (not in the default run; ``--settings waterbirds``): the synthetic Waterbirds stand-in
-  (``make_synthetic_waterbirds``, ``--images`` 64-pixel images, the place agrees with the label in
-  ``--waterbirds-correlation`` of training, independent in validation and test), read with
-  ``load_waterbirds_datalist`` and ``natural_image_preprocessing`` (ImageNet normalisation, centre crop of
-  ``--size``); groups are the 4 label x place cells; the networks take 3 channels and predict 2 classes.
+Settings (``--settings``, default both):
 
-After every epoch the student is evaluated on the validation and test splits. Model selection uses the
-worst-group validation accuracy (the group-DRO rule; ties go to the higher average validation accuracy, then to
-the later epoch); selection by average validation accuracy is reported as well. "Average accuracy" weights each
-group's accuracy by its share of the training set, as in Sagawa et al.; the worst-group accuracy is the minimum
-over the groups present in the split.
+- ``minority``: one setting per ``--fractions`` value f (default 2 %, 5 %, 10 %): ``--minority-vendor`` (default D,
+  the noisiest, lowest-contrast vendor) is a fraction f of the training split, the other three vendors share the
+  rest equally; groups are the 4 vendors. Validation: ``ceil(--val-per-cell / 3)`` subjects per cell (so at least
+  ``--val-per-cell`` per vendor); test: the whole pool (``3 * --test-per-cell`` per vendor).
+- ``correlation``: vendors balanced, but a fraction ``--correlation`` of every vendor's training subjects has that
+  vendor's "correlated" pathology (A NOR, B HCM, C DCM, D NOR); groups are the 12 vendor x pathology cells
+  (validation and test uncorrelated: the whole pool).
+- ``waterbirds`` (not in the default run): the synthetic Waterbirds stand-in (``make_synthetic_waterbirds``,
+  ``--images`` 64-pixel images split 50/20/30 per seed, place = label in ``--waterbirds-correlation`` of
+  training); groups are the 4 label x place cells.
 
-Outputs (``--out``, default ``docs/results``): ``worst_group_runs.csv`` (every run and selection),
-``worst_group.md`` (mean +- std tables, the per-seed paired difference GroupDistil - KD, the settings and the
-command), ``worst_group.png``; they are rewritten after every seed. Other ``--settings`` than the default write
-``worst_group_<settings>...`` files instead (e.g. ``worst_group_waterbirds.md``). ``--sweep`` instead runs the
-hyper-parameter sweep (grid ``SWEEP``: KD alpha; GroupDistil alpha x step size; GroupDRO step size; temperature
-fixed at 4) on the seed-0 dataset of each setting, scores every configuration by the worst-group *validation*
-accuracy of its selected epoch (mean over the settings, ties to the higher mean average validation accuracy) and
-writes ``worst_group_sweep.csv`` (``worst_group_<settings>_sweep.csv`` for other settings); its winners are the
-values in ``HYPER`` (see ``docs/results.md`` for the run).
+Per setting and seed: two teachers (a wider, deeper 2-D ResNet, widths 16-128, two blocks per stage), one trained
+with cross entropy (``erm``) and one with ``GroupDROLoss`` (``group_dro``, the GroupDRO winner's step size,
+adjustment and sampling), then six students of one architecture and budget (ResNet widths 8-64, one block per
+stage) with ``DistillationTrainer``: ``erm`` and ``group_dro`` without a teacher, ``kd`` (``DistillationLoss``) and
+``groupdistil`` (``GroupDistillationLoss``) from each teacher. Every network is initialised right after
+``set_determinism(seed)`` and every data order comes from a generator seeded with the seed (natural sampling:
+a shuffling ``DataLoader``; ``balanced``: ``GroupBalancedSampler``), so the same command gives the same numbers
+(with the same thread count, ``--threads``, default 1).
+
+After every epoch a network is evaluated on the validation split; the epoch is selected by the worst-group
+validation accuracy (ties: average validation accuracy, then the later epoch) and, as a second rule, by the
+average validation accuracy; only the selected epochs are evaluated on test. "Average accuracy" weights each
+group's accuracy by its share of the training split (Sagawa et al.); the worst-group accuracy is the minimum over
+the groups.
+
+Outputs (``--out``, default ``docs/results``; rewritten after every setting of every seed):
+``worst_group_runs.csv`` (one row per setting, seed, model, method, teacher and selection rule),
+``worst_group.md`` (means, paired 95 % bootstrap intervals over seeds of the differences to KD and to ERM, the
+number of positive seeds) and ``worst_group.png`` (worst-group accuracy against the minority fraction).
+``--sweep`` instead trains every configuration of ``SWEEP_GRID`` (with the ERM teacher) on ``--sweep-seeds``
+seeds from 1000 and scores it on validation data only; it writes ``worst_group_sweep.csv`` and
+``worst_group_sweep.md`` (the winners, which are the values of ``HYPER``). Settings other than the default write
+``worst_group_<settings>...`` files instead.
 
 Usage:
-    python benchmarks/worst_group.py                   # the default benchmark (5 seeds, both settings)
-    python benchmarks/worst_group.py --quick --out /tmp/wg   # a few minutes
-    python benchmarks/worst_group.py --settings waterbirds   # the synthetic Waterbirds stand-in (5 seeds)
-    python benchmarks/worst_group.py --sweep           # the hyper-parameter sweep (validation data only)
+    python benchmarks/worst_group.py                 # the default benchmark (10 seeds)
+    python benchmarks/worst_group.py --resume        # complete an interrupted default run (skips finished seeds)
+    python benchmarks/worst_group.py --sweep         # the hyper-parameter sweep (validation data only)
+    python benchmarks/worst_group.py --quick --out /tmp/wg   # the whole pipeline on a tiny configuration
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import inspect
+import itertools
+import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -66,9 +77,13 @@ from monai.networks.nets import ResNet
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
-from monai_groupdistil.data import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worst_group_stats import paired_bootstrap_ci, paired_difference, sweep_winners  # noqa: E402
+
+from monai_groupdistil.data import (  # noqa: E402
     MNMS_VENDORS,
     WATERBIRDS_GROUP_NAMES,
+    GroupBalancedSampler,
     cardiac_preprocessing,
     load_mnms_datalist,
     load_waterbirds_datalist,
@@ -77,37 +92,53 @@ from monai_groupdistil.data import (
     mnms_group_names,
     natural_image_preprocessing,
 )
-from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache
-from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
-from monai_groupdistil.metrics import compute_group_accuracy
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
+from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss  # noqa: E402
+from monai_groupdistil.metrics import compute_group_accuracy  # noqa: E402
 
 CLASSES = ("NOR", "HCM", "DCM")
 METHODS = ("erm", "group_dro", "kd", "groupdistil")
-BALANCED = {v: 0.25 for v in MNMS_VENDORS}
-SETTINGS = {
-    "minority": {
-        "group_by": "vendor",
-        "make": {
-            "vendor_fractions": {
-                "train": {"A": 0.37, "B": 0.36, "C": 0.25, "D": 0.02},
-                "val": BALANCED,
-                "test": BALANCED,
-            }
-        },
-    },
-    "correlation": {"group_by": ("vendor", "label"), "make": {"vendor_fractions": BALANCED}},
-    # not in the default run: python benchmarks/worst_group.py --settings waterbirds
-    "waterbirds": {"classes": ("landbird", "waterbird"), "channels": 3},
-}
+TEACHERS = ("erm", "group_dro")
+# (model, method, teacher) of every network trained per setting and seed, in training order
+ARMS = (
+    ("teacher", "erm", ""),
+    ("teacher", "group_dro", ""),
+    ("student", "erm", ""),
+    ("student", "group_dro", ""),
+    ("student", "kd", "erm"),
+    ("student", "groupdistil", "erm"),
+    ("student", "kd", "group_dro"),
+    ("student", "groupdistil", "group_dro"),
+)
 DEFAULT_SETTINGS = ["minority", "correlation"]
-WATERBIRDS_IMAGE_SIZE = 64  # generated images; the network sees the centre --size crop of a resize to 8/7 of it
-SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
-# Chosen by `--sweep` on the validation split (see docs/results.md): each method's winner; T fixed at 4.
-HYPER = {"temperature": 4.0, "kd_alpha": 0.9, "alpha": 0.5, "step_size": 0.01, "group_dro_step_size": 0.01}
-SWEEP = {"step_size": (0.01, 0.1, 1.0), "alpha": (0.5, 0.9)}
+WATERBIRDS_IMAGE_SIZE = 64
+WATERBIRDS_SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
+TEMPERATURE = 4.0
+# Each method's hyper-parameters: the winners of `--sweep` (validation data only; docs/results.md, "Sweep").
+HYPER: dict[str, dict] = {
+    "erm": {"sampler": "natural"},
+    "group_dro": {"step_size": 0.01, "adjustment": 0.0, "sampler": "natural"},
+    "kd": {"alpha": 0.9, "sampler": "natural"},
+    "groupdistil": {"alpha": 0.5, "step_size": 0.01, "absent_groups": "ema", "adjustment": 0.0, "sampler": "natural"},
+}
+SAMPLERS = ("natural", "balanced")
+SWEEP_GRID: dict[str, dict[str, tuple]] = {
+    "erm": {"sampler": SAMPLERS},
+    "kd": {"alpha": (0.5, 0.9), "sampler": SAMPLERS},
+    "group_dro": {"step_size": (0.01, 0.1, 1.0), "adjustment": (0.0, 1.0), "sampler": SAMPLERS},
+    "groupdistil": {
+        "alpha": (0.5, 0.9),
+        "step_size": (0.01, 0.1, 1.0),
+        "absent_groups": ("ema", "zero"),
+        "adjustment": (0.0, 1.0),
+        "sampler": SAMPLERS,
+    },
+}
+SWEEP_KEYS = ("alpha", "step_size", "absent_groups", "adjustment", "sampler")
+STUDENT_WIDTH = 8
 
 
-def resnet(width: int, layers: list[int], channels: int = 1, classes: int = len(CLASSES)) -> ResNet:
+def resnet(width: int, layers: list[int], channels: int, classes: int) -> ResNet:
     return ResNet(
         "basic",
         layers,
@@ -119,82 +150,171 @@ def resnet(width: int, layers: list[int], channels: int = 1, classes: int = len(
     )
 
 
-STUDENT_WIDTH = 8
+def student(channels: int = 1, classes: int = len(CLASSES)) -> ResNet:
+    return resnet(STUDENT_WIDTH, [1, 1, 1, 1], channels, classes)
 
 
-def student(setting: str = "minority") -> ResNet:
-    spec = SETTINGS[setting]
-    return resnet(STUDENT_WIDTH, [1, 1, 1, 1], spec.get("channels", 1), len(spec.get("classes", CLASSES)))
+def teacher_net(channels: int = 1, classes: int = len(CLASSES)) -> ResNet:
+    return resnet(16, [2, 2, 2, 2], channels, classes)
 
 
-def teacher_net(setting: str = "minority") -> ResNet:
-    spec = SETTINGS[setting]
-    return resnet(16, [2, 2, 2, 2], spec.get("channels", 1), len(spec.get("classes", CLASSES)))
+# ----------------------------------------------------------------------------------------------------- settings
 
 
-def build_data(
-    setting: str, seed: int, subjects: int, correlation: float, size: int, workdir: Path, matrix_scale: float = 0.5
-) -> dict:
-    """Generate, load and preprocess one dataset; returns tensors per split and the group names."""
-    if setting == "waterbirds":
-        return build_waterbirds(seed, subjects, correlation, size, workdir)
-    spec = SETTINGS[setting]
-    make = dict(spec["make"])
-    if setting == "correlation":
-        make["pathology_vendor_correlation"] = correlation
-    root = make_synthetic_mnms(
-        workdir / f"{setting}_{seed}",
-        n_subjects=subjects,
-        seed=seed,
-        split_fractions=SPLIT_FRACTIONS,
-        matrix_scale=matrix_scale,
-        n_frames=4,
-        **make,
-    )
-    return _preprocessed_splits(
-        lambda split: load_mnms_datalist(root, split, group_by=spec["group_by"], classes=CLASSES),
-        cardiac_preprocessing(spatial_size=(size, size), pixdim=(128.0 / size, 128.0 / size)),
-        mnms_group_names(spec["group_by"], CLASSES),
-    )
+def settings_of(args: argparse.Namespace) -> list[dict]:
+    """The settings of a run: name, kind and parameters."""
+    out = []
+    for kind in args.settings:
+        if kind == "minority":
+            for f in args.fractions:
+                out.append({"name": f"minority_{args.minority_vendor}_{100 * f:g}pct", "kind": kind, "fraction": f})
+        elif kind == "correlation":
+            out.append({"name": f"correlation_{args.correlation:g}", "kind": kind})
+        else:
+            out.append({"name": f"waterbirds_{args.waterbirds_correlation:g}", "kind": kind})
+    return out
 
 
-def build_waterbirds(seed: int, images: int, correlation: float, size: int, workdir: Path) -> dict:
-    """The synthetic Waterbirds stand-in: ``images`` images (50/20/30 %), place = label in a fraction
-    ``correlation`` of training, groups ``2 * y + place``, ImageNet-style evaluation preprocessing."""
-    root = make_synthetic_waterbirds(
-        workdir / f"waterbirds_{seed}",
-        n_images=images,
-        seed=seed,
-        correlation=correlation,
-        split_fractions=SPLIT_FRACTIONS,
-        image_size=WATERBIRDS_IMAGE_SIZE,
-    )
-    return _preprocessed_splits(
-        lambda split: load_waterbirds_datalist(root, split),
-        natural_image_preprocessing(spatial_size=size, resize=size * 8 // 7),
-        list(WATERBIRDS_GROUP_NAMES),
-    )
+def _plain(image) -> torch.Tensor:
+    """A float32 ``torch.Tensor`` (not a ``MetaTensor``: no metadata to pickle, no dispatch overhead)."""
+    image = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    return image.float().contiguous()
 
 
-def _preprocessed_splits(datalist, preprocess, names: list[str]) -> dict:
-    """Tensors (image, label, group) of every split from ``datalist(split)`` through ``preprocess``; the group
-    names; the training-set size of every group."""
-    data: dict = {"group_names": names}
-    for split in ("train", "val", "test"):
-        items = [preprocess(d) for d in datalist(split)]
-        data[split] = {
-            "image": torch.stack([torch.as_tensor(i["image"]).float() for i in items]),
-            "label": torch.tensor([i["label"] for i in items]),
-            "group": torch.tensor([i["group"] for i in items]),
+def _cache_path(cache: Path, spec: dict) -> Path:
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return cache / f"{spec['what']}_{key}.pt"
+
+
+def _cardiac_tensors(args: argparse.Namespace, splits: tuple[str, ...], make: dict) -> dict:
+    """Generate (or read from the cache) synthetic M&Ms splits, all from one ``make_synthetic_mnms`` call;
+    ``{split: {"image", "label", "cell"}}`` with ``cell = vendor * 3 + label``."""
+    paths = {
+        split: _cache_path(Path(args.cache), {"what": f"mnms_{split}", "size": args.size, "make": make, "version": 1})
+        for split in splits
+    }
+    if all(p.exists() for p in paths.values()):
+        return {split: torch.load(p, weights_only=True) for split, p in paths.items()}
+    preprocess = cardiac_preprocessing(spatial_size=(args.size, args.size), pixdim=(128.0 / args.size,) * 2)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_synthetic_mnms(tmp, n_frames=4, matrix_scale=0.5, num_workers=0, **make)
+        for split, path in paths.items():
+            items = [
+                preprocess(d) for d in load_mnms_datalist(root, split, group_by=("vendor", "label"), classes=CLASSES)
+            ]
+            out[split] = {
+                "image": torch.stack([_plain(i["image"]) for i in items]),
+                "label": torch.tensor([int(i["label"]) for i in items]),
+                "cell": torch.tensor([int(i["group"]) for i in items]),
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(out[split], path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+    return out
+
+
+def eval_pool(args: argparse.Namespace) -> dict:
+    """Validation and test subjects: ``--val-per-cell`` / ``--test-per-cell`` in each vendor x pathology cell."""
+    v, t = args.val_per_cell, args.test_per_cell
+    make = {
+        "n_subjects": 12 * (v + t),
+        "seed": args.eval_seed,
+        "split_fractions": [0.0, float(v), float(t)],
+        "vendor_fractions": {s: {x: 0.25 for x in MNMS_VENDORS} for s in ("train", "val", "test")},
+    }
+    return _cardiac_tensors(args, ("val", "test"), make)
+
+
+def _first_per_cell(split: dict, k: int) -> dict:
+    """The first ``k`` samples of every cell (the pool is in a fixed order)."""
+    keep, seen = [], {}
+    for i, c in enumerate(split["cell"].tolist()):
+        if seen.get(c, 0) < k:
+            seen[c] = seen.get(c, 0) + 1
+            keep.append(i)
+    index = torch.tensor(keep)
+    return {key: value[index] for key, value in split.items()}
+
+
+def build_data(args: argparse.Namespace, setting: dict, seed: int, pool: dict | None) -> dict:
+    """Tensors (image, label, group) of the train / val / test splits of one setting and seed, the group names
+    and the training size of every group."""
+    if setting["kind"] == "waterbirds":
+        return build_waterbirds(args, seed)
+    if setting["kind"] == "minority":
+        f, minority = setting["fraction"], args.minority_vendor
+        others = [v for v in MNMS_VENDORS if v != minority]
+        fractions = {v: (f if v == minority else (1.0 - f) / len(others)) for v in MNMS_VENDORS}
+        make = {"n_subjects": args.train_subjects, "seed": seed, "split_fractions": [1.0, 0.0, 0.0]}
+        make["vendor_fractions"] = {"train": fractions}
+        names = mnms_group_names("vendor", CLASSES)
+        to_group = lambda cell: cell // len(CLASSES)  # noqa: E731
+        val = _first_per_cell(pool["val"], math.ceil(args.val_per_cell / len(CLASSES)))
+    else:
+        make = {
+            "n_subjects": args.train_subjects,
+            "seed": seed,
+            "split_fractions": [1.0, 0.0, 0.0],
+            "vendor_fractions": {"train": {v: 0.25 for v in MNMS_VENDORS}},
+            "pathology_vendor_correlation": args.correlation,
         }
+        names = mnms_group_names(("vendor", "label"), CLASSES)
+        to_group = lambda cell: cell  # noqa: E731
+        val = pool["val"]
+    data: dict = {"group_names": names, "channels": 1, "classes": len(CLASSES)}
+    for split, tensors in (
+        ("train", _cardiac_tensors(args, ("train",), make)["train"]),
+        ("val", val),
+        ("test", pool["test"]),
+    ):
+        data[split] = {"image": tensors["image"], "label": tensors["label"], "group": to_group(tensors["cell"])}
     data["group_counts"] = torch.bincount(data["train"]["group"], minlength=len(names)).tolist()
     return data
 
 
+def build_waterbirds(args: argparse.Namespace, seed: int) -> dict:
+    """The synthetic Waterbirds stand-in: ``--images`` images per seed (50/20/30 %), groups ``2 * y + place``."""
+    spec = {"what": "waterbirds", "seed": seed, "images": args.images, "rho": args.waterbirds_correlation}
+    spec.update(size=args.size, version=1)
+    path = _cache_path(Path(args.cache), spec)
+    if path.exists():
+        data = torch.load(path, weights_only=True)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = make_synthetic_waterbirds(
+                Path(tmp) / "wb",
+                n_images=args.images,
+                seed=seed,
+                correlation=args.waterbirds_correlation,
+                split_fractions=WATERBIRDS_SPLIT_FRACTIONS,
+                image_size=WATERBIRDS_IMAGE_SIZE,
+            )
+            preprocess = natural_image_preprocessing(spatial_size=args.size, resize=args.size * 8 // 7)
+            data = {}
+            for split in ("train", "val", "test"):
+                items = [preprocess(d) for d in load_waterbirds_datalist(root, split)]
+                data[split] = {
+                    "image": torch.stack([_plain(i["image"]) for i in items]),
+                    "label": torch.tensor([int(i["label"]) for i in items]),
+                    "group": torch.tensor([int(i["group"]) for i in items]),
+                }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, path)
+    names = list(WATERBIRDS_GROUP_NAMES)
+    data = {**data, "group_names": names, "channels": 3, "classes": 2}
+    data["group_counts"] = torch.bincount(data["train"]["group"], minlength=len(names)).tolist()
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
 def evaluate(network: torch.nn.Module, split: dict, num_groups: int, counts: list[int]) -> dict:
+    """Per-group, average (training-share weighted) and worst-group accuracy of ``network`` on ``split``."""
     network.eval()
     with torch.no_grad():
-        pred = torch.cat([network(x) for x in split["image"].split(64)])
+        pred = torch.cat([network(x) for x in split["image"].split(256)])
     network.train()
     acc = compute_group_accuracy(pred, split["label"], split["group"], num_groups)
     per_group = acc["per_group"]
@@ -202,31 +322,93 @@ def evaluate(network: torch.nn.Module, split: dict, num_groups: int, counts: lis
     weights = torch.tensor(counts, dtype=torch.float64) * present
     average = float((per_group.double().nan_to_num() * weights).sum() / weights.sum())
     worst = int(torch.where(present, per_group, torch.full_like(per_group, 2.0)).argmin())
-    return {"average": average, "worst": float(per_group[worst]), "worst_group": worst, "per_group": per_group.tolist()}
+    n = torch.bincount(split["group"], minlength=num_groups)
+    return {
+        "average": average,
+        "worst": float(per_group[worst]),
+        "worst_group": worst,
+        "per_group": per_group.tolist(),
+        "min_group_n": int(n[n > 0].min()),
+    }
+
+
+def _absent_kwargs(loss_class: type, hyper: dict) -> dict:
+    """``absent_groups`` for the loss when the loss has the option (the default "ema" needs nothing)."""
+    value = hyper.get("absent_groups", "ema")
+    if "absent_groups" in inspect.signature(loss_class.__init__).parameters:
+        return {"absent_groups": value}
+    if value != "ema":
+        raise ValueError(f"absent_groups={value!r}: {loss_class.__name__} of this version has no absent_groups option.")
+    return {}
+
+
+def make_loss(method: str, hyper: dict, data: dict) -> torch.nn.Module:
+    """The training loss of a method with its hyper-parameters (``data`` gives the group count and sizes)."""
+    num_groups = len(data["group_names"])
+    adjustment = float(hyper.get("adjustment", 0.0))
+    counts = {"adjustment": adjustment, "group_counts": data["group_counts"]} if adjustment else {}
+    if method == "erm":
+        return torch.nn.CrossEntropyLoss()
+    if method == "group_dro":
+        return GroupDROLoss(
+            torch.nn.CrossEntropyLoss(reduction="none"),
+            num_groups,
+            hyper["step_size"],
+            **counts,
+            **_absent_kwargs(GroupDROLoss, hyper),
+        )
+    if method == "kd":
+        return DistillationLoss(TEMPERATURE, hyper["alpha"])
+    if method == "groupdistil":
+        return GroupDistillationLoss(
+            num_groups,
+            TEMPERATURE,
+            hyper["alpha"],
+            hyper["step_size"],
+            **counts,
+            **_absent_kwargs(GroupDistillationLoss, hyper),
+        )
+    raise ValueError(f"unknown method {method!r}, expected one of {METHODS}.")
 
 
 def train(
-    method: str, data: dict, epochs: int, seed: int, hyper: dict, teacher=None, cache=None, network=None
-) -> list[dict]:
-    """Train one network with DistillationTrainer; returns the validation and test metrics of every epoch."""
+    method: str,
+    data: dict,
+    epochs: int,
+    seed: int,
+    hyper: dict,
+    teacher: torch.nn.Module | None = None,
+    cache: TeacherOutputCache | None = None,
+    is_teacher: bool = False,
+    eval_test: bool = True,
+) -> dict:
+    """Train one network (student, or teacher when ``is_teacher``) with DistillationTrainer.
+
+    ``set_determinism(seed)`` runs first, then the network is built, so its initialisation, the dropout-free
+    forward passes and the data order (a generator seeded with ``seed``) are the same in every process.
+
+    Returns:
+        ``{"network", "history", "selected": {rule: epoch record}}``: every epoch's validation metrics, training
+        per-group accuracy and DRO weights; the selected records also hold the test metrics (``eval_test``).
+    """
     num_groups = len(data["group_names"])
     set_determinism(seed)
-    network = network if network is not None else student(data["setting"])
-    if method in ("erm", "teacher"):
-        loss = torch.nn.CrossEntropyLoss()
-    elif method == "group_dro":
-        loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups, hyper["group_dro_step_size"])
-    elif method == "kd":
-        loss = DistillationLoss(hyper["temperature"], hyper["kd_alpha"])
-    else:
-        loss = GroupDistillationLoss(num_groups, hyper["temperature"], hyper["alpha"], hyper["step_size"])
-    train_split = data["train"]
+    network = (teacher_net if is_teacher else student)(data["channels"], data["classes"])
+    loss = make_loss(method, hyper, data)
+    split = data["train"]
     items = [
-        {"image": train_split["image"][i], "label": train_split["label"][i], "group": train_split["group"][i], "id": i}
-        for i in range(len(train_split["label"]))
+        {"image": split["image"][i], "label": split["label"][i], "group": split["group"][i], "id": i}
+        for i in range(len(split["label"]))
     ]
-    loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    if hyper.get("sampler", "natural") == "balanced":
+        sampler = GroupBalancedSampler(split["group"], seed=seed)
+        loader = DataLoader(items, batch_size=16, sampler=sampler)
+    else:
+        sampler = None
+        loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
     use_teacher = method in ("kd", "groupdistil")
+    if use_teacher and teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher.")
     trainer = DistillationTrainer(
         device=torch.device("cpu"),
         max_epochs=epochs,
@@ -237,329 +419,529 @@ def train(
         teacher=teacher if use_teacher else None,
         teacher_cache=cache if use_teacher else None,
     )
+    if sampler is not None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
     history: list[dict] = []
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def _record(engine):
+        weights = getattr(loss, "group_weights", None)
         history.append(
             {
                 "epoch": engine.state.epoch,
                 "val": evaluate(network, data["val"], num_groups, data["group_counts"]),
+                "train": evaluate(network, data["train"], num_groups, data["group_counts"]),
+                "weights": weights.tolist() if weights is not None else None,
                 "state": {k: v.clone() for k, v in network.state_dict().items()},
             }
         )
 
     trainer.run()
-    # the test split is evaluated only at the epochs the two selection rules pick (same numbers, less CPU)
-    for rule in ("worst", "average"):
-        chosen = select(history, rule)
-        if "test" not in chosen:
-            network.load_state_dict(chosen["state"])
-            chosen["test"] = evaluate(network, data["test"], num_groups, data["group_counts"])
-    network.load_state_dict(history[-1]["state"])
-    if method != "teacher":
-        for h in history:
-            h["state"] = None
-    return history
+    selected = {rule: select(history, rule) for rule in ("worst", "average")}
+    if eval_test:
+        for chosen in selected.values():
+            if "test" not in chosen:
+                network.load_state_dict(chosen["state"])
+                chosen["test"] = evaluate(network, data["test"], num_groups, data["group_counts"])
+    network.load_state_dict(selected["worst"]["state"])
+    for h in history:
+        h["state"] = None
+    network.eval()
+    return {"network": network, "history": history, "selected": selected}
 
 
 def select(history: list[dict], rule: str) -> dict:
+    """The epoch chosen by worst-group (``"worst"``) or average (``"average"``) validation accuracy."""
     if rule == "worst":
-        key = lambda h: (h["val"]["worst"], h["val"]["average"], h["epoch"])  # noqa: E731
-    else:
-        key = lambda h: (h["val"]["average"], h["val"]["worst"], h["epoch"])  # noqa: E731
-    return max(history, key=key)
+        return max(history, key=lambda h: (h["val"]["worst"], h["val"]["average"], h["epoch"]))
+    return max(history, key=lambda h: (h["val"]["average"], h["val"]["worst"], h["epoch"]))
 
 
-def _sizes(args: argparse.Namespace, setting: str) -> tuple[int, float]:
-    """Dataset size and correlation of a setting: images and place-label correlation for Waterbirds."""
-    if setting == "waterbirds":
-        return args.images, args.waterbirds_correlation
-    return args.subjects, args.correlation
+def teacher_hyper(method: str) -> dict:
+    """A teacher's hyper-parameters: cross entropy with natural sampling, or the GroupDRO student winner."""
+    return HYPER["erm"] if method == "erm" else HYPER["group_dro"]
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} +- {100 * std:.1f}"
+# ----------------------------------------------------------------------------------------------------- benchmark
 
 
-def run_benchmark(args: argparse.Namespace) -> list[dict]:
-    rows, begin = [], time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
-            for setting in args.settings:
-                start = time.time()
-                data = build_data(setting, seed, *_sizes(args, setting), args.size, Path(tmp))
-                data["setting"] = setting
-                names = data["group_names"]
-                teacher = teacher_net(setting)
-                t_hist = train("teacher", data, args.teacher_epochs, seed, HYPER, network=teacher)
-                best = select(t_hist, "worst")
-                teacher.load_state_dict(best["state"])
-                teacher.eval()
-                cache = TeacherOutputCache(id_key="id")
-                runs = {"teacher": t_hist}
-                for method in METHODS:
-                    runs[method] = train(method, data, args.epochs, seed, HYPER, teacher=teacher, cache=cache)
-                for method, hist in runs.items():
-                    for rule in ("worst", "average"):
-                        chosen = select(hist, rule)
-                        rows.append(
-                            {
-                                "setting": setting,
-                                "seed": seed,
-                                "method": method,
-                                "selection": rule,
-                                "epoch": chosen["epoch"],
-                                "test_average": chosen["test"]["average"],
-                                "test_worst": chosen["test"]["worst"],
-                                "test_worst_group": names[chosen["test"]["worst_group"]],
-                                "val_average": chosen["val"]["average"],
-                                "val_worst": chosen["val"]["worst"],
-                                **{f"test_acc/{n}": a for n, a in zip(names, chosen["test"]["per_group"])},
-                            }
-                        )
-                summary = {m: f"{100 * select(runs[m], 'worst')['test']['worst']:.0f}" for m in runs}
-                print(
-                    f"[{setting} seed {seed}] {time.time() - start:.0f} s, test worst-group acc: {summary}", flush=True
-                )
-            # the outputs are rewritten after every seed, so an interrupted run leaves complete seeds behind
-            write_outputs(rows, args, time.time() - begin, seed + 1)
+def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: list[str]) -> dict:
+    model, method, teacher = arm
+    test, train = chosen["test"], chosen["train"]
+    worst_test = test["worst_group"]
+    hyper = teacher_hyper(method) if model == "teacher" else HYPER[method]
+    row = {
+        "setting": setting["name"],
+        "seed": seed,
+        "model": model,
+        "method": method,
+        "teacher": teacher,
+        "selection": rule,
+        "epoch": chosen["epoch"],
+        "test_average": test["average"],
+        "test_worst": test["worst"],
+        "test_min_group_n": test["min_group_n"],
+        "test_worst_group": names[worst_test],
+        "val_average": chosen["val"]["average"],
+        "val_worst": chosen["val"]["worst"],
+        "train_acc_test_worst_group": train["per_group"][worst_test],
+        "dro_weight_test_worst_group": "" if chosen["weights"] is None else chosen["weights"][worst_test],
+        "hyper": json.dumps(hyper, sort_keys=True),
+    }
+    row.update({f"test_acc/{n}": a for n, a in zip(names, test["per_group"])})
+    row.update({f"train_acc/{n}": a for n, a in zip(names, train["per_group"])})
+    return row
+
+
+def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict | None) -> tuple[list[dict], str]:
+    """Train the two teachers and six students of one setting and seed; the CSV rows and a one-line summary."""
+    data = build_data(args, setting, seed, pool)
+    names = data["group_names"]
+    runs: dict[tuple, dict] = {}
+    teachers: dict[str, tuple] = {}
+    for arm in ARMS:
+        model, method, teacher = arm
+        if model == "teacher":
+            run = train(method, data, args.teacher_epochs, seed, teacher_hyper(method), is_teacher=True)
+            teachers[method] = (run["network"], TeacherOutputCache(id_key="id"))
+        else:
+            net, cache = teachers[teacher] if teacher else (None, None)
+            run = train(method, data, args.epochs, seed, HYPER[method], teacher=net, cache=cache)
+        runs[arm] = run
+    rows = [
+        _row(setting, seed, arm, rule, run["selected"][rule], names)
+        for arm, run in runs.items()
+        for rule in ("worst", "average")
+    ]
+    summary = {arm_label(*a): f"{100 * r['selected']['worst']['test']['worst']:.1f}" for a, r in runs.items()}
+    return rows, f"test worst-group acc: {summary}"
+
+
+def arm_label(model: str, method: str, teacher: str) -> str:
+    if model == "teacher":
+        return f"teacher ({method})"
+    return f"{method} <- {teacher} teacher" if teacher else method
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["seed"] = int(r["seed"])
     return rows
 
 
-def _describe_setting(args: argparse.Namespace, setting: str) -> str:
-    if setting == "minority":
-        return (
-            f"minority: {args.subjects} subjects, vendor fractions "
-            f"{SETTINGS['minority']['make']['vendor_fractions']}, groups = vendor"
-        )
-    if setting == "correlation":
-        return (
-            f"correlation: {args.subjects} subjects, pathology-vendor correlation {args.correlation} in training, "
-            "groups = vendor x pathology"
-        )
-    return (
-        f"waterbirds: {args.images} synthetic images of {WATERBIRDS_IMAGE_SIZE} px, place = label in "
-        f"{args.waterbirds_correlation:.0%} of training, groups = label x place"
-    )
+def run_benchmark(args: argparse.Namespace) -> list[dict]:
+    out, stem = Path(args.out), output_stem(args)
+    rows: list[dict] = []
+    if args.resume and (out / f"{stem}_runs.csv").exists():
+        rows = _read_rows(out / f"{stem}_runs.csv")
+    done = {(r["setting"], r["seed"]) for r in rows}
+    settings = settings_of(args)
+    begin = time.time()
+    pool = eval_pool(args) if any(s["kind"] != "waterbirds" for s in settings) else None
+    print(f"evaluation pool ready in {time.time() - begin:.0f} s", flush=True)
+    timings: list[float] = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for setting in settings:
+            if (setting["name"], seed) in done:
+                continue
+            start = time.time()
+            new_rows, summary = run_setting(args, setting, seed, pool)
+            rows += new_rows
+            timings.append(time.time() - start)
+            print(f"[{setting['name']} seed {seed}] {timings[-1]:.0f} s, {summary}", flush=True)
+            # rewritten after every setting of every seed: an interrupted run leaves complete seeds behind
+            write_outputs(rows, args, settings, time.time() - begin, timings)
+    write_outputs(rows, args, settings, time.time() - begin, timings)
+    return rows
 
 
-def output_stem(settings: list[str]) -> str:
-    """File name stem of the outputs: ``worst_group`` for the default settings, else with the settings appended."""
-    return "worst_group" if list(settings) == DEFAULT_SETTINGS else "_".join(["worst_group", *settings])
+# ----------------------------------------------------------------------------------------------------- outputs
 
 
-def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float, seeds: int) -> None:
-    stem = output_stem(args.settings)
+def output_stem(args: argparse.Namespace) -> str:
+    """File name stem: ``worst_group`` for the default settings (``--sweep``: ``minority``), else with the settings
+    appended."""
+    default = ["minority"] if args.sweep else DEFAULT_SETTINGS
+    return "worst_group" if list(args.settings) == default else "_".join(["worst_group", *args.settings])
+
+
+def _arms_in(rows: list[dict]) -> list[tuple]:
+    present = {(r["model"], r["method"], r["teacher"]) for r in rows}
+    return [a for a in ARMS if a in present]
+
+
+def _values(rows: list[dict], setting: str, arm: tuple, key: str, rule: str = "worst") -> dict:
+    """seed -> value of one arm in one setting."""
+    return {
+        r["seed"]: float(r[key])
+        for r in rows
+        if r["setting"] == setting and (r["model"], r["method"], r["teacher"]) == arm and r["selection"] == rule
+    }
+
+
+def _mean_ci(values: dict) -> tuple[float, float, float]:
+    vals = list(values.values())
+    if not vals:
+        return float("nan"), float("nan"), float("nan")
+    low, high = paired_bootstrap_ci(vals)
+    return statistics.fmean(vals), low, high
+
+
+def _fmt_diff(d: dict) -> str:
+    if d["n"] == 0:
+        return "-"
+    return f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] {d['positive']}/{d['n']}"
+
+
+KD_ERM = ("student", "kd", "erm")
+ERM = ("student", "erm", "")
+
+
+def summary_lines(rows: list[dict], setting_names: list[str], rule: str) -> list[str]:
+    """Markdown table of one selection rule: means with bootstrap intervals and paired differences."""
+    lines = [
+        "| setting | arm | seeds | average | worst group | worst - KD | average - KD | worst - ERM | average - ERM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in setting_names:
+        for arm in _arms_in([r for r in rows if r["setting"] == name]):
+            cells = []
+            for key in ("test_average", "test_worst"):
+                mean, low, high = _mean_ci(_values(rows, name, arm, key, rule))
+                cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+            for ref in (KD_ERM, ERM):
+                for key in ("test_worst", "test_average"):
+                    if arm == ref:
+                        cells.append("")
+                        continue
+                    d = paired_difference(_values(rows, name, arm, key, rule), _values(rows, name, ref, key, rule))
+                    cells.append(_fmt_diff(d))
+            n = len(_values(rows, name, arm, "test_worst", rule))
+            lines.append(f"| {name} | {arm_label(*arm)} | {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def same_teacher_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
+    """GroupDistil - KD with the same teacher, both selection rules, and the issue's target."""
+    lines = [
+        "| setting | teacher | selection | worst - KD [95 % CI] positive | average - KD [95 % CI] positive | "
+        "target met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in setting_names:
+        for teacher in TEACHERS:
+            for rule in ("worst", "average"):
+                gd, kd = ("student", "groupdistil", teacher), ("student", "kd", teacher)
+                dw = paired_difference(
+                    _values(rows, name, gd, "test_worst", rule), _values(rows, name, kd, "test_worst", rule)
+                )
+                da = paired_difference(
+                    _values(rows, name, gd, "test_average", rule), _values(rows, name, kd, "test_average", rule)
+                )
+                if dw["n"] == 0:
+                    continue
+                met = dw["mean"] >= 0.03 and dw["low"] > 0 and abs(da["mean"]) <= 0.02
+                lines.append(
+                    f"| {name} | {teacher} | {rule} | {_fmt_diff(dw)} | {_fmt_diff(da)} | {'yes' if met else 'no'} |"
+                )
+    return lines
+
+
+def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float, timings) -> None:
+    stem = output_stem(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    columns = sorted({k for r in rows for k in r}, key=lambda k: (k.startswith("test_acc/"), k))
     base = [
         "setting",
         "seed",
+        "model",
         "method",
+        "teacher",
         "selection",
         "epoch",
         "test_average",
         "test_worst",
+        "test_min_group_n",
         "test_worst_group",
         "val_average",
         "val_worst",
+        "train_acc_test_worst_group",
+        "dro_weight_test_worst_group",
+        "hyper",
     ]
-    columns = base + [c for c in columns if c not in base]
+    extra = sorted({k for r in rows for k in r} - set(base), key=lambda k: (not k.startswith("test_acc/"), k))
+    names = [s["name"] for s in settings]
+    order = {name: i for i, name in enumerate(names)}
+    rows = sorted(rows, key=lambda r: (r["seed"], order.get(r["setting"], len(order))))
     with open(out / f"{stem}_runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=base + extra)
         writer.writeheader()
         writer.writerows(rows)
+    seeds = sorted({r["seed"] for r in rows})
     lines = [
         "# Worst-group benchmark",
         "",
         f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
         "",
-        f"Seeds: {seeds} of {args.seeds}; train / val / test fractions {SPLIT_FRACTIONS}; "
-        + "; ".join(_describe_setting(args, setting) for setting in args.settings)
-        + f"; student width {STUDENT_WIDTH}; epochs: teacher {args.teacher_epochs}, students {args.epochs}; input "
-        f"{args.size}x{args.size}; hyper-parameters: {HYPER}. Wall time: {wall / 60:.1f} min "
-        f"({torch.get_num_threads()} threads).",
+        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}; "
+        f"settings: {', '.join(names)}; training split {args.train_subjects} subjects; validation "
+        f"{args.val_per_cell} per cell (correlation) / {math.ceil(args.val_per_cell / 3) * 3} per vendor (minority); "
+        f"test {args.test_per_cell} per cell / {3 * args.test_per_cell} per vendor; evaluation seed {args.eval_seed}; "
+        f"epochs: teachers {args.teacher_epochs}, students {args.epochs}; input {args.size}x{args.size}; "
+        f"temperature {TEMPERATURE}; hyper-parameters {json.dumps(HYPER)}.",
+        "",
+        f"Wall time of this invocation: {wall / 60:.1f} min with {torch.get_num_threads()} thread(s)"
+        + (
+            f"; per setting and seed {min(timings):.0f}-{max(timings):.0f} s (median {statistics.median(timings):.0f})."
+            if timings
+            else "."
+        ),
+        "",
+        "Test accuracy (%) with the mean's 95 % bootstrap interval over seeds; differences in points: mean "
+        "[paired 95 % bootstrap interval] and the number of seeds where the difference is positive. KD is the KD "
+        "student of the ERM teacher; ERM the ERM student.",
         "",
     ]
-    for rule, title in (("worst", "worst-group validation accuracy"), ("average", "average validation accuracy")):
-        lines += [
-            f"## Test accuracy (%), model selected by {title}",
-            "",
-            "| setting | method | average accuracy | worst-group accuracy |",
-            "|---|---|---|---|",
-        ]
-        for setting in args.settings:
-            for method in ("teacher", *METHODS):
-                sel = [r for r in rows if r["setting"] == setting and r["method"] == method and r["selection"] == rule]
-                lines.append(
-                    f"| {setting} | {method} | {_mean_std([r['test_average'] for r in sel])} | "
-                    f"{_mean_std([r['test_worst'] for r in sel])} |"
-                )
-        lines.append("")
-    lines += [
-        "## GroupDistil - KD, paired by seed (worst-group selection, points)",
-        "",
-        "| setting | per-seed worst-group difference | mean | positive | average-accuracy difference (mean) |",
-        "|---|---|---|---|---|",
-    ]
-    for setting in args.settings:
-
-        def get(method, key, setting=setting):
-            return {
-                r["seed"]: r[key]
-                for r in rows
-                if r["setting"] == setting and r["method"] == method and r["selection"] == "worst"
-            }
-
-        gd, kd = get("groupdistil", "test_worst"), get("kd", "test_worst")
-        diffs = [100 * (gd[s] - kd[s]) for s in sorted(gd)]
-        avg_diff = [100 * (get("groupdistil", "test_average")[s] - get("kd", "test_average")[s]) for s in sorted(gd)]
-        lines.append(
-            f"| {setting} | {', '.join(f'{d:+.1f}' for d in diffs)} | {statistics.mean(diffs):+.1f} | "
-            f"{sum(d > 0 for d in diffs)}/{len(diffs)} | {statistics.mean(avg_diff):+.1f} |"
-        )
+    for rule, title in (
+        ("worst", "worst-group validation accuracy (main rule)"),
+        ("average", "average validation accuracy"),
+    ):
+        lines += [f"## Model selected by {title}", "", *summary_lines(rows, names, rule), ""]
+    lines += ["## GroupDistil - KD with the same teacher", "", *same_teacher_lines(rows, names), ""]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, settings, out / f"{stem}.png")
+
+
+def plot(rows: list[dict], settings: list[dict], path: Path) -> None:
+    """Worst-group test accuracy of every arm against the minority fraction (left) and in the other settings."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logging.warning("matplotlib is not installed (pip install matplotlib): %s.png not written", stem)
+        logging.warning("matplotlib is not installed (pip install matplotlib): %s not written", path)
         return
-    fig, axes = plt.subplots(1, len(args.settings), figsize=(5 * len(args.settings), 3.5), squeeze=False)
-    for ax, setting in zip(axes[0], args.settings):
-        methods = ("teacher", *METHODS)
-        for offset, (key, label) in enumerate((("test_average", "average"), ("test_worst", "worst group"))):
-            vals = [
-                [
-                    100 * r[key]
-                    for r in rows
-                    if r["setting"] == setting and r["method"] == m and r["selection"] == "worst"
-                ]
-                for m in methods
-            ]
-            means = [statistics.mean(v) for v in vals]
-            errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
-            ax.bar([i + 0.38 * offset for i in range(len(methods))], means, 0.38, yerr=errs, label=label, capsize=3)
-        ax.set_xticks([i + 0.19 for i in range(len(methods))], methods, rotation=20)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(setting)
-        ax.legend(loc="lower left", fontsize=8)
+    minority = [s for s in settings if s["kind"] == "minority"]
+    others = [s for s in settings if s["kind"] != "minority"]
+    panels = int(bool(minority)) + len(others)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    arms = _arms_in(rows)
+    styles = {a: ("--" if a[0] == "teacher" else "-", "s" if a[2] == "group_dro" else "o") for a in arms}
+    if minority:
+        ax = axes.pop(0)
+        for i, arm in enumerate(arms):
+            xs, means, errs = [], [], [[], []]
+            for s in minority:
+                mean, low, high = _mean_ci(_values(rows, s["name"], arm, "test_worst"))
+                if math.isnan(mean):
+                    continue
+                xs.append(100 * s["fraction"] * (1 + 0.02 * (i - len(arms) / 2)))
+                means.append(100 * mean)
+                errs[0].append(100 * (mean - low))
+                errs[1].append(100 * (high - mean))
+            ax.errorbar(xs, means, yerr=errs, label=arm_label(*arm), linestyle=styles[arm][0], marker=styles[arm][1],
+                        capsize=3)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xticks([100 * s["fraction"] for s in minority], [f"{100 * s['fraction']:g}" for s in minority])
+        ax.set_xlabel("minority vendor's share of the training split (%)")
+        ax.set_ylabel("worst-group test accuracy (%)")
+        ax.set_title("minority vendor (mean, 95 % bootstrap CI over seeds)")
+        ax.legend(fontsize=7)
+    for ax, s in zip(axes, others):
+        for i, arm in enumerate(arms):
+            mean, low, high = _mean_ci(_values(rows, s["name"], arm, "test_worst"))
+            if not math.isnan(mean):
+                ax.errorbar([i], [100 * mean], yerr=[[100 * (mean - low)], [100 * (high - mean)]], marker="o",
+                            capsize=3)  # fmt: skip
+        ax.set_xticks(range(len(arms)), [arm_label(*a) for a in arms], rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("worst-group test accuracy (%)")
+        ax.set_title(s["name"])
     fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=110)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def run_sweep(args: argparse.Namespace) -> None:
-    """Hyper-parameter sweep on seed 0, scored on the validation split only."""
-    rows, start = [], time.time()
-    with tempfile.TemporaryDirectory() as tmp:
-        for setting in args.settings:
-            data = build_data(setting, 0, *_sizes(args, setting), args.size, Path(tmp))
-            data["setting"] = setting
-            teacher = teacher_net(setting)
-            best = select(train("teacher", data, args.teacher_epochs, 0, HYPER, network=teacher), "worst")
-            teacher.load_state_dict(best["state"])
-            teacher.eval()
+# ----------------------------------------------------------------------------------------------------- sweep
+
+
+def sweep_configs(method: str) -> list[dict]:
+    grid = SWEEP_GRID[method]
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    """Every configuration of ``SWEEP_GRID`` on the seeds of the run, with the ERM teacher, validation only."""
+    settings = settings_of(args)
+    pool = eval_pool(args) if any(s["kind"] != "waterbirds" for s in settings) else None
+    rows: list[dict] = []
+    begin = time.time()
+    winners: dict = {}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for setting in settings:
+            start = time.time()
+            data = build_data(args, setting, seed, pool)
+            teacher = train("erm", data, args.teacher_epochs, seed, HYPER["erm"], is_teacher=True, eval_test=False)
             cache = TeacherOutputCache(id_key="id")
-            for alpha in SWEEP["alpha"]:
-                kd_hyper = {**HYPER, "kd_alpha": alpha}
-                chosen = select(train("kd", data, args.epochs, 0, kd_hyper, teacher, cache), "worst")
-                rows.append(
-                    {
-                        "setting": setting,
-                        "method": "kd",
-                        "alpha": alpha,
-                        "step_size": "",
-                        "val_worst": chosen["val"]["worst"],
-                        "val_average": chosen["val"]["average"],
-                    }
-                )
-                for step in SWEEP["step_size"]:
-                    hyper = {**HYPER, "alpha": alpha, "step_size": step}
-                    chosen = select(train("groupdistil", data, args.epochs, 0, hyper, teacher, cache), "worst")
+            for method in METHODS:
+                for config in sweep_configs(method):
+                    run = train(method, data, args.epochs, seed, config, teacher["network"], cache, eval_test=False)
+                    chosen = run["selected"]["worst"]
                     rows.append(
                         {
-                            "setting": setting,
-                            "method": "groupdistil",
-                            "alpha": alpha,
-                            "step_size": step,
+                            "setting": setting["name"],
+                            "seed": seed,
+                            "method": method,
+                            **{k: config.get(k, "") for k in SWEEP_KEYS},
+                            "epoch": chosen["epoch"],
                             "val_worst": chosen["val"]["worst"],
                             "val_average": chosen["val"]["average"],
                         }
                     )
-            for step in SWEEP["step_size"]:
-                chosen = select(
-                    train("group_dro", data, args.epochs, 0, {**HYPER, "group_dro_step_size": step}), "worst"
-                )
-                rows.append(
-                    {
-                        "setting": setting,
-                        "method": "group_dro",
-                        "alpha": "",
-                        "step_size": step,
-                        "val_worst": chosen["val"]["worst"],
-                        "val_average": chosen["val"]["average"],
-                    }
-                )
-            print(f"[sweep {setting}] done at {(time.time() - start) / 60:.1f} min", flush=True)
-    out = Path(args.out)
+            print(f"[sweep {setting['name']} seed {seed}] {time.time() - start:.0f} s", flush=True)
+            winners = write_sweep(rows, args, settings, time.time() - begin)
+    return winners
+
+
+def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float) -> dict:
+    out, stem = Path(args.out), output_stem(args)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{output_stem(args.settings)}_sweep.csv", "w", newline="") as f:
+    with open(out / f"{stem}_sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    for method in ("kd", "groupdistil", "group_dro"):
-        scores: dict = {}
-        for r in rows:
-            if r["method"] == method:
-                scores.setdefault((r["alpha"], r["step_size"]), []).append((r["val_worst"], r["val_average"]))
-        best = max(scores, key=lambda k: tuple(statistics.mean(v) for v in zip(*scores[k])))
-        print(f"{method}: best (alpha, step_size) by mean validation worst-group accuracy over the settings: {best}")
+    winners = sweep_winners(rows, SWEEP_KEYS)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        "# Worst-group benchmark: hyper-parameter sweep (validation data only)",
+        "",
+        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; settings {', '.join(s['name'] for s in settings)}; ERM teacher; "
+        f"epochs: teacher {args.teacher_epochs}, students {args.epochs}; temperature {TEMPERATURE}. Wall time "
+        f"{wall / 60:.1f} min with {torch.get_num_threads()} thread(s). Score: worst-group validation accuracy of "
+        "the epoch it selects, mean over settings and seeds (ties: mean average validation accuracy).",
+        "",
+        "## Winners",
+        "",
+        "| method | configuration | mean val worst | mean val average | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for method, w in winners.items():
+        lines.append(
+            f"| {method} | {json.dumps(w['config'])} | {100 * w['val_worst']:.2f} | {100 * w['val_average']:.2f} | "
+            f"{w['runs']} |"
+        )
+    lines += ["", "## Every configuration (mean over settings and seeds; per setting: worst / average)", ""]
+    names = [s["name"] for s in settings]
+    lines += [
+        "| method | " + " | ".join(SWEEP_KEYS) + " | mean worst | mean average | " + " | ".join(names) + " |",
+        "|---|" + "---|" * (len(SWEEP_KEYS) + 2 + len(names)),
+    ]
+    configs: dict = {}
+    for r in rows:
+        configs.setdefault((r["method"], *(r[k] for k in SWEEP_KEYS)), []).append(r)
+    for key, group in configs.items():
+        per_setting = []
+        for name in names:
+            sel = [r for r in group if r["setting"] == name]
+            per_setting.append(
+                f"{100 * statistics.fmean(float(r['val_worst']) for r in sel):.1f} / "
+                f"{100 * statistics.fmean(float(r['val_average']) for r in sel):.1f}"
+                if sel
+                else "-"
+            )
+        lines.append(
+            f"| {key[0]} | "
+            + " | ".join(str(v) for v in key[1:])
+            + f" | {100 * statistics.fmean(float(r['val_worst']) for r in group):.2f} | "
+            f"{100 * statistics.fmean(float(r['val_average']) for r in group):.2f} | " + " | ".join(per_setting) + " |"
+        )
+    (out / f"{stem}_sweep.md").write_text("\n".join(lines) + "\n")
+    return winners
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) is expected, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=20, help="student epochs")
-    parser.add_argument("--teacher-epochs", type=int, default=20)
-    parser.add_argument("--subjects", type=int, default=300, help="labelled subjects per dataset (50/20/30)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; sweep 3)")
+    parser.add_argument("--first-seed", type=int, default=None, help="first seed (default 0; sweep 1000)")
+    parser.add_argument("--epochs", type=int, default=15, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=15)
+    parser.add_argument("--train-subjects", type=int, default=150, help="training subjects per setting and seed")
+    parser.add_argument("--val-per-cell", type=int, default=100, help="validation subjects per vendor x pathology")
+    parser.add_argument("--test-per-cell", type=int, default=100, help="test subjects per vendor x pathology")
+    parser.add_argument("--eval-seed", type=int, default=999999, help="generator seed of the evaluation pool")
     parser.add_argument("--size", type=int, default=48, help="input size (pixels) of the 128 mm field of view")
-    parser.add_argument("--correlation", type=float, default=0.8, help="vendor-pathology correlation (setting 2)")
-    parser.add_argument("--images", type=int, default=1000, help="images per Waterbirds dataset (50/20/30)")
+    parser.add_argument("--minority-vendor", default="D", choices=list(MNMS_VENDORS))
     parser.add_argument(
-        "--waterbirds-correlation", type=float, default=0.95, help="place-label agreement in Waterbirds training"
+        "--fractions",
+        type=_fraction,
+        nargs="+",
+        default=None,
+        help="minority vendor's training share (default 0.02 0.05 0.10; sweep 0.05)",
     )
+    parser.add_argument("--correlation", type=float, default=0.8, help="vendor-pathology correlation in training")
+    parser.add_argument("--images", type=int, default=1000, help="images per Waterbirds dataset (50/20/30)")
+    parser.add_argument("--waterbirds-correlation", type=float, default=0.95)
     parser.add_argument(
         "--settings",
         nargs="+",
-        default=DEFAULT_SETTINGS,
-        choices=list(SETTINGS),
-        help="default: minority correlation; waterbirds runs the synthetic Waterbirds stand-in",
+        default=None,
+        choices=["minority", "correlation", "waterbirds"],
+        help="default: minority correlation; sweep: minority",
     )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results"))
-    parser.add_argument("--quick", action="store_true", help="1 seed, 100 subjects, 8 epochs: a few minutes")
+    parser.add_argument(
+        "--cache", default=str(Path.home() / ".cache" / "monai_groupdistil" / "worst_group"), help="tensor cache"
+    )
+    parser.add_argument("--resume", action="store_true", help="keep the rows of the existing runs CSV, skip them")
+    parser.add_argument("--quick", action="store_true", help="the whole pipeline on a tiny configuration (< 1 min)")
     parser.add_argument("--sweep", action="store_true", help="run the hyper-parameter sweep instead")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (numbers depend on it; default 1)")
+    args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.subjects, args.images, args.epochs, args.teacher_epochs = 1, 100, 300, 8, 8
-    if args.threads:
-        torch.set_num_threads(args.threads)
+        args.seeds = args.seeds or 1
+        args.train_subjects, args.val_per_cell, args.test_per_cell = 40, 6, 6
+        args.epochs, args.teacher_epochs, args.size, args.fractions, args.images = 2, 2, 32, [0.05], 120
+    if args.settings is None:
+        args.settings = ["minority"] if args.sweep else list(DEFAULT_SETTINGS)
+    if args.fractions is None:
+        args.fractions = [0.05] if args.sweep else [0.02, 0.05, 0.10]
+    if args.seeds is None:
+        args.seeds = 3 if args.sweep else 10
+    if args.first_seed is None:
+        args.first_seed = 1000 if args.sweep else 0
+    if not 0.0 <= args.correlation <= 1.0:
+        parser.error(f"--correlation must be in [0, 1], got {args.correlation}")
+    if args.seeds < 1 or args.train_subjects < 1 or args.val_per_cell < 1 or args.test_per_cell < 1:
+        parser.error("--seeds, --train-subjects, --val-per-cell and --test-per-cell must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     start = time.time()
     if args.sweep:
-        run_sweep(args)
-        return
-    run_benchmark(args)
-    stem = output_stem(args.settings)
-    print(f"wrote {args.out}/{stem}.md, {stem}_runs.csv, {stem}.png in {(time.time() - start) / 60:.1f} min")
+        winners = run_sweep(args)
+        print("winners:", json.dumps({m: w["config"] for m, w in winners.items()}))
+    else:
+        run_benchmark(args)
+    print(f"done in {(time.time() - start) / 60:.1f} min; outputs in {args.out}")
 
 
 if __name__ == "__main__":
