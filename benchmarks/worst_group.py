@@ -323,7 +323,10 @@ def evaluate(network: torch.nn.Module, split: dict, num_groups: int, counts: lis
     average = float((per_group.double().nan_to_num() * weights).sum() / weights.sum())
     worst = int(torch.where(present, per_group, torch.full_like(per_group, 2.0)).argmin())
     n = torch.bincount(split["group"], minlength=num_groups)
+    ce = torch.nn.functional.cross_entropy(pred.double(), split["label"], reduction="none")
+    loss = torch.zeros(num_groups, dtype=torch.float64).index_add_(0, split["group"], ce) / n.clamp(min=1)
     return {
+        "loss_per_group": [float(v) if c else float("nan") for v, c in zip(loss.tolist(), n.tolist())],
         "average": average,
         "worst": float(per_group[worst]),
         "worst_group": worst,
@@ -490,6 +493,9 @@ def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: l
     }
     row.update({f"test_acc/{n}": a for n, a in zip(names, test["per_group"])})
     row.update({f"train_acc/{n}": a for n, a in zip(names, train["per_group"])})
+    row.update({f"train_loss/{n}": a for n, a in zip(names, train["loss_per_group"])})
+    if chosen["weights"] is not None:
+        row.update({f"dro_weight/{n}": a for n, a in zip(names, chosen["weights"])})
     return row
 
 
@@ -649,6 +655,35 @@ def same_teacher_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
     return lines
 
 
+def _mean_of(rows: list[dict], key: str) -> str:
+    vals = [float(r[key]) for r in rows if r.get(key, "") not in ("", None) and not math.isnan(float(r[key]))]
+    return f"{statistics.fmean(vals):.3f}" if vals else "-"
+
+
+def diagnostics_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
+    """Per setting and arm: test / training accuracy, training loss and DRO weight of the ERM student's usual worst
+    group."""
+    lines = [
+        "| setting | g | arm | test acc g | train acc g | train loss g | DRO weight g | g worst |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in setting_names:
+        sel = [r for r in rows if r["setting"] == name and r["selection"] == "worst"]
+        erm = [r["test_worst_group"] for r in sel if (r["model"], r["method"], r["teacher"]) == ERM]
+        if not erm:
+            continue
+        g = max(sorted(set(erm)), key=erm.count)
+        for arm in _arms_in(sel):
+            arm_rows = [r for r in sel if (r["model"], r["method"], r["teacher"]) == arm]
+            worst = sum(r["test_worst_group"] == g for r in arm_rows)
+            lines.append(
+                f"| {name} | {g} | {arm_label(*arm)} | {_mean_of(arm_rows, f'test_acc/{g}')} | "
+                f"{_mean_of(arm_rows, f'train_acc/{g}')} | {_mean_of(arm_rows, f'train_loss/{g}')} | "
+                f"{_mean_of(arm_rows, f'dro_weight/{g}')} | {worst}/{len(arm_rows)} |"
+            )
+    return lines
+
+
 def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float, timings) -> None:
     stem = output_stem(args)
     out = Path(args.out)
@@ -710,6 +745,16 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
     ):
         lines += [f"## Model selected by {title}", "", *summary_lines(rows, names, rule), ""]
     lines += ["## GroupDistil - KD with the same teacher", "", *same_teacher_lines(rows, names), ""]
+    lines += [
+        "## Diagnostics (worst-group selection)",
+        "",
+        "For the group most often worst for the ERM student on test (g): each arm's mean test and training "
+        "accuracy and training cross entropy on g at the selected epoch, and the DRO weight of g (uniform: "
+        "1 / groups); how often g is the arm's worst test group.",
+        "",
+        *diagnostics_lines(rows, names),
+        "",
+    ]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, settings, out / f"{stem}.png")
 
