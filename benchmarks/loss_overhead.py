@@ -53,6 +53,20 @@ def _time(fn, student, block: int) -> float:
     return (time.perf_counter() - start) / block
 
 
+def saved_for_backward_kb(fn) -> float:
+    """Kilobytes of the tensors autograd keeps for the backward pass of ``fn()`` (``saved_tensors_hooks``)."""
+    total = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        value = fn()
+    value.backward()
+    return total[0] / 1024
+
+
 def run_case(shape, num_groups, repeats, block):
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(*shape, generator=gen).requires_grad_(True)
@@ -78,7 +92,8 @@ def run_case(shape, num_groups, repeats, block):
         order = (base, group) if i % 2 == 0 else (group, base)
         for fn in order:
             (t_base if fn is base else t_group).append(_time(fn, student, block))
-    return statistics.median(t_base), statistics.median(t_group)
+    memory = (saved_for_backward_kb(base), saved_for_backward_kb(group))
+    return statistics.median(t_base), statistics.median(t_group), memory
 
 
 def main() -> None:
@@ -95,12 +110,12 @@ def main() -> None:
     )
     print(f"{'case':34s} {'plain KD (us)':>14s} {'GroupDistil (us)':>17s} {'ratio':>7s} {'overhead (us)':>14s} target")
     for name, shape, groups, target in CASES:
-        base, group = run_case(shape, groups, args.repeats, args.block)
+        base, group, memory = run_case(shape, groups, args.repeats, args.block)
         ratio = group / base
         verdict = "ok" if ratio <= target else "MISSED"
         print(
             f"{name:34s} {base * 1e6:14.1f} {group * 1e6:17.1f} {ratio:7.3f} {(group - base) * 1e6:14.1f} "
-            f"<= {target:.2f}x {verdict}"
+            f"<= {target:.2f}x {verdict}; saved for backward: {memory[0]:.0f} KB / {memory[1]:.0f} KB"
         )
 
 

@@ -57,6 +57,29 @@ def conv_net(width: int, depth: int) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
+def saved_for_backward_mb(loss_kind: str, batch_size: int, size: int) -> float:
+    """Megabytes of the tensors autograd keeps for the backward pass of one student step (network and loss),
+    counted with ``torch.autograd.graph.saved_tensors_hooks``: the activation memory a step holds at its peak."""
+    torch.manual_seed(1)
+    student = bundle_student()
+    images, teacher_logits = torch.randn(batch_size, 1, size, size), torch.randn(batch_size, NUM_CLASSES)
+    labels, groups = torch.randint(0, NUM_CLASSES, (batch_size,)), torch.randint(0, NUM_GROUPS, (batch_size,))
+    total = [0]
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = student(images)
+        if loss_kind == "groupdistil":
+            value = GroupDistillationLoss(NUM_GROUPS)(logits, teacher_logits, labels, groups)
+        else:
+            value = DistillationLoss()(logits, teacher_logits, labels)
+    value.backward()
+    return total[0] / 2**20
+
+
 def make_data(n: int, size: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(n, 1, size, size, generator=gen)
@@ -133,6 +156,11 @@ def main() -> None:
         pairs = [g / k for g, k in zip(medians[f"groupdistil_{mode}"], medians[f"kd_{mode}"])]  # same round
         spread = f"rounds: {min(pairs):.3f}-{max(pairs):.3f}"
         print(f"groupdistil_{mode} / kd_{mode}: {statistics.median(pairs):.3f}x ({spread})")
+    memory = {kind: saved_for_backward_mb(kind, args.batch_size, args.size) for kind in ("kd", "groupdistil")}
+    print(
+        f"saved for backward in one step: kd {memory['kd']:.2f} MB, groupdistil {memory['groupdistil']:.2f} MB "
+        f"({memory['groupdistil'] / memory['kd']:.3f}x)"
+    )
     ratio = statistics.median(g / k for g, k in zip(medians["groupdistil_cached"], medians["kd_cached"]))
     verdict = "met" if ratio <= TARGET else "NOT met"
     print(f"target groupdistil_cached <= {TARGET:.2f}x kd_cached: {verdict} ({ratio:.3f}x)")

@@ -26,13 +26,7 @@ def check_fraction(value: float, name: str, open_at_zero: bool = False) -> float
 
 
 def check_logits(input: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
-    """Check the student (and teacher) logits: floating tensors ``[B, C, *spatial]``, ``B >= 1``, of one shape.
-
-    Raises:
-        TypeError: when a tensor is not a floating-point ``torch.Tensor``.
-        ValueError: for fewer than 2 dimensions, an empty batch, or teacher logits of another shape (a different
-            class count is reported as such).
-    """
+    """Check the student (and teacher) logits: floating tensors ``[B, C, *spatial]``, ``B >= 1``, of one shape."""
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor of logits [B, C, *spatial], got {_describe(input)}.")
     if input.ndim < 2:
@@ -59,11 +53,7 @@ def check_target(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     """Return the class indices ``target`` as int64 ``[B, *spatial]`` for logits ``[B, C, *spatial]``.
 
     ``target`` may be ``[B, *spatial]`` or ``[B, 1, *spatial]``, integer or floating with whole numbers (as MONAI
-    transforms often produce). The range ``[0, C)`` is checked by :py:func:`clamp_labels`.
-
-    Raises:
-        TypeError: for a non-tensor, boolean or complex ``target``.
-        ValueError: for a shape that does not match ``input`` or non-integral values.
+    transforms often produce; non-integral values are refused). The range is checked by :py:func:`clamp_labels`.
     """
     if not isinstance(target, torch.Tensor) or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class indices, got {_describe(target)}.")
@@ -100,12 +90,8 @@ def raise_label_range(labels: torch.Tensor, num_classes: int) -> None:
 
 
 def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Return the group ids ``groups`` as int64 ``[B]``; their range is checked with the group statistics.
-
-    Raises:
-        TypeError: when ``groups`` is not an integer tensor.
-        ValueError: for a shape other than ``[B]`` / ``[B, 1]``.
-    """
+    """Return the integer group ids ``groups`` (``[B]`` or ``[B, 1]``) as int64 ``[B]``; the group step checks their
+    range."""
     if not isinstance(groups, torch.Tensor) or groups.is_floating_point() or groups.is_complex():
         raise TypeError(f"groups must be an integer tensor of group ids [B], got {_describe(groups)}.")
     if groups.dtype == torch.bool:

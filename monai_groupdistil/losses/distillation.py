@@ -159,14 +159,15 @@ class DistillationLoss(_Loss):
         if torch.is_autocast_enabled(input.device.type):
             dtype = compute_dtype
         student = input.to(compute_dtype)
-        voxel_loss = torch.zeros((), dtype=compute_dtype, device=input.device)
+        terms = []  # the voxel-wise KD and CE terms
         if alpha > 0:
             log_p_student = F.log_softmax(student / temperature, dim=1)
             log_p_teacher = F.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=1)  # type: ignore[union-attr]
             kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
-            voxel_loss = voxel_loss + alpha * temperature * temperature * kl
+            terms.append(alpha * temperature * temperature * kl)
         if alpha < 1:
-            voxel_loss = voxel_loss + (1 - alpha) * F.cross_entropy(student, labels, reduction="none")  # type: ignore[arg-type]
+            terms.append((1 - alpha) * F.cross_entropy(student, labels, reduction="none"))  # type: ignore[arg-type]
+        voxel_loss = sum(terms[1:], terms[0])
         per_sample = voxel_loss.flatten(1).mean(dim=1) if voxel_loss.ndim > 1 else voxel_loss
         if self.dice_weight > 0:
             per_sample = per_sample + self.dice_weight * soft_dice_per_sample(student, labels)  # type: ignore[arg-type]

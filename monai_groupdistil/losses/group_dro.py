@@ -30,16 +30,14 @@ class GroupDROLoss(_Loss):
     4. in training mode: ``q_g <- q_g * exp(step_size * A_g)``, then ``q <- q / sum(q)`` (on detached values).
     5. robust loss ``sum_g q_g * (L_g + C_g / sqrt(N_g))`` with the weights just updated.
 
-    Why ``"ema"``: under natural (unbalanced) sampling a rare group misses most batches, and with ``S_g = 0`` every
-    such batch lowers its weight, so the rule starves the very group it should protect (the reference code never
-    meets this: it always samples groups uniformly). With ``"ema"`` absence alone never moves a weight.
+    Why ``"ema"``: under natural sampling a rare group misses most batches, and with ``S_g = 0`` each such batch
+    lowers its weight (docs/method.md); with ``"ema"`` absence alone never moves a weight.
 
-    ``q`` (``group_weights``) starts uniform; it, the running losses ``ema_group_losses`` (factor ``gamma``; an
-    absent group keeps its value) and ``ema_initialized`` are in ``state_dict()``, with ``absent_groups`` as extra
-    state, so checkpoints carry them. In ``eval()`` mode nothing is updated. The last call's per-group losses and
-    counts are in ``last_group_losses`` and ``last_group_counts``. The group statistics are a few tensor operations
-    on the loss's device; the only host synchronisation of a call is the check that the group ids (and, for
-    :py:class:`GroupDistillationLoss`, the labels) are valid and the group losses finite.
+    ``q`` (``group_weights``, uniform at first), the running losses ``ema_group_losses`` (factor ``gamma``; an
+    absent group keeps its value), ``ema_initialized`` and ``absent_groups`` are in ``state_dict()``. In ``eval()``
+    mode nothing is updated. ``last_group_losses``/``last_group_counts`` hold the last call's statistics. The group
+    step is a few tensor operations on the loss's device; the only host synchronisation of a call is the check
+    that the group ids (and the labels of :py:class:`GroupDistillationLoss`) are valid and the group losses finite.
 
     Multi-process: under ``torch.distributed`` the per-group sums and counts are all-reduced before the update, so
     every rank holds the same weights and running losses, and the loss is scaled by the world size so that
@@ -154,19 +152,21 @@ class GroupDROLoss(_Loss):
         if per_sample.ndim > 1:
             per_sample = per_sample.flatten(1).mean(dim=1)
         coefficients, constant = self._group_step(per_sample.detach(), groups, labels_outside)
-        contributions = per_sample.to(coefficients.dtype) * coefficients.to(per_sample.device)
-        constant = constant.to(per_sample.device)
-        if self.reduction == LossReduction.NONE.value:
-            return (contributions + constant / batch).to(per_sample.dtype)
-        return (contributions.sum() + constant).to(per_sample.dtype)
+        robust = per_sample.to(coefficients.dtype) * coefficients.to(per_sample.device)  # a_i * l_i
+        per_sample_output = self.reduction == LossReduction.NONE.value
+        if not per_sample_output:
+            robust = robust.sum()
+        if constant is not None:  # the adjustment term, spread over the samples for reduction="none"
+            robust = robust + constant.to(per_sample.device) / (batch if per_sample_output else 1)
+        return robust.to(per_sample.dtype)
 
     def _group_step(
         self, losses: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Group statistics, checks and (in training mode) the weight and running-loss update.
 
         Returns the per-sample coefficients ``a_i = q_g / n_g`` (times the world size) and the adjustment term
-        ``c = sum_g q_g C_g / sqrt(N_g)``, so that the robust loss is ``sum_i a_i l_i + c``.
+        ``c = sum_g q_g C_g / sqrt(N_g)`` (None without adjustment): the robust loss is ``sum_i a_i l_i + c``.
         """
         device, num_groups = self.group_weights.device, self.num_groups
         dtype = torch.promote_types(torch.promote_types(losses.dtype, self.group_weights.dtype), torch.float32)
@@ -174,17 +174,18 @@ class GroupDROLoss(_Loss):
         ids = groups.clamp(0, num_groups - 1)  # safe for index_add_; ids outside are reported below
         sums = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, losses)
         counts = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, torch.ones_like(losses))
-        labels_outside = torch.zeros((), dtype=torch.bool, device=device) if labels_outside is None else labels_outside
-        flags = torch.stack([(ids != groups).any(), labels_outside.to(device)])
+        invalid = (ids != groups).any()
+        if labels_outside is not None:
+            invalid = invalid | labels_outside.to(device)
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             world_size = dist.get_world_size()
-            stats = torch.cat([sums, counts, flags.to(dtype)])
+            stats = torch.cat([sums, counts, invalid.to(dtype).reshape(1)])
             dist.all_reduce(stats)
-            sums, counts, flags = stats[:num_groups], stats[num_groups:-2], stats[-2:] > 0
+            sums, counts, invalid = stats[:num_groups], stats[num_groups:-1], stats[-1] > 0
         group_losses = sums / counts.clamp_min(1)
-        if not bool(torch.isfinite(group_losses).all() & ~flags.any()):  # the one host synchronisation
-            self._raise_for_bad_batch(groups, group_losses, flags)
+        if not bool(torch.isfinite(group_losses).all() & ~invalid):  # the one host synchronisation
+            self._raise_for_bad_batch(groups, labels_outside, bool(invalid), group_losses)
 
         weights, adjustment = self.group_weights.to(dtype), self.adjustment_term.to(dtype)
         present = counts > 0
@@ -194,7 +195,8 @@ class GroupDROLoss(_Loss):
                 present_mean = (group_losses * present).sum() / present.sum()
                 running = torch.where(self.ema_initialized, self.ema_group_losses.to(dtype), present_mean)
                 scores = torch.where(present, group_losses, running)
-            scores = scores + adjustment
+            if self.use_adjustment:
+                scores = scores + adjustment
             if self.normalize_loss:
                 total = scores.sum()
                 scores = torch.where(total != 0, scores / total, scores)
@@ -206,16 +208,19 @@ class GroupDROLoss(_Loss):
             self.ema_initialized.logical_or_(present)
         self.last_group_losses.copy_(group_losses)
         self.last_group_counts.copy_(counts)
-        coefficients = (weights * world_size / counts.clamp_min(1))[ids]
-        return coefficients, (weights * adjustment).sum()
+        coefficients = weights / counts.clamp_min(1) if world_size == 1 else weights * world_size / counts.clamp_min(1)
+        return coefficients[ids], (weights * adjustment).sum() if self.use_adjustment else None
 
-    def _raise_for_bad_batch(self, groups: torch.Tensor, group_losses: torch.Tensor, flags: torch.Tensor) -> None:
-        if bool(flags[0]):
-            lo, hi = (int(v) for v in torch.aminmax(groups))
-            where = f"groups holds ids in [{lo}, {hi}]" if lo < 0 or hi >= self.num_groups else "another process"
-            raise ValueError(f"{where}; ids must lie in [0, num_groups) = [0, {self.num_groups}).")
-        if bool(flags[1]):
+    def _raise_for_bad_batch(self, groups, labels_outside, invalid: bool, group_losses: torch.Tensor) -> None:
+        lo, hi = (int(v) for v in torch.aminmax(groups))
+        if lo < 0 or hi >= self.num_groups:
+            raise ValueError(
+                f"groups holds ids in [{lo}, {hi}]; ids must lie in [0, num_groups) = [0, {self.num_groups})."
+            )
+        if labels_outside is not None and bool(labels_outside):
             raise ValueError("target holds class indices outside [0, C); the DRO weights were left unchanged.")
+        if invalid:
+            raise ValueError("another process passed group ids or class indices out of range; nothing was updated.")
         bad = torch.nonzero(~torch.isfinite(group_losses)).flatten().tolist()
         raise ValueError(
             f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
