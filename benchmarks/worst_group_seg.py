@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--minority-vendor", default="D", choices=MNMS_VENDORS)
     parser.add_argument("--val-per-vendor", type=int, default=8)
     parser.add_argument("--test-per-vendor", type=int, default=12)
-    parser.add_argument("--size", type=int, default=64, help="pixels of the 192 mm field of view")
+    parser.add_argument("--size", type=int, default=48, help="pixels of the 192 mm field of view")
     parser.add_argument("--matrix-scale", type=float, default=0.6, help="matrix_scale of the generated images")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))

@@ -17,6 +17,7 @@ differs from its image, and (for training and evaluation) a frame without any la
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,11 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandGaussianNoised,
     ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
@@ -40,6 +45,7 @@ __all__ = [
     "SEG_STRUCTURES",
     "CheckSegmentationd",
     "SegmentationSliceDataset",
+    "segmentation_augmentation",
     "segmentation_frames",
     "segmentation_preprocessing",
     "volume_slices",
@@ -157,7 +163,8 @@ class CheckSegmentationd(MapTransform):
                     "image's shape."
                 )
             values = torch.unique(torch.as_tensor(mask))
-            bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < self.num_classes]
+            bad = [int(v) if float(v).is_integer() else v for v in values.tolist()]
+            bad = [v for v in bad if not isinstance(v, int) or not 0 <= v < self.num_classes]
             if bad:
                 raise ValueError(
                     f"mask {name}{frame} holds label(s) {bad[:5]} outside 0-{self.num_classes - 1} "
@@ -237,6 +244,45 @@ def segmentation_preprocessing(
     ])  # fmt: skip
 
 
+def segmentation_augmentation(
+    keys: Sequence[str] = ("image", "label"),
+    image_key: str = "image",
+    prob: float = 0.5,
+    rotate_range: float = math.pi / 12,
+    scale_range: float = 0.1,
+    gamma: Sequence[float] = (0.7, 1.5),
+    noise_std: float = 0.02,
+) -> Compose:
+    """Random augmentation of a 2-D training slice and its mask, in one resampling.
+
+    ``RandAffined`` (rotation within +-``rotate_range`` rad and scaling within +-``scale_range``, bilinear for the
+    image, nearest for the mask), gamma contrast (``RandAdjustContrastd``), Gaussian noise (``RandGaussianNoised``),
+    then clipping to [0, 1]. One affine resampling instead of separate rotation and zoom steps (as in
+    :func:`~monai_groupdistil.data.cardiac_augmentation`) costs about half the time per slice. Sizes are kept.
+
+    Args:
+        keys: keys transformed spatially (the image first, then masks).
+        image_key: the key whose intensities are augmented.
+        prob: probability of each of the affine, contrast and noise steps.
+        rotate_range: maximum absolute rotation in radians.
+        scale_range: maximum relative scaling.
+        gamma: range of the contrast gamma.
+        noise_std: maximum standard deviation of the noise (intensities are in [0, 1]).
+
+    Returns:
+        a :class:`monai.transforms.Compose`.
+    """
+    keys = tuple(keys)
+    modes = tuple("bilinear" if k == image_key else "nearest" for k in keys)
+    return Compose([
+        RandAffined(keys, prob=prob, rotate_range=rotate_range, scale_range=scale_range, mode=modes,
+                    padding_mode="zeros", allow_missing_keys=True),
+        RandAdjustContrastd(image_key, prob=prob, gamma=tuple(gamma)),
+        RandGaussianNoised(image_key, prob=prob, mean=0.0, std=noise_std),
+        ScaleIntensityRanged(image_key, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+    ])  # fmt: skip
+
+
 def volume_slices(
     item: Mapping[str, Any],
     image_key: str = "image",
@@ -279,7 +325,7 @@ class SegmentationSliceDataset(Dataset):
 
     Every frame entry goes through ``transform`` (e.g. :func:`segmentation_preprocessing`) once, at construction;
     its slices (by default those with a labelled voxel) are kept in memory, and ``slice_transform`` (e.g.
-    :func:`~monai_groupdistil.data.cardiac_augmentation` with ``keys=("image", "label")``) runs on each slice when
+    :func:`segmentation_augmentation`) runs on each slice when
     it is drawn. One pass over the volumes replaces one file read per slice.
 
     Args:
@@ -296,7 +342,7 @@ class SegmentationSliceDataset(Dataset):
     Example::
 
         train = SegmentationSliceDataset(segmentation_frames(subjects), segmentation_preprocessing((96, 96)),
-                                         cardiac_augmentation(keys=("image", "label")))
+                                         segmentation_augmentation())
         DataLoader(train, batch_size=16, shuffle=True)  # batches of image/label [16, 1, 96, 96], group [16]
     """
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from monai.data.utils import affine_to_spacing
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
@@ -66,8 +67,9 @@ def batch_spacing(key: str = Keys.LABEL) -> Callable[[Engine], dict[str, Any]]:
     """Metric arguments ``{"spacing": [...]}`` holding every sample's voxel spacing, read from ``batch[key]``.
 
     For :py:class:`GroupMetricHandler`'s ``metric_kwargs`` with MONAI's ``HausdorffDistanceMetric`` or
-    ``SurfaceDistanceMetric``, so distances are in mm. The spacing comes from the ``MetaTensor``'s affine
-    (``pixdim``); a plain tensor gives ``{}`` (unit spacing).
+    ``SurfaceDistanceMetric``, so distances are in mm. The spacing comes from the ``MetaTensor``'s affine (the norms
+    of its spatial columns; collated batches and decollated lists of samples both work); a plain tensor gives ``{}``
+    (unit spacing).
 
     Example::
 
@@ -81,11 +83,14 @@ def batch_spacing(key: str = Keys.LABEL) -> Callable[[Engine], dict[str, Any]]:
         out = []
         for item in items:
             value = item.get(key) if isinstance(item, Mapping) else None
-            pixdim = getattr(value, "pixdim", None)
-            if pixdim is None:
+            affine = getattr(value, "affine", None)
+            if affine is None:
                 return {}
-            pixdim = pixdim if isinstance(pixdim, list) else [pixdim]
-            out += [[float(v) for v in torch.as_tensor(p).flatten()] for p in pixdim]
+            affine = torch.as_tensor(affine)
+            # a collated batch [B, C, *spatial] has one affine per sample; a decollated item [C, *spatial] one
+            rank = value.ndim - (2 if affine.ndim == 3 else 1)
+            for a in affine.reshape(-1, *affine.shape[-2:]):
+                out.append([float(v) for v in affine_to_spacing(a, r=rank)])
         return {"spacing": out}
 
     return spacing

@@ -46,7 +46,7 @@ def per_sample_values(metric: Callable, y_pred: torch.Tensor, y: torch.Tensor, *
     if values.ndim == 0 or values.shape[0] != batch or values.ndim > 2:
         raise ValueError(
             f"{type(metric).__name__} gave values of shape {tuple(values.shape)} for a batch of {batch}; a per-sample "
-            "metric giving [B] or [B, C] is needed (for MONAI metrics use reduction='none')."
+            "metric giving [B] or [B, C] is needed."
         )
     values = values.float()
     return values[:, None] if values.ndim == 1 else values
@@ -141,8 +141,9 @@ class GroupMetric(CumulativeIterationMetric):
     every MONAI cumulative metric). ``aggregate()`` returns the dict of :py:func:`summarise_group_values`.
 
     Args:
-        metric: the per-sample metric: a MONAI ``CumulativeIterationMetric`` built with ``reduction="none"`` (its
-            own buffers are not used), or a callable ``metric(y_pred, y, **kwargs) -> [B] or [B, C]``.
+        metric: the per-sample metric: a MONAI ``CumulativeIterationMetric`` (its per-batch values are taken before
+            any reduction, so its ``reduction`` does not matter, and its own buffers are not used), or a callable
+            ``metric(y_pred, y, **kwargs) -> [B] or [B, C]``.
         num_groups: number of groups ``G``.
         group_counts: optional training-set size of every group (adds ``weighted`` to the result).
         higher_is_better: False for metrics where lower is better (distances): the worst group is the highest.
