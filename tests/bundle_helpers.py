@@ -134,6 +134,7 @@ BOOLEAN_USES = {
     "augment": ("train#augmentation", lambda compose: len(compose.transforms) > 0),
     "balanced_sampling": ("train#sampler", lambda sampler: type(sampler).__name__ == "GroupBalancedSampler"),
     "progress_bar": ("train#trainer#progress_bar", lambda value: value),
+    "resume": ("resume_from_checkpoint", lambda value: value),
 }
 # every accepted spelling of a boolean id on the command line and in overrides, with its meaning
 SPELLINGS = [("false", False), ("False", False), ("0", False), ("no", False), (0, False), (False, False)]

@@ -15,15 +15,35 @@ from monai_groupdistil.bundle.datasets import (
     prepare_waterbirds_dataset,
     waterbirds_splits,
 )
+from monai_groupdistil.bundle.distributed import close_process_group
 from monai_groupdistil.bundle.pretrained import load_pretrained
+from monai_groupdistil.bundle.resume import (
+    BestMetricState,
+    RandomStates,
+    ResumeCheckpointSaver,
+    RunSettings,
+    attach_resume,
+    check_resume_checkpoint,
+    latest_checkpoint,
+)
+from monai_groupdistil.bundle.tracking import WorstGroupHandler, run_parameters, track_run
 from monai_groupdistil.bundle.workflow import run_workflow
 
 __all__ = [
+    "BestMetricState",
+    "RandomStates",
+    "ResumeCheckpointSaver",
+    "RunSettings",
+    "WorstGroupHandler",
     "as_bool",
+    "attach_resume",
+    "check_resume_checkpoint",
+    "close_process_group",
     "checked_arguments",
     "find_mnms_root",
     "group_counts",
     "inference_datalist",
+    "latest_checkpoint",
     "load_network",
     "load_pretrained",
     "load_teacher",
@@ -32,7 +52,9 @@ __all__ = [
     "prepare_mnms_dataset",
     "prepare_waterbirds_dataset",
     "require_file",
+    "run_parameters",
     "run_workflow",
     "teacher_command",
+    "track_run",
     "waterbirds_splits",
 ]

@@ -1,0 +1,173 @@
+"""Experiment tracking of the bundles' runs (``python -m monai.bundle run ... --tracking mlflow``).
+
+MONAI's ``--tracking mlflow`` appends an ``MLFlowHandler`` to the trainer's and the evaluators' handler lists. The
+bundles' ``run`` lists call :py:func:`track_run` before running, which gives those handlers the run's parameters
+(:py:func:`run_parameters`) and the files to record as artifacts; :py:class:`WorstGroupHandler` puts the index of
+the worst group into the validation metrics, so it is tracked (and printed, and written to TensorBoard) with the
+per-group accuracies. Nothing here imports ``mlflow``: without ``--tracking`` these are no-ops.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.utils import IgniteInfo, min_version, optional_import
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine, Events
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = ["WorstGroupHandler", "run_parameters", "track_run"]
+
+
+def _param_value(value: Any) -> Any:
+    """A value MLflow can record as a parameter (str() of it), or None to leave it out."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 16 else None
+    if isinstance(value, (str, bool, numbers.Number)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [v if isinstance(v, (str, bool, numbers.Number)) or v is None else str(v) for v in value]
+    if isinstance(value, torch.nn.Module):
+        return type(value).__name__
+    return str(value)
+
+
+def run_parameters(loss: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of a bundle run: ``settings`` (bundle ids) and the loss's class and hyper-parameters.
+
+    The loss's hyper-parameters are the arguments of its constructor that it keeps as attributes of the same name
+    (``temperature``, ``alpha``, ``step_size``, ``absent_groups``... for the GroupDistil loss; ``label_smoothing``
+    for cross entropy), recorded as ``loss.<name>``; the loss's class is ``loss``. So each method's run records
+    the hyper-parameters its loss actually uses.
+
+    Args:
+        loss: the run's loss module.
+        settings: bundle id -> value.
+
+    Returns:
+        name -> value, values as numbers, strings, booleans or lists of them.
+
+    Example::
+
+        >>> import torch
+        >>> run_parameters(torch.nn.CrossEntropyLoss(label_smoothing=0.1), {"seed": 0})["loss.label_smoothing"]
+        0.1
+    """
+    params = {str(k): _param_value(v) for k, v in settings.items()}
+    params["loss"] = type(loss).__name__
+    try:
+        names = list(inspect.signature(type(loss)).parameters)
+    except (TypeError, ValueError):
+        names = []
+    for name in names:
+        if name in ("self", "args", "kwargs") or not hasattr(loss, name):
+            continue
+        value = _param_value(getattr(loss, name))
+        if value is not None:
+            params[f"loss.{name}"] = value
+    return params
+
+
+def _is_mlflow_handler(handler: Any) -> bool:
+    return any(cls.__name__ == "MLFlowHandler" and cls.__module__.startswith("monai.") for cls in type(handler).__mro__)
+
+
+# MONAI's tracking patch joins a literal output_dir and the executed config's name as "<dir> + '/config_<time>.json'"
+_BROKEN_JOIN = re.compile(r"^(.*) \+ '/(config_\d{8}_\d{6}\.json)'$")
+
+
+def track_run(handlers: Sequence[Any], params: Mapping[str, Any] | None = None, artifacts: Sequence[str] = ()) -> int:
+    """Give the ``MLFlowHandler``\\ s among ``handlers`` the run's parameters and the artifacts to record.
+
+    ``--tracking mlflow`` builds the handlers with MONAI's default arguments; this adds ``params`` to their
+    ``experiment_param`` (recorded when the run starts) and ``artifacts`` (files or folders, recorded when the
+    engine completes, after the bundle's own handlers, e.g. the group report, have written them) to their
+    ``artifacts``. Without tracking there is no such handler and nothing happens.
+
+    MONAI (1.6) records the executed config as an artifact, but when ``output_dir`` is given as a plain path (on
+    the command line) it builds the artifact's path as the text ``"<output_dir> + '/config_<time>.json'"``, which
+    names no file; such a path is corrected here.
+
+    Args:
+        handlers: an engine's handler list (``@train#handlers``, ``@handlers``...).
+        params: name -> value.
+        artifacts: paths.
+
+    Returns:
+        the number of MLflow handlers updated.
+    """
+    count = 0
+    for handler in handlers or ():
+        if not _is_mlflow_handler(handler):
+            continue
+        if params:
+            handler.experiment_param = {**(handler.experiment_param or {}), **params}
+        fixed = []
+        for path in handler.artifacts:
+            match = _BROKEN_JOIN.match(str(path)) if path else None
+            fixed += [os.path.join(match.group(1), match.group(2))] if match else [path] if path else []
+        handler.artifacts = tuple(fixed) + tuple(str(a) for a in artifacts)
+        count += 1
+    return count
+
+
+class WorstGroupHandler:
+    """Writes the index of the worst group (``<output_key>``, a float for the loggers) into the evaluator's metrics.
+
+    Reads ``<metric_prefix><name>`` for every group name from ``engine.state.metrics`` at ``EPOCH_COMPLETED``
+    (after the metrics are computed; put it first in the evaluator's handlers, so that ``StatsHandler``,
+    ``TensorBoardStatsHandler`` and ``MLFlowHandler`` log it in the same round) and stores the index (in
+    ``group_names``) of the smallest value, NaN (a group without samples) skipped, the first one on a tie.
+
+    Args:
+        group_names: the group names, in group-id order.
+        metric_prefix: prefix of the per-group metric keys (``GroupAccuracyHandler`` writes ``group_accuracy/<name>``).
+        output_key: the metric key written.
+        higher_is_better: False for metrics where the largest value is the worst (a loss).
+
+    Example::
+
+        SupervisedEvaluator(..., key_val_metric={"val_worst_group_accuracy": GroupAccuracyHandler(4, names)},
+                            val_handlers=[WorstGroupHandler(names), StatsHandler(iteration_log=False)])
+    """
+
+    def __init__(
+        self,
+        group_names: Sequence[str],
+        metric_prefix: str = "group_accuracy/",
+        output_key: str = "worst_group_index",
+        higher_is_better: bool = True,
+    ) -> None:
+        self.group_names = [str(n) for n in group_names]
+        self.metric_prefix = metric_prefix
+        self.output_key = output_key
+        self.higher_is_better = higher_is_better
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = engine.state.metrics
+        worst, worst_value = None, None
+        for index, name in enumerate(self.group_names):
+            value = metrics.get(f"{self.metric_prefix}{name}")
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            value = float(value) if self.higher_is_better else -float(value)
+            if worst_value is None or value < worst_value:
+                worst, worst_value = index, value
+        if worst is None:
+            metrics.pop(self.output_key, None)
+        else:
+            metrics[self.output_key] = float(worst)
