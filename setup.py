@@ -34,6 +34,9 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.7"],
         "tensorboard": ["tensorboard>=2.12"],
+        # experiment tracking with `python -m monai.bundle run ... --tracking mlflow` (docs/operations.md);
+        # tested with 3.17.2; MLflow 3.13+ refuses file stores, the bundles default to SQLite
+        "mlflow": ["mlflow>=3.17,<4"],
         "test": [
             "pytest>=7.0",
             "pytest-timeout>=2.1",
