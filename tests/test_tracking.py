@@ -106,6 +106,7 @@ def test_training_run_records_parameters_by_name(tracked):
     }
     assert {k: params.get(k) for k in expected} == expected
     assert int(params["train_samples"]) > 0 and "group_counts" in params
+    assert params["torch_num_threads"] == str(torch.get_num_threads()) and params["torch_version"] == torch.__version__
 
 
 def test_training_run_records_loss_group_accuracies_worst_group_and_dro_weights(tracked):

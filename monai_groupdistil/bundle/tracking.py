@@ -48,7 +48,9 @@ def run_parameters(loss: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
     The loss's hyper-parameters are the arguments of its constructor that it keeps as attributes of the same name
     (``temperature``, ``alpha``, ``step_size``, ``absent_groups``... for the GroupDistil loss; ``label_smoothing``
     for cross entropy), recorded as ``loss.<name>``; the loss's class is ``loss``. So each method's run records
-    the hyper-parameters its loss actually uses.
+    the hyper-parameters its loss actually uses. What a run's numbers also depend on is added:
+    ``torch_num_threads`` (intra-op threads: results differ between thread counts, see ``docs/operations.md``),
+    ``torch_version``, ``monai_version``.
 
     Args:
         loss: the run's loss module.
@@ -64,6 +66,10 @@ def run_parameters(loss: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
         0.1
     """
     params = {str(k): _param_value(v) for k, v in settings.items()}
+    import monai
+
+    params.update(torch_num_threads=torch.get_num_threads(), torch_version=torch.__version__)
+    params["monai_version"] = monai.__version__
     params["loss"] = type(loss).__name__
     try:
         names = list(inspect.signature(type(loss)).parameters)
