@@ -389,3 +389,20 @@ def test_unknown_loss_argument_is_named_with_the_valid_ones(work, config, typo, 
     if meant:
         assert f"(did you mean '{meant}'?)" in message and f"(e.g. --loss#{meant} 2.0)" in message
     assert "Correct the argument's name in the override" in message
+
+
+@pytest.mark.parametrize("config", ["train", "group_dro"])
+def test_absent_groups_reaches_the_dro_loss_and_a_bad_value_is_named(work, config):
+    configs = _configs("train") if config == "train" else _configs("train", config)
+    assert workflow(configs, work["overrides"]).parser.get_parsed_content("loss").absent_groups == "ema"  # default
+    assert (
+        workflow(configs, {**work["overrides"], "absent_groups": "zero"})
+        .parser.get_parsed_content("loss")
+        .absent_groups
+        == "zero"
+    )
+    wf = workflow(configs, {**work["overrides"], "absent_groups": "skip"})
+    with pytest.raises(Exception) as info:
+        wf.parser.get_parsed_content("loss")
+    assert isinstance(root_error(info.value), ValueError)
+    assert "absent_groups must be one of ('ema', 'zero'), got 'skip'" in error_chain(info.value)
