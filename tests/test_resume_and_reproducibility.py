@@ -196,27 +196,33 @@ def test_resume_without_a_checkpoint_starts_from_epoch_zero_and_a_fresh_run_repl
     _assert_same_tensors(first["model"], _load(ov["ckpt_dir"], "groupdistil_epoch=1.pt")["model"])
 
 
-def test_waterbirds_resumes_exactly_in_process(tmp_path):
+@pytest.mark.parametrize(
+    "method, extra",
+    [("groupdistil", {}), ("group_dro", {"balanced_sampling": True}), ("erm", {})],  # student, baselines, sampler
+)
+def test_waterbirds_resumes_exactly_in_process(tmp_path, method, extra):
     small = {"synthetic_images": 24, "synthetic_image_size": 32, "spatial_size": [32, 32], "resize": [36, 36]}
-    common = WATERBIRDS.run_overrides(tmp_path, batch_size=4, step_size=5.0, epochs=2, **small)
+    common = WATERBIRDS.run_overrides(tmp_path, batch_size=4, step_size=5.0, epochs=2, **small, **extra)
+    configs = WATERBIRDS.configs("train") if method == "groupdistil" else WATERBIRDS.configs("train", method)
     teacher = tmp_path / "teacher.pt"
     _random_teacher(WATERBIRDS, common, teacher)
     whole = {**common, "ckpt_dir": str(_folder(tmp_path, "whole", teacher))}
     parts = {**common, "ckpt_dir": str(_folder(tmp_path, "parts", teacher))}
     for ov in (whole, {**parts, "epochs": 1}, {**parts, "resume": True}):
-        wf = WATERBIRDS.workflow(WATERBIRDS.configs("train"), ov)
+        wf = WATERBIRDS.workflow(configs, ov)
         wf.run()
         wf.finalize()
-    for name in ("groupdistil_epoch=2.pt", "model.pt"):
+    last, best = f"{method}_epoch=2.pt", "model.pt" if method == "groupdistil" else f"{method}.pt"
+    for name in (last, best):
         a, b = _load(whole["ckpt_dir"], name), _load(parts["ckpt_dir"], name)
         _assert_same_tensors(a["model"], b["model"])
-        _assert_same_tensors(a["loss"], b["loss"])
-    a, b = _load(whole["ckpt_dir"], "groupdistil_epoch=2.pt"), _load(parts["ckpt_dir"], "groupdistil_epoch=2.pt")
+        _assert_same_tensors(a["loss"], b["loss"])  # the DRO state of groupdistil and group_dro
+    a, b = _load(whole["ckpt_dir"], last), _load(parts["ckpt_dir"], last)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
-    saved = _load(parts["ckpt_dir"], "groupdistil_epoch=2.pt")
-    assert len(saved["random_states"]["ranks"][0]["transforms"]) > 0  # the random crops' and flips' states
-    assert saved["settings"] == {
-        "method": "groupdistil",
+    assert ("dro" in a) == (method != "erm") and a["trainer"]["iteration"] == 2 * a["trainer"]["epoch_length"]
+    assert len(b["random_states"]["ranks"][0]["transforms"]) > 0  # the random crops' and flips' states
+    assert b["settings"] == {
+        "method": method,
         "classes": ["landbird", "waterbird"],
         "group_names": list(WATERBIRDS_GROUP_NAMES),
     }
