@@ -784,13 +784,12 @@ def plot(rows: list[dict], settings: list[dict], path: Path) -> None:
                 mean, low, high = _mean_ci(_values(rows, s["name"], arm, "test_worst"))
                 if math.isnan(mean):
                     continue
-                xs.append(100 * s["fraction"] * (1 + 0.02 * (i - len(arms) / 2)))
+                xs.append(100 * s["fraction"] + 0.08 * (i - len(arms) / 2))
                 means.append(100 * mean)
                 errs[0].append(100 * (mean - low))
                 errs[1].append(100 * (high - mean))
             ax.errorbar(xs, means, yerr=errs, label=arm_label(*arm), linestyle=styles[arm][0], marker=styles[arm][1],
                         capsize=3)  # fmt: skip
-        ax.set_xscale("log")
         ax.set_xticks([100 * s["fraction"] for s in minority], [f"{100 * s['fraction']:g}" for s in minority])
         ax.set_xlabel("minority vendor's share of the training split (%)")
         ax.set_ylabel("worst-group test accuracy (%)")
