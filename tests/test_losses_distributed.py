@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
+from monai.data import MetaTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from monai_groupdistil.losses import GroupDistillationLoss, GroupDROLoss
@@ -44,8 +45,8 @@ def _model():
 
 
 def _call(loss, kind, logits, teacher, y, groups):
-    if kind == "groupdistil":
-        return loss(logits, teacher, y, groups)
+    if kind == "groupdistil":  # MONAI engines hand the loss MetaTensors
+        return loss(MetaTensor(logits), MetaTensor(teacher), MetaTensor(y), groups)
     return loss(logits, y, groups)
 
 

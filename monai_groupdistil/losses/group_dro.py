@@ -170,7 +170,9 @@ class GroupDROLoss(_Loss):
         """
         device, num_groups = self.group_weights.device, self.num_groups
         dtype = torch.promote_types(torch.promote_types(losses.dtype, self.group_weights.dtype), torch.float32)
-        losses, groups = losses.to(device, dtype), groups.to(device)
+        # plain tensors (a MONAI MetaTensor's batch metadata cannot follow the slicing of the all-reduced statistics)
+        losses = losses.as_subclass(torch.Tensor).to(device, dtype)
+        groups = groups.as_subclass(torch.Tensor).to(device)
         ids = groups.clamp(0, num_groups - 1)  # safe for index_add_; ids outside are reported below
         sums = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, losses)
         counts = torch.zeros(num_groups, dtype=dtype, device=device).index_add_(0, ids, torch.ones_like(losses))
