@@ -101,7 +101,7 @@ def test_training_run_records_parameters_by_name(tracked):
         "loss.temperature": "4.0",
         "loss.alpha": "0.5",
         "loss.step_size": "5.0",
-        "loss.absent_groups": "ema",
+        "loss.absent_groups": Bundle(tracked["name"]).raw_config("train")["absent_groups"],
         "loss.num_groups": "4",
     }
     assert {k: params.get(k) for k in expected} == expected

@@ -5,7 +5,14 @@ so both bundles share one implementation.
 """
 
 from monai_groupdistil.bundle.checkpoints import load_network, load_teacher, output_classes, require_file
-from monai_groupdistil.bundle.config import as_bool, checked_arguments, teacher_command
+from monai_groupdistil.bundle.config import (
+    TEACHER_METHODS,
+    as_bool,
+    checked_arguments,
+    teacher_checkpoint,
+    teacher_command,
+    teacher_loss,
+)
 from monai_groupdistil.bundle.datasets import (
     find_mnms_root,
     group_counts,
@@ -31,6 +38,7 @@ from monai_groupdistil.bundle.workflow import run_workflow
 
 __all__ = [
     "BestMetricState",
+    "TEACHER_METHODS",
     "RandomStates",
     "ResumeCheckpointSaver",
     "RunSettings",
@@ -54,7 +62,9 @@ __all__ = [
     "require_file",
     "run_parameters",
     "run_workflow",
+    "teacher_checkpoint",
     "teacher_command",
+    "teacher_loss",
     "track_run",
     "waterbirds_splits",
 ]

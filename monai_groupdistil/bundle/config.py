@@ -15,6 +15,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from monai_groupdistil.losses import GroupDROLoss
+
 __all__ = ["as_bool", "checked_arguments", "teacher_command"]
 
 _TRUE = ("true", "1", "yes")
@@ -184,3 +188,36 @@ def teacher_command(
             continue
         parts += [f"--{key}", _quote(_cli_value(value))]
     return " ".join(parts)
+
+
+TEACHER_METHODS = ("erm", "group_dro")
+
+
+def teacher_loss(method: str, num_groups: int, step_size: float, absent_groups: str = "ema") -> torch.nn.Module:
+    """The teacher's loss for the bundle id ``teacher_method``.
+
+    ``"erm"``: cross entropy. ``"group_dro"``: ``GroupDROLoss`` around per-sample cross entropy (a robust teacher,
+    whose soft targets are not tuned to the majority groups), with ``step_size`` (the id ``teacher_step_size``) and
+    ``absent_groups``.
+
+    Raises:
+        ValueError: for another ``method``, naming the id and the valid values.
+    """
+    if method == "erm":
+        return torch.nn.CrossEntropyLoss()
+    if method == "group_dro":
+        per_sample = torch.nn.CrossEntropyLoss(reduction="none")
+        return GroupDROLoss(per_sample, num_groups, step_size=step_size, absent_groups=absent_groups)
+    raise ValueError(f"teacher_method must be one of {TEACHER_METHODS}, got {method!r}.")
+
+
+def teacher_checkpoint(ckpt_dir: str, method: str) -> str:
+    """The teacher checkpoint of ``teacher_method``: ``<ckpt_dir>/teacher.pt`` for ``"erm"``,
+    ``<ckpt_dir>/teacher_group_dro.pt`` for ``"group_dro"`` (so the two teachers can live side by side).
+
+    Raises:
+        ValueError: for another ``method``, naming the id and the valid values.
+    """
+    if method not in TEACHER_METHODS:
+        raise ValueError(f"teacher_method must be one of {TEACHER_METHODS}, got {method!r}.")
+    return os.path.join(ckpt_dir, "teacher.pt" if method == "erm" else f"teacher_{method}.pt")
