@@ -27,7 +27,7 @@ difference. Outputs (``--out``, default ``docs/``): ``results_segmentation.md`` 
 ``results/worst_group_seg_runs.csv``, rewritten after every seed.
 
 Usage:
-    python benchmarks/worst_group_seg.py                       # the default run (5 seeds; ~35 min on one core)
+    python benchmarks/worst_group_seg.py                       # the default run (5 seeds; about 20 CPU minutes)
     python benchmarks/worst_group_seg.py --quick --out /tmp/s  # 1 seed, small: a few minutes
 """
 
