@@ -109,12 +109,13 @@ def test_checkpoint_restores_dro_weights(trained):
 
     path = Path(trained["overrides"]["ckpt_dir"]) / "model.pt"
     checkpoint = torch.load(path, weights_only=False)
-    loss = GroupDistillationLoss(num_groups=4, step_size=5.0)
+    rule = WATERBIRDS.raw_config("train")["absent_groups"]  # the run's rule: a loss of another rule refuses it
+    loss = GroupDistillationLoss(num_groups=4, step_size=5.0, absent_groups=rule)
     assert torch.allclose(loss.group_weights, torch.full((4,), 0.25))
     loss.load_state_dict(checkpoint["loss"])
     assert torch.equal(loss.group_weights, checkpoint["loss"]["group_weights"])
     # the DRO handler's state restores the same weights into a fresh loss, plus the per-iteration history
-    fresh = GroupDistillationLoss(num_groups=4)
+    fresh = GroupDistillationLoss(num_groups=4, absent_groups=rule)
     handler = GroupDROHandler(fresh, group_names=list(WATERBIRDS_GROUP_NAMES))
     handler.load_state_dict(checkpoint["dro"])
     assert torch.allclose(fresh.group_weights, loss.group_weights)
