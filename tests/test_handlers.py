@@ -197,6 +197,20 @@ def test_checkpoint_with_another_group_count_is_refused(tmp_path):
     assert torch.equal(loss4.group_weights, torch.full((4,), 0.25))  # nothing was loaded
 
 
+def test_dro_handler_checkpoint_carries_absent_groups_and_refuses_another_rule():
+    trained = GroupDistillationLoss(num_groups=3, step_size=0.5, absent_groups="zero")
+    trained(torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 4, (6,)), torch.tensor([0, 1, 0, 1, 0, 1]))
+    state = GroupDROHandler(trained).state_dict()
+    assert state["absent_groups"] == "zero"
+    other = GroupDistillationLoss(num_groups=3, absent_groups="ema")
+    with pytest.raises(ValueError, match=r"updated with absent_groups='zero' but this run's loss has .*'ema'"):
+        GroupDROHandler(other).load_state_dict(state)
+    assert torch.equal(other.group_weights, torch.full((3,), 1 / 3)) and not other.ema_initialized.any()
+    same = GroupDistillationLoss(num_groups=3, absent_groups="zero")
+    GroupDROHandler(same).load_state_dict(state)
+    assert torch.equal(same.group_weights, trained.group_weights)
+
+
 def test_mid_epoch_checkpoint_restores_the_state_but_restarts_the_epoch_loader(tmp_path):
     """The documented limit of resuming from a checkpoint saved mid-epoch (exact resume needs epoch-level
     checkpoints, see test_checkpoint_resume_reproduces_the_weight_trajectory): the DRO state is restored exactly,

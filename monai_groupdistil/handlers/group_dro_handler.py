@@ -184,11 +184,12 @@ class GroupDROHandler:
         return iters, weights, losses
 
     def state_dict(self) -> dict[str, Any]:
-        """The DRO state of the loss (weights, EMA), the group names and the history (tensors and plain types)."""
+        """The DRO state of the loss (weights, EMA, ``absent_groups``), the group names and the history."""
         iters, weights, losses = self.history_tensors()
         return {
             "num_groups": self.num_groups,
             "group_names": list(self.group_names),
+            "absent_groups": self.loss.absent_groups,
             "group_weights": self.loss.group_weights.detach().cpu().clone(),
             "ema_group_losses": self.loss.ema_group_losses.detach().cpu().clone(),
             "ema_initialized": self.loss.ema_initialized.detach().cpu().clone(),
@@ -201,13 +202,20 @@ class GroupDROHandler:
         """Restore the loss's DRO weights and EMA and the history.
 
         Raises:
-            ValueError: when the checkpoint was written for a different number of groups.
+            ValueError: when the checkpoint was written for a different number of groups or another
+                ``absent_groups`` rule (nothing is restored then).
         """
         saved = int(state_dict.get("num_groups", len(state_dict["group_weights"])))
         if saved != self.num_groups or tuple(state_dict["group_weights"].shape) != (self.num_groups,):
             raise ValueError(
                 f"the checkpoint holds DRO weights for {saved} groups but this run has {self.num_groups} groups "
                 f"({self.group_names}); resume with the same grouping or start a new run."
+            )
+        rule = state_dict.get("absent_groups", self.loss.absent_groups)  # checkpoints before 0.2.0 have none
+        if rule != self.loss.absent_groups:
+            raise ValueError(
+                f"the checkpoint's DRO weights were updated with absent_groups={rule!r} but this run's loss has "
+                f"absent_groups={self.loss.absent_groups!r}; resume with the same rule or start a new run."
             )
         dev = self.loss.group_weights.device
         self.loss.group_weights.copy_(state_dict["group_weights"].to(dev))
