@@ -30,6 +30,7 @@ setup(
         "pyyaml>=6.0",
         "pillow>=9.0",
         "tqdm>=4.60",
+        "scipy>=1.10",  # MONAI's HausdorffDistanceMetric (HD95 of the segmentation bundle)
     ],
     extras_require={
         "plot": ["matplotlib>=3.7"],
