@@ -50,7 +50,8 @@ def test_group_dro_teacher_is_configured_and_saved_apart(bundle):
         b.configs("train", "train_teacher"), {**overrides, "teacher_method": "group_dro", "teacher_step_size": 0.3}
     )
     loss = robust.parser.get_parsed_content("loss")
-    assert isinstance(loss, GroupDROLoss) and loss.step_size == 0.3 and loss.absent_groups == "ema"
+    assert isinstance(loss, GroupDROLoss) and loss.step_size == 0.3
+    assert loss.absent_groups == b.raw_config("train")["absent_groups"]  # the run's rule
     assert loss.num_groups == robust.parser.get_parsed_content("num_groups")
     handlers = robust.parser.get_parsed_content("train#handlers")
     assert any(type(h).__name__ == "GroupDROHandler" for h in handlers)  # the teacher's DRO weights are managed
