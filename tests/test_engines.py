@@ -1,4 +1,4 @@
-"""DistillationTrainer and the SupervisedTrainer glue, on real ignite engines with tiny networks."""
+"""DistillationTrainer on real ignite engines with tiny networks: the loss call, the teacher and the batch checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import from_engine
 from torch.utils.data import DataLoader
 
-from monai_groupdistil.engines import DistillationTrainer, GroupDistillationLossAdapter, GroupPrepareBatch
+from monai_groupdistil.engines import DistillationTrainer, loss_keywords
 from monai_groupdistil.handlers import GroupDROHandler
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
 
@@ -128,7 +128,7 @@ def test_teacher_forced_back_to_eval_mode():
     )
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: teacher.train())  # a handler that misbehaves
     outs = []
-    trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, lambda e: outs.append(e.state.output["teacher_pred"]))
+    trainer.add_event_handler(IterationEvents.LOSS_COMPLETED, lambda e: outs.append(e.state.output["teacher_pred"]))
     trainer.run()
     image = torch.stack([b["image"] for b in make_data(12)[6:]])
     teacher.eval()
@@ -193,73 +193,79 @@ def test_teacher_shape_mismatch_names_both_shapes():
         trainer.run()
 
 
-def test_distillation_loss_without_teacher_is_refused():
+def test_teacher_without_teacher_logits_and_missing_teacher():
     student = make_student()
-    with pytest.raises(ValueError, match="GroupDistillationLoss needs a `teacher`"):
-        DistillationTrainer("cpu", 1, [], student, torch.optim.SGD(student.parameters(), 0.1), make_loss("groupdistil"))
-
-
-def _run_distillation_trainer(epochs: int = 3) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    student, loss = make_student(), make_loss("groupdistil")
-    dro = GroupDROHandler(loss)
+    with pytest.raises(
+        ValueError, match="a `teacher` was given but the loss CrossEntropyLoss takes no `teacher_logits`"
+    ):
+        DistillationTrainer(
+            "cpu", 1, [], student, torch.optim.SGD(student.parameters(), 0.1), make_loss("erm"), teacher=make_teacher()
+        )
+    with pytest.raises(ValueError, match="a `teacher_cache` was given without a `teacher`"):
+        DistillationTrainer(
+            "cpu", 1, [], student, torch.optim.SGD(student.parameters(), 0.1), make_loss("erm"), teacher_cache={}
+        )
+    # a distillation loss without teacher receives teacher_logits=None and says what it needs
     trainer = DistillationTrainer(
-        "cpu", epochs, DataLoader(make_data(), batch_size=12), student, torch.optim.SGD(student.parameters(), 0.1),
-        loss, teacher=make_teacher(), train_handlers=[dro],
+        "cpu", 1, DataLoader(make_data(12), batch_size=6), student, torch.optim.SGD(student.parameters(), 0.1),
+        make_loss("groupdistil"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"teacher_logits are required when alpha > 0 \(alpha=0.5\)"):
+        trainer.run()
+
+
+def test_loss_keywords_follow_the_forward_signature():
+    assert loss_keywords(make_loss("erm")) == set()
+    assert loss_keywords(make_loss("groupdro")) == {"groups"}
+    assert loss_keywords(make_loss("kd")) == {"teacher_logits"}
+    assert loss_keywords(make_loss("groupdistil")) == {"teacher_logits", "groups"}
+
+    calls = []
+
+    def plain_function_loss(input, target, groups):
+        calls.append(groups.clone())
+        return torch.nn.functional.cross_entropy(input, target)
+
+    assert loss_keywords(plain_function_loss) == {"groups"}
+    student = make_student()
+    trainer = DistillationTrainer(
+        "cpu", 1, DataLoader(make_data(12), batch_size=6), student, torch.optim.SGD(student.parameters(), 0.1),
+        plain_function_loss,
     )  # fmt: skip
     trainer.run()
-    return torch.cat([p.detach().flatten() for p in student.parameters()]), dro.weight_history
+    assert [c.tolist() for c in calls] == [[0, 1, 2, 0, 1, 2]] * 2
 
 
-def test_unmodified_supervised_trainer_with_glue_matches_distillation_trainer():
-    student, loss = make_student(), make_loss("groupdistil")
-    adapter = GroupDistillationLossAdapter(loss)
-    dro = GroupDROHandler(adapter)  # the handler finds the loss inside the adapter
-    trainer = SupervisedTrainer(
-        device="cpu",
-        max_epochs=3,
-        train_data_loader=DataLoader(make_data(), batch_size=12),
-        network=student,
-        optimizer=torch.optim.SGD(student.parameters(), 0.1),
-        loss_function=adapter,
-        prepare_batch=GroupPrepareBatch(group_key="group", teacher=make_teacher()),
-        train_handlers=[dro],
-    )
-    losses = record_losses(trainer)
-    trainer.run()
-    assert type(trainer) is SupervisedTrainer
-    assert sum(losses[-4:]) < sum(losses[:4])
-    params = torch.cat([p.detach().flatten() for p in student.parameters()])
-    ref_params, ref_history = _run_distillation_trainer()
-    assert torch.equal(params, ref_params)
-    assert len(dro.weight_history) == len(ref_history) == 12
-    assert all(torch.equal(a, b) for a, b in zip(dro.weight_history, ref_history))
-    # the label travels inside the targets dictionary
-    assert set(trainer.state.output[0]["label"]) == {"label", "group", "teacher_pred"}
-
-
-def test_glue_with_precomputed_teacher_logits_and_errors():
-    teacher = make_teacher()
-    data = make_data()
-    for d in data:
-        d["logits"] = teacher(d["image"][None])[0].detach()
-    student, loss = make_student(), make_loss("groupdistil")
-    trainer = SupervisedTrainer(
-        device="cpu", max_epochs=3, train_data_loader=DataLoader(data, batch_size=12), network=student,
-        optimizer=torch.optim.SGD(student.parameters(), 0.1), loss_function=GroupDistillationLossAdapter(loss),
-        prepare_batch=GroupPrepareBatch(teacher_key="logits"),
+def _final_parameters(trainer_class, **kwargs) -> torch.Tensor:
+    student = make_student()
+    trainer = trainer_class(
+        device="cpu", max_epochs=3, train_data_loader=DataLoader(make_data(), batch_size=12, shuffle=False),
+        network=student, optimizer=torch.optim.SGD(student.parameters(), 0.1), **kwargs,
     )  # fmt: skip
     trainer.run()
-    ref_params, _ = _run_distillation_trainer()
-    assert torch.allclose(torch.cat([p.detach().flatten() for p in student.parameters()]), ref_params, atol=1e-6)
+    return torch.cat([p.detach().flatten() for p in student.parameters()])
 
-    no_group = [{k: v for k, v in d.items() if k != "group"} for d in make_data(12)]
-    with pytest.raises(KeyError, match=r"no 'group' key; keys present: \['id', 'image', 'label'\]"):
-        GroupPrepareBatch(teacher=teacher)(no_group[0] | {"image": torch.zeros(1, 8)})
-    with pytest.raises(TypeError, match="GroupPrepareBatch"):
-        GroupDistillationLossAdapter(loss)(torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
-    bad = {"label": torch.zeros(2, dtype=torch.long), "group": torch.zeros(2, dtype=torch.long)}
-    with pytest.raises(ValueError, match=r"teacher output has shape \(2, 3\).*student output has shape \(2, 2\)"):
-        GroupDistillationLossAdapter(loss)(torch.zeros(2, 2), bad | {"teacher_pred": torch.zeros(2, 3)})
+
+def test_erm_student_is_exactly_the_supervised_trainer_iteration():
+    """One training path: with a plain loss the trainer is SupervisedTrainer, to the last bit."""
+    ours = _final_parameters(DistillationTrainer, loss_function=torch.nn.CrossEntropyLoss())
+    monai = _final_parameters(SupervisedTrainer, loss_function=torch.nn.CrossEntropyLoss())
+    assert torch.equal(ours, monai)
+
+
+def test_gradient_accumulation_is_supervised_trainer_s():
+    """SupervisedTrainer's gradient accumulation applies to a distillation loss unchanged: with a loss that
+    ignores the teacher (alpha 0) two accumulated half-batches equal one full batch."""
+    full = _final_parameters(DistillationTrainer, loss_function=DistillationLoss(alpha=0.0), teacher=make_teacher())
+    student = make_student()
+    trainer = DistillationTrainer(
+        device="cpu", max_epochs=3, train_data_loader=DataLoader(make_data(), batch_size=6, shuffle=False),
+        network=student, optimizer=torch.optim.SGD(student.parameters(), 0.1),
+        loss_function=DistillationLoss(alpha=0.0), teacher=make_teacher(), accumulation_steps=2,
+    )  # fmt: skip
+    trainer.run()
+    accumulated = torch.cat([p.detach().flatten() for p in student.parameters()])
+    assert torch.allclose(accumulated, full, atol=1e-6)
 
 
 def test_group_balanced_sampler_draws_anew_every_epoch():

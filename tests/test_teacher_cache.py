@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import warnings
 
+import monai.transforms
 import pytest
 import torch
 from ignite.engine import Events
 from monai.data import Dataset
 from monai.engines.utils import IterationEvents
-from monai.transforms import Compose, Lambdad, RandFlipd
+from monai.transforms import Compose, Lambdad, RandFlipd, RandLambdad, RandomizableTrait, ScaleIntensityd
 from torch.utils.data import DataLoader
 
-from monai_groupdistil.engines import DistillationTrainer, GroupPrepareBatch, TeacherOutputCache, has_random_transforms
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache, has_random_transforms
 from monai_groupdistil.handlers import GroupDROHandler
 from monai_groupdistil.losses import GroupDistillationLoss
 
@@ -122,14 +123,31 @@ def test_partial_hits_run_the_teacher_on_the_missing_samples_only():
         torch.testing.assert_close(out, teacher(x[[2, 3, 0, 4, 1]]))
 
 
-def test_cache_with_supervised_trainer_glue(tmp_path):
-    teacher, cache = CountingTeacher(), TeacherOutputCache(id_key="id")
-    prepare = GroupPrepareBatch(teacher=teacher, teacher_cache=cache)
-    batch = {k: (v if k == "id" else torch.stack([torch.as_tensor(d[k]) for d in make_data()[:4]])) for k, v in
-             {"image": 0, "label": 0, "group": 0, "id": [d["id"] for d in make_data()[:4]]}.items()}  # fmt: skip
-    _, t1 = prepare(batch)
-    _, t2 = prepare(batch)
-    assert teacher.calls == 1 and torch.equal(t1["teacher_pred"], t2["teacher_pred"])
+class _ExternalRandomTransform(RandomizableTrait):
+    """A transform outside MONAI's Transform hierarchy that declares itself random (as RandTorchVisiond does)."""
+
+    def __call__(self, data):
+        return data
+
+
+@pytest.mark.parametrize(
+    "transform, random",
+    [
+        (Compose([Lambdad("image", lambda x: x * 2), ScaleIntensityd("image")]), False),
+        (Compose([Lambdad("image", lambda x: x), Compose([RandFlipd("image", prob=0.5)])]), True),
+        (Compose([RandLambdad("image", lambda x: x)]), True),  # RandomizableTrait, not Randomizable
+        (Compose([_ExternalRandomTransform()]), True),
+        (Compose([lambda d: d]), True),  # a plain callable cannot be inspected: random, as for CacheDataset
+        (None, False),
+    ],
+)
+def test_random_transform_detection_follows_cache_dataset(transform, random):
+    assert has_random_transforms(transform) is random
+    if transform is not None:  # the rule MONAI's CacheDataset applies to decide what it may cache
+        first_random = transform.get_index_of_first(
+            lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, monai.transforms.Transform)
+        )
+        assert (first_random is not None) is random
 
 
 def test_errors_and_random_transform_detection(tmp_path):
@@ -141,9 +159,7 @@ def test_errors_and_random_transform_detection(tmp_path):
     with pytest.raises(ValueError, match="3 sample ids for a batch of 2 inputs"):
         cache.lookup({"subject": ["a", "b", "c"]}, torch.zeros(2, 1), lambda x: x)
 
-    deterministic = Compose([Lambdad("image", lambda x: x * 2)])
     random = Compose([Lambdad("image", lambda x: x), Compose([RandFlipd("image", prob=0.5)])])
-    assert not has_random_transforms(deterministic) and has_random_transforms(random)
     student = make_student()
     with pytest.warns(UserWarning, match="random transforms"):
         DistillationTrainer(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,34 +14,25 @@ import torch
 __all__ = ["TeacherOutputCache", "has_random_transforms", "run_teacher"]
 
 
-def _leaf_transforms(transform: Any) -> Iterator[Any]:
-    inner = getattr(transform, "transforms", None)
-    if isinstance(inner, (list, tuple)):
-        for t in inner:
-            yield from _leaf_transforms(t)
-    else:
-        yield transform
-
-
 def has_random_transforms(transform: Any) -> bool:
-    """Whether a (possibly nested) MONAI ``Compose`` holds random transforms.
+    """Whether a (possibly nested) MONAI ``Compose`` holds a transform whose output may change between calls.
 
-    ``OneOf``, ``SomeOf`` and ``RandomOrder`` count as random, and so does any leaf transform that is
-    ``monai.transforms.Randomizable`` (``Rand*`` transforms). Plain callables (``Lambda``) cannot be inspected and
-    count as deterministic.
+    The rule of MONAI's ``CacheDataset``: a transform is random when it is a ``RandomizableTrait`` (``Rand*``
+    transforms, ``RandTorchVisiond``, ``RandTorchIOd``, ``RandLambda``...) or not a MONAI ``Transform`` at all
+    (a plain callable cannot be inspected). ``OneOf``, ``SomeOf`` and ``RandomOrder`` count as random.
 
     Args:
         transform: a transform, a ``Compose`` or ``None``.
     """
+    from monai.transforms import Compose, OneOf, RandomizableTrait, RandomOrder, SomeOf, Transform
+
     if transform is None:
         return False
-    from monai.transforms import OneOf, Randomizable, RandomOrder, SomeOf
-
     if isinstance(transform, (OneOf, SomeOf, RandomOrder)):
         return True
-    if isinstance(getattr(transform, "transforms", None), (list, tuple)):
+    if isinstance(transform, Compose):
         return any(has_random_transforms(t) for t in transform.transforms)
-    return isinstance(transform, Randomizable)
+    return isinstance(transform, RandomizableTrait) or not isinstance(transform, Transform)
 
 
 class TeacherOutputCache:
@@ -234,7 +225,7 @@ def _check_computed_shape(
             f"the teacher output for the {num_missing} samples missing from the cache has shape {got}, expected "
             f"{wanted} (the student output has shape {expected})"
         )
-    raise ValueError(f"{detail}; they must match (same classes and spatial size). Nothing was stored in the cache.")
+    raise ValueError(f"{detail}; they must match (same classes and spatial size). Nothing was stored in a cache.")
 
 
 def run_teacher(
@@ -258,16 +249,16 @@ def run_teacher(
         batchdata: the collated batch.
         args: further positional arguments of the network.
         kwargs: further keyword arguments of the network.
-        expected_shape: with ``cache``, the shape the batch's output must have (the student's output shape): a
+        expected_shape: the shape the batch's output must have (the student's output shape); with ``cache``, a
             computed output of another shape raises before it is stored (see :py:meth:`TeacherOutputCache.lookup`).
-            Without a cache it is not checked here.
+            ``None`` skips the check.
 
     Returns:
         the teacher's output, detached.
 
     Raises:
-        ValueError: with ``cache``, when ``batchdata`` is missing or the computed output does not match
-            ``expected_shape``.
+        ValueError: when the output does not match ``expected_shape`` (both shapes are named), or when ``cache`` is
+            given without ``batchdata``.
     """
     kwargs = {} if kwargs is None else kwargs
     teacher.eval()
@@ -278,7 +269,9 @@ def run_teacher(
         return out.detach()
 
     if cache is None:
-        return _forward(inputs)
+        output = _forward(inputs)
+        _check_computed_shape(output, inputs.shape[0], inputs.shape[0], expected_shape)
+        return output
     if batchdata is None:
         raise ValueError("run_teacher: a teacher cache needs the batch (for the sample ids).")
     return cache.lookup(batchdata, inputs, _forward, expected_shape=expected_shape)
