@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, TensorDataset
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.handlers import from_engine
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from monai_groupdistil.data import GroupBalancedSampler
 from tests.distributed_helpers import init_gloo
@@ -82,6 +85,66 @@ def test_rank_shards_disjoint_and_covering(num_samples, replicas):
     interleaved = [shards[p % replicas][p // replicas] for p in range(per_rank * replicas)]
     assert interleaved == padded
     assert sum((Counter(s) for s in shards), Counter()) == Counter(padded)
+
+
+def _reference_draw(groups: list[int], n: int, seed: int) -> list[int]:
+    """The draw of one epoch computed independently: weights N / N_g, generator seeded with ``seed``."""
+    counts = Counter(groups)
+    weights = torch.tensor([len(groups) / counts[g] for g in groups], dtype=torch.double)
+    return torch.multinomial(weights, n, True, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_unmodified_supervised_trainer_draws_anew_every_epoch():
+    """MONAI's Workflow calls set_epoch on DistributedSampler instances only: the sampler is one, so an unmodified
+    SupervisedTrainer gets a new draw every epoch (epoch e draws with seed + e, MONAI's epochs counting from 1)."""
+    groups = [0] * 12 + [1] * 3 + [2] * 1
+    gen = torch.Generator().manual_seed(0)
+    data = [{"image": torch.randn(4, generator=gen), "label": g, "index": i} for i, g in enumerate(groups)]
+    sampler = GroupBalancedSampler(groups, seed=7)
+    assert isinstance(sampler, DistributedSampler)
+    net = torch.nn.Linear(4, 3)
+    trainer = SupervisedTrainer(
+        device="cpu",
+        max_epochs=4,
+        train_data_loader=DataLoader(data, batch_size=5, sampler=sampler),
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=torch.nn.CrossEntropyLoss(),
+    )
+    seen: dict[int, list[int]] = {}
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda e: seen.setdefault(e.state.epoch, []).extend(int(i) for i in from_engine(["index"])(e.state.batch)),
+    )
+    trainer.run()
+    assert seen == {e: _reference_draw(groups, len(groups), 7 + e) for e in (1, 2, 3, 4)}
+    assert len({tuple(v) for v in seen.values()}) == 4  # four different draws
+
+
+@pytest.mark.parametrize("num_samples", [3000, 3001])
+def test_two_ranks_without_process_group(num_samples):
+    """Rank 0 and 1 read the even and odd positions of one global draw (padded by its head to an even length):
+    disjoint positions, together the draw, each shard and their union balanced over the groups."""
+    ranks = [GroupBalancedSampler(IMBALANCED, num_samples=num_samples, seed=4, num_replicas=2, rank=r) for r in (0, 1)]
+    for epoch in (0, 3):
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        shards = [list(s) for s in ranks]
+        draw = _reference_draw(IMBALANCED, num_samples, 4 + epoch)
+        padded = draw + draw[: num_samples % 2]
+        assert [len(s) for s in shards] == [len(padded) // 2] * 2 == [len(r) for r in ranks]
+        assert shards[0] == padded[0::2] and shards[1] == padded[1::2]
+        for part in (shards[0], shards[1], shards[0] + shards[1]):
+            freq = torch.bincount(torch.tensor(IMBALANCED)[part], minlength=3).double() / len(part)
+            assert torch.all((freq - 1 / 3).abs() < 4 * np.sqrt(2 / 9 / len(part))), freq
+    uneven = [
+        list(GroupBalancedSampler(IMBALANCED, num_samples=5, seed=4, num_replicas=2, rank=r, even_divisible=False))
+        for r in (0, 1)
+    ]
+    draw = _reference_draw(IMBALANCED, 5, 4)
+    assert uneven == [draw[0::2], draw[1::2]]  # nothing repeated: 3 and 2 indices
+    with pytest.raises(ValueError, match="dataset length is less than the number of participating ranks"):
+        GroupBalancedSampler([0], num_replicas=2, rank=1, even_divisible=False)
 
 
 def test_dataloader_integration():

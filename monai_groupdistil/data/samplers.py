@@ -1,47 +1,54 @@
-"""Group-balanced sampling (the group-DRO ``reweight_groups`` sampler), optionally sharded across ranks."""
+"""Group-balanced sampling (the group-DRO ``reweight_groups`` sampler) as a MONAI ``DistributedSampler``."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from monai.data import DistributedSampler
 
 __all__ = ["GroupBalancedSampler"]
 
 
-class GroupBalancedSampler(Sampler[int]):
-    """Sample indices so that every group present is drawn equally often, with replacement.
+class GroupBalancedSampler(DistributedSampler):
+    """Sample indices so that every group present is drawn equally often, with replacement, sharded across ranks.
+
+    Our own class because MONAI's ``DistributedWeightedRandomSampler`` draws within each rank's slice of the dataset
+    (not one global draw), needs weights per sample and has no default for a single process.
 
     Each sample ``i`` has weight ``N / N_{g_i}`` (``N`` samples, ``N_g`` in group ``g``), as the group-DRO
     ``reweight_groups`` sampler, so each of the ``G`` groups present is drawn with probability ``1 / G``.
     An epoch draws ``num_samples`` indices with :func:`torch.multinomial` from a generator seeded with
-    ``seed + epoch`` (call :meth:`set_epoch` each epoch, as with ``DistributedSampler``). With several replicas
-    every rank makes the same global draw, pads it (repeating its head) to a multiple of ``num_replicas`` and
-    takes ``indices[rank::num_replicas]``: the shards are disjoint slices of one draw and together cover it.
+    ``seed + epoch``. Being a ``DistributedSampler``, MONAI's workflows (``SupervisedTrainer``, ...) call
+    :meth:`set_epoch` at every epoch start, so every epoch draws anew. Every rank makes the same global draw and,
+    as MONAI's ``DistributedSampler`` over the positions of the draw, takes positions ``rank, rank + R, ...``
+    (``R = num_replicas``): with ``even_divisible=True`` the draw is padded by repeating its head to
+    ``ceil(num_samples / R) * R`` positions, so every rank has ``ceil(num_samples / R)`` indices; with ``False``
+    nothing is repeated and the first ``num_samples % R`` ranks have one more. The shards are disjoint sets of
+    positions of one draw (an index may be drawn several times, on one rank or several) and together cover it.
+    Multi-process use: ``GroupBalancedSampler(groups, num_replicas=world, rank=rank, seed=seed)``.
 
     Args:
-        groups: group id of every sample (non-negative integers; ids need not be contiguous).
+        groups: ``[N]`` group id of every sample (non-negative integers; ids need not be contiguous).
         num_samples: indices drawn per epoch over all ranks, default ``len(groups)``.
         seed: base seed, identical on all ranks.
         num_replicas: number of ranks; default the process group's world size when one is initialised, else 1.
         rank: this rank; default the process group's rank when one is initialised, else 0 (it must be given when
             ``num_replicas`` is given without an initialised process group).
+        even_divisible: pad the draw so that every rank has the same number of indices (as MONAI's
+            ``DistributedSampler``); keep True for training, where ranks must run the same number of iterations.
 
     Raises:
         ValueError: empty or non-integer / negative ``groups``, non-positive ``num_samples``, a rank outside
-            ``[0, num_replicas)``.
+            ``[0, num_replicas)``, ``even_divisible=False`` with fewer samples than ranks.
 
     Example::
 
         sampler = GroupBalancedSampler([e["group"] for e in train_list], seed=0)
         loader = DataLoader(dataset, batch_size=32, sampler=sampler)
-        for epoch in range(epochs):
-            sampler.set_epoch(epoch)
-            ...
+        trainer = SupervisedTrainer(..., train_data_loader=loader)  # sets the epoch of the sampler every epoch
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class GroupBalancedSampler(Sampler[int]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        even_divisible: bool = True,
     ) -> None:
         g = torch.as_tensor(np.asarray(groups.cpu() if isinstance(groups, torch.Tensor) else groups))
         if g.ndim != 1 or g.numel() == 0:
@@ -80,36 +88,29 @@ class GroupBalancedSampler(Sampler[int]):
             raise ValueError(f"num_replicas must be a positive integer, got {num_replicas!r}.")
         if int(rank) != rank or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, {num_replicas}), got {rank!r}.")
+        # the "dataset" of the parent class: the positions of the epoch's draw, split between ranks unshuffled
+        super().__init__(
+            dataset=range(int(num_samples)),  # type: ignore[arg-type]
+            even_divisible=even_divisible,
+            num_replicas=int(num_replicas),
+            rank=int(rank),
+            shuffle=False,
+            seed=int(seed),
+        )
         self.groups = g
-        self.seed = int(seed)
-        self.epoch = 0
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
         self.total_num_samples = int(num_samples)
-        self.num_samples = math.ceil(self.total_num_samples / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
         counts = torch.bincount(g)
         self.group_counts = counts
         self.num_groups_present = int((counts > 0).sum())
         self.weights = (g.numel() / counts[g]).double()
 
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch; the draw of epoch ``e`` uses the seed ``seed + e``."""
-        self.epoch = int(epoch)
-
     def global_indices(self) -> list[int]:
-        """The padded draw of the current epoch over all ranks (length ``num_samples * num_replicas``)."""
+        """The draw of the current epoch over all ranks, padded as the ranks read it (length ``total_size``)."""
         gen = torch.Generator()
         gen.manual_seed(self.seed + self.epoch)
-        idx = torch.multinomial(self.weights, self.total_num_samples, replacement=True, generator=gen).tolist()
-        pad = self.total_size - len(idx)
-        while pad > 0:  # like DistributedSampler: repeat the head of the draw
-            idx += idx[:pad]
-            pad = self.total_size - len(idx)
-        return idx
+        draw = torch.multinomial(self.weights, self.total_num_samples, replacement=True, generator=gen).tolist()
+        return [draw[p % self.total_num_samples] for p in range(self.total_size)]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.global_indices()[self.rank : self.total_size : self.num_replicas])
-
-    def __len__(self) -> int:
-        return self.num_samples
+        draw = self.global_indices()
+        return iter([draw[p] for p in super().__iter__()])  # this rank's positions, as MONAI's DistributedSampler
