@@ -1,5 +1,5 @@
-"""GroupDROHandler and GroupAccuracyHandler on real ignite engines: logged values, warm-up, schedules,
-checkpoint save/load/resume, model selection, and a two-process run."""
+"""GroupDROHandler and GroupAccuracyHandler on real ignite engines: logged values, warm-up and schedules through
+ParamSchedulerHandler, checkpoint save/load/resume, model selection, and a two-process run."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import (
     CheckpointLoader,
     CheckpointSaver,
+    ParamSchedulerHandler,
     StatsHandler,
     TensorBoardStatsHandler,
     ValidationHandler,
@@ -24,7 +25,7 @@ from monai.handlers import (
 from torch.utils.data import DataLoader
 
 from monai_groupdistil.engines import DistillationTrainer
-from monai_groupdistil.handlers import GroupAccuracyHandler, GroupDROHandler, GroupReportHandler
+from monai_groupdistil.handlers import GroupAccuracyHandler, GroupDROHandler, GroupReportHandler, iteration_scalars
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss
 from monai_groupdistil.metrics import compute_group_accuracy
 from tests.distributed_helpers import exit_worker, init_gloo
@@ -59,7 +60,16 @@ def build(max_epochs: int, handlers=(), warmup: int = 0, schedule=None, num_grou
     student = make_student(seed)
     loss = GroupDistillationLoss(num_groups, temperature=T, alpha=ALPHA, step_size=ETA)
     names = NAMES if num_groups == G else None
-    dro = GroupDROHandler(loss, group_names=names, warmup_iterations=warmup, step_size_schedule=schedule)
+    dro = GroupDROHandler(loss, group_names=names)
+    if warmup or schedule is not None:  # step size 0 during the warm-up, then schedule(iteration) or ETA
+
+        def step_size(current_step: int) -> float:
+            if current_step <= warmup:
+                return 0.0
+            return ETA if schedule is None else schedule(current_step)
+
+        setter = lambda value: setattr(loss, "step_size", value)  # noqa: E731
+        handlers = [ParamSchedulerHandler(setter, step_size, {}, event=Events.ITERATION_STARTED), *handlers]
     opt = torch.optim.Adam(student.parameters(), 0.01)
     trainer = DistillationTrainer(
         device="cpu",
@@ -101,8 +111,8 @@ def test_logged_weights_equal_the_loss_module_and_the_hand_computation(capsys):
             {k: e.state.output[k].detach().clone() for k in ("pred", "teacher_pred", "label", "group")}
         ),
     )
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(dict(e.state.metrics)))
-    StatsHandler(name="dro_stats", iteration_log=False, output_transform=lambda x: None).attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: logged.append(iteration_scalars(e.state.output)))
+    StatsHandler(name="dro_stats", output_transform=iteration_scalars).attach(trainer)
     trainer.run()
     assert len(logged) == 8
     replay = GroupDistillationLoss(G, temperature=T, alpha=ALPHA, step_size=ETA)
@@ -127,22 +137,25 @@ def test_logged_weights_equal_the_loss_module_and_the_hand_computation(capsys):
 
 def test_tensorboard_picks_up_the_weights(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    tb = TensorBoardStatsHandler(log_dir=str(tmp_path), output_transform=from_engine("loss", first=True))
-    trainer, _, _, loss, _ = build(2, handlers=[tb])
+    tb = TensorBoardStatsHandler(log_dir=str(tmp_path), output_transform=iteration_scalars)
+    trainer, _, _, loss, dro = build(2, handlers=[tb])
     trainer.run()
     tb.close()
     acc = event_accumulator.EventAccumulator(str(tmp_path))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {f"dro_weight/{n}" for n in NAMES} <= set(tags)
-    last = acc.Scalars("dro_weight/philips")[-1]
-    assert last.step == 2 and last.value == pytest.approx(float(loss.group_weights[1]))
+    philips = acc.Scalars("dro_weight/philips")  # every iteration
+    assert [e.step for e in philips] == list(range(1, 9))
+    assert [e.value for e in philips] == pytest.approx([float(w[1]) for w in dro.weight_history])
+    assert philips[-1].value == pytest.approx(float(loss.group_weights[1]))
+    assert len(acc.Scalars("loss")) == 8
 
 
 def test_warmup_keeps_uniform_weights_then_schedule():
     trainer, _, _, _, dro = build(3, warmup=5, schedule=lambda it: 0.1 * it)
     steps = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.metrics["dro_step_size"]))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.output[0]["dro_step_size"]))
     trainer.run()
     assert steps[:5] == [0.0] * 5
     assert steps[5:] == pytest.approx([0.1 * it for it in range(6, 13)])
@@ -189,25 +202,28 @@ def test_checkpoint_with_another_group_count_is_refused(tmp_path):
     )
     trainer.run()
     trainer4, _, _, loss4, dro4 = build(2, num_groups=4)
-    CheckpointLoader(str(tmp_path / "ckpt.pt"), {"dro": dro4, "loss": loss4}).attach(trainer4)
-    with pytest.raises(ValueError, match="checkpoint holds DRO weights for 3 groups but this run has 4 groups"):
+    CheckpointLoader(str(tmp_path / "ckpt.pt"), {"loss": loss4, "dro": dro4}).attach(trainer4)
+    with pytest.raises(ValueError, match=r"DRO weights for 3 groups \(shape \(3,\)\) but this loss has num_groups=4"):
         trainer4.run()
-    with pytest.raises(ValueError, match="num_groups=4"):
-        loss4.load_state_dict(loss.state_dict())
+    with pytest.raises(ValueError, match=r"DRO history of shape \(4, 3\) but this run has 4 groups"):
+        dro4.load_state_dict(dro.state_dict())
     assert torch.equal(loss4.group_weights, torch.full((4,), 0.25))  # nothing was loaded
+    assert dro4.weight_history == []
 
 
-def test_dro_handler_checkpoint_carries_absent_groups_and_refuses_another_rule():
+def test_the_dro_weights_are_saved_once_by_the_loss():
+    """One owner: the handler's checkpoint holds the history only; the weights (and the absent_groups rule) are
+    the loss's state, which refuses a checkpoint of another rule."""
     trained = GroupDistillationLoss(num_groups=3, step_size=0.5, absent_groups="zero")
+    dro = GroupDROHandler(trained)
     trained(torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 4, (6,)), torch.tensor([0, 1, 0, 1, 0, 1]))
-    state = GroupDROHandler(trained).state_dict()
-    assert state["absent_groups"] == "zero"
+    assert set(dro.state_dict()) == {"group_names", "iterations", "weight_history", "loss_history"}
     other = GroupDistillationLoss(num_groups=3, absent_groups="ema")
-    with pytest.raises(ValueError, match=r"updated with absent_groups='zero' but this run's loss has .*'ema'"):
-        GroupDROHandler(other).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"trained with absent_groups='zero' but this loss has absent_groups='ema'"):
+        other.load_state_dict(trained.state_dict())
     assert torch.equal(other.group_weights, torch.full((3,), 1 / 3)) and not other.ema_initialized.any()
     same = GroupDistillationLoss(num_groups=3, absent_groups="zero")
-    GroupDROHandler(same).load_state_dict(state)
+    same.load_state_dict(trained.state_dict())
     assert torch.equal(same.group_weights, trained.group_weights)
 
 
@@ -262,36 +278,28 @@ def test_uniform_weights_equal_plain_kd_only_for_equal_group_sizes():
     assert not torch.allclose(group_balanced, plain)
 
 
-def test_per_iteration_values_through_monai_iteration_writers(tmp_path):
-    """MONAI's iteration_event_writer / iteration_print_logger hooks log the handler's values of every iteration
-    (the pattern of docs/usage.md); the default writers log engine.state.metrics at epoch end only."""
+def test_per_iteration_values_through_monai_default_writers(tmp_path):
+    """MONAI's default iteration writers log every value of the handler at every iteration when their
+    output_transform is iteration_scalars (the pattern of docs/usage.md)."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-
-    def dro_values(engine) -> dict:
-        keys = ("dro_weight/", "group_loss/", "group_count/", "dro_step_size")
-        return {k: v for k, v in engine.state.metrics.items() if k.startswith(keys)}
-
-    def write_every_iteration(engine, writer):
-        writer.add_scalar("Loss", float(from_engine("loss", first=True)(engine.state.output)), engine.state.iteration)
-        for name, value in dro_values(engine).items():
-            writer.add_scalar(f"iteration/{name}", value, engine.state.iteration)
-
     printed: list[dict] = []
-    tb = TensorBoardStatsHandler(log_dir=str(tmp_path), iteration_event_writer=write_every_iteration)
-    stats = StatsHandler(name="dro_iter", iteration_print_logger=lambda e: printed.append(dro_values(e)))
+    tb = TensorBoardStatsHandler(log_dir=str(tmp_path), output_transform=iteration_scalars)
+    stats = StatsHandler(name="dro_iter", output_transform=lambda out: printed.append(iteration_scalars(out)))
     trainer, _, _, _, dro = build(2, handlers=[tb, stats])
     trainer.run()
     tb.close()
     acc = event_accumulator.EventAccumulator(str(tmp_path))
     acc.Reload()
     for k, name in enumerate(NAMES):
-        per_iteration = acc.Scalars(f"iteration/dro_weight/{name}")
+        per_iteration = acc.Scalars(f"dro_weight/{name}")
         assert [e.step for e in per_iteration] == list(range(1, 9))
         assert [e.value for e in per_iteration] == pytest.approx([float(w[k]) for w in dro.weight_history])
-        assert [e.step for e in acc.Scalars(f"dro_weight/{name}")] == [1, 2]  # epoch-level default, unchanged
-    assert len(acc.Scalars("Loss")) == 8
+        counts = [e.value for e in acc.Scalars(f"group_count/{name}")]
+        assert len(counts) == 8 and all(c == int(c) for c in counts)
+    assert len(acc.Scalars("loss")) == 8 and len(acc.Scalars("dro_step_size")) == 8
     assert len(printed) == 8
     assert [p["dro_weight/ge"] for p in printed] == [float(w[2]) for w in dro.weight_history]
+    assert iteration_scalars({"loss": torch.tensor(0.5), "image": torch.zeros(2)}) == {"loss": 0.5}
 
 
 def test_handler_argument_errors():

@@ -1,7 +1,7 @@
 """Ignite/MONAI handlers for group-robust distillation (need pytorch-ignite)."""
 
 from monai_groupdistil.handlers.group_accuracy_handler import GroupAccuracyHandler, extract_groups
-from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler
+from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler, iteration_scalars
 from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, batch_spacing
 from monai_groupdistil.handlers.group_report_handler import (
     GroupMetricReportHandler,
@@ -19,5 +19,6 @@ __all__ = [
     "GroupReportHandler",
     "batch_spacing",
     "extract_groups",
+    "iteration_scalars",
     "per_sample_cross_entropy",
 ]
