@@ -356,6 +356,18 @@ def test_split_by_group_stratified():
     assert [len(p) for p in two] == [52, 51]
 
 
+def test_split_by_group_rounding_leftovers_and_empty_parts():
+    """MONAI's rounding int(f * n + 0.5) per part can leave entries over: they go to the last non-empty part."""
+    pooled = [{"id": i, "group": g} for i, g in enumerate(["b"] * 10 + ["a"] * 7)]  # any hashable group ids
+    parts = split_by_group(pooled, (1 / 3, 1 / 3, 1 / 3), seed=2)
+    # group b: 3.33 -> 3, 3, 3 and 1 left over; group a: 2.33 -> 2, 2, 2 and 1 left over
+    assert [Counter(e["group"] for e in p) for p in parts] == [{"b": 3, "a": 2}, {"b": 3, "a": 2}, {"b": 4, "a": 3}]
+    assert sorted(e["id"] for p in parts for e in p) == list(range(17))
+    parts = split_by_group(pooled, (1 / 3, 1 / 3, 1 / 3, 0.0), seed=2)  # left over: to part 2, not the empty part 3
+    assert [len(p) for p in parts] == [5, 5, 7, 0]
+    assert split_by_group([], (0.5, 0.5)) == ([], [])
+
+
 def test_split_by_group_resplits_real_layout(real):
     pooled = load_mnms_datalist(real, split="all")
     train, test = split_by_group(pooled, (0.5, 0.5), seed=0)

@@ -7,19 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from monai.data import partition_dataset_classes
 
 __all__ = ["split_by_group"]
 
 logger = logging.getLogger("monai_groupdistil.data")
-
-
-def _largest_remainder(total: int, fractions: Sequence[float]) -> list[int]:
-    exact = np.asarray(fractions, dtype=np.float64) * total
-    counts = np.floor(exact + 1e-9).astype(int)
-    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: total - int(counts.sum())]:
-        counts[i] += 1
-    return [int(c) for c in counts]
 
 
 def split_by_group(
@@ -31,10 +23,12 @@ def split_by_group(
     """Re-split a pooled datalist into parts with the same group proportions (stratified by group).
 
     Needed for the real M&Ms release, whose official training split has no vendor D: pool the splits with
-    ``load_mnms_datalist(root, split="all")`` and re-split. Within each group the entries are shuffled with
-    ``seed`` and cut by ``fractions`` (largest-remainder rounding, so every part gets
-    ``round(fraction * n_group)`` of each group and the parts add up to the group); each part keeps the
-    original order of the datalist. The same datalist, fractions and seed always give the same parts.
+    ``load_mnms_datalist(root, split="all")`` and re-split. The entries are cut with MONAI's
+    ``partition_dataset_classes`` (the groups as classes, shuffled with ``seed``): every part gets
+    ``int(fraction * n_group + 0.5)`` entries of each group, in order, the last part at most what is left; what
+    this rounding leaves over goes to the last part with a non-zero fraction, so the parts add up to the datalist.
+    Each part keeps the original order of the datalist. An entry is one subject (one study), so a subject is never
+    divided between parts. The same datalist, fractions and seed always give the same parts.
 
     Args:
         datalist: entries with an integer (or hashable) group under ``group_key``.
@@ -58,20 +52,15 @@ def split_by_group(
         raise ValueError(f"fractions must be non-negative numbers, got {fractions}.")
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must sum to 1, got {fractions} (sum {sum(fractions):.6g}).")
-    by_group: dict[Any, list[int]] = {}
     for i, entry in enumerate(datalist):
         if group_key not in entry:
             raise ValueError(f"datalist entry {i} has no {group_key!r} key: {sorted(entry)}.")
-        by_group.setdefault(entry[group_key], []).append(i)
-    rng = np.random.default_rng(int(seed))
-    assigned = np.empty(len(datalist), dtype=np.int64)
-    for group in sorted(by_group, key=repr):
-        idx = np.asarray(by_group[group])
-        idx = idx[rng.permutation(len(idx))]
-        start = 0
-        for part, count in enumerate(_largest_remainder(len(idx), fractions)):
-            assigned[idx[start : start + count]] = part
-            start += count
-    parts = tuple([datalist[i] for i in range(len(datalist)) if assigned[i] == p] for p in range(len(fractions)))
+    codes = {g: c for c, g in enumerate(sorted({e[group_key] for e in datalist}, key=repr))}  # any hashable ids
+    classes = [codes[e[group_key]] for e in datalist]
+    index_parts = partition_dataset_classes(range(len(datalist)), classes, ratios=fractions, shuffle=True, seed=seed)
+    index_parts = index_parts or [[] for _ in fractions]  # MONAI returns no part for an empty datalist
+    last = max(p for p, f in enumerate(fractions) if f > 0)  # the last part with a non-zero fraction
+    index_parts[last] = [*index_parts[last], *set(range(len(datalist))).difference(*index_parts)]
+    parts = tuple([datalist[i] for i in sorted(p)] for p in index_parts)
     logger.info("split_by_group: %d entries into parts of sizes %s", len(datalist), [len(p) for p in parts])
     return parts
