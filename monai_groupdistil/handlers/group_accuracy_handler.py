@@ -7,16 +7,15 @@ accuracy; ``extract_groups`` and ``split_output`` are re-exported from there.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, extract_groups, split_output
-from monai_groupdistil.metrics import GroupAccuracy
+from monai_groupdistil.metrics import per_sample_accuracy
 
 __all__ = ["GroupAccuracyHandler", "extract_groups", "split_output"]
 
 
 class GroupAccuracyHandler(GroupMetricHandler):
-    """Ignite metric of :py:class:`monai_groupdistil.metrics.GroupAccuracy`; its value is the worst-group accuracy.
+    """Worst-group accuracy as an ignite metric: :py:class:`GroupMetricHandler` of ``per_sample_accuracy``.
 
     Used as an evaluator's ``key_val_metric`` it selects the checkpoint with the best worst-group accuracy, the
     group-DRO model-selection rule. At the end of every evaluation it also writes into ``engine.state.metrics``:
@@ -59,7 +58,7 @@ class GroupAccuracyHandler(GroupMetricHandler):
         save_details: bool = True,
     ) -> None:
         super().__init__(
-            metric=None,  # type: ignore[arg-type]  # _group_metric builds GroupAccuracy
+            metric=per_sample_accuracy,
             num_groups=num_groups,
             group_names=group_names,
             metric_name="accuracy",
@@ -69,7 +68,3 @@ class GroupAccuracyHandler(GroupMetricHandler):
             prefix=prefix,
             save_details=save_details,
         )
-
-    @staticmethod
-    def _group_metric(metric: Any, num_groups: int, group_counts: Sequence[float] | None, higher_is_better: bool):
-        return GroupAccuracy(num_groups=num_groups, group_counts=group_counts)

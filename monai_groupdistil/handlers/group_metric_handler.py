@@ -159,7 +159,7 @@ class GroupMetricHandler(IgniteMetricHandler):
         prefix: str = "",
         save_details: bool = True,
     ) -> None:
-        group_metric = self._group_metric(metric, num_groups, group_counts, higher_is_better)
+        group_metric = GroupMetric(metric, num_groups, group_counts, higher_is_better)
         if output_transform is None:
             output_transform = from_engine([Keys.PRED, Keys.LABEL])
         super().__init__(metric_fn=group_metric, output_transform=output_transform, save_details=save_details)
@@ -174,13 +174,6 @@ class GroupMetricHandler(IgniteMetricHandler):
         self.metric_kwargs = metric_kwargs
         self.prefix = prefix
         self.result: dict[str, Any] | None = None
-
-    @staticmethod
-    def _group_metric(
-        metric: Callable, num_groups: int, group_counts: Sequence[float] | None, higher_is_better: bool
-    ) -> Any:
-        """The cumulative group metric the handler feeds (subclasses may build another one)."""
-        return GroupMetric(metric, num_groups=num_groups, group_counts=group_counts, higher_is_better=higher_is_better)
 
     @torch.no_grad()
     def iteration_completed(self, engine: Engine) -> None:

@@ -6,31 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from monai.metrics import CumulativeIterationMetric
 
-__all__ = ["GroupAccuracy", "compute_group_accuracy", "per_sample_accuracy", "as_batch"]
+from monai_groupdistil.metrics.group_metric import GroupMetric, as_batch, summarise_group_values
 
-
-def as_batch(data: Any, name: str) -> torch.Tensor:
-    """Return ``data`` as one batch-first tensor.
-
-    Args:
-        data: a batch-first tensor, or a list/tuple of channel-first tensors or numbers (MONAI's decollated form).
-        name: the argument name used in error messages.
-
-    Raises:
-        ValueError: when ``data`` is ``None`` or an empty list.
-        TypeError: when ``data`` is neither a tensor nor a sequence of tensors/numbers.
-    """
-    if data is None:
-        raise ValueError(f"{name} is required, got None.")
-    if isinstance(data, torch.Tensor):
-        return data
-    if isinstance(data, (list, tuple)):
-        if len(data) == 0:
-            raise ValueError(f"{name} is an empty list.")
-        return torch.stack([torch.as_tensor(d) for d in data], dim=0)
-    raise TypeError(f"{name} must be a batch-first tensor or a list of channel-first tensors, got {type(data)}.")
+__all__ = ["GroupAccuracy", "compute_group_accuracy", "per_sample_accuracy"]
 
 
 def _class_indices(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -66,51 +45,6 @@ def per_sample_accuracy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         )
     correct = (pred_idx == label_idx.to(pred_idx.device)).float()
     return correct.reshape(correct.shape[0], -1).mean(dim=1) if correct.ndim > 1 else correct
-
-
-def _check_groups(groups: torch.Tensor, batch: int, num_groups: int) -> torch.Tensor:
-    groups = groups.reshape(-1)
-    if groups.is_floating_point():
-        if not bool((groups == groups.round()).all()):
-            raise TypeError(f"groups must hold integer group ids, got {groups.tolist()}.")
-    elif groups.dtype == torch.bool or groups.is_complex():
-        raise TypeError(f"groups must be an integer tensor, got dtype {groups.dtype}.")
-    groups = groups.long()
-    if groups.numel() != batch:
-        raise ValueError(f"groups has {groups.numel()} entries but the batch has {batch} samples.")
-    if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= num_groups):
-        raise ValueError(
-            f"group ids must lie in [0, {num_groups}), got values in [{int(groups.min())}, {int(groups.max())}]."
-        )
-    return groups
-
-
-def _summarise(
-    correct: torch.Tensor, groups: torch.Tensor, num_groups: int, group_counts: Sequence[float] | None
-) -> dict[str, Any]:
-    correct = correct.double().cpu()
-    groups = groups.long().cpu()
-    counts = torch.bincount(groups, minlength=num_groups)
-    sums = torch.zeros(num_groups, dtype=torch.float64).index_add(0, groups, correct)
-    per_group = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, float("nan")))
-    present = counts > 0
-    nan = float("nan")
-    worst_id = int(torch.where(present, per_group, torch.full_like(per_group, 2.0)).argmin()) if present.any() else -1
-    out: dict[str, Any] = {
-        "per_group": per_group,
-        "counts": counts,
-        "worst_group": float(per_group[worst_id]) if worst_id >= 0 else nan,
-        "worst_group_id": worst_id,
-        "mean_group": float(per_group[present].mean()) if present.any() else nan,
-        "overall": float(correct.mean()) if correct.numel() else nan,
-    }
-    if group_counts is not None:
-        prior = torch.as_tensor(group_counts, dtype=torch.float64).flatten()
-        if prior.numel() != num_groups:
-            raise ValueError(f"group_counts must have {num_groups} values, got {prior.numel()}.")
-        prior = prior * present
-        out["weighted"] = float((prior * per_group.nan_to_num()).sum() / prior.sum()) if prior.sum() > 0 else nan
-    return out
 
 
 def compute_group_accuracy(
@@ -154,14 +88,12 @@ def compute_group_accuracy(
     """
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
-    pred_t, y_t = as_batch(y_pred, "y_pred"), as_batch(y, "y")
-    correct = per_sample_accuracy(pred_t, y_t)
-    groups_t = _check_groups(as_batch(groups, "groups"), correct.shape[0], num_groups)
-    return _summarise(correct, groups_t, num_groups, group_counts)
+    correct = per_sample_accuracy(as_batch(y_pred, "y_pred"), as_batch(y, "y"))
+    return summarise_group_values(correct, as_batch(groups, "groups"), num_groups, group_counts)
 
 
-class GroupAccuracy(CumulativeIterationMetric):
-    """Cumulative per-group accuracy: worst-group, mean-group and overall accuracy over an evaluation run.
+class GroupAccuracy(GroupMetric):
+    """Cumulative per-group accuracy: :py:class:`GroupMetric` of :py:func:`per_sample_accuracy`.
 
     Call it on every batch with ``(y_pred, y, groups)``; ``aggregate()`` gathers all ranks' samples and returns the
     dict of :py:func:`compute_group_accuracy`. In an ignite evaluator use
@@ -181,47 +113,4 @@ class GroupAccuracy(CumulativeIterationMetric):
     """
 
     def __init__(self, num_groups: int, group_counts: Sequence[float] | None = None) -> None:
-        super().__init__()
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
-        self.num_groups = num_groups
-        self.group_counts = group_counts
-
-    def __call__(  # type: ignore[override]
-        self, y_pred: Any, y: Any = None, groups: Any = None, **kwargs: Any
-    ) -> list[torch.Tensor]:
-        """Add one batch.
-
-        Args:
-            y_pred: batch-first tensor or list of channel-first tensors (see :py:func:`compute_group_accuracy`).
-            y: the labels, same conventions.
-            groups: integer group ids ``[B]`` or a list of them.
-
-        Returns:
-            ``[per-sample accuracy [B], group ids [B]]``, also appended to the buffers.
-        """
-        pred_t, y_t = as_batch(y_pred, "y_pred"), as_batch(y, "y")
-        ret = self._compute_tensor(pred_t.detach(), y_t.detach(), groups=as_batch(groups, "groups"))
-        self.extend(*ret)
-        return ret
-
-    def _compute_tensor(  # type: ignore[override]
-        self, y_pred: torch.Tensor, y: torch.Tensor | None = None, groups: torch.Tensor | None = None, **kwargs: Any
-    ) -> list[torch.Tensor]:
-        if y is None or groups is None:
-            raise ValueError("GroupAccuracy needs y and groups.")
-        correct = per_sample_accuracy(y_pred, y)
-        groups = _check_groups(groups.to(correct.device), correct.shape[0], self.num_groups)
-        return [correct, groups]
-
-    def aggregate(self) -> dict[str, Any]:  # type: ignore[override]
-        """Return the dict of :py:func:`compute_group_accuracy` over all buffered samples (all ranks).
-
-        Raises:
-            RuntimeError: when no batch was added since the last ``reset()``.
-        """
-        buffers = self.get_buffer()
-        if buffers is None:
-            raise RuntimeError("GroupAccuracy.aggregate() called before any batch was added.")
-        correct, groups = buffers
-        return _summarise(correct, groups, self.num_groups, self.group_counts)
+        super().__init__(per_sample_accuracy, num_groups, group_counts)

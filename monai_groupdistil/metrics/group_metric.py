@@ -16,17 +16,61 @@ from typing import Any
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-from monai_groupdistil.metrics.group_accuracy import _check_groups, as_batch
+__all__ = ["GroupMetric", "as_batch", "check_group_ids", "per_sample_values", "summarise_group_values"]
 
-__all__ = ["GroupMetric", "per_sample_values", "summarise_group_values"]
+
+def as_batch(data: Any, name: str) -> torch.Tensor:
+    """Return ``data`` as one batch-first tensor.
+
+    Args:
+        data: a batch-first tensor, or a list/tuple of channel-first tensors or numbers (MONAI's decollated form).
+        name: the argument name used in error messages.
+
+    Raises:
+        ValueError: when ``data`` is ``None`` or an empty list.
+        TypeError: when ``data`` is neither a tensor nor a sequence of tensors/numbers.
+    """
+    if data is None:
+        raise ValueError(f"{name} is required, got None.")
+    if isinstance(data, torch.Tensor):
+        return data
+    if isinstance(data, (list, tuple)):
+        if len(data) == 0:
+            raise ValueError(f"{name} is an empty list.")
+        return torch.stack([torch.as_tensor(d) for d in data], dim=0)
+    raise TypeError(f"{name} must be a batch-first tensor or a list of channel-first tensors, got {type(data)}.")
+
+
+def check_group_ids(groups: torch.Tensor, batch: int, num_groups: int) -> torch.Tensor:
+    """``groups`` as a long tensor ``[batch]`` of ids in ``[0, num_groups)``.
+
+    Raises:
+        TypeError: for non-integer ids.
+        ValueError: for another number of ids than ``batch`` or ids outside ``[0, num_groups)``.
+    """
+    groups = groups.reshape(-1)
+    if groups.is_floating_point():
+        if not bool((groups == groups.round()).all()):
+            raise TypeError(f"groups must hold integer group ids, got {groups.tolist()}.")
+    elif groups.dtype == torch.bool or groups.is_complex():
+        raise TypeError(f"groups must be an integer tensor, got dtype {groups.dtype}.")
+    groups = groups.long()
+    if groups.numel() != batch:
+        raise ValueError(f"groups has {groups.numel()} entries but the batch has {batch} samples.")
+    if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= num_groups):
+        raise ValueError(
+            f"group ids must lie in [0, {num_groups}), got values in [{int(groups.min())}, {int(groups.max())}]."
+        )
+    return groups
 
 
 def per_sample_values(metric: Callable, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """The per-sample values ``[B, C]`` of ``metric`` on one batch, without touching the metric's own buffers.
 
     Args:
-        metric: a MONAI ``CumulativeIterationMetric`` (its ``_compute_tensor`` is called, as ``__call__`` would,
-            but nothing is buffered), or a callable ``metric(y_pred, y, **kwargs)`` returning ``[B]`` or ``[B, C]``.
+        metric: a MONAI ``CumulativeIterationMetric`` (called, and then reset so that its own buffers stay empty:
+            its ``reduction`` does not matter), or a callable ``metric(y_pred, y, **kwargs)`` returning ``[B]`` or
+            ``[B, C]``.
         y_pred: batch-first prediction.
         y: batch-first ground truth.
         kwargs: further arguments of the metric (e.g. ``spacing`` for ``HausdorffDistanceMetric``).
@@ -37,10 +81,9 @@ def per_sample_values(metric: Callable, y_pred: torch.Tensor, y: torch.Tensor, *
     Raises:
         ValueError: when the metric does not give one row of values per sample.
     """
+    values = metric(y_pred, y, **kwargs)
     if isinstance(metric, CumulativeIterationMetric):
-        values = metric._compute_tensor(y_pred, y, **kwargs)
-    else:
-        values = metric(y_pred, y, **kwargs)
+        metric.reset()
     values = torch.as_tensor(values).detach()
     batch = y_pred.shape[0]
     if values.ndim == 0 or values.shape[0] != batch or values.ndim > 2:
@@ -97,7 +140,7 @@ def summarise_group_values(
     """
     values = torch.as_tensor(values, dtype=torch.float64).cpu()
     values = values[:, None] if values.ndim == 1 else values
-    groups = _check_groups(torch.as_tensor(groups).cpu(), values.shape[0], num_groups)
+    groups = check_group_ids(torch.as_tensor(groups).cpu(), values.shape[0], num_groups)
     channels = values.shape[1]
     counts = torch.bincount(groups, minlength=num_groups)
     per_group_channel = torch.full((num_groups, channels), float("nan"), dtype=torch.float64)
@@ -205,7 +248,7 @@ class GroupMetric(CumulativeIterationMetric):
         if y is None or groups is None:
             raise ValueError(f"{type(self).__name__} needs y and groups.")
         values = per_sample_values(self.metric, y_pred, y, **kwargs)
-        groups = _check_groups(groups.to(values.device), values.shape[0], self.num_groups)
+        groups = check_group_ids(groups.to(values.device), values.shape[0], self.num_groups)
         return [values, groups]
 
     def aggregate(self) -> dict[str, Any]:  # type: ignore[override]
