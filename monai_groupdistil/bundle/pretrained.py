@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from monai.networks.utils import copy_model_state
 
 __all__ = ["load_pretrained"]
 
@@ -53,7 +54,9 @@ def load_pretrained(
     ``torch.save(torchvision.models.resnet18(weights=...).state_dict(), "resnet18.pt")``; MONAI's ``ResNet``
     uses torchvision's parameter names), a checkpoint of this package (``{"model": state_dict, ...}``), or a
     dict wrapping the state dict under ``key`` or one of ``model``, ``state_dict``, ``network``, ``net``.
-    ``module.`` / ``model.`` / ``_orig_mod.`` prefixes shared by every name are removed.
+    ``module.`` / ``model.`` / ``_orig_mod.`` prefixes shared by every name are removed. The tensors are matched
+    and copied by MONAI's ``copy_model_state``; reading the file is ours because MONAI's ``CheckpointLoader`` neither
+    finds a wrapped state dict nor strips prefixes, and reports no shape mismatch before loading.
 
     With ``strict=False`` every tensor whose name and shape match is loaded; tensors with another shape (the
     classifier ``fc`` of a model trained on other classes, typically) and names the network lacks are skipped, and
@@ -93,7 +96,6 @@ def load_pretrained(
     target = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
     state = _extract_state_dict(torch.load(file, map_location="cpu", weights_only=True), file, key)
     own = target.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     shape_mismatch = [
         f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
         for k, v in state.items()
@@ -107,18 +109,18 @@ def load_pretrained(
             f"different shapes {shape_mismatch[:5]}, not in the network {unexpected[:5]}, not in the file "
             f"{missing[:5]}."
         )
-    parameters = {name for name, _ in target.named_parameters()}
-    if not parameters.intersection(matched):  # counters such as num_batches_tracked fit anything
+    new_state, updated, _ = copy_model_state(target, state, inplace=False)  # the tensors whose name and shape match
+    if not {name for name, _ in target.named_parameters()}.intersection(updated):  # counters fit anything
         raise ValueError(
             f"no tensor of pretrained weights '{file}' fits {type(target).__name__} (names or shapes differ "
             f"everywhere, e.g. {(shape_mismatch or unexpected)[:3]}); is it the weights of another architecture?"
         )
-    target.load_state_dict(matched, strict=False)
+    target.load_state_dict(new_state)
     logger.info(
         "pretrained weights %s: loaded %d of the network's %d tensors; skipped (shape differs) %s; not in the "
         "network %s; kept the initialisation of %d tensor(s) not in the file %s",
         file,
-        len(matched),
+        len(updated),
         len(own),
         shape_mismatch or "none",
         unexpected[:10] or "none",
