@@ -1,4 +1,6 @@
-"""Teacher-output cache: compute a frozen teacher's logits once per sample and reuse them in later epochs."""
+"""Teacher-output cache: compute a frozen teacher's logits once per sample and reuse them in later epochs.
+
+Our own because MONAI has no distillation support (torchdistill caches teacher outputs the same way)."""
 
 from __future__ import annotations
 

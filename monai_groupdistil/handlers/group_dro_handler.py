@@ -1,4 +1,4 @@
-"""GroupDROHandler: per-iteration recording and history of the group-DRO weights."""
+"""GroupDROHandler: per-iteration recording and history of the group-DRO weights (MONAI has no group DRO)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""GroupMetricHandler: any per-sample metric per group as an ignite/MONAI metric; its value is the worst group's."""
+"""GroupMetricHandler: any per-sample metric per group as an ignite/MONAI metric; its value is the worst group's.
+
+A MONAI ``IgniteMetricHandler`` of :py:class:`~monai_groupdistil.metrics.GroupMetric` (MONAI reduces over samples, not
+per group)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Per-group evaluation reports (CSV, JSON, plots) at the end of an evaluator run: ``GroupMetricReportHandler``
 (any per-sample metrics per channel, e.g. Dice and Hausdorff distance per structure, with overlays of the worst
-group's cases) and its classification form ``GroupReportHandler`` (accuracy and loss)."""
+group's cases) and its classification form ``GroupReportHandler`` (accuracy and loss).
+
+Our own because MONAI's ``MetricsSaver`` writes ``engine.state.metrics`` and per-sample details, not a row per group."""
 
 from __future__ import annotations
 
