@@ -1,34 +1,49 @@
 """Worst-vendor segmentation benchmark: GroupDistil against KD, ERM and GroupDRO students of a 2-D cardiac U-Net.
 
-For every seed the script generates a training set with ``make_synthetic_mnms`` (M&Ms layout, ``--train-subjects``
-subjects, vendor D, the noisiest and lowest-contrast vendor, ``--minority`` of them, A/B/C sharing the rest), reads
-it with the package's segmentation pipeline (``segmentation_frames``: ED and ES frames; ``segmentation_preprocessing``:
-whole-frame intensity percentiles, ``--size`` pixels over a 192 mm in-plane field of view; the annotated slices),
-trains one teacher (MONAI ``UNet``, channels 16-128, two residual units, the bundle's teacher) and then four students
-(``UNet`` channels 8-64 without residual units, 0.10x the teacher's parameters, the bundle's student; same epochs,
-optimiser, batch size and data order) with ``DistillationTrainer``:
+Protocol (the powered protocol of the classification benchmark, ``benchmarks/worst_group.py``):
 
-- ``erm``: ``PerSampleDiceCELoss`` (cross entropy + soft Dice), no teacher;
-- ``group_dro``: ``GroupDROLoss`` around ``PerSampleDiceCELoss(reduction="none")``, no teacher;
-- ``kd``: ``DistillationLoss`` (Hinton KD + CE + soft Dice) with the teacher;
-- ``groupdistil``: ``GroupDistillationLoss`` (the same per-sample loss under the group-DRO objective) with it.
+- **Evaluation data, generated once per run and the same for every seed**: ``--val-per-vendor`` validation and
+  ``--test-per-vendor`` test subjects of each of the four vendors (``make_synthetic_mnms``, generator seeds 1000 and
+  1001, vendors balanced); every subject gives two volumes (ED, ES).
+- **Training data, one split per seed** (generator seed = the seed): ``--train-subjects`` subjects, vendor
+  ``--minority-vendor`` (default D, the noisiest and lowest-contrast vendor) a fraction ``--minority`` of them, the
+  other vendors sharing the rest; the annotated slices of both frames are the 2-D training samples.
+- Read with the package's segmentation pipeline (``segmentation_frames``: ED and ES; ``segmentation_preprocessing``:
+  whole-frame intensity percentiles, ``--size`` pixels over a 192 mm in-plane field of view).
+- **Networks, per seed**: one teacher (MONAI ``UNet``, channels 16-128, two residual units; cross entropy + soft
+  Dice, natural sampling), then four students (``UNet`` channels 8-64 without residual units, 0.10x the teacher's
+  parameters) with ``DistillationTrainer``, every network built right after ``set_determinism(seed)``:
 
-The validation and test splits are vendor-balanced and the same for every seed (``--val-per-vendor`` and
-``--test-per-vendor`` subjects of each vendor, generated once with seed 1000); every subject gives two volumes (ED,
-ES). After every epoch the network segments every validation volume slice by slice; the Dice of LV, MYO and RV of
-every volume (MONAI ``DiceMetric``) is averaged per vendor (``GroupMetric``), and the epoch with the best worst-vendor
-mean Dice on validation is selected (ties to the later epoch) and evaluated on the test split. No augmentation; the
-teacher's outputs on the training slices are computed once (``TeacherOutputCache``).
+  - ``erm``: ``PerSampleDiceCELoss`` (cross entropy + soft Dice), no teacher;
+  - ``group_dro``: ``GroupDROLoss`` around ``PerSampleDiceCELoss(reduction="none")``, no teacher;
+  - ``kd``: ``DistillationLoss`` (Hinton KD + CE + soft Dice) from the teacher;
+  - ``groupdistil``: ``GroupDistillationLoss`` (the same per-sample loss under the group-DRO objective) from it.
 
-Reported (test split, selected epoch): worst-vendor mean Dice, vendor-mean Dice, the minority vendor's Dice, for
-every method; per-seed paired differences (GroupDistil - KD, GroupDistil - ERM, GroupDRO - ERM, KD - ERM) with a
-paired bootstrap 95 % interval over seeds (10 000 resamples of the seeds) and the number of seeds with a positive
-difference. Outputs (``--out``, default ``docs/``): ``results_segmentation.md`` and
-``results/worst_group_seg_runs.csv``, rewritten after every seed.
+  The teacher's outputs on the training slices are computed once per seed (``TeacherOutputCache``) and shared by KD
+  and GroupDistil.
+- **Hyper-parameters**: every method's (sampler, alpha, step size, ``absent_groups``, adjustment) are the validation
+  winners of the classification benchmark's sweep (``HYPER`` there and here; not tuned for segmentation). Common to
+  every network: Adam, lr ``--lr`` annealed to 0 along a cosine over every iteration of ``--epochs`` epochs (teacher:
+  ``--teacher-epochs``), batch 16, temperature 4, soft-Dice weight 1, no augmentation. Every student has the same
+  number of epochs and iterations per epoch (``GroupBalancedSampler`` draws as many slices as the training split
+  holds).
+- **Model selection on validation only**: after every epoch the network segments every validation volume slice by
+  slice; the Dice of LV, MYO and RV of every volume (MONAI ``DiceMetric``) is averaged per vendor; the epoch with the
+  best worst-vendor validation Dice is selected (ties: the vendor-mean Dice, then the later epoch), and only it is
+  evaluated on the test split.
+- **Statistics** (test split, selected epoch): worst-vendor Dice, vendor-mean Dice, the minority vendor's Dice, per
+  structure, for every network: the mean over seeds with a 95 % bootstrap interval of the mean; per-seed paired
+  differences (``COMPARISONS``) with a paired 95 % percentile bootstrap interval over seeds (10,000 resamples,
+  ``worst_group_stats.paired_bootstrap_ci``, the classification benchmark's) and the number of positive seeds.
+
+Outputs (``--out``, default ``docs/``), rewritten after every seed, so a stopped run leaves complete seeds:
+``results_segmentation.md``, ``results/worst_group_seg_runs.csv`` (one row per seed and network) and
+``results/worst_group_seg_history.csv`` (the validation Dice of every epoch). Everything is seeded: the same command
+with the same ``--threads`` gives the same numbers.
 
 Usage:
-    python benchmarks/worst_group_seg.py                       # the default run (5 seeds; about 20 CPU minutes)
-    python benchmarks/worst_group_seg.py --quick --out /tmp/s  # 1 seed, small: a few minutes
+    python benchmarks/worst_group_seg.py                       # the default run (5 seeds)
+    python benchmarks/worst_group_seg.py --quick --out /tmp/s  # 1 seed, tiny: about a minute
 """
 
 from __future__ import annotations
@@ -39,11 +54,11 @@ import datetime
 import logging
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,23 +68,53 @@ from monai.networks.nets import UNet
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
-from monai_groupdistil.data import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from worst_group_stats import paired_bootstrap_ci, paired_difference  # noqa: E402
+
+from monai_groupdistil.data import (  # noqa: E402
     MNMS_VENDORS,
+    GroupBalancedSampler,
     load_mnms_datalist,
     make_synthetic_mnms,
     segmentation_frames,
     segmentation_preprocessing,
     volume_slices,
 )
-from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache
-from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss, PerSampleDiceCELoss
-from monai_groupdistil.metrics import summarise_group_values
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
+from monai_groupdistil.losses import (  # noqa: E402
+    DistillationLoss,
+    GroupDistillationLoss,
+    GroupDROLoss,
+    PerSampleDiceCELoss,
+)
+from monai_groupdistil.metrics import summarise_group_values  # noqa: E402
 
 METHODS = ("erm", "group_dro", "kd", "groupdistil")
+ARMS = ("teacher", *METHODS)
 PATHOLOGIES = ("NOR", "HCM", "DCM")
+STRUCTURES = ("LV", "MYO", "RV")
 FOV_MM = 192.0
-HYPER = {"temperature": 4.0, "alpha": 0.5, "step_size": 0.01, "dice_weight": 1.0, "lr": 2e-3, "batch_size": 16}
-COMPARISONS = (("groupdistil", "kd"), ("groupdistil", "erm"), ("group_dro", "erm"), ("kd", "erm"))
+TEMPERATURE = 4.0
+DICE_WEIGHT = 1.0
+BATCH_SIZE = 16
+VAL_SEED, TEST_SEED = 1000, 1001
+# Every method's hyper-parameters: the validation winners of the classification benchmark's sweep
+# (benchmarks/worst_group.py HYPER, docs/results.md "Sweep"), NOT tuned for segmentation. The teacher is trained like
+# the classification benchmark's ERM teacher (natural sampling, no group weighting).
+HYPER: dict[str, dict] = {
+    "teacher": {"sampler": "natural"},
+    "erm": {"sampler": "balanced"},
+    "group_dro": {"step_size": 1.0, "adjustment": 0.0, "sampler": "balanced"},
+    "kd": {"alpha": 0.5, "sampler": "natural"},
+    "groupdistil": {"alpha": 0.5, "step_size": 0.1, "absent_groups": "zero", "adjustment": 0.0, "sampler": "balanced"},
+}
+COMPARISONS = (("groupdistil", "kd"), ("groupdistil", "erm"), ("group_dro", "erm"), ("kd", "erm"), ("teacher", "erm"))
+RUN_FIELDS = [
+    "seed", "method", "epoch", "epochs", "val_worst", "val_mean_group", "test_worst", "test_mean_group",
+    "test_worst_vendor", *(f"test_{v}" for v in MNMS_VENDORS), *(f"test_{s}" for s in STRUCTURES), "dro_weights",
+    "seconds",
+]  # fmt: skip
+HISTORY_FIELDS = ["seed", "method", "epoch", "lr", "val_worst", "val_mean_group", *(f"val_{v}" for v in MNMS_VENDORS)]
 
 
 def teacher_net() -> UNet:
@@ -123,25 +168,33 @@ def train_slices(volumes: list[dict]) -> list[dict]:
     return items
 
 
+def stack_volumes(volumes: list[dict]) -> dict:
+    """Every slice of ``volumes`` in one batch (``image`` ``[S, 1, H, W]``, ``label`` ``[S, H, W]``), for evaluation."""
+    return {
+        "image": torch.cat([v["image"].permute(3, 0, 1, 2) for v in volumes]),
+        "label": torch.cat([v["label"][0].permute(2, 0, 1) for v in volumes]).long(),
+        "slices": [int(v["image"].shape[-1]) for v in volumes],
+        "group": torch.tensor([v["group"] for v in volumes]),
+    }
+
+
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(network: torch.nn.Module, volumes: list[dict], num_groups: int) -> dict:
-    """Per-volume Dice (LV, MYO, RV) of ``network`` segmenting every slice; per-vendor summary."""
+def evaluate(network: torch.nn.Module, split: dict, num_groups: int, chunk: int = 512) -> dict:
+    """Per-volume Dice (LV, MYO, RV) of ``network`` segmenting every slice of ``split`` (``stack_volumes``)."""
     network.eval()
+    pred = torch.cat([network(x).argmax(1) for x in split["image"].split(chunk)])  # [S, H, W]
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     values = []
-    for v in volumes:
-        slices = v["image"].permute(3, 0, 1, 2)  # [Z, 1, H, W]
-        pred = network(slices).argmax(1)  # [Z, H, W]
-        pred = torch.nn.functional.one_hot(pred, 4).permute(3, 1, 2, 0)[None]  # [1, 4, H, W, Z]
-        label = torch.nn.functional.one_hot(v["label"][0].long(), 4).permute(3, 0, 1, 2)[None]
-        values.append(dice(pred, label))
-    network.train()
+    for p, y in zip(pred.split(split["slices"]), split["label"].split(split["slices"])):
+        p1 = torch.nn.functional.one_hot(p, 4).permute(3, 1, 2, 0)[None]  # [1, 4, H, W, Z]
+        y1 = torch.nn.functional.one_hot(y, 4).permute(3, 1, 2, 0)[None]
+        values.append(dice(p1, y1))
     dice.reset()
-    groups = torch.tensor([v["group"] for v in volumes])
-    res = summarise_group_values(torch.cat(values), groups, num_groups)
+    network.train()
+    res = summarise_group_values(torch.cat(values), split["group"], num_groups)
     return {
         "worst": res["worst_group"],
         "worst_group": res["worst_group_id"],
@@ -155,40 +208,61 @@ def evaluate(network: torch.nn.Module, volumes: list[dict], num_groups: int) -> 
 
 
 def make_loss(method: str, num_groups: int) -> torch.nn.Module:
-    h = HYPER
+    """The training loss of ``method`` (``ARMS``) with its ``HYPER``."""
+    if method not in HYPER:
+        raise ValueError(f"unknown method {method!r}; expected one of {ARMS}.")
+    h = HYPER[method]
     if method in ("erm", "teacher"):
-        return PerSampleDiceCELoss(dice_weight=h["dice_weight"])
+        return PerSampleDiceCELoss(dice_weight=DICE_WEIGHT)
     if method == "group_dro":
-        return GroupDROLoss(PerSampleDiceCELoss(h["dice_weight"], reduction="none"), num_groups, h["step_size"])
+        return GroupDROLoss(
+            PerSampleDiceCELoss(DICE_WEIGHT, reduction="none"), num_groups, h["step_size"], adjustment=h["adjustment"]
+        )
     if method == "kd":
-        return DistillationLoss(h["temperature"], h["alpha"], dice_weight=h["dice_weight"])
+        return DistillationLoss(TEMPERATURE, h["alpha"], dice_weight=DICE_WEIGHT)
     if method == "groupdistil":
         return GroupDistillationLoss(
-            num_groups, h["temperature"], h["alpha"], h["step_size"], dice_weight=h["dice_weight"]
+            num_groups,
+            TEMPERATURE,
+            h["alpha"],
+            h["step_size"],
+            adjustment=h["adjustment"],
+            absent_groups=h["absent_groups"],
+            dice_weight=DICE_WEIGHT,
         )
-    raise ValueError(f"unknown method {method!r}")
+    raise AssertionError(f"HYPER has {method!r} but make_loss does not build it.")
 
 
-def train(method: str, data: dict, epochs: int, seed: int, teacher=None, cache=None) -> dict:
-    """Train one network; returns the selected epoch's validation and test results and the history."""
+def train(method: str, data: dict, epochs: int, lr: float, seed: int, teacher=None, cache=None) -> dict:
+    """Train one network; returns the selected epoch's validation and test results and the validation history."""
     num_groups = len(MNMS_VENDORS)
     set_determinism(seed)
     network = teacher_net() if method == "teacher" else student_net()
     loss = make_loss(method, num_groups)
-    loader = DataLoader(
-        data["train"], batch_size=HYPER["batch_size"], shuffle=True, generator=torch.Generator().manual_seed(seed)
-    )
+    items = data["train"]
+    if HYPER[method]["sampler"] == "balanced":
+        sampler = GroupBalancedSampler([it["group"] for it in items], seed=seed)
+        loader = DataLoader(items, batch_size=BATCH_SIZE, sampler=sampler)
+    else:
+        sampler = None
+        loader = DataLoader(items, batch_size=BATCH_SIZE, shuffle=True, generator=torch.Generator().manual_seed(seed))
     use_teacher = method in ("kd", "groupdistil")
+    if use_teacher and teacher is None:
+        raise ValueError(f"method {method!r} needs a teacher.")
+    optimizer = torch.optim.Adam(network.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
     trainer = DistillationTrainer(
         device=torch.device("cpu"),
         max_epochs=epochs,
         train_data_loader=loader,
         network=network,
-        optimizer=torch.optim.Adam(network.parameters(), HYPER["lr"]),
+        optimizer=optimizer,
         loss_function=loss,
         teacher=teacher if use_teacher else None,
         teacher_cache=cache if use_teacher else None,
     )
+    if sampler is not None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
     history: list[dict] = []
 
     @trainer.on(Events.EPOCH_COMPLETED)
@@ -196,152 +270,244 @@ def train(method: str, data: dict, epochs: int, seed: int, teacher=None, cache=N
         weights = getattr(loss, "group_weights", None)
         history.append({
             "epoch": engine.state.epoch,
+            "lr": optimizer.param_groups[0]["lr"],
             "val": evaluate(network, data["val"], num_groups),
             "weights": weights.tolist() if weights is not None else None,
             "state": {k: v.clone() for k, v in network.state_dict().items()},
         })  # fmt: skip
 
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: schedule.step())
     trainer.run()
-    chosen = max(history, key=lambda h: (h["val"]["worst"], h["epoch"]))
+    chosen = select_epoch(history)
     network.load_state_dict(chosen["state"])
     test = evaluate(network, data["test"], num_groups)
     network.eval()
+    for h in history:
+        h["state"] = None
     return {
         "network": network,
         "epoch": chosen["epoch"],
         "val": chosen["val"],
         "test": test,
         "weights": chosen["weights"],
+        "history": history,
     }
+
+
+def select_epoch(history: Sequence[dict]) -> dict:
+    """The epoch with the best worst-vendor validation Dice (ties: vendor-mean validation Dice, then the later one)."""
+    if not history:
+        raise ValueError("select_epoch: empty history (no epoch was evaluated).")
+    return max(history, key=lambda h: (h["val"]["worst"], h["val"]["mean_group"], h["epoch"]))
+
+
+def result_row(seed: int, method: str, epochs: int, r: dict) -> dict:
+    """One row of ``worst_group_seg_runs.csv`` (``RUN_FIELDS``) from a result of ``train``."""
+    t = r["test"]
+    return {
+        "seed": seed, "method": method, "epoch": r["epoch"], "epochs": epochs, "val_worst": r["val"]["worst"],
+        "val_mean_group": r["val"]["mean_group"], "test_worst": t["worst"], "test_mean_group": t["mean_group"],
+        "test_worst_vendor": MNMS_VENDORS[t["worst_group"]],
+        **{f"test_{v}": t["per_group"][i] for i, v in enumerate(MNMS_VENDORS)},
+        **{f"test_{s}": t["per_structure"][i] for i, s in enumerate(STRUCTURES)},
+        "dro_weights": " ".join(f"{w:.3f}" for w in r["weights"]) if r["weights"] else "",
+        "seconds": round(r["seconds"], 1),
+    }  # fmt: skip
+
+
+def history_rows(seed: int, method: str, history: Sequence[dict]) -> list[dict]:
+    """Rows of ``worst_group_seg_history.csv`` (``HISTORY_FIELDS``): the validation Dice of every epoch."""
+    return [
+        {
+            "seed": seed,
+            "method": method,
+            "epoch": h["epoch"],
+            "lr": h["lr"],
+            "val_worst": h["val"]["worst"],
+            "val_mean_group": h["val"]["mean_group"],
+            **{f"val_{v}": h["val"]["per_group"][i] for i, v in enumerate(MNMS_VENDORS)},
+        }  # fmt: skip
+        for h in history
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------- statistics
 
 
-def paired_bootstrap(diffs: list[float], resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval of the mean of ``diffs`` over resamples (with replacement) of its entries."""
-    if len(diffs) < 2:
-        return float("nan"), float("nan")
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+def by_seed(rows: Sequence[dict], method: str, key: str, scale: float = 1.0) -> dict[int, float]:
+    """``{seed: scale * row[key]}`` of ``method``'s rows."""
+    return {int(r["seed"]): scale * float(r[key]) for r in rows if r["method"] == method}
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def arm_summary(rows: Sequence[dict], method: str, key: str) -> dict:
+    """Mean over seeds of ``method``'s ``key`` (in %) with the 95 % bootstrap interval of the mean.
+
+    Returns ``{"n", "mean", "low", "high"}``; ``n == 0`` gives NaN.
+    """
+    vals = list(by_seed(rows, method, key, 100.0).values())
+    if not vals:
+        return {"n": 0, "mean": float("nan"), "low": float("nan"), "high": float("nan")}
+    low, high = paired_bootstrap_ci(vals)
+    return {"n": len(vals), "mean": statistics.fmean(vals), "low": low, "high": high}
 
 
-def write_outputs(rows: list[dict], args: argparse.Namespace, wall: float, done: int) -> None:
-    out = Path(args.out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    runs = out / "results" / "worst_group_seg_runs.csv"
-    fields = ["seed", "method", "epoch", "val_worst", "test_worst", "test_mean_group", "test_worst_vendor"]
-    fields += [f"test_{v}" for v in MNMS_VENDORS] + ["test_LV", "test_MYO", "test_RV", "dro_weights", "seconds"]
-    with open(runs, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r[k] for k in fields})
-    methods = ["teacher", *METHODS]
-    by = {(r["seed"], r["method"]): r for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
+def compare(rows: Sequence[dict], a: str, b: str, key: str) -> dict:
+    """Paired difference ``a - b`` of ``key`` in Dice points over the seeds both have (``paired_difference``)."""
+    return paired_difference(by_seed(rows, a, key, 100.0), by_seed(rows, b, key, 100.0))
+
+
+def curve_means(history: Sequence[dict], method: str, epochs: Sequence[int]) -> list[float]:
+    """Mean over seeds of ``method``'s worst-vendor validation Dice (%) at each of ``epochs`` (NaN when absent)."""
+    out = []
+    for e in epochs:
+        vals = [100 * float(h["val_worst"]) for h in history if h["method"] == method and int(h["epoch"]) == e]
+        out.append(statistics.fmean(vals) if vals else float("nan"))
+    return out
+
+
+def _interval(s: dict) -> str:
+    return f"{s['mean']:.1f} [{s['low']:.1f}, {s['high']:.1f}]"
+
+
+def _difference(d: dict) -> str:
+    return f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}], {d['positive']}/{d['n']}"
+
+
+def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argparse.Namespace, meta: dict) -> str:
+    """The generated part of ``results_segmentation.md``.
+
+    Args:
+        rows: ``RUN_FIELDS`` rows (numbers as numbers or strings).
+        history: ``HISTORY_FIELDS`` rows.
+        args: the parsed command line (``parse_args``).
+        meta: ``command``, ``done`` (seeds completed), ``wall`` (seconds), ``when`` (text), ``machine`` (text),
+            ``eval_volumes`` (``{"val": [per vendor], "test": [per vendor]}``).
+    """
     minority = args.minority_vendor
-
-    def values(method: str, key: str) -> list[float]:
-        return [by[(s, method)][key] for s in seeds if (s, method) in by]
-
+    seeds = sorted({int(r["seed"]) for r in rows})
+    students = f"students {args.epochs} epochs, teacher {args.teacher_epochs} epochs"
+    hyper = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in HYPER[m].items()) for m in ARMS)
     lines = [
         "# Worst-vendor segmentation benchmark (cardiac MRI, synthetic M&Ms layout)",
         "",
-        "GroupDistil against plain KD, ERM and GroupDRO students of a 2-D cardiac U-Net (LV, MYO, RV), with vendor "
-        f"{minority} a {100 * args.minority:g} % minority of training; produced by `benchmarks/worst_group_seg.py` "
-        "(its docstring describes the protocol). Command:",
+        "GroupDistil against plain KD, ERM and GroupDRO students of a 2-D cardiac U-Net (LV, MYO, RV), one teacher "
+        f"per seed, vendor {minority} a {100 * args.minority:g} % minority of training; produced by "
+        "`benchmarks/worst_group_seg.py` (its docstring describes the protocol). Command:",
         "",
         "```bash",
-        f"OMP_NUM_THREADS=1 python benchmarks/worst_group_seg.py {' '.join(sys.argv[1:])}".rstrip(),
+        meta["command"],
         "```",
         "",
-        f"Run on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (last write) on {platform.node()} "
-        f"({os.cpu_count()} CPUs, shared with other jobs; one torch thread), torch {torch.__version__}: {done} of "
-        f"{args.seeds} seeds, {wall / 60:.1f} min wall so far. Load average at the end: "
-        f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}.",
+        f"Run {meta['when']} on {meta['machine']}: {meta['done']} of {args.seeds} seeds "
+        f"({', '.join(map(str, seeds))}), {meta['wall'] / 60:.1f} min wall so far.",
         "",
         f"Data per seed: {args.train_subjects} training subjects (vendor {minority}: "
         f"{round(args.minority * args.train_subjects)}; the others share the rest), two frames (ED, ES) each, the "
-        f"annotated slices as 2-D training samples; validation {args.val_per_vendor} and test {args.test_per_vendor} "
-        f"subjects per vendor (the same for every seed; {2 * args.val_per_vendor} / {2 * args.test_per_vendor} "
-        f"volumes per vendor). {args.size} x {args.size} pixels over {FOV_MM:g} mm; teacher {args.teacher_epochs} "
-        f"epochs, students {args.epochs} epochs; Adam lr {HYPER['lr']}, batch {HYPER['batch_size']}; T "
-        f"{HYPER['temperature']}, alpha {HYPER['alpha']}, DRO step size {HYPER['step_size']}, soft-Dice weight "
-        f"{HYPER['dice_weight']}, absent groups 'ema' (the losses' default). Model selection: best worst-vendor "
-        "validation Dice.",
+        f"annotated slices as 2-D training samples. Validation {args.val_per_vendor} and test {args.test_per_vendor} "
+        "subjects per vendor, the same for every seed (volumes per vendor A/B/C/D: validation "
+        f"{'/'.join(map(str, meta['eval_volumes']['val']))}, test {'/'.join(map(str, meta['eval_volumes']['test']))}). "
+        f"{args.size} x {args.size} pixels over {FOV_MM:g} mm; {students}; Adam lr {args.lr} annealed to 0 along a "
+        f"cosine, batch {BATCH_SIZE}, temperature {TEMPERATURE}, soft-Dice weight {DICE_WEIGHT}. Method "
+        f"hyper-parameters (the classification benchmark's validation winners, not tuned for segmentation): {hyper}. "
+        "Model selection: best worst-vendor validation Dice.",
         "",
         "## Test Dice (%), mean over seeds [95 % bootstrap interval of the mean]",
         "",
-        f"| method | worst vendor | vendor mean | vendor {minority} | LV | MYO | RV |",
-        "|---|---|---|---|---|---|---|",
+        f"| network | worst vendor | vendor mean | vendor {minority} | LV | MYO | RV | selected epoch (min-max) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for m in methods:
-        if not values(m, "test_worst"):
+    keys = ("test_worst", "test_mean_group", f"test_{minority}", "test_LV", "test_MYO", "test_RV")
+    for m in ARMS:
+        if not by_seed(rows, m, "test_worst"):
             continue
-        cells = []
-        for key in ("test_worst", "test_mean_group", f"test_{minority}", "test_LV", "test_MYO", "test_RV"):
-            vals = values(m, key)
-            lo, hi = paired_bootstrap(vals)
-            cells.append(f"{_pct(statistics.fmean(vals))}" + (f" [{_pct(lo)}, {_pct(hi)}]" if len(vals) > 1 else ""))
+        ep = list(by_seed(rows, m, "epoch").values())
+        cells = [_interval(arm_summary(rows, m, k)) for k in keys] + [f"{min(ep):g}-{max(ep):g}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Paired differences (Dice points), per seed, [paired bootstrap 95 % interval over seeds], seeds > 0",
+        "## Paired differences (test Dice points): mean [paired 95 % bootstrap interval over seeds], seeds > 0",
         "",
         f"| comparison | worst vendor | vendor mean | vendor {minority} |",
         "|---|---|---|---|",
     ]
     for a, b in COMPARISONS:
-        cells = []
-        for key in ("test_worst", "test_mean_group", f"test_{minority}"):
-            pairs = [(by[(s, a)][key], by[(s, b)][key]) for s in seeds if (s, a) in by and (s, b) in by]
-            if not pairs:
-                continue
-            diffs = [100 * (x - y) for x, y in pairs]
-            lo, hi = paired_bootstrap(diffs)
-            cells.append(
-                f"{statistics.fmean(diffs):+.2f} [{lo:+.2f}, {hi:+.2f}], {sum(d > 0 for d in diffs)}/{len(diffs)}"
-            )
-        if cells:
-            lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed (test worst-vendor Dice, %):", "", "| seed | " + " | ".join(methods) + " |"]
-    lines.append("|---" * (len(methods) + 1) + "|")
+        diffs = [compare(rows, a, b, k) for k in ("test_worst", "test_mean_group", f"test_{minority}")]
+        if diffs[0]["n"]:
+            lines.append(f"| {a} - {b} | " + " | ".join(_difference(d) for d in diffs) + " |")
+    lines += ["", "Per seed (test worst-vendor Dice, %):", "", "| seed | " + " | ".join(ARMS) + " |"]
+    lines.append("|---" * (len(ARMS) + 1) + "|")
     for s in seeds:
-        lines.append(
-            f"| {s} | " + " | ".join(_pct(by[(s, m)]["test_worst"]) if (s, m) in by else "" for m in methods) + " |"
-        )
-    lines += ["", "Every run: [`results/worst_group_seg_runs.csv`](results/worst_group_seg_runs.csv)."]
-    (out / "results_segmentation.md").write_text("\n".join(lines) + "\n")
+        cells = [by_seed(rows, m, "test_worst", 100.0).get(s) for m in ARMS]
+        lines.append(f"| {s} | " + " | ".join("" if c is None else f"{c:.1f}" for c in cells) + " |")
+    if history:
+        n_epochs = max(int(h["epoch"]) for h in history)
+        marks = sorted({max(1, round(n_epochs * q)) for q in (0.25, 0.5, 0.75, 0.9)} | {n_epochs})
+        lines += [
+            "",
+            "Validation worst-vendor Dice (%) against the epoch, mean over seeds (is training still improving?):",
+            "",
+            "| network | " + " | ".join(f"epoch {e}" for e in marks) + " |",
+            "|---" * (len(marks) + 1) + "|",
+        ]
+        for m in ARMS:
+            vals = curve_means(history, m, marks)
+            if any(v == v for v in vals):
+                lines.append(f"| {m} | " + " | ".join("" if v != v else f"{v:.1f}" for v in vals) + " |")
+    lines += [
+        "",
+        "Every run: [`results/worst_group_seg_runs.csv`](results/worst_group_seg_runs.csv); every epoch's validation "
+        "Dice: [`results/worst_group_seg_history.csv`](results/worst_group_seg_history.csv).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
+    """Write ``rows`` (exactly the keys ``fields``) to ``path`` with a header."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="raise")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_outputs(rows: Sequence[dict], history: Sequence[dict], args: argparse.Namespace, meta: dict) -> None:
+    """Rewrite the runs and history CSVs and ``results_segmentation.md`` under ``args.out`` (a hand-written
+    section appended to the markdown after a run is overwritten by the next run)."""
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results" / "worst_group_seg_runs.csv", RUN_FIELDS, rows)
+    write_csv(out / "results" / "worst_group_seg_history.csv", HISTORY_FIELDS, history)
+    (out / "results_segmentation.md").write_text(format_markdown(rows, history, args, meta))
 
 
 # ----------------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=10, help="student epochs")
-    parser.add_argument("--teacher-epochs", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=20, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=2e-3, help="initial Adam learning rate (cosine to 0)")
     parser.add_argument("--train-subjects", type=int, default=40)
     parser.add_argument("--minority", type=float, default=0.05, help="fraction of the minority vendor in training")
     parser.add_argument("--minority-vendor", default="D", choices=MNMS_VENDORS)
-    parser.add_argument("--val-per-vendor", type=int, default=8)
-    parser.add_argument("--test-per-vendor", type=int, default=12)
+    parser.add_argument("--val-per-vendor", type=int, default=40)
+    parser.add_argument("--test-per-vendor", type=int, default=100)
     parser.add_argument("--size", type=int, default=48, help="pixels of the 192 mm field of view")
     parser.add_argument("--matrix-scale", type=float, default=0.6, help="matrix_scale of the generated images")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
-    parser.add_argument("--quick", action="store_true", help="1 seed, 16 subjects, 2 epochs")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="1 seed, 16 subjects, 2 epochs, 2 + 2 per vendor")
+    args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs, args.train_subjects = 1, 2, 2, 16
         args.val_per_vendor, args.test_per_vendor = 2, 2
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
@@ -349,47 +515,52 @@ def main() -> None:
     others = [v for v in MNMS_VENDORS if v != minority]
     train_fr = {v: args.minority if v == minority else (1 - args.minority) / len(others) for v in MNMS_VENDORS}
     balanced = {v: 0.25 for v in MNMS_VENDORS}
-    val = make_split("val", 4 * args.val_per_vendor, balanced, 1000, args.size, args.matrix_scale)
-    test = make_split("test", 4 * args.test_per_vendor, balanced, 1001, args.size, args.matrix_scale)
-    print(
-        f"evaluation data: {len(val)} val / {len(test)} test volumes ({time.perf_counter() - start:.0f} s)", flush=True
-    )
+    val = make_split("val", 4 * args.val_per_vendor, balanced, VAL_SEED, args.size, args.matrix_scale)
+    test = make_split("test", 4 * args.test_per_vendor, balanced, TEST_SEED, args.size, args.matrix_scale)
+    eval_volumes = {
+        name: [sum(v["group"] == g for v in vols) for g in range(len(MNMS_VENDORS))]
+        for name, vols in (("val", val), ("test", test))
+    }
+    val, test = stack_volumes(val), stack_volumes(test)
+    print(f"evaluation data: {eval_volumes} volumes per vendor ({time.perf_counter() - start:.0f} s)", flush=True)
+    md = Path(args.out) / "results_segmentation.md"
     rows: list[dict] = []
-    for seed in range(args.seeds):
+    history: list[dict] = []
+    for done, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), start=1):
         t0 = time.perf_counter()
         volumes = make_split("train", args.train_subjects, train_fr, seed, args.size, args.matrix_scale)
         data = {"train": train_slices(volumes), "val": val, "test": test}
         print(f"seed {seed}: {len(data['train'])} training slices ({time.perf_counter() - t0:.0f} s)", flush=True)
-        results = {}
-        t1 = time.perf_counter()
-        results["teacher"] = train("teacher", data, args.teacher_epochs, seed)
-        results["teacher"]["seconds"] = time.perf_counter() - t1
-        teacher = results["teacher"]["network"]
         cache = TeacherOutputCache(id_key="id")  # in memory; one teacher for KD and GroupDistil
-        for method in METHODS:
+        teacher = None
+        for method in ARMS:
             t1 = time.perf_counter()
-            results[method] = train(method, data, args.epochs, seed, teacher=teacher, cache=cache)
-            results[method]["seconds"] = time.perf_counter() - t1
-        for method, r in results.items():
-            test_r = r["test"]
-            row = {
-                "seed": seed, "method": method, "epoch": r["epoch"], "val_worst": r["val"]["worst"],
-                "test_worst": test_r["worst"], "test_mean_group": test_r["mean_group"],
-                "test_worst_vendor": MNMS_VENDORS[test_r["worst_group"]],
-                **{f"test_{v}": test_r["per_group"][i] for i, v in enumerate(MNMS_VENDORS)},
-                **{f"test_{s}": test_r["per_structure"][i] for i, s in enumerate(("LV", "MYO", "RV"))},
-                "dro_weights": " ".join(f"{w:.3f}" for w in r["weights"]) if r["weights"] else "",
-                "seconds": round(r["seconds"], 1),
-            }  # fmt: skip
-            rows.append(row)
+            epochs = args.teacher_epochs if method == "teacher" else args.epochs
+            r = train(method, data, epochs, args.lr, seed, teacher=teacher, cache=cache)
+            r["seconds"] = time.perf_counter() - t1
+            if method == "teacher":
+                teacher = r["network"]
+            rows.append(result_row(seed, method, epochs, r))
+            history.extend(history_rows(seed, method, r["history"]))
+            last = r["history"][-1]["val"]["worst"]
             print(
-                f"seed {seed} {method:12s} epoch {r['epoch']:2d} test worst {100 * test_r['worst']:.1f} "
-                f"mean {100 * test_r['mean_group']:.1f} {minority} {100 * row[f'test_{minority}']:.1f} "
-                f"({r['seconds']:.0f} s)",
+                f"seed {seed} {method:12s} epoch {r['epoch']:2d}/{epochs} val worst {100 * r['val']['worst']:.1f} "
+                f"(last {100 * last:.1f}) test worst {100 * r['test']['worst']:.1f} mean "
+                f"{100 * r['test']['mean_group']:.1f} ({r['seconds']:.0f} s)",
                 flush=True,
             )
-        write_outputs(rows, args, time.perf_counter() - start, seed + 1)
-    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; {Path(args.out) / 'results_segmentation.md'}")
+        meta = {
+            "command": f"OMP_NUM_THREADS=1 python benchmarks/worst_group_seg.py {' '.join(sys.argv[1:])}".rstrip(),
+            "done": done,
+            "wall": time.perf_counter() - start,
+            "when": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (last write)",
+            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs; {args.threads} torch "
+            f"thread(s); load average {', '.join(f'{v:.2f}' for v in os.getloadavg())} at the last write), torch "
+            f"{torch.__version__}",
+            "eval_volumes": eval_volumes,
+        }
+        write_outputs(rows, history, args, meta)
+    print(f"done in {(time.perf_counter() - start) / 60:.1f} min; {md}")
 
 
 if __name__ == "__main__":

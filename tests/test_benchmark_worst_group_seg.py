@@ -1,0 +1,258 @@
+"""The segmentation worst-vendor benchmark's statistics, selection, evaluation and outputs (no full training run)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import worst_group  # noqa: E402
+import worst_group_seg as seg  # noqa: E402
+
+from monai_groupdistil.losses import (  # noqa: E402
+    DistillationLoss,
+    GroupDistillationLoss,
+    GroupDROLoss,
+    PerSampleDiceCELoss,
+)
+
+
+def _bootstrap_reference(values: list[float], n_boot: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap of the mean written out with a loop over the resamples (the same random stream)."""
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
+    means = sorted(sum(values[j] for j in row) / len(values) for row in idx.tolist())
+    # numpy's linear-interpolation quantile, by hand
+    out = []
+    for q in (0.025, 0.975):
+        pos = q * (n_boot - 1)
+        lo = math.floor(pos)
+        out.append(means[lo] + (pos - lo) * (means[min(lo + 1, n_boot - 1)] - means[lo]))
+    return out[0], out[1]
+
+
+def _row(seed: int, method: str, worst: float, mean_group: float, d: float, epoch: int = 10) -> dict:
+    per_vendor = {"test_A": mean_group + 0.01, "test_B": mean_group, "test_C": mean_group - 0.01, "test_D": d}
+    return {
+        "seed": seed, "method": method, "epoch": epoch, "epochs": 12, "val_worst": worst - 0.01,
+        "val_mean_group": mean_group - 0.01, "test_worst": worst, "test_mean_group": mean_group,
+        "test_worst_vendor": "D", **per_vendor, "test_LV": 0.9, "test_MYO": 0.8, "test_RV": 0.85,
+        "dro_weights": "0.250 0.250 0.250 0.250" if method in ("group_dro", "groupdistil") else "", "seconds": 1.5,
+    }  # fmt: skip
+
+
+# hand-built results of 3 seeds; groupdistil lacks seed 2 (a run stopped inside seed 2)
+WORST = {
+    "teacher": {0: 0.90, 1: 0.91, 2: 0.89},
+    "erm": {0: 0.80, 1: 0.82, 2: 0.79},
+    "group_dro": {0: 0.81, 1: 0.80, 2: 0.80},
+    "kd": {0: 0.83, 1: 0.81, 2: 0.84},
+    "groupdistil": {0: 0.845, 1: 0.80},
+}
+ROWS = [
+    _row(s, m, w, w + 0.05, w, epoch=8 + s)
+    for s in (2, 0, 1)  # not in seed order
+    for m in seg.ARMS
+    for ss, w in WORST[m].items()
+    if ss == s
+]
+
+
+def _args(tmp_path: Path | None = None, extra: list[str] | None = None) -> argparse.Namespace:
+    argv = ["--seeds", "3", "--epochs", "12", "--teacher-epochs", "12"] + (extra or [])
+    if tmp_path is not None:
+        argv += ["--out", str(tmp_path)]
+    return seg.parse_args(argv)
+
+
+def _meta() -> dict:
+    return {
+        "command": "OMP_NUM_THREADS=1 python benchmarks/worst_group_seg.py --seeds 3",
+        "done": 3,
+        "wall": 600.0,
+        "when": "2026-12-02 15:00 UTC (last write)",
+        "machine": "test machine",
+        "eval_volumes": {"val": [80, 80, 80, 80], "test": [200, 200, 200, 200]},
+    }
+
+
+HISTORY = [
+    {"seed": s, "method": m, "epoch": e, "lr": 0.001, "val_worst": 0.5 + 0.01 * e + 0.002 * s,
+     "val_mean_group": 0.6, "val_A": 0.6, "val_B": 0.6, "val_C": 0.6, "val_D": 0.5}
+    for s in (0, 1) for m in seg.ARMS for e in range(1, 13)
+]  # fmt: skip
+
+
+def test_hyper_parameters_are_the_classification_winners():
+    for method in seg.METHODS:
+        assert seg.HYPER[method] == worst_group.HYPER[method]
+    assert seg.HYPER["teacher"] == worst_group.teacher_hyper("erm")
+
+
+def test_make_loss_builds_each_method_with_its_hyper_parameters():
+    erm = seg.make_loss("erm", 4)
+    assert type(erm) is PerSampleDiceCELoss and erm.dice_weight == 1.0
+    assert type(seg.make_loss("teacher", 4)) is PerSampleDiceCELoss
+    dro = seg.make_loss("group_dro", 4)
+    assert isinstance(dro, GroupDROLoss) and dro.step_size == 1.0 and dro.absent_groups == "ema"
+    kd = seg.make_loss("kd", 4)
+    assert type(kd) is DistillationLoss and (kd.temperature, kd.alpha, kd.dice_weight) == (4.0, 0.5, 1.0)
+    gd = seg.make_loss("groupdistil", 4)
+    assert isinstance(gd, GroupDistillationLoss) and gd.step_size == 0.1 and gd.absent_groups == "zero"
+    with pytest.raises(ValueError, match="unknown method 'jtt'"):
+        seg.make_loss("jtt", 4)
+
+
+def test_compare_is_the_paired_bootstrap_over_common_seeds():
+    d = seg.compare(ROWS, "groupdistil", "kd", "test_worst")
+    expected = [100 * (0.845 - 0.83), 100 * (0.80 - 0.81)]  # seeds 0 and 1 only
+    assert d["n"] == 2 and d["positive"] == 1
+    assert d["differences"] == pytest.approx(expected)
+    assert d["mean"] == pytest.approx(statistics.fmean(expected))
+    low, high = _bootstrap_reference(expected)
+    assert (d["low"], d["high"]) == (pytest.approx(low), pytest.approx(high))
+
+    d = seg.compare(ROWS, "kd", "erm", "test_mean_group")
+    expected = [100 * (WORST["kd"][s] - WORST["erm"][s]) for s in (0, 1, 2)]
+    assert d["n"] == 3 and d["positive"] == 2
+    assert d["mean"] == pytest.approx(statistics.fmean(expected))
+    low, high = _bootstrap_reference(expected)
+    assert (d["low"], d["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert low <= d["mean"] <= high
+
+    assert seg.compare(ROWS, "kd", "absent", "test_worst")["n"] == 0
+
+
+def test_arm_summary_is_the_mean_over_seeds_with_its_bootstrap_interval():
+    s = seg.arm_summary(ROWS, "erm", "test_D")
+    vals = [80.0, 82.0, 79.0]
+    assert s["n"] == 3 and s["mean"] == pytest.approx(statistics.fmean(vals))
+    low, high = _bootstrap_reference(vals)
+    assert (s["low"], s["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert seg.arm_summary([{**r, "test_D": str(r["test_D"])} for r in ROWS], "erm", "test_D") == s  # CSV strings
+    empty = seg.arm_summary(ROWS, "absent", "test_D")
+    assert empty["n"] == 0 and math.isnan(empty["mean"])
+
+
+def test_select_epoch_best_worst_then_mean_then_later():
+    def h(epoch, worst, mean):
+        return {"epoch": epoch, "val": {"worst": worst, "mean_group": mean}}
+
+    history = [h(1, 0.7, 0.8), h(2, 0.8, 0.85), h(3, 0.8, 0.9), h(4, 0.8, 0.9), h(5, 0.79, 0.95)]
+    assert seg.select_epoch(history)["epoch"] == 4
+    assert seg.select_epoch(history[:3])["epoch"] == 3
+    with pytest.raises(ValueError, match="empty history"):
+        seg.select_epoch([])
+
+
+class _LabelNet(torch.nn.Module):
+    """'Segments' an image that holds the label map: logits = one-hot of the rounded intensity."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x[:, 0].round().long().clamp(0, 3), 4).permute(0, 3, 1, 2).float()
+
+
+def _dice_reference(pred: np.ndarray, label: np.ndarray) -> list[float]:
+    out = []
+    for c in (1, 2, 3):
+        a, b = pred == c, label == c
+        out.append(float("nan") if not b.any() else 2 * (a & b).sum() / (a.sum() + b.sum()))
+    return out
+
+
+def test_evaluate_matches_an_independent_dice_per_volume_and_vendor():
+    rng = np.random.default_rng(3)
+    volumes, preds = [], []
+    for i, (group, z) in enumerate([(0, 3), (0, 2), (1, 4), (2, 3), (3, 2), (3, 3)]):
+        label = rng.integers(0, 4, size=(1, 8, 8, z))
+        pred = np.where(rng.random(label.shape) < 0.3, rng.integers(0, 4, size=label.shape), label)
+        if i == 4:
+            label[label == 3] = 0  # no RV in this volume: its RV Dice is ignored (NaN)
+        volumes.append({
+            "image": torch.tensor(pred, dtype=torch.float32), "label": torch.tensor(label, dtype=torch.float32),
+            "group": group, "case": f"c{i}",
+        })  # fmt: skip
+        preds.append(_dice_reference(pred[0], label[0]))
+    split = seg.stack_volumes(volumes)
+    assert split["image"].shape == (17, 1, 8, 8) and split["slices"] == [3, 2, 4, 3, 2, 3]
+    res = seg.evaluate(_LabelNet(), split, 4, chunk=5)
+    per_group = []
+    for g in range(4):
+        rows = np.array([p for p, v in zip(preds, volumes) if v["group"] == g])
+        per_group.append(float(np.mean(np.nanmean(rows, axis=0))))
+    assert res["per_group"] == pytest.approx(per_group)
+    assert res["worst"] == pytest.approx(min(per_group)) and res["worst_group"] == int(np.argmin(per_group))
+    assert res["mean_group"] == pytest.approx(statistics.fmean(per_group))
+    assert res["per_structure"] == pytest.approx(np.nanmean(np.array(preds), axis=0).tolist())
+
+
+def test_write_outputs_csvs_and_markdown_content(tmp_path):
+    args = _args(tmp_path)
+    seg.write_outputs(ROWS, HISTORY, args, _meta())
+    with open(tmp_path / "results" / "worst_group_seg_runs.csv", newline="") as f:
+        back = list(csv.DictReader(f))
+    assert [list(r) for r in back] == [seg.RUN_FIELDS] * len(ROWS)
+    assert [{k: str(v) for k, v in r.items()} for r in ROWS] == back
+    with open(tmp_path / "results" / "worst_group_seg_history.csv", newline="") as f:
+        hist = list(csv.DictReader(f))
+    assert len(hist) == len(HISTORY) and hist[5] == {k: str(v) for k, v in HISTORY[5].items()}
+
+    md = (tmp_path / "results_segmentation.md").read_text()
+    # the markdown is the same from the CSV's strings (what a reader of the committed files recomputes)
+    assert seg.format_markdown(back, hist, args, _meta()) == md
+    assert "OMP_NUM_THREADS=1 python benchmarks/worst_group_seg.py --seeds 3\n" in md
+    assert "3 of 3 seeds (0, 1, 2), 10.0 min wall so far" in md
+    assert "validation 80/80/80/80, test 200/200/200/200" in md
+    assert "groupdistil: alpha 0.5, step_size 0.1, absent_groups zero, adjustment 0.0, sampler balanced" in md
+
+    diffs = [100 * (0.845 - 0.83), 100 * (0.80 - 0.81)]
+    low, high = _bootstrap_reference(diffs)
+    mean = statistics.fmean(diffs)
+    cell = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}], 1/2"
+    assert f"| groupdistil - kd | {cell} | {cell} | {cell} |" in md  # worst = vendor mean - 5 = D, all shift alike
+    vals = [80.0, 82.0, 79.0]
+    low, high = _bootstrap_reference(vals)
+    erm_worst = f"{statistics.fmean(vals):.1f} [{low:.1f}, {high:.1f}]"
+    assert md.count(f"| erm | {erm_worst} | ") == 1
+    assert "| erm | " in md and "| 8-10 |" in md  # selected epochs of the 3 seeds: 8, 9, 10
+    assert "| 2 | 89.0 | 79.0 | 80.0 | 84.0 |  |" in md  # seed 2: no groupdistil
+    # validation curve at epochs 3, 6, 9, 11, 12: mean over seeds 0 and 1 of 0.5 + 0.01 e + 0.002 s
+    assert "| network | epoch 3 | epoch 6 | epoch 9 | epoch 11 | epoch 12 |" in md
+    expected_curve = " | ".join(f"{100 * (0.5 + 0.01 * e + 0.001):.1f}" for e in (3, 6, 9, 11, 12))
+    assert f"| kd | {expected_curve} |" in md
+
+
+def test_result_and_history_rows_map_a_training_result():
+    r = {
+        "epoch": 7, "val": {"worst": 0.7, "mean_group": 0.8},
+        "test": {"worst": 0.75, "worst_group": 3, "mean_group": 0.85, "per_group": [0.9, 0.88, 0.87, 0.75],
+                 "per_structure": [0.92, 0.8, 0.83]},
+        "weights": [0.1, 0.2, 0.3, 0.4], "seconds": 12.345,
+    }  # fmt: skip
+    row = seg.result_row(4, "groupdistil", 20, r)
+    assert list(row) == seg.RUN_FIELDS
+    assert row["test_worst_vendor"] == "D" and row["test_D"] == 0.75 and row["test_MYO"] == 0.8
+    assert row["dro_weights"] == "0.100 0.200 0.300 0.400" and row["seconds"] == 12.3 and row["epochs"] == 20
+    hist = seg.history_rows(
+        4,
+        "kd",
+        [{"epoch": 1, "lr": 0.002, "val": {"worst": 0.5, "mean_group": 0.6, "per_group": [0.7, 0.6, 0.55, 0.5]}}],
+    )
+    assert hist == [{"seed": 4, "method": "kd", "epoch": 1, "lr": 0.002, "val_worst": 0.5, "val_mean_group": 0.6,
+                     "val_A": 0.7, "val_B": 0.6, "val_C": 0.55, "val_D": 0.5}]  # fmt: skip
+
+
+def test_parse_args_defaults_are_the_powered_protocol():
+    args = seg.parse_args([])
+    assert args.seeds >= 5 and args.val_per_vendor >= 40 and args.test_per_vendor >= 100 and args.threads == 1
+    quick = seg.parse_args(["--quick"])
+    assert (quick.seeds, quick.epochs, quick.val_per_vendor, quick.test_per_vendor) == (1, 2, 2, 2)
