@@ -1,40 +1,33 @@
 """PNG plots of group results: per-group accuracy bars, per-group per-structure metric bars, DRO-weight
-trajectories and segmentation overlays (needs matplotlib)."""
+trajectories and segmentation overlays (needs matplotlib, imported with MONAI's ``optional_import``).
+
+No pyplot and no global backend change: the plots are ``matplotlib.figure.Figure`` objects, which ``savefig``
+renders with the Agg backend, so they work on machines without a display.
+"""
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import torch
+from monai.utils import optional_import
 
 __all__ = [
+    "has_matplotlib",
     "plot_group_accuracy",
     "plot_group_metric",
     "plot_dro_weights",
     "plot_segmentation_overlays",
-    "require_matplotlib",
 ]
 
-_MISSING = (
-    "plotting needs matplotlib, which is not installed; install it with `pip install matplotlib` "
-    "(or `pip install monai-groupdistil[plot]`). CSV and JSON reports do not need it."
+Figure, has_matplotlib = optional_import(
+    "matplotlib.figure",
+    name="Figure",
+    descriptor="plotting needs matplotlib (`{}` failed); install it with `pip install matplotlib` (or "
+    "`pip install monai-groupdistil[plot]`); CSV and JSON reports do not need it",
 )
-
-
-def require_matplotlib() -> Any:
-    """Return ``matplotlib.figure.Figure`` (no pyplot, no global backend change).
-
-    Raises:
-        ImportError: with installation instructions when matplotlib is not installed.
-    """
-    try:
-        return importlib.import_module("matplotlib.figure").Figure
-    except ImportError as err:
-        raise ImportError(_MISSING) from err
 
 
 def plot_group_accuracy(
@@ -57,9 +50,8 @@ def plot_group_accuracy(
         ``str(path)``.
 
     Raises:
-        ImportError: when matplotlib is not installed.
+        OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
     """
-    figure_cls = require_matplotlib()
     values = [float(v) for v in (per_group.tolist() if isinstance(per_group, torch.Tensor) else per_group)]
     present = [v for v in values if not math.isnan(v)]
     worst = min(present) if present else None
@@ -67,7 +59,7 @@ def plot_group_accuracy(
         f"{n}\n(n={int(c)})" if counts is not None else str(n)
         for n, c in zip(group_names, counts if counts is not None else [0] * len(values))
     ]
-    fig = figure_cls(figsize=(max(4.0, 0.9 * len(values) + 2), 3.5))
+    fig = Figure(figsize=(max(4.0, 0.9 * len(values) + 2), 3.5))
     ax = fig.add_subplot(1, 1, 1)
     heights = [0.0 if math.isnan(v) else v for v in values]
     colors = ["tab:red" if worst is not None and v == worst else "tab:blue" for v in values]
@@ -105,15 +97,14 @@ def plot_dro_weights(
         ``str(path)``.
 
     Raises:
-        ImportError: when matplotlib is not installed.
+        OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
         ValueError: when ``weights`` is not ``[T, G]`` with ``G == len(group_names)``.
     """
-    figure_cls = require_matplotlib()
     w = torch.as_tensor(weights, dtype=torch.float64)
     if w.ndim != 2 or w.shape[1] != len(group_names):
         raise ValueError(f"weights must be [T, {len(group_names)}], got {tuple(w.shape)}.")
     x = list(range(1, w.shape[0] + 1)) if iterations is None else [int(i) for i in torch.as_tensor(iterations)]
-    fig = figure_cls(figsize=(6.0, 3.5))
+    fig = Figure(figsize=(6.0, 3.5))
     ax = fig.add_subplot(1, 1, 1)
     for g, name in enumerate(group_names):
         ax.plot(x, w[:, g].tolist(), label=str(name))
@@ -153,10 +144,9 @@ def plot_group_metric(
         ``str(path)``.
 
     Raises:
-        ImportError: when matplotlib is not installed.
+        OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
         ValueError: when the values are not ``[G, C]`` for the names given.
     """
-    figure_cls = require_matplotlib()
     values = torch.as_tensor(per_group_channel, dtype=torch.float64)
     if values.ndim != 2 or tuple(values.shape) != (len(group_names), len(channel_names)):
         raise ValueError(
@@ -167,7 +157,7 @@ def plot_group_metric(
     series = [*channel_names, "mean"]
     data = torch.cat([values, mean[:, None]], dim=1)
     width = 0.8 / len(series)
-    fig = figure_cls(figsize=(max(5.0, 1.3 * len(group_names) + 2), 3.8))
+    fig = Figure(figsize=(max(5.0, 1.3 * len(group_names) + 2), 3.8))
     ax = fig.add_subplot(1, 1, 1)
     for c, name in enumerate(series):
         xs = [g + (c - (len(series) - 1) / 2) * width for g in range(len(group_names))]
@@ -211,17 +201,16 @@ def plot_segmentation_overlays(
         ``str(path)``.
 
     Raises:
-        ImportError: when matplotlib is not installed.
+        OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
         ValueError: when the sequences differ in length or are empty.
     """
-    figure_cls = require_matplotlib()
     n = len(images)
     if n == 0 or not len(labels) == len(preds) == len(titles) == n:
         raise ValueError(
             f"images, labels, preds and titles must have the same non-zero length, got {n}, {len(labels)}, "
             f"{len(preds)}, {len(titles)}."
         )
-    fig = figure_cls(figsize=(7.5, 2.6 * n))
+    fig = Figure(figsize=(7.5, 2.6 * n))
     for i in range(n):
         image = torch.as_tensor(images[i]).float().cpu().t()  # (x, y) -> rows y, columns x
         for j, (overlay, name) in enumerate(((None, "image"), (labels[i], "ground truth"), (preds[i], "prediction"))):

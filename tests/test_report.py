@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 import warnings
 
@@ -12,8 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedEvaluator
+from monai.utils import OptionalImportError
 from torch.utils.data import DataLoader
 
+from monai_groupdistil import visualize
 from monai_groupdistil.engines import DistillationTrainer
 from monai_groupdistil.handlers import GroupDROHandler, GroupReportHandler
 from monai_groupdistil.losses import GroupDistillationLoss
@@ -112,12 +117,22 @@ def test_evaluator_rerun_resets_the_accumulated_samples(tmp_path):
     assert sum(int(r["samples"]) for r in read_rows(tmp_path / "group_report.csv")) == 12
 
 
-def test_without_matplotlib_csv_json_written_and_plots_skipped(tmp_path, monkeypatch):
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """monai_groupdistil.visualize as imported where matplotlib is not installed (reloaded in place, so the plot
+    functions the handlers imported see it too), restored afterwards."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(
-        ImportError, match=r"matplotlib, which is not installed; install it with `pip install matplotlib`"
-    ):
+    importlib.reload(visualize)
+    yield
+    monkeypatch.undo()
+    importlib.reload(visualize)
+    assert visualize.has_matplotlib
+
+
+def test_without_matplotlib_csv_json_written_and_plots_skipped(tmp_path, no_matplotlib):
+    assert not visualize.has_matplotlib
+    with pytest.raises(OptionalImportError, match=r"needs matplotlib.*install it with `pip install matplotlib`"):
         plot_group_accuracy([0.5], ["a"], tmp_path / "x.png")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -125,6 +140,22 @@ def test_without_matplotlib_csv_json_written_and_plots_skipped(tmp_path, monkeyp
     assert any("plots skipped" in str(w.message) and "pip install matplotlib" in str(w.message) for w in caught)
     assert (tmp_path / "eval" / "group_report.csv").exists() and (tmp_path / "eval" / "metrics.json").exists()
     assert not (tmp_path / "eval" / "group_accuracy.png").exists()
+
+
+def test_package_imports_without_matplotlib():
+    """A fresh interpreter where matplotlib cannot be imported: the package, its handlers and visualize import, and
+    a plot call raises MONAI's OptionalImportError naming matplotlib."""
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "import monai_groupdistil.handlers, monai_groupdistil.visualize as v\n"
+        "from monai.utils import OptionalImportError\n"
+        "try:\n    v.plot_dro_weights([[0.5, 0.5]], ['a', 'b'], 'never.png')\n"
+        "except OptionalImportError as err:\n    print('raised:', str(err).splitlines()[0])\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("raised: plotting needs matplotlib (`from matplotlib.figure import Figure` failed)")
 
 
 def test_plot_argument_errors(tmp_path):
