@@ -8,10 +8,10 @@ from monai_groupdistil.handlers.group_report_handler import (
     GroupReportHandler,
     per_sample_cross_entropy,
 )
-from monai_groupdistil.handlers.prediction_writer import ClassPredictionWriter
+from monai_groupdistil.handlers.prediction_writer import ClassProbabilitySaver
 
 __all__ = [
-    "ClassPredictionWriter",
+    "ClassProbabilitySaver",
     "GroupAccuracyHandler",
     "GroupDROHandler",
     "GroupMetricHandler",
