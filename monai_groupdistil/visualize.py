@@ -1,5 +1,6 @@
 """PNG plots of group results: per-group accuracy bars, per-group per-structure metric bars, DRO-weight
 trajectories and segmentation overlays (needs matplotlib, imported with MONAI's ``optional_import``).
+Our own because ``monai.visualize`` draws images, volumes and TensorBoard summaries, not per-group charts.
 
 No pyplot and no global backend change: the plots are ``matplotlib.figure.Figure`` objects, which ``savefig``
 renders with the Agg backend, so they work on machines without a display.
