@@ -267,7 +267,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_command_line(tmp_path):
-    cmd = [sys.executable, "-m", "monai_groupdistil.data.synthetic", "--root", str(tmp_path), "--n-subjects", "4",
+    cmd = [sys.executable, "-m", "monai_groupdistil.data", "synthetic", "--root", str(tmp_path), "--n-subjects", "4",
            "--n-frames", "4", "--matrix-scale", "0.25", "--seed", "5", "--vendor-fractions", "A=1,D=1",
            "--num-workers", "0"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -279,5 +279,8 @@ def test_command_line(tmp_path):
     assert set(vendors) == {"A", "D"} and sum(vendors.values()) == 4
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # exists: clean error, exit code 2
     assert again.returncode == 2 and "already exists" in again.stderr
-    bad = subprocess.run([*cmd[:4], str(tmp_path / "x"), "--vendor-fractions", "A"], capture_output=True, text=True)
+    bad = subprocess.run([*cmd[:5], str(tmp_path / "x"), "--vendor-fractions", "A"], capture_output=True, text=True)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    assert "RuntimeWarning" not in res.stderr + bad.stderr  # the package's __main__, not a submodule run as a script
+    unknown = subprocess.run([*cmd[:3], "nothing"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "{synthetic,waterbirds}" in unknown.stderr

@@ -64,7 +64,7 @@ Splits, vendors and pathologies
 
 Command line::
 
-    python -m monai_groupdistil.data.synthetic --root DIR [--n-subjects 60] [--seed 0] \\
+    python -m monai_groupdistil.data synthetic --root DIR [--n-subjects 60] [--seed 0] \\
         [--vendor-fractions A=0.4,B=0.35,C=0.2,D=0.05] [--test-vendor-fractions A=.25,B=.25,C=.25,D=.25] \\
         [--correlation 0.8] [--n-unlabeled 0] [--n-frames 10] [--matrix-scale 1.0] [--overwrite]
 """
@@ -80,7 +80,6 @@ import multiprocessing
 import os
 import shutil
 import string
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -656,9 +655,9 @@ def _parse_mapping(text: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Command-line entry point: ``python -m monai_groupdistil.data.synthetic --root DIR [options]``."""
+    """Command-line entry point: ``python -m monai_groupdistil.data synthetic --root DIR [options]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m monai_groupdistil.data.synthetic",
+        prog="python -m monai_groupdistil.data synthetic",
         description="Write a synthetic multi-vendor cardiac cine dataset in the M&Ms OpenDataset layout.",
     )
     parser.add_argument("--root", required=True, help="folder under which OpenDataset/ is written")
@@ -705,11 +704,3 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     print(out)
     return out
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

@@ -257,8 +257,11 @@ def _render(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m monai_groupdistil.data.waterbirds --root DIR [--n-images N] ...``."""
-    parser = argparse.ArgumentParser(description="Write a synthetic Waterbirds stand-in (layout of the release).")
+    """Command line: ``python -m monai_groupdistil.data waterbirds --root DIR [--n-images N] ...``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m monai_groupdistil.data waterbirds",
+        description="Write a synthetic Waterbirds stand-in (layout of the release).",
+    )
     parser.add_argument("--root", required=True, help="output folder")
     parser.add_argument("--n-images", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
@@ -279,7 +282,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         colour_cue=args.colour_cue,
     )
     print(path)
-
-
-if __name__ == "__main__":
-    main()
