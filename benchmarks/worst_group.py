@@ -403,11 +403,9 @@ def train(
         {"image": split["image"][i], "label": split["label"][i], "group": split["group"][i], "id": i}
         for i in range(len(split["label"]))
     ]
-    if hyper.get("sampler", "natural") == "balanced":
-        sampler = GroupBalancedSampler(split["group"], seed=seed)
-        loader = DataLoader(items, batch_size=16, sampler=sampler)
+    if hyper.get("sampler", "natural") == "balanced":  # a DistributedSampler: the trainer sets its epoch
+        loader = DataLoader(items, batch_size=16, sampler=GroupBalancedSampler(split["group"], seed=seed))
     else:
-        sampler = None
         loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
     use_teacher = method in ("kd", "groupdistil")
     if use_teacher and teacher is None:
@@ -422,8 +420,6 @@ def train(
         teacher=teacher if use_teacher else None,
         teacher_cache=cache if use_teacher else None,
     )
-    if sampler is not None:
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch))
     history: list[dict] = []
 
     @trainer.on(Events.EPOCH_COMPLETED)
