@@ -486,7 +486,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=20, help="student epochs")
+    parser.add_argument("--epochs", type=int, default=30, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=2e-3, help="initial Adam learning rate (cosine to 0)")
     parser.add_argument("--train-subjects", type=int, default=40)
