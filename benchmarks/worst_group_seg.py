@@ -399,7 +399,7 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
         "```",
         "",
         f"Run {meta['when']} on {meta['machine']}: {meta['done']} of {args.seeds} seeds "
-        f"({', '.join(map(str, seeds))}), {meta['wall'] / 60:.1f} min wall so far.",
+        f"({', '.join(map(str, seeds))}), {meta['wall'] / 60:.1f} min wall so far{meta.get('note', '')}.",
         "",
         f"Data per seed: {args.train_subjects} training subjects (vendor {minority}: "
         f"{round(args.minority * args.train_subjects)}; the others share the rest), two frames (ED, ES) each, the "
@@ -479,6 +479,40 @@ def write_outputs(rows: Sequence[dict], history: Sequence[dict], args: argparse.
     (out / "results_segmentation.md").write_text(format_markdown(rows, history, args, meta))
 
 
+def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The rows of the seeds that an earlier run under ``args.out`` completed (every network of ``ARMS``), for
+    ``--resume``; incomplete seeds and seeds outside the planned range are dropped.
+
+    Returns:
+        ``(runs, history)``: rows as read from ``worst_group_seg_runs.csv`` and ``worst_group_seg_history.csv``
+        (strings); empty lists when the runs CSV does not exist.
+
+    Raises:
+        ValueError: when a kept row was trained with other epochs than ``args`` asks for.
+    """
+    results = Path(args.out) / "results"
+    runs_path, history_path = results / "worst_group_seg_runs.csv", results / "worst_group_seg_history.csv"
+    if not runs_path.exists():
+        return [], []
+    with open(runs_path, newline="") as f:
+        runs = list(csv.DictReader(f))
+    history: list[dict] = []
+    if history_path.exists():
+        with open(history_path, newline="") as f:
+            history = list(csv.DictReader(f))
+    planned = set(range(args.first_seed, args.first_seed + args.seeds))
+    complete = {s for s in planned if {r["method"] for r in runs if int(r["seed"]) == s} >= set(ARMS)}
+    runs = [r for r in runs if int(r["seed"]) in complete]
+    for r in runs:
+        want = args.teacher_epochs if r["method"] == "teacher" else args.epochs
+        if int(r["epochs"]) != want:
+            raise ValueError(
+                f"--resume: {runs_path} has seed {r['seed']} {r['method']} trained for {r['epochs']} epochs, the "
+                f"command asks for {want}; use another --out."
+            )
+    return runs, [h for h in history if int(h["seed"]) in complete]
+
+
 # ----------------------------------------------------------------------------------------------------- main
 
 
@@ -499,6 +533,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 16 subjects, 2 epochs, 2 + 2 per vendor")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the complete seeds of the CSVs under --out and train the others"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs, args.train_subjects = 1, 2, 2, 16
@@ -526,7 +563,13 @@ def main() -> None:
     md = Path(args.out) / "results_segmentation.md"
     rows: list[dict] = []
     history: list[dict] = []
-    for done, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), start=1):
+    if args.resume:
+        rows, history = load_complete_seeds(args)
+    kept = sorted({int(r["seed"]) for r in rows})
+    note = f"; seeds {', '.join(map(str, kept))} from an earlier invocation (not in this wall time)" if kept else ""
+    todo = [s for s in range(args.first_seed, args.first_seed + args.seeds) if s not in kept]
+    print(f"seeds kept from {args.out}: {kept}; to train: {todo}", flush=True)
+    for done, seed in enumerate(todo, start=len(kept) + 1):
         t0 = time.perf_counter()
         volumes = make_split("train", args.train_subjects, train_fr, seed, args.size, args.matrix_scale)
         data = {"train": train_slices(volumes), "val": val, "test": test}
@@ -558,6 +601,7 @@ def main() -> None:
             f"thread(s); load average {', '.join(f'{v:.2f}' for v in os.getloadavg())} at the last write), torch "
             f"{torch.__version__}",
             "eval_volumes": eval_volumes,
+            "note": note,
         }
         write_outputs(rows, history, args, meta)
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; {md}")

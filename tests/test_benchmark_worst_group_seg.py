@@ -256,3 +256,16 @@ def test_parse_args_defaults_are_the_powered_protocol():
     assert args.seeds >= 5 and args.val_per_vendor >= 40 and args.test_per_vendor >= 100 and args.threads == 1
     quick = seg.parse_args(["--quick"])
     assert (quick.seeds, quick.epochs, quick.val_per_vendor, quick.test_per_vendor) == (1, 2, 2, 2)
+
+
+def test_resume_keeps_only_complete_planned_seeds(tmp_path):
+    seg.write_outputs(ROWS, HISTORY + [{**HISTORY[0], "seed": 2}], _args(tmp_path), _meta())
+    runs, hist = seg.load_complete_seeds(_args(tmp_path))
+    assert sorted({int(r["seed"]) for r in runs}) == [0, 1]  # seed 2 has no groupdistil row
+    assert runs == [{k: str(v) for k, v in r.items()} for r in ROWS if r["seed"] in (0, 1)]
+    assert len(hist) == len(HISTORY) and {h["seed"] for h in hist} == {"0", "1"}
+    runs, _ = seg.load_complete_seeds(_args(tmp_path, ["--first-seed", "1"]))
+    assert {r["seed"] for r in runs} == {"1"}  # seed 0 is outside the planned range 1-3
+    assert seg.load_complete_seeds(_args(tmp_path / "empty")) == ([], [])
+    with pytest.raises(ValueError, match="trained for 12 epochs, the command asks for 30; use another --out"):
+        seg.load_complete_seeds(_args(tmp_path, ["--epochs", "30"]))
