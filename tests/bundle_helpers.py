@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = str(ROOT / "tests" / "data" / "meta_schema_20240725.json")
@@ -45,10 +46,62 @@ def report_rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+BUNDLES = ("cardiac_mri_groupdistil", "cardiac_mri_seg_groupdistil", "waterbirds_groupdistil")
+CLASSIFICATION = ("cardiac_mri_groupdistil", "waterbirds_groupdistil")
+# per bundle: the overrides of a tiny run (1 epoch, 32 x 32 inputs)
+TINY = {
+    "cardiac_mri_groupdistil": {"spatial_size": [32, 32], "pixdim": [4.0, 4.0], "batch_size": 4},
+    "cardiac_mri_seg_groupdistil": {"spatial_size": [32, 32], "pixdim": [6.0, 6.0], "batch_size": 8},
+    "waterbirds_groupdistil": {
+        "synthetic_images": 24,
+        "synthetic_image_size": 32,
+        "spatial_size": [32, 32],
+        "resize": [36, 36],
+        "batch_size": 4,
+    },
+}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process workflows use one thread (the machine's cores are shared); restored afterwards. A test module
+    uses it by importing it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_tiny_data(name: str, folder: Path) -> None:
+    """The tiny dataset of bundle ``name`` in ``folder``: an M&Ms-layout one for the cardiac bundles; nothing for
+    Waterbirds, whose bundle generates its synthetic stand-in (``synthetic_images``) in the empty folder itself."""
+    from monai_groupdistil.data import make_synthetic_mnms
+
+    if name == "cardiac_mri_groupdistil":
+        make_synthetic_mnms(folder, n_subjects=24, seed=1, matrix_scale=0.5, n_frames=4)
+    elif name == "cardiac_mri_seg_groupdistil":
+        make_synthetic_mnms(folder, n_subjects=16, seed=1, matrix_scale=0.4, n_frames=4, num_workers=0)
+
+
+def random_teacher(bundle: Bundle, overrides: dict, path: Path) -> None:
+    """A frozen teacher of the bundle's teacher architecture with seeded random weights (training it is not tested)."""
+    import torch
+
+    net = bundle.workflow(bundle.configs("train"), overrides, initialize=False).parser.get_parsed_content("teacher_def")
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save({"model": net.state_dict()}, path)
+
+
 class Bundle:
     """One bundle of ``bundles/``: its config files, CLI runs and ConfigWorkflows."""
 
     def __init__(self, name: str) -> None:
+        self.name = name
         self.root = ROOT / "bundles" / name
         self.config_dir = self.root / "configs"
         self.meta = str(self.config_dir / "metadata.json")
@@ -89,35 +142,6 @@ class Bundle:
         """Top-level ids of train.json whose default is a boolean."""
         return sorted(k for k, v in self.raw_config("train").items() if isinstance(v, bool))
 
-    def teacher_shared_ids(self) -> set[str]:
-        """The settings train_teacher.json reads from train.json: derived from the two files, not listed by hand.
-
-        A setting is a top-level id of train.json that train_teacher.json does not set itself, whose default is a
-        literal (number, string, list, bool, null) or an expression of nothing but ``@bundle_root`` (the folders,
-        ``device``); components, derived values (``num_classes``, ``splits``...) and the workflow lists are not.
-        """
-        teacher = self.raw_config("train_teacher")
-
-        def strings(value):
-            if isinstance(value, str):
-                yield value
-            elif isinstance(value, list):
-                for v in value:
-                    yield from strings(v)
-
-        def is_setting(value) -> bool:
-            if isinstance(value, dict):
-                return False
-            exprs = [s for s in strings(value) if s[:1] in ("$", "@", "%")]
-            if not exprs:
-                return True
-            return isinstance(value, str) and set(re.findall(r"@([\w#]+)", value)) <= {"bundle_root"}
-
-        workflow_lists = {"imports", "initialize", "run", "finalize"}
-        return {
-            k for k, v in self.raw_config("train").items() if k not in set(teacher) | workflow_lists and is_setting(v)
-        }
-
 
 def own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = None) -> dict:
     """``overrides`` with checkpoints, reports and logs in ``tmp_path``; the trained teacher linked in if given."""
@@ -128,13 +152,11 @@ def own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = Non
     return ov
 
 
-# boolean id -> the train.json item whose value the id decides, and how to read the decision from it (both bundles)
+# boolean id -> the train.json item whose value the id decides, and how to read the decision from it (every bundle)
 BOOLEAN_USES = {
-    "use_dro": ("train#handlers", lambda handlers: any(type(h).__name__ == "GroupDROHandler" for h in handlers)),
-    "augment": ("train#augmentation", lambda compose: len(compose.transforms) > 0),
+    "augment": ("augmentation", lambda augmentation: augmentation is not None),
     "balanced_sampling": ("train#sampler", lambda sampler: type(sampler).__name__ == "GroupBalancedSampler"),
     "progress_bar": ("train#trainer#progress_bar", lambda value: value),
-    "resume": ("resume_from_checkpoint", lambda value: value),
 }
 # every accepted spelling of a boolean id on the command line and in overrides, with its meaning
 SPELLINGS = [("false", False), ("False", False), ("0", False), ("no", False), (0, False), (False, False)]

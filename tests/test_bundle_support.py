@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import re
@@ -21,7 +22,8 @@ from monai_groupdistil.bundle import (
     output_classes,
     prepare_mnms_dataset,
     require_file,
-    teacher_command,
+    resume_objects,
+    teacher_loss,
 )
 from monai_groupdistil.data import make_synthetic_mnms
 
@@ -104,17 +106,15 @@ def test_load_network_and_teacher(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit .*2.weight: checkpoint \(3, 8\) vs network \(5, 8\)"):
         load_network(wider, tmp_path / "teacher.pt")
     with pytest.raises(FileNotFoundError) as info:
-        load_teacher(fresh, tmp_path / "missing.pt", how_to_train="CMD --x 1")
-    assert f"teacher checkpoint '{tmp_path / 'missing.pt'}' not found. Train the teacher first" in str(info.value)
-    assert "\n\n    CMD --x 1\n\n" in str(info.value) and "--train_teacher_if_missing true" in str(info.value)
-    calls = []
-
-    def train():
-        calls.append(1)
-        torch.save({"model": net.state_dict()}, tmp_path / "trained.pt")
-
-    load_teacher(fresh, tmp_path / "trained.pt", train_if_missing=True, train_fn=train)
-    assert calls == [1]
+        load_teacher(fresh, tmp_path / "missing.pt", bundle_root="/b")
+    message = str(info.value)
+    assert f"teacher checkpoint '{tmp_path / 'missing.pt'}' not found. Train the teacher first" in message
+    files = "['/b/configs/train.json','/b/configs/train_teacher.json']"
+    command = f'python -m monai.bundle run --config_file "{files}" --bundle_root /b --ckpt_dir {tmp_path}'
+    assert f"\n\n    {command}\n\n" in message and "this run's other overrides" in message
+    with pytest.raises(FileNotFoundError) as info:
+        load_teacher(fresh, tmp_path / "teacher_group_dro.pt", teacher_method="group_dro")
+    assert "--bundle_root . --ckpt_dir" in str(info.value) and str(info.value).count("--teacher_method group_dro") == 1
     with pytest.raises(FileNotFoundError, match="the trained model; run"):
         require_file(tmp_path / "none.pt", "the trained model; run the training config first")
 
@@ -154,25 +154,42 @@ def test_checked_arguments_names_the_unknown_argument():
     assert checked_arguments(free) is free  # anything goes
 
 
-def test_teacher_command_repeats_the_settings_that_differ_from_train_json(tmp_path):
-    (tmp_path / "configs").mkdir()
-    defaults = {"batch_size": 16, "augment": True, "spatial_size": [96, 96], "ckpt_dir": "$@bundle_root + '/m'"}
-    (tmp_path / "configs" / "train.json").write_text(json.dumps(defaults))
-    settings = {
-        "bundle_root": str(tmp_path),
-        "batch_size": 16,  # the default: left out
-        "augment": "no",  # fire's string: written as the boolean it means
-        "spatial_size": [32, 32],
-        "ckpt_dir": "/data/run 1/models",  # an expression by default: always passed on
-        "device": torch.device("cpu"),
-        "group_by": "vendor",
-        "seed": "7",  # a string that fire would read as a number
-    }
-    command = teacher_command(tmp_path, settings)
-    files = f"['{tmp_path}/configs/train.json','{tmp_path}/configs/train_teacher.json']"
-    assert command.startswith(f'python -m monai.bundle run --config_file "{files}" --meta_file {tmp_path}/configs/')
-    assert "--batch_size" not in command
-    assert command.endswith(
-        '--augment False --spatial_size "[32, 32]" --ckpt_dir "/data/run 1/models" --device cpu '
-        "--group_by vendor --seed \"'7'\""
+def test_teacher_loss_of_each_method_and_a_custom_supervised_loss():
+    from monai_groupdistil.losses import GroupDROLoss, PerSampleDiceCELoss
+
+    assert type(teacher_loss("erm", 4, 0.1)) is torch.nn.CrossEntropyLoss
+    robust = teacher_loss("group_dro", 4, 0.3, absent_groups="zero")
+    assert isinstance(robust, GroupDROLoss) and (robust.num_groups, robust.step_size) == (4, 0.3)
+    assert robust.absent_groups == "zero" and robust.loss_fn.reduction == "none"
+    seg = teacher_loss("erm", 4, 0.1, loss_fn=functools.partial(PerSampleDiceCELoss, dice_weight=0.5))
+    assert type(seg) is PerSampleDiceCELoss and seg.dice_weight == 0.5 and seg.reduction == "mean"
+    seg = teacher_loss("group_dro", 4, 0.1, loss_fn=functools.partial(PerSampleDiceCELoss, dice_weight=0.5))
+    assert type(seg.loss_fn) is PerSampleDiceCELoss and seg.loss_fn.reduction == "none"
+    with pytest.raises(ValueError, match=r"teacher_method must be one of \('erm', 'group_dro'\), got 'kd'"):
+        teacher_loss("kd", 4, 0.1)
+
+
+def test_resume_objects_hold_what_the_run_depends_on():
+    from ignite.engine import Engine
+
+    from monai_groupdistil.bundle import BestMetricState, RandomStates, RunSettings
+
+    net = torch.nn.Linear(2, 2)
+    optimizer, trainer, evaluator = torch.optim.SGD(net.parameters(), lr=0.1), Engine(lambda e, b: None), object()
+    objects = resume_objects({"model": net}, optimizer, trainer, [], evaluator, "saver", "kd.pt", {"method": "kd"})
+    assert list(objects) == ["model", "optimizer", "trainer", "random_states", "best_metric", "settings"]
+    assert objects["model"] is net and objects["optimizer"] is optimizer and objects["trainer"] is trainer
+    assert isinstance(objects["random_states"], RandomStates) and isinstance(objects["settings"], RunSettings)
+    best = objects["best_metric"]
+    assert isinstance(best, BestMetricState) and (best.evaluator, best.saver, best.filename) == (
+        evaluator,
+        "saver",
+        "kd.pt",
     )
+    assert objects["settings"].state_dict() == {"method": "kd"}
+    assert list(resume_objects({"model": net}, optimizer, trainer, [])) == [
+        "model",
+        "optimizer",
+        "trainer",
+        "random_states",
+    ]

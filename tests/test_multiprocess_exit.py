@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from monai_groupdistil.data import make_synthetic_mnms
-from tests.bundle_helpers import ENV, Bundle, cli_args
+from tests.bundle_helpers import ENV, TINY, TORCHRUN, Bundle, cli_args, make_tiny_data, random_teacher
 
 CARDIAC = Bundle("cardiac_mri_groupdistil")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle"]
 TIMEOUT_S = 240  # a run takes ~20-40 s on two shared cores; a hang at exit would run into this
 
 
 @pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 def test_two_process_training_exits_three_times_in_a_row(tmp_path):
-    make_synthetic_mnms(tmp_path / "data", n_subjects=24, seed=1, matrix_scale=0.5, n_frames=4)
-    ov = CARDIAC.run_overrides(tmp_path, epochs=1, spatial_size=[32, 32], pixdim=[4.0, 4.0], batch_size=4)
+    make_tiny_data(CARDIAC.name, tmp_path / "data")
+    ov = CARDIAC.run_overrides(tmp_path, epochs=1, **TINY[CARDIAC.name])
     ckpt = Path(ov["ckpt_dir"])
     ckpt.mkdir()
-    teacher = CARDIAC.workflow(CARDIAC.configs("train"), ov, initialize=False).parser.get_parsed_content("teacher_def")
-    torch.save({"model": teacher.state_dict()}, ckpt / "teacher.pt")
+    random_teacher(CARDIAC, ov, ckpt / "teacher.pt")
     cmd = TORCHRUN + ["run", "--config_file", str(CARDIAC.configs("train", "multi_gpu_train")).replace('"', "'")]
     cmd += ["--meta_file", CARDIAC.meta, *cli_args({**ov, "resume": True, "epochs": 1})]
     for attempt in range(1, 4):  # resume true: each run continues the previous one for one more epoch

@@ -2,7 +2,7 @@
 
 The cardiac runs go through the command line as a user's would (tiny generated data, 32x32 slices, 3 epochs):
 two identical runs (reproducibility), and one killed with SIGKILL once its epoch-1 checkpoint exists, then
-restarted with ``--resume true`` (resume). The Waterbirds bundle is resumed in-process.
+restarted with ``--resume true`` (resume). The other bundles are resumed in-process.
 """
 
 from __future__ import annotations
@@ -21,29 +21,22 @@ import torch
 from monai_groupdistil.bundle import RandomStates, RunSettings, check_resume_checkpoint, latest_checkpoint
 from monai_groupdistil.data import make_synthetic_mnms
 from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES
-from tests.bundle_helpers import ENV, Bundle, cli_args, error_chain, report_rows, root_error
+from tests.bundle_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
+    ENV,
+    TINY,
+    Bundle,
+    cli_args,
+    error_chain,
+    make_tiny_data,
+    one_thread,
+    random_teacher,
+    report_rows,
+    root_error,
+)
 
 CARDIAC = Bundle("cardiac_mri_groupdistil")
-WATERBIRDS = Bundle("waterbirds_groupdistil")
-TINY = {"epochs": 3, "spatial_size": [32, 32], "pixdim": [4.0, 4.0], "batch_size": 4, "step_size": 5.0}
+CARDIAC_RUN = {"epochs": 3, "spatial_size": [32, 32], "pixdim": [4.0, 4.0], "batch_size": 4, "step_size": 5.0}
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _random_teacher(bundle: Bundle, overrides: dict, path: Path) -> None:
-    """A frozen teacher of the bundle's teacher architecture with seeded random weights (training it is not tested)."""
-    net = bundle.workflow(bundle.configs("train"), overrides, initialize=False).parser.get_parsed_content("teacher_def")
-    torch.manual_seed(0)
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    torch.save({"model": net.state_dict()}, path)
 
 
 def _folder(base: Path, name: str, teacher: Path) -> Path:
@@ -70,9 +63,9 @@ def cardiac(tmp_path_factory):
     """Runs A and B (the same command), and C (killed after its first epoch checkpoint, then resumed)."""
     base = tmp_path_factory.mktemp("cardiac_ops")
     make_synthetic_mnms(base / "data", n_subjects=24, seed=1, matrix_scale=0.5, n_frames=4)
-    common = CARDIAC.run_overrides(base, **TINY)
+    common = CARDIAC.run_overrides(base, **CARDIAC_RUN)
     teacher = base / "teacher.pt"
-    _random_teacher(CARDIAC, common, teacher)
+    random_teacher(CARDIAC, common, teacher)
     runs = {}
     for name in ("A", "B"):
         ov = {**common, "ckpt_dir": str(_folder(base, name, teacher)), "output_dir": str(base / f"eval_{name}")}
@@ -196,36 +189,48 @@ def test_resume_without_a_checkpoint_starts_from_epoch_zero_and_a_fresh_run_repl
     _assert_same_tensors(first["model"], _load(ov["ckpt_dir"], "groupdistil_epoch=1.pt")["model"])
 
 
+SETTINGS = {
+    "waterbirds_groupdistil": ("classes", ["landbird", "waterbird"], list(WATERBIRDS_GROUP_NAMES)),
+    "cardiac_mri_seg_groupdistil": ("structures", ["LV", "MYO", "RV"], ["A", "B", "C", "D"]),
+}
+
+
 @pytest.mark.parametrize(
-    "method, extra",
-    [("groupdistil", {}), ("group_dro", {"balanced_sampling": True}), ("erm", {})],  # student, baselines, sampler
+    "name, method, extra",
+    [
+        ("waterbirds_groupdistil", "groupdistil", {}),  # the student
+        ("waterbirds_groupdistil", "group_dro", {"balanced_sampling": True}),  # a baseline, the sampler
+        ("waterbirds_groupdistil", "erm", {}),
+        ("cardiac_mri_seg_groupdistil", "groupdistil", {}),  # slices, per-slice augmentation
+    ],
 )
-def test_waterbirds_resumes_exactly_in_process(tmp_path, method, extra):
-    small = {"synthetic_images": 24, "synthetic_image_size": 32, "spatial_size": [32, 32], "resize": [36, 36]}
-    common = WATERBIRDS.run_overrides(tmp_path, batch_size=4, step_size=5.0, epochs=2, **small, **extra)
-    configs = WATERBIRDS.configs("train") if method == "groupdistil" else WATERBIRDS.configs("train", method)
+def test_resumes_exactly_in_process(tmp_path, name, method, extra):
+    bundle = Bundle(name)
+    make_tiny_data(name, tmp_path / "data")
+    common = bundle.run_overrides(tmp_path, **{**TINY[name], "step_size": 5.0, "epochs": 2, **extra})
+    configs = bundle.configs("train") if method == "groupdistil" else bundle.configs("train", method)
     teacher = tmp_path / "teacher.pt"
-    _random_teacher(WATERBIRDS, common, teacher)
+    random_teacher(bundle, common, teacher)
     whole = {**common, "ckpt_dir": str(_folder(tmp_path, "whole", teacher))}
     parts = {**common, "ckpt_dir": str(_folder(tmp_path, "parts", teacher))}
     for ov in (whole, {**parts, "epochs": 1}, {**parts, "resume": True}):
-        wf = WATERBIRDS.workflow(configs, ov)
+        wf = bundle.workflow(configs, ov)
         wf.run()
         wf.finalize()
     last, best = f"{method}_epoch=2.pt", "model.pt" if method == "groupdistil" else f"{method}.pt"
-    for name in (last, best):
-        a, b = _load(whole["ckpt_dir"], name), _load(parts["ckpt_dir"], name)
+    for file in (last, best):
+        a, b = _load(whole["ckpt_dir"], file), _load(parts["ckpt_dir"], file)
         _assert_same_tensors(a["model"], b["model"])
         _assert_same_tensors(a["loss"], b["loss"])  # the DRO state of groupdistil and group_dro
     a, b = _load(whole["ckpt_dir"], last), _load(parts["ckpt_dir"], last)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
     assert ("dro" in a) == (method != "erm") and a["trainer"]["iteration"] == 2 * a["trainer"]["epoch_length"]
-    assert len(b["random_states"]["ranks"][0]["transforms"]) > 0  # the random crops' and flips' states
-    assert b["settings"] == {
-        "method": method,
-        "classes": ["landbird", "waterbird"],
-        "group_names": list(WATERBIRDS_GROUP_NAMES),
-    }
+    if "dro" in a:  # the handler's history goes on where it stopped
+        assert torch.equal(a["dro"]["weight_history"], b["dro"]["weight_history"])
+        assert b["dro"]["weight_history"].shape[0] == b["trainer"]["iteration"]
+    assert len(b["random_states"]["ranks"][0]["transforms"]) > 0  # the random crops', flips' or affines' states
+    key, values, groups = SETTINGS[name]
+    assert b["settings"] == {"method": method, key: values, "group_names": groups}
 
 
 def test_check_resume_checkpoint_names_the_differences_of_its_parts(tmp_path):

@@ -1,4 +1,4 @@
-"""MONAI's ``--tracking mlflow`` on both bundles: parameters, metrics and artifacts read back with the MLflow client.
+"""MONAI's ``--tracking mlflow`` on every bundle: parameters, metrics and artifacts read back with the MLflow client.
 
 Each bundle trains 2 tiny epochs and evaluates with ``tracking="mlflow"`` (what ``python -m monai.bundle run ...
 --tracking mlflow`` passes to ``ConfigWorkflow``), into a local SQLite store ``<output_dir>/mlruns.db``.
@@ -15,28 +15,11 @@ import pytest
 import torch
 
 from monai_groupdistil.bundle import WorstGroupHandler, run_parameters, track_run
-from monai_groupdistil.data import make_synthetic_mnms
-from tests.bundle_helpers import Bundle
+from tests.bundle_helpers import BUNDLES, TINY, Bundle, make_tiny_data, one_thread, random_teacher  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
-
-CASES = {
-    "cardiac_mri_groupdistil": {"spatial_size": [32, 32], "pixdim": [4.0, 4.0]},
-    "waterbirds_groupdistil": {
-        "synthetic_images": 24,
-        "synthetic_image_size": 32,
-        "spatial_size": [32, 32],
-        "resize": [36, 36],
-    },
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# per bundle: the key metric and the plot of the per-group report
+METRIC = {name: ("dice", "group_dice.png") if "seg" in name else ("accuracy", "group_accuracy.png") for name in BUNDLES}
 
 
 def _workflow(bundle: Bundle, configs: list[str], overrides: dict, workflow_type: str):
@@ -51,17 +34,15 @@ def _workflow(bundle: Bundle, configs: list[str], overrides: dict, workflow_type
     return wf
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=BUNDLES)
 def tracked(request, tmp_path_factory):
     name = request.param
     bundle = Bundle(name)
     base = tmp_path_factory.mktemp(name)
-    if name.startswith("cardiac"):
-        make_synthetic_mnms(base / "data", n_subjects=24, seed=1, matrix_scale=0.5, n_frames=4)
-    ov = bundle.run_overrides(base, epochs=2, batch_size=4, step_size=5.0, **CASES[name])
+    make_tiny_data(name, base / "data")
+    ov = bundle.run_overrides(base, **{**TINY[name], "epochs": 2, "step_size": 5.0})
     (base / "models").mkdir()
-    teacher = bundle.workflow(bundle.configs("train"), ov, initialize=False).parser.get_parsed_content("teacher_def")
-    torch.save({"model": teacher.state_dict()}, base / "models" / "teacher.pt")  # a frozen random teacher
+    random_teacher(bundle, ov, base / "models" / "teacher.pt")  # a frozen random teacher
     train = _workflow(bundle, bundle.configs("train"), ov, "train")
     _workflow(bundle, bundle.configs("train", "evaluate"), ov, "infer")
     client = mlflow.MlflowClient(f"sqlite:///{base}/eval/mlruns.db")
@@ -92,7 +73,7 @@ def test_training_run_records_parameters_by_name(tracked):
         "method": "groupdistil",
         "seed": "0",
         "epochs": "2",
-        "batch_size": "4",
+        "batch_size": str(TINY[tracked["name"]]["batch_size"]),
         "dataset_dir": tracked["overrides"]["dataset_dir"],
         "group_names": str(tracked["group_names"]),
         "resume": "False",
@@ -109,22 +90,29 @@ def test_training_run_records_parameters_by_name(tracked):
     assert params["torch_num_threads"] == str(torch.get_num_threads()) and params["torch_version"] == torch.__version__
 
 
-def test_training_run_records_loss_group_accuracies_worst_group_and_dro_weights(tracked):
+def test_training_run_records_loss_group_metrics_worst_group_and_dro_weights(tracked):
     client, run = tracked["client"], _run(tracked, evaluation=False)
     history = {key: client.get_metric_history(run.info.run_id, key) for key in run.data.metrics}
-    assert len(history["train_loss"]) == 2 * tracked["epoch_length"]  # every iteration
-    assert all(math.isfinite(m.value) for m in history["train_loss"])
-    names = tracked["group_names"]
+    iterations = 2 * tracked["epoch_length"]
+    assert [m.step for m in sorted(history["loss"], key=lambda m: m.step)] == list(range(1, iterations + 1))
+    assert all(math.isfinite(m.value) for m in history["loss"])  # every iteration
+    names, metric = tracked["group_names"], METRIC[tracked["name"]][0]
     for step in (1, 2):  # every validation round
-        accuracies = [next(m.value for m in history[f"group_accuracy/{n}"] if m.step == step) for n in names]
-        present = [a for a in accuracies if not math.isnan(a)]  # a group without validation samples is NaN
-        worst = next(m.value for m in history["worst_group_accuracy"] if m.step == step)
+        values = [next(m.value for m in history[f"group_{metric}/{n}"] if m.step == step) for n in names]
+        present = [a for a in values if not math.isnan(a)]  # a group without validation samples is NaN
+        worst = next(m.value for m in history[f"worst_group_{metric}"] if m.step == step)
         index = next(m.value for m in history["worst_group_index"] if m.step == step)
-        assert present and worst == min(present) and int(index) == accuracies.index(min(present))
+        assert present and worst == min(present) and int(index) == values.index(min(present))
     checkpoint = torch.load(Path(tracked["overrides"]["ckpt_dir"]) / "groupdistil_epoch=2.pt", weights_only=True)
-    for g, n in enumerate(names):  # the DRO weights at the end of each epoch; the last one is the checkpoint's
-        last = max(history[f"dro_weight/{n}"], key=lambda m: m.step)
-        assert last.step == 2 and last.value == float(checkpoint["loss"]["group_weights"][g])
+    weights = checkpoint["dro"]["weight_history"]  # the handler's history: the weights after every iteration
+    assert weights.shape == (iterations, len(names))
+    for g, n in enumerate(names):  # the DRO weights of every iteration; the last one is the checkpoint's
+        logged = sorted(history[f"dro_weight/{n}"], key=lambda m: m.step)
+        assert [m.step for m in logged] == list(range(1, iterations + 1))
+        assert [m.value for m in logged] == pytest.approx(weights[:, g].tolist(), abs=1e-7)
+        assert logged[-1].value == pytest.approx(float(checkpoint["loss"]["group_weights"][g]), abs=1e-7)
+        assert len(history[f"group_count/{n}"]) == len(history[f"group_loss/{n}"]) == iterations
+    assert {m.value for m in history["dro_step_size"]} == {5.0}
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert len(artifacts) == 1 and artifacts[0].startswith("config_") and artifacts[0].endswith(".json")
 
@@ -133,13 +121,14 @@ def test_evaluation_run_records_the_report_files_and_plots(tracked, tmp_path):
     client, run = tracked["client"], _run(tracked, evaluation=True)
     assert run.info.status == "FINISHED" and run.data.params["method"] == "groupdistil"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"group_report.csv", "metrics.json", "group_accuracy.png", "dro_weights.png"} <= names
+    metric, plot = METRIC[tracked["name"]]
+    assert {"group_report.csv", "metrics.json", plot, "dro_weights.png"} <= names
     report = Path(tracked["overrides"]["output_dir"]) / "groupdistil"
     for file in ("metrics.json", "group_report.csv"):
         local = client.download_artifacts(run.info.run_id, file, str(tmp_path))
         assert Path(local).read_bytes() == (report / file).read_bytes()
     metrics = json.loads((report / "metrics.json").read_text())
-    assert run.data.metrics["worst_group_accuracy"] == metrics["worst_group_accuracy"]
+    assert run.data.metrics[f"worst_group_{metric}"] == pytest.approx(metrics[f"worst_group_{metric}"])
     assert tracked["group_names"][int(run.data.metrics["worst_group_index"])] == metrics["worst_group"]
 
 
@@ -148,6 +137,10 @@ def test_run_parameters_record_each_methods_own_loss_arguments():
     assert params["loss"] == "CrossEntropyLoss" and params["loss.label_smoothing"] == 0.1
     assert params["method"] == "erm" and params["spatial_size"] == [2, 3]
     assert "loss.temperature" not in params
+    splits = {"train": [{}] * 3, "val": [{}], "test": [{}] * 2, "group_names": ["a", "b"], "group_counts": [2, 1]}
+    params = run_parameters(torch.nn.CrossEntropyLoss(), {"seed": 1}, splits)
+    assert (params["train_samples"], params["val_samples"], params["test_samples"]) == (3, 1, 2)
+    assert params["group_names"] == ["a", "b"] and params["group_counts"] == [2, 1] and params["seed"] == 1
 
 
 def test_track_run_only_touches_mlflow_handlers_and_repairs_the_config_path(tmp_path):
@@ -160,6 +153,10 @@ def test_track_run_only_touches_mlflow_handlers_and_repairs_the_config_path(tmp_
     assert handler.experiment_param == {"seed": 0}
     assert handler.artifacts == (f"{tmp_path}/config_20261202_101010.json", str(tmp_path / "report"))
     assert not hasattr(stats, "experiment_param") and track_run([stats], {"seed": 0}) == 0
+    from monai_groupdistil.handlers import iteration_scalars
+
+    assert track_run([handler, None], output_transform=iteration_scalars) == 1  # a disabled handler is skipped
+    assert handler.output_transform is iteration_scalars and handler.experiment_param == {"seed": 0}
 
 
 def test_worst_group_handler_skips_empty_groups_and_takes_the_first_on_a_tie():

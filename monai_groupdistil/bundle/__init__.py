@@ -9,8 +9,8 @@ from monai_groupdistil.bundle.config import (
     TEACHER_METHODS,
     as_bool,
     checked_arguments,
+    handler_ref,
     teacher_checkpoint,
-    teacher_command,
     teacher_loss,
 )
 from monai_groupdistil.bundle.datasets import (
@@ -32,9 +32,9 @@ from monai_groupdistil.bundle.resume import (
     attach_resume,
     check_resume_checkpoint,
     latest_checkpoint,
+    resume_objects,
 )
 from monai_groupdistil.bundle.tracking import WorstGroupHandler, run_parameters, track_run
-from monai_groupdistil.bundle.workflow import run_workflow
 
 __all__ = [
     "BestMetricState",
@@ -50,6 +50,7 @@ __all__ = [
     "checked_arguments",
     "find_mnms_root",
     "group_counts",
+    "handler_ref",
     "inference_datalist",
     "latest_checkpoint",
     "load_network",
@@ -60,10 +61,9 @@ __all__ = [
     "prepare_mnms_dataset",
     "prepare_waterbirds_dataset",
     "require_file",
+    "resume_objects",
     "run_parameters",
-    "run_workflow",
     "teacher_checkpoint",
-    "teacher_command",
     "teacher_loss",
     "track_run",
     "waterbirds_splits",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -64,47 +64,43 @@ def load_teacher(
     checkpoint: str | os.PathLike,
     device: str | torch.device = "cpu",
     num_classes: int | None = None,
-    train_if_missing: bool = False,
-    train_fn: Callable[[], object] | None = None,
-    how_to_train: str = "",
+    bundle_root: str | os.PathLike | None = None,
+    teacher_method: str = "erm",
 ) -> torch.nn.Module:
     """The frozen teacher: ``network`` with the weights of ``checkpoint``, in eval mode, without gradients.
 
+    The teacher is trained by its own run, ``train.json`` + ``train_teacher.json`` (as the model zoo trains each
+    network of a bundle with its own ``monai.bundle run``); a missing checkpoint stops the student's run with the
+    file's name and that command.
+
     Args:
         network: the teacher architecture (the bundle's ``teacher_def``).
-        checkpoint: the teacher checkpoint (``@ckpt_dir/teacher.pt``).
+        checkpoint: the teacher checkpoint (the bundle's ``teacher_ckpt``).
         device: where to put the teacher.
         num_classes: the student's class count; a teacher with another output size is refused.
-        train_if_missing: when the checkpoint is missing, call ``train_fn`` (which must write it) instead of
-            failing.
-        train_fn: trains the teacher and writes ``checkpoint``.
-        how_to_train: the command that trains the teacher (:py:func:`teacher_command`), quoted on a line of its
-            own in the error message.
+        bundle_root: the bundle folder, for the command in the error message.
+        teacher_method: the bundle id ``teacher_method`` of the teacher, for the command in the error message.
 
     Raises:
-        FileNotFoundError: when the checkpoint is missing (and ``train_if_missing`` is False), with the command
-            that trains the teacher.
+        FileNotFoundError: when the checkpoint is missing, naming it and the command that trains the teacher.
         ValueError: when the checkpoint does not fit ``network`` or the teacher's class count differs from the
             student's.
+
+    Example::
+
+        teacher = load_teacher(teacher_def, "models/teacher.pt", "cuda:0", num_classes=3, bundle_root=".")
     """
     path = Path(checkpoint)
     if not path.is_file():
-        if not train_if_missing:
-            raise FileNotFoundError(
-                f"teacher checkpoint '{path}' not found. Train the teacher first"
-                + (
-                    f", from the folder this run was started in (the command repeats this run's settings):\n\n"
-                    f"    {how_to_train}\n\nthen rerun this command;"
-                    if how_to_train
-                    else ";"
-                )
-                + " or rerun with train_teacher_if_missing=true (--train_teacher_if_missing true) to train it now."
-            )
-        if train_fn is None:
-            raise ValueError("train_teacher_if_missing is true but no teacher training function was given.")
-        train_fn()
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher training finished but did not write '{path}'.")
+        root = "." if bundle_root is None else os.fspath(bundle_root)
+        configs = f"['{root}/configs/train.json','{root}/configs/train_teacher.json']"
+        command = f'python -m monai.bundle run --config_file "{configs}" --bundle_root {root} --ckpt_dir {path.parent}'
+        command += f" --teacher_method {teacher_method}" if teacher_method != "erm" else ""
+        raise FileNotFoundError(
+            f"teacher checkpoint '{path}' not found. Train the teacher first, with train_teacher.json after "
+            f"train.json and this run's other overrides (data, sizes, epochs...):\n\n    {command}\n\n"
+            "then rerun this command."
+        )
     teacher = load_network(network, path, device=device)
     if num_classes is not None:
         out_features = _output_classes(teacher)

@@ -6,12 +6,9 @@ import ast
 import difflib
 import functools
 import inspect
-import json
 import numbers
 import os
-import re
-import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ import torch
 
 from monai_groupdistil.losses import GroupDROLoss
 
-__all__ = ["as_bool", "checked_arguments", "teacher_command"]
+__all__ = ["TEACHER_METHODS", "as_bool", "checked_arguments", "handler_ref", "teacher_checkpoint", "teacher_loss"]
 
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -135,79 +132,44 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _quote(text: str) -> str:
-    if re.fullmatch(r"[\w@%+=:,./-]+", text):
-        return text
-    if not re.search(r"[\"$`\\!]", text):
-        return f'"{text}"'
-    return shlex.quote(text)
-
-
-def teacher_command(
-    bundle_root: str | os.PathLike,
-    overrides: Mapping[str, Any],
-    configs: Sequence[str] = ("train.json", "train_teacher.json"),
-    python: str = "python",
-) -> str:
-    """The ``python -m monai.bundle run`` command that trains the teacher with the same settings as this run.
-
-    Every id of ``overrides`` is passed on (``--id value``), except those whose value equals the literal default
-    written in ``<bundle_root>/configs/train.json``; ids whose default is an expression (the folders, ``device``)
-    are always passed on. The bundles call it with their ``teacher_overrides``, the ids ``train_teacher.json``
-    shares with ``train.json``.
-
-    Args:
-        bundle_root: the bundle folder.
-        overrides: id -> value of this run.
-        configs: the config files of the teacher run, in ``<bundle_root>/configs``.
-        python: the Python command.
-
-    Returns:
-        one shell command line.
-    """
-    root = os.fspath(bundle_root)
-    defaults: dict[str, Any] = {}
-    train_json = Path(root) / "configs" / "train.json"
-    if train_json.is_file():
-        with open(train_json) as f:
-            defaults = json.load(f)
-    files = "[" + ",".join(f"'{root}/configs/{c}'" for c in configs) + "]"
-    parts = [python, "-m", "monai.bundle", "run", "--config_file", _quote(files)]
-    parts += ["--meta_file", _quote(f"{root}/configs/metadata.json"), "--bundle_root", _quote(root)]
-    for key, value in overrides.items():
-        if key == "bundle_root":
-            continue
-        default = defaults.get(key, ...)
-        is_literal = default is not ... and not (isinstance(default, str) and default[:1] in ("$", "@", "%"))
-        if isinstance(default, bool):  # written as true/false/yes/no/1/0 in this run
-            try:
-                value = as_bool(value, key)
-            except ValueError:
-                pass
-        if is_literal and _plain(value) == default:
-            continue
-        parts += [f"--{key}", _quote(_cli_value(value))]
-    return " ".join(parts)
-
-
 TEACHER_METHODS = ("erm", "group_dro")
 
 
-def teacher_loss(method: str, num_groups: int, step_size: float, absent_groups: str = "ema") -> torch.nn.Module:
+def teacher_loss(
+    method: str,
+    num_groups: int,
+    step_size: float,
+    absent_groups: str = "ema",
+    loss_fn: Callable[..., torch.nn.Module] | None = None,
+) -> torch.nn.Module:
     """The teacher's loss for the bundle id ``teacher_method``.
 
-    ``"erm"``: cross entropy. ``"group_dro"``: ``GroupDROLoss`` around per-sample cross entropy (a robust teacher,
-    whose soft targets are not tuned to the majority groups), with ``step_size`` (the id ``teacher_step_size``) and
-    ``absent_groups``.
+    ``"erm"``: ``loss_fn()``. ``"group_dro"``: ``GroupDROLoss`` around the per-sample ``loss_fn(reduction="none")``
+    (a robust teacher, whose soft targets are not tuned to the majority groups), with ``step_size`` (the id
+    ``teacher_step_size``) and ``absent_groups``.
+
+    Args:
+        method: ``"erm"`` or ``"group_dro"``.
+        num_groups: number of groups of the DRO weights.
+        step_size: the DRO step size.
+        absent_groups: the DRO rule for a group absent from a batch.
+        loss_fn: makes the supervised loss, called with no argument (ERM) or with ``reduction="none"`` (group
+            DRO); default ``torch.nn.CrossEntropyLoss`` (the segmentation bundle passes
+            ``functools.partial(PerSampleDiceCELoss, dice_weight=...)``).
 
     Raises:
         ValueError: for another ``method``, naming the id and the valid values.
+
+    Example::
+
+        >>> type(teacher_loss("group_dro", 4, step_size=0.1)).__name__
+        'GroupDROLoss'
     """
+    make = torch.nn.CrossEntropyLoss if loss_fn is None else loss_fn
     if method == "erm":
-        return torch.nn.CrossEntropyLoss()
+        return make()
     if method == "group_dro":
-        per_sample = torch.nn.CrossEntropyLoss(reduction="none")
-        return GroupDROLoss(per_sample, num_groups, step_size=step_size, absent_groups=absent_groups)
+        return GroupDROLoss(make(reduction="none"), num_groups, step_size=step_size, absent_groups=absent_groups)
     raise ValueError(f"teacher_method must be one of {TEACHER_METHODS}, got {method!r}.")
 
 
@@ -221,3 +183,27 @@ def teacher_checkpoint(ckpt_dir: str, method: str) -> str:
     if method not in TEACHER_METHODS:
         raise ValueError(f"teacher_method must be one of {TEACHER_METHODS}, got {method!r}.")
     return os.path.join(ckpt_dir, "teacher.pt" if method == "erm" else f"teacher_{method}.pt")
+
+
+def handler_ref(handler: Any) -> Any:
+    """``handler`` itself: a bundle's handler list refers to a handler defined under its own id through it.
+
+    MONAI's ``ConfigWorkflow.check_properties`` reads every entry of ``train#handlers`` as a component (a dict with
+    ``_target_``) and ``--tracking`` appends to the list, so the list holds components rather than ``@id``
+    strings; a ``_disabled_`` entry is left out of the list by MONAI (a plain ``@id`` of a disabled component
+    would leave a ``None`` there). In a config::
+
+        "train": {
+            "dro_handler": {"_target_": "monai_groupdistil.handlers.GroupDROHandler", "loss": "@loss",
+                            "_disabled_": "$not @use_dro"},
+            "handlers": [{"_target_": "monai_groupdistil.bundle.handler_ref", "handler": "@train#dro_handler",
+                          "_disabled_": "$@train#dro_handler is None"}]
+        }
+
+    Args:
+        handler: the handler (an ``@id`` reference).
+
+    Returns:
+        ``handler``.
+    """
+    return handler

@@ -123,6 +123,40 @@ def group_counts(datalist: Sequence[dict], num_groups: int, group_key: str = "gr
     return [counts.get(g, 0) for g in range(num_groups)]
 
 
+def official_or_resplit(
+    parts: dict[str, list[dict]],
+    group_names: Sequence[str],
+    fractions: Sequence[float],
+    seed: int,
+    resplit: bool | None,
+    release: str = "M&Ms",
+) -> tuple[dict[str, list[dict]], bool]:
+    """The official ``train``/``val``/``test`` datalists, or all of them pooled and re-split stratified by group.
+
+    Args:
+        parts: ``{"train": [...], "val": [...], "test": [...]}`` entries with a ``group`` id.
+        group_names: names of the group ids (logged).
+        fractions: train / val / test fractions of a re-split.
+        seed: seed of a re-split.
+        resplit: force (True) or forbid (False) the re-split; None re-splits when the training split lacks a group
+            that occurs in another split (the real M&Ms training split has no vendor D).
+        release: the release's name, logged.
+
+    Returns:
+        the splits and whether they were re-split.
+    """
+    everywhere = {d["group"] for part in parts.values() for d in part}
+    in_train = {d["group"] for d in parts["train"]}
+    if resplit is None:
+        resplit = bool(everywhere - in_train)
+    if resplit:
+        missing = [group_names[g] for g in sorted(everywhere - in_train)]
+        logger.info("pooling the %s splits and re-splitting by group (training split lacks %s)", release, missing)
+        pooled = parts["train"] + parts["val"] + parts["test"]
+        parts = dict(zip(("train", "val", "test"), (list(p) for p in split_by_group(pooled, fractions, seed=seed))))
+    return parts, bool(resplit)
+
+
 def mnms_splits(
     dataset_root: str | os.PathLike,
     group_by: str | Sequence[str] = "vendor",
@@ -146,16 +180,7 @@ def mnms_splits(
         s: load_mnms_datalist(dataset_root, split=s, group_by=group_by, classes=classes)
         for s in ("train", "val", "test")
     }
-    everywhere = {d["group"] for part in parts.values() for d in part}
-    in_train = {d["group"] for d in parts["train"]}
-    if resplit is None:
-        resplit = bool(everywhere - in_train)
-    if resplit:
-        missing = [names[g] for g in sorted(everywhere - in_train)]
-        logger.info("pooling the M&Ms splits and re-splitting by group (training split lacks %s)", missing)
-        pooled = parts["train"] + parts["val"] + parts["test"]
-        train, val, test = split_by_group(pooled, fractions=fractions, seed=seed)
-        parts = {"train": list(train), "val": list(val), "test": list(test)}
+    parts, resplit = official_or_resplit(parts, names, fractions, seed, resplit, "M&Ms")
     for name, part in parts.items():
         if not part:
             raise ValueError(f"the {name} split of {dataset_root} is empty; the dataset is too small to train on.")

@@ -16,6 +16,7 @@ from monai_groupdistil.bundle.datasets import (
     find_mnms_root,
     group_counts,
     mnms_splits,
+    official_or_resplit,
     prepare_mnms_dataset,
 )
 from monai_groupdistil.data.json_datalist import load_json_datalist
@@ -28,7 +29,6 @@ from monai_groupdistil.data.mnms import (
     mnms2_group_names,
 )
 from monai_groupdistil.data.segmentation import segmentation_frames
-from monai_groupdistil.data.splits import split_by_group
 
 __all__ = [
     "SEG_PATHOLOGIES",
@@ -90,14 +90,7 @@ def _mnms2_subjects(root: str, group_by: str | Sequence[str], fractions, seed: i
         s: load_mnms2_datalist(root, split=s, group_by=group_by, classes=MNMS2_CLASSES)
         for s in ("train", "val", "test")
     }
-    everywhere = {d["group"] for part in parts.values() for d in part}
-    in_train = {d["group"] for d in parts["train"]}
-    if resplit is None:
-        resplit = bool(everywhere - in_train)
-    if resplit:
-        logger.info("pooling the M&Ms-2 splits and re-splitting by group")
-        pooled = parts["train"] + parts["val"] + parts["test"]
-        parts = dict(zip(("train", "val", "test"), (list(p) for p in split_by_group(pooled, fractions, seed=seed))))
+    parts, resplit = official_or_resplit(parts, names, fractions, seed, resplit, "M&Ms-2")
     return parts, names, resplit
 
 

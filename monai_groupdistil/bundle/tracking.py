@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,19 +42,21 @@ def _param_value(value: Any) -> Any:
     return str(value)
 
 
-def run_parameters(loss: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters of a bundle run: ``settings`` (bundle ids) and the loss's class and hyper-parameters.
+def run_parameters(loss: Any, settings: Mapping[str, Any], splits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The parameters of a bundle run: ``settings`` (bundle ids), the data and the loss's class and hyper-parameters.
 
     The loss's hyper-parameters are the arguments of its constructor that it keeps as attributes of the same name
     (``temperature``, ``alpha``, ``step_size``, ``absent_groups``... for the GroupDistil loss; ``label_smoothing``
     for cross entropy), recorded as ``loss.<name>``; the loss's class is ``loss``. So each method's run records
     the hyper-parameters its loss actually uses. What a run's numbers also depend on is added:
     ``torch_num_threads`` (intra-op threads: results differ between thread counts, see ``docs/operations.md``),
-    ``torch_version``, ``monai_version``.
+    ``torch_version``, ``monai_version``; with ``splits`` (the bundles' ``splits`` id) also ``train_samples``,
+    ``val_samples``, ``test_samples``, ``group_names`` and ``group_counts``.
 
     Args:
         loss: the run's loss module.
         settings: bundle id -> value.
+        splits: ``{"train": [...], "val": [...], "test": [...], "group_names": [...], "group_counts": [...]}``.
 
     Returns:
         name -> value, values as numbers, strings, booleans or lists of them.
@@ -66,6 +68,9 @@ def run_parameters(loss: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
         0.1
     """
     params = {str(k): _param_value(v) for k, v in settings.items()}
+    if splits is not None:
+        params.update({f"{part}_samples": len(splits[part]) for part in ("train", "val", "test") if part in splits})
+        params.update({k: _param_value(splits[k]) for k in ("group_names", "group_counts") if k in splits})
     import monai
 
     params.update(torch_num_threads=torch.get_num_threads(), torch_version=torch.__version__)
@@ -92,7 +97,12 @@ def _is_mlflow_handler(handler: Any) -> bool:
 _BROKEN_JOIN = re.compile(r"^(.*) \+ '/(config_\d{8}_\d{6}\.json)'$")
 
 
-def track_run(handlers: Sequence[Any], params: Mapping[str, Any] | None = None, artifacts: Sequence[str] = ()) -> int:
+def track_run(
+    handlers: Sequence[Any],
+    params: Mapping[str, Any] | None = None,
+    artifacts: Sequence[str] = (),
+    output_transform: Callable[[Any], Any] | None = None,
+) -> int:
     """Give the ``MLFlowHandler``\\ s among ``handlers`` the run's parameters and the artifacts to record.
 
     ``--tracking mlflow`` builds the handlers with MONAI's default arguments; this adds ``params`` to their
@@ -108,6 +118,9 @@ def track_run(handlers: Sequence[Any], params: Mapping[str, Any] | None = None, 
         handlers: an engine's handler list (``@train#handlers``, ``@handlers``...).
         params: name -> value.
         artifacts: paths.
+        output_transform: replaces the handlers' ``output_transform`` (what they log every iteration); the
+            training runs pass :py:func:`monai_groupdistil.handlers.iteration_scalars` (the loss and the DRO
+            weights, group losses and counts of the iteration).
 
     Returns:
         the number of MLflow handlers updated.
@@ -123,6 +136,8 @@ def track_run(handlers: Sequence[Any], params: Mapping[str, Any] | None = None, 
             match = _BROKEN_JOIN.match(str(path)) if path else None
             fixed += [os.path.join(match.group(1), match.group(2))] if match else [path] if path else []
         handler.artifacts = tuple(fixed) + tuple(str(a) for a in artifacts)
+        if output_transform is not None:
+            handler.output_transform = output_transform
         count += 1
     return count
 
