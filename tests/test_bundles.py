@@ -296,21 +296,18 @@ def test_multi_process_training_with_torchrun(trained, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_conformance_commands(trained, tmp_path):
+    """``verify_metadata``, ``verify_net_in_out`` and ``ckpt_export``: the functions that
+    ``python -m monai.bundle <command>`` runs, called in this process (each raises on a failed check); the
+    TorchScript model gives the checkpoint's output."""
+    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+
     b = trained["bundle"]
-    base = [sys.executable, "-m", "monai.bundle"]
-
-    def run(args):
-        return subprocess.run(base + args, capture_output=True, text=True, timeout=300, env=ENV)
-
-    out = run(["verify_metadata", "--meta_file", b.meta, "--filepath", SCHEMA])
-    assert out.returncode == 0 and "metadata is verified with no error" in out.stdout + out.stderr, out.stderr
-    common = ["--meta_file", b.meta, "--config_file", str(b.config_dir / "inference.json")]
-    out = run(["verify_net_in_out", "network_def", *common])
-    assert out.returncode == 0 and "data shape of network is verified with no error" in out.stdout + out.stderr
+    inference = str(b.config_dir / "inference.json")
+    verify_metadata(meta_file=b.meta, filepath=SCHEMA)
+    verify_net_in_out("network_def", meta_file=b.meta, config_file=inference, bundle_root=str(b.root))
     ckpt, ts = Path(trained["overrides"]["ckpt_dir"]) / "model.pt", tmp_path / "model.ts"
-    export = ["ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--key_in_ckpt", "model"]
-    out = run([*export, *common, "--bundle_root", str(b.root)])
-    assert out.returncode == 0, out.stderr[-3000:]
+    common = {"meta_file": b.meta, "config_file": inference, "bundle_root": str(b.root)}
+    ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), key_in_ckpt="model", **common)
     scripted = torch.jit.load(str(ts))
     wf = b.workflow(b.configs("inference"), {"bundle_root": str(b.root)}, "infer", initialize=False)
     net = wf.parser.get_parsed_content("network_def")
@@ -444,17 +441,26 @@ def test_segmentation_inference_writes_masks_with_the_shape_and_affine_of_the_in
 
 
 def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp_path):
-    """The student's CLI run stops before training; the command in the message (with this run's other overrides)
-    trains the teacher, after which the same student run works."""
+    """The student's run stops before training (the CLI's, for the cardiac bundle; in-process for the others); the
+    command in the message (with this run's other overrides) trains the teacher, after which the same student run
+    works."""
     b = work["bundle"]
     ov = own_folders(work["overrides"], tmp_path)
-    out = b.run_cli(b.configs("train"), ov, check=False)
-    assert out.returncode != 0 and not (tmp_path / "ckpt" / "teacher.pt").exists()
-    assert "Epoch" not in out.stdout + out.stderr  # nothing was trained
-    assert f"teacher checkpoint '{tmp_path}/ckpt/teacher.pt' not found. Train the teacher first" in out.stderr
+    if work["name"] == CARDIAC:
+        out = b.run_cli(b.configs("train"), ov, check=False)
+        assert out.returncode != 0 and "Epoch" not in out.stdout + out.stderr  # nothing was trained
+        message = out.stderr
+    else:
+        wf = b.workflow(b.configs("train"), ov)
+        with pytest.raises(Exception) as info:
+            wf.run()
+        assert isinstance(root_error(info.value), FileNotFoundError)
+        message = error_chain(info.value)
+    assert not any((tmp_path / "ckpt").iterdir())  # no checkpoint: nothing was trained
+    assert f"teacher checkpoint '{tmp_path}/ckpt/teacher.pt' not found. Train the teacher first" in message
     files = f"['{b.root}/configs/train.json','{b.root}/configs/train_teacher.json']"
     command = f'python -m monai.bundle run --config_file "{files}" --bundle_root {b.root} --ckpt_dir {tmp_path}/ckpt'
-    assert f"\n\n    {command}\n\n" in out.stderr
+    assert f"\n\n    {command}\n\n" in message
     others = {k: v for k, v in ov.items() if k not in ("bundle_root", "ckpt_dir")}
     path = os.pathsep.join([str(Path(sys.executable).parent), ENV.get("PATH", "")])  # "python" is this Python
     full = command + " " + shlex.join(cli_args(others))
@@ -501,15 +507,18 @@ def test_unknown_teacher_method_is_named(work):
     assert "teacher_method must be one of ('erm', 'group_dro'), got 'dro'" in error_chain(info.value)
 
 
-def test_student_distils_from_the_group_dro_teacher_through_the_cli(work, tmp_path):
-    """A GroupDRO teacher trained by the CLI is the one the GroupDistil student loads (and nothing else is)."""
+def test_student_distils_from_the_group_dro_teacher(work, tmp_path):
+    """A GroupDRO teacher trained by train_teacher.json is the one the GroupDistil student loads (nothing else is)."""
     b = work["bundle"]
     robust = {**own_folders(work["overrides"], tmp_path), "teacher_method": "group_dro", "step_size": 0.5}
-    b.run_cli(b.configs("train", "train_teacher"), {**robust, "teacher_step_size": 5.0})
+    teacher_run = b.workflow(b.configs("train", "train_teacher"), {**robust, "teacher_step_size": 5.0})
+    teacher_run.run()
+    teacher_run.finalize()
     saved = torch.load(tmp_path / "ckpt" / "teacher_group_dro.pt", map_location="cpu", weights_only=True)
     weights = saved["loss"]["group_weights"]
     assert not torch.equal(weights, torch.full_like(weights, 1 / len(weights)))  # the teacher's DRO weights moved
     assert "dro" in saved and not (tmp_path / "ckpt" / "teacher.pt").exists()
+    assert (tmp_path / "ckpt" / "teacher_group_dro_epoch=1.pt").is_file()  # its own resume prefix
     student = b.workflow(b.configs("train"), robust)
     teacher = student.parser.get_parsed_content("teacher")
     for name, value in teacher.state_dict().items():

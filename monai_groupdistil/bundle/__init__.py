@@ -1,7 +1,9 @@
-"""Support code shared by the package's MONAI bundles (``bundles/``): dataset set-up, checkpoints, workflows.
+"""Support code shared by the package's MONAI bundles (``bundles/``): dataset set-up, checkpoints, resume, tracking.
 
-Everything here is plain functions called from bundle configs (``"$monai_groupdistil.bundle.mnms_splits(...)"``),
-so both bundles share one implementation.
+Everything here is plain functions and small classes called from bundle configs
+(``"$monai_groupdistil.bundle.mnms_splits(...)"``), so that every bundle shares one implementation of its plumbing
+(:py:func:`resume_objects`, :py:func:`run_parameters`, :py:func:`load_teacher`...) and each config keeps only what
+is its own.
 """
 
 from monai_groupdistil.bundle.checkpoints import load_network, load_teacher, output_classes, require_file

@@ -2,9 +2,11 @@
 
 MONAI's ``--tracking mlflow`` appends an ``MLFlowHandler`` to the trainer's and the evaluators' handler lists. The
 bundles' ``run`` lists call :py:func:`track_run` before running, which gives those handlers the run's parameters
-(:py:func:`run_parameters`) and the files to record as artifacts; :py:class:`WorstGroupHandler` puts the index of
-the worst group into the validation metrics, so it is tracked (and printed, and written to TensorBoard) with the
-per-group accuracies. Nothing here imports ``mlflow``: without ``--tracking`` these are no-ops.
+(:py:func:`run_parameters`), the files to record as artifacts and, for the trainer's handler, the ``output_transform``
+that logs the loss and the DRO values of every iteration (``monai_groupdistil.handlers.iteration_scalars``);
+:py:class:`WorstGroupHandler` puts the index of the worst group into the validation metrics, so it is tracked (and
+printed, and written to TensorBoard) with the per-group metrics. Nothing here imports ``mlflow``: without
+``--tracking`` these are no-ops.
 """
 
 from __future__ import annotations
