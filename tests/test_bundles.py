@@ -296,18 +296,26 @@ def test_multi_process_training_with_torchrun(trained, tmp_path):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
 def test_conformance_commands(trained, tmp_path):
-    """``verify_metadata``, ``verify_net_in_out`` and ``ckpt_export``: the functions that
-    ``python -m monai.bundle <command>`` runs, called in this process (each raises on a failed check); the
-    TorchScript model gives the checkpoint's output."""
-    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
-
+    """The model zoo's commands, as a user types them: ``python -m monai.bundle verify_metadata`` (local schema),
+    ``verify_net_in_out`` and ``ckpt_export``; the TorchScript model gives the checkpoint's output."""
     b = trained["bundle"]
     inference = str(b.config_dir / "inference.json")
-    verify_metadata(meta_file=b.meta, filepath=SCHEMA)
-    verify_net_in_out("network_def", meta_file=b.meta, config_file=inference, bundle_root=str(b.root))
+    base = [sys.executable, "-m", "monai.bundle"]
+
+    def command(*args: str) -> str:
+        out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300, env=ENV)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    assert "metadata is verified with no error" in command(
+        "verify_metadata", "--meta_file", b.meta, "--filepath", SCHEMA
+    )
+    common = ["--meta_file", b.meta, "--config_file", inference, "--bundle_root", str(b.root)]
+    assert "data shape of network is verified with no error" in command("verify_net_in_out", "network_def", *common)
     ckpt, ts = Path(trained["overrides"]["ckpt_dir"]) / "model.pt", tmp_path / "model.ts"
-    common = {"meta_file": b.meta, "config_file": inference, "bundle_root": str(b.root)}
-    ckpt_export("network_def", filepath=str(ts), ckpt_file=str(ckpt), key_in_ckpt="model", **common)
+    command(
+        "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--key_in_ckpt", "model", *common
+    )
     scripted = torch.jit.load(str(ts))
     wf = b.workflow(b.configs("inference"), {"bundle_root": str(b.root)}, "infer", initialize=False)
     net = wf.parser.get_parsed_content("network_def")
