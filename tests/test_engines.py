@@ -183,6 +183,25 @@ def test_missing_keys_are_named():
         trainer.run()
 
 
+def test_tuple_batches_train_a_plain_loss_and_are_refused_for_a_group_loss():
+    """(image, label) tuple batches work as in SupervisedTrainer; a group loss needs a dictionary with the ids."""
+    data = [(d["image"], d["label"]) for d in make_data(12)]
+    ours = make_student()
+    DistillationTrainer(
+        "cpu", 2, DataLoader(data, batch_size=6), ours, torch.optim.SGD(ours.parameters(), 0.1), make_loss("erm")
+    ).run()
+    monai = make_student()
+    SupervisedTrainer(
+        "cpu", 2, DataLoader(data, batch_size=6), monai, torch.optim.SGD(monai.parameters(), 0.1), make_loss("erm")
+    ).run()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), monai.parameters()))
+    trainer = DistillationTrainer(
+        "cpu", 1, DataLoader(data, batch_size=6), ours, torch.optim.SGD(ours.parameters(), 0.1), make_loss("groupdro")
+    )
+    with pytest.raises(TypeError, match=r"a dictionary batch with keys \['image', 'label', 'group'\] is expected"):
+        trainer.run()
+
+
 def test_teacher_shape_mismatch_names_both_shapes():
     student = make_student()
     trainer = DistillationTrainer(

@@ -47,7 +47,8 @@ def check_batch_keys(batchdata: Any, keys: Sequence[str]) -> None:
         TypeError: when ``batchdata`` is not a dictionary.
     """
     if not isinstance(batchdata, Mapping):
-        raise TypeError(f"a dictionary batch with keys {list(keys)} is expected, got {type(batchdata).__name__}.")
+        names = [str(k) for k in keys]
+        raise TypeError(f"a dictionary batch with keys {names} is expected, got {type(batchdata).__name__}.")
     for key in keys:
         if key not in batchdata:
             raise KeyError(f"the batch has no '{key}' key; keys present: {sorted(map(str, batchdata.keys()))}.")
@@ -163,7 +164,8 @@ class DistillationTrainer(SupervisedTrainer):
             )
             teacher_cache = None
         self.teacher_cache = teacher_cache
-        self.required_keys = [self.group_key] if "groups" in keywords else []
+        self.group_key_needed = "groups" in keywords
+        self.required_keys = [self.group_key] if self.group_key_needed else []
         if self.prepare_batch is default_prepare_batch:
             self.required_keys = [Keys.IMAGE, Keys.LABEL, *self.required_keys]
         if progress_bar:
@@ -172,8 +174,9 @@ class DistillationTrainer(SupervisedTrainer):
             )
 
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
-        """``SupervisedTrainer._iteration``, after a check that names a missing batch key."""
-        if batchdata is not None and self.required_keys:
+        """``SupervisedTrainer._iteration``, after a check that names a missing batch key (tuple batches of a plain
+        loss go through unchecked, as in ``SupervisedTrainer``)."""
+        if batchdata is not None and self.required_keys and (isinstance(batchdata, Mapping) or self.group_key_needed):
             check_batch_keys(batchdata, self.required_keys)
         return super()._iteration(engine, batchdata)
 
