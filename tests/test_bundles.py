@@ -571,40 +571,6 @@ def test_ids_shared_by_every_bundle():
     assert count("network_def") * 8 <= count("teacher_def")
 
 
-# the ids in which the two classification bundles differ: their data, networks, preprocessing and training lengths
-CLASSIFICATION_OWN_IDS = {
-    "imports", "epochs", "teacher_epochs", "batch_size", "weight_decay", "classes", "group_by", "spatial_size",
-    "pixdim", "resize", "crop_scale", "synthetic_subjects", "synthetic_images", "synthetic_image_size",
-    "synthetic_correlation", "experiment_name", "dataset_root", "splits", "network_def", "teacher_def", "network",
-    "optimizer", "preprocessing", "augmentation", "tracking_params", "train#base_preprocessing", "train#preprocessing",
-}  # fmt: skip
-
-
-def _ids(config: dict, prefix: str = "") -> dict:
-    """Every id of a config down to its components (a dict with ``_target_`` is one id)."""
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}#{key}" if prefix else key
-        is_section = isinstance(value, dict) and "_target_" not in value and name in ("train", "validate")
-        out.update(_ids(value, name) if is_section else {name: value})
-    return out
-
-
-def test_classification_bundles_keep_their_shared_workflow_identical():
-    """The two classification bundles share their workflow (trainer, evaluator, handlers, loss, resume, tracking):
-    every id of train.json outside CLASSIFICATION_OWN_IDS, and the overlays, are the same in both, so a change to
-    one that is not made to the other fails here instead of drifting."""
-    cardiac, waterbirds = Bundle(CARDIAC), Bundle(WATERBIRDS)
-    ids = {name: _ids(b.raw_config("train")) for name, b in ((CARDIAC, cardiac), (WATERBIRDS, waterbirds))}
-    differing = {
-        k for k in ids[CARDIAC].keys() | ids[WATERBIRDS].keys() if ids[CARDIAC].get(k) != ids[WATERBIRDS].get(k)
-    }
-    assert differing <= CLASSIFICATION_OWN_IDS, sorted(differing - CLASSIFICATION_OWN_IDS)
-    assert len(ids[CARDIAC].keys() & ids[WATERBIRDS].keys()) - len(differing) >= 50  # most of the workflow is shared
-    for overlay in ("erm", "kd", "group_dro", "evaluate"):
-        assert cardiac.raw_config(overlay) == waterbirds.raw_config(overlay), overlay
-
-
 def test_preprocessing_parameters_are_ids(work):
     """The preprocessing and augmentation components take their parameters from ids a user can override."""
     b, ov, name = work["bundle"], work["overrides"], work["name"]
