@@ -74,7 +74,7 @@ def apply_ids(config: dict, ids: dict[tuple[str, ...], object]) -> dict:
         for key in path[:-1]:
             section = section.setdefault(key, {})
             if not isinstance(section, dict) or "_target_" in section:
-                raise ValueError(f"'{'#'.join(path)}': '{key}' is not a section of the bundle's config.")
+                raise ValueError(f"the shared id '{'#'.join(path)}' needs '{key}' to be a section, not a component.")
         section[path[-1]] = copy.deepcopy(value)
     return config
 
@@ -113,10 +113,11 @@ def expected_files(root: Path) -> dict[Path, tuple[str, list[str]]]:
                     continue
                 ids = shared_ids(read_json(source))
                 config = read_json(target, current) if current is not None else {}
-                expected[target] = (
-                    format_config(apply_ids(config, ids)) + "\n",
-                    differing + differing_ids(config, ids),
-                )
+                try:
+                    text = format_config(apply_ids(config, ids)) + "\n"
+                except ValueError as e:
+                    raise ValueError(f"{target}: {e}") from e
+                expected[target] = (text, differing + differing_ids(config, ids))
     return expected
 
 

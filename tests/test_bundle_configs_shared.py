@@ -147,3 +147,18 @@ def test_a_broken_shared_file_stops_before_writing(repo: Path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {bundles / 'shared' / 'classification' / 'kd.json'}: not valid JSON")
     assert train.read_text() == before  # nothing written, not even the files before the broken one
+
+
+def test_a_shared_id_inside_a_component_of_a_bundle_is_refused(repo: Path):
+    train = repo / "bundles" / WATERBIRDS / "configs" / "train.json"
+    config = read(train)
+    config["validate"]["key_metric"] = {"_target_": "monai_groupdistil.handlers.GroupAccuracyHandler"}
+    train.write_text(json.dumps(config))
+    before = train.read_text()
+    result = sync(repo)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {train}: the shared id 'validate#key_metric#val_worst_group_accuracy' needs 'key_metric' to be a "
+        "section, not a component."
+    )
+    assert train.read_text() == before
