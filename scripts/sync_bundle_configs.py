@@ -104,14 +104,14 @@ def expected_files(root: Path) -> dict[Path, tuple[str, list[str]]]:
     expected: dict[Path, tuple[str, list[str]]] = {}
     for layer, bundles in LAYERS.items():
         for source in sorted((root / "bundles" / "shared" / layer).iterdir()):
+            whole = source.read_text() if source.suffix != ".json" else None  # copied whole
+            ids = shared_ids(read_json(source)) if whole is None else {}
             for bundle in bundles:
                 target = root / "bundles" / bundle / "configs" / source.name
                 current, differing = expected.get(target, (target.read_text() if target.is_file() else None, []))
-                if source.suffix != ".json":  # copied whole
-                    text = source.read_text()
-                    expected[target] = (text, differing + ([] if current == text else ["the whole file"]))
+                if whole is not None:
+                    expected[target] = (whole, differing + ([] if current == whole else ["the whole file"]))
                     continue
-                ids = shared_ids(read_json(source))
                 config = read_json(target, current) if current is not None else {}
                 try:
                     text = format_config(apply_ids(config, ids)) + "\n"
