@@ -111,30 +111,38 @@ ARMS = (
     ("student", "groupdistil", "group_dro"),
 )
 DEFAULT_SETTINGS = ["minority", "correlation"]
-WATERBIRDS_IMAGE_SIZE = 64
-WATERBIRDS_SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
 TEMPERATURE = 4.0
 # Each method's hyper-parameters: the winners of `--sweep` (validation data only; docs/results.md, "Sweep").
+# ``weight_decay`` is AdamW's (0: exactly Adam, the optimiser of the sweep that chose these values).
 HYPER: dict[str, dict] = {
-    "erm": {"sampler": "balanced"},
-    "group_dro": {"step_size": 1.0, "adjustment": 0.0, "sampler": "balanced"},
-    "kd": {"alpha": 0.5, "sampler": "natural"},
-    "groupdistil": {"alpha": 0.5, "step_size": 0.1, "absent_groups": "zero", "adjustment": 0.0, "sampler": "balanced"},
+    "erm": {"sampler": "balanced", "weight_decay": 0.0},
+    "group_dro": {"step_size": 1.0, "adjustment": 0.0, "sampler": "balanced", "weight_decay": 0.0},
+    "kd": {"alpha": 0.5, "sampler": "natural", "weight_decay": 0.0},
+    "groupdistil": {
+        "alpha": 0.5,
+        "step_size": 0.1,
+        "absent_groups": "zero",
+        "adjustment": 0.0,
+        "sampler": "balanced",
+        "weight_decay": 0.0,
+    },
 }
 SAMPLERS = ("natural", "balanced")
+# weight decay: (0.0,) is the grid of the committed sweep; ``--sweep-weight-decay`` replaces it for a run
 SWEEP_GRID: dict[str, dict[str, tuple]] = {
-    "erm": {"sampler": SAMPLERS},
-    "kd": {"alpha": (0.5, 0.9), "sampler": SAMPLERS},
-    "group_dro": {"step_size": (0.01, 0.1, 1.0), "adjustment": (0.0, 1.0), "sampler": SAMPLERS},
+    "erm": {"sampler": SAMPLERS, "weight_decay": (0.0,)},
+    "kd": {"alpha": (0.5, 0.9), "sampler": SAMPLERS, "weight_decay": (0.0,)},
+    "group_dro": {"step_size": (0.01, 0.1, 1.0), "adjustment": (0.0, 1.0), "sampler": SAMPLERS, "weight_decay": (0.0,)},
     "groupdistil": {
         "alpha": (0.5, 0.9),
         "step_size": (0.01, 0.1, 1.0),
         "absent_groups": ("ema", "zero"),
         "adjustment": (0.0, 1.0),
         "sampler": SAMPLERS,
+        "weight_decay": (0.0,),
     },
 }
-SWEEP_KEYS = ("alpha", "step_size", "absent_groups", "adjustment", "sampler")
+SWEEP_KEYS = ("alpha", "step_size", "absent_groups", "adjustment", "sampler", "weight_decay")
 STUDENT_WIDTH = 8
 
 
@@ -171,8 +179,30 @@ def settings_of(args: argparse.Namespace) -> list[dict]:
         elif kind == "correlation":
             out.append({"name": f"correlation_{args.correlation:g}", "kind": kind})
         else:
-            out.append({"name": f"waterbirds_{args.waterbirds_correlation:g}", "kind": kind})
+            out.append(
+                waterbirds_setting(
+                    args.waterbirds_correlation,
+                    args.colour_cue,
+                    args.bird_scale,
+                    args.waterbirds_image_size,
+                    args.images,
+                )
+            )
     return out
+
+
+def waterbirds_setting(correlation: float, colour_cue: float, bird_scale: float, image_size: int, images: int) -> dict:
+    """A synthetic Waterbirds setting; its name holds every generator knob (``waterbirds_c0.95_cue0.7_s1_px32_n3000``:
+    correlation, colour cue, bird scale, image size, training images)."""
+    return {
+        "name": f"waterbirds_c{correlation:g}_cue{colour_cue:g}_s{bird_scale:g}_px{image_size}_n{images}",
+        "kind": "waterbirds",
+        "correlation": float(correlation),
+        "colour_cue": float(colour_cue),
+        "bird_scale": float(bird_scale),
+        "image_size": int(image_size),
+        "images": int(images),
+    }
 
 
 def _plain(image) -> torch.Tensor:
@@ -241,7 +271,7 @@ def build_data(args: argparse.Namespace, setting: dict, seed: int, pool: dict | 
     """Tensors (image, label, group) of the train / val / test splits of one setting and seed, the group names
     and the training size of every group."""
     if setting["kind"] == "waterbirds":
-        return build_waterbirds(args, seed)
+        return build_waterbirds(args, setting, seed)
     if setting["kind"] == "minority":
         f, minority = setting["fraction"], args.minority_vendor
         others = [v for v in MNMS_VENDORS if v != minority]
@@ -273,34 +303,59 @@ def build_data(args: argparse.Namespace, setting: dict, seed: int, pool: dict | 
     return data
 
 
-def build_waterbirds(args: argparse.Namespace, seed: int) -> dict:
-    """The synthetic Waterbirds stand-in: ``--images`` images per seed (50/20/30 %), groups ``2 * y + place``."""
-    spec = {"what": "waterbirds", "seed": seed, "images": args.images, "rho": args.waterbirds_correlation}
-    spec.update(size=args.size, version=1)
-    path = _cache_path(Path(args.cache), spec)
+def _waterbirds_tensors(args: argparse.Namespace, spec: dict, splits: tuple[str, ...]) -> dict:
+    """Generate (or read from the cache) synthetic Waterbirds splits from one ``make_synthetic_waterbirds`` call;
+    ``{split: {"image", "label", "group"}}``. ``spec["make"]`` holds the generator's arguments."""
+    path = _cache_path(Path(args.cache), {**spec, "size": args.size, "version": 2})
     if path.exists():
-        data = torch.load(path, weights_only=True)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            root = make_synthetic_waterbirds(
-                Path(tmp) / "wb",
-                n_images=args.images,
-                seed=seed,
-                correlation=args.waterbirds_correlation,
-                split_fractions=WATERBIRDS_SPLIT_FRACTIONS,
-                image_size=WATERBIRDS_IMAGE_SIZE,
-            )
-            preprocess = natural_image_preprocessing(spatial_size=args.size, resize=args.size * 8 // 7)
-            data = {}
-            for split in ("train", "val", "test"):
-                items = [preprocess(d) for d in load_waterbirds_datalist(root, split)]
-                data[split] = {
-                    "image": torch.stack([_plain(i["image"]) for i in items]),
-                    "label": torch.tensor([int(i["label"]) for i in items]),
-                    "group": torch.tensor([int(i["group"]) for i in items]),
-                }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, path)
+        return torch.load(path, weights_only=True)
+    data = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_synthetic_waterbirds(Path(tmp) / "wb", **spec["make"])
+        preprocess = natural_image_preprocessing(spatial_size=args.size, resize=args.size * 8 // 7)
+        for split in splits:
+            items = [preprocess(d) for d in load_waterbirds_datalist(root, split)]
+            data[split] = {
+                "image": torch.stack([_plain(i["image"]) for i in items]),
+                "label": torch.tensor([int(i["label"]) for i in items]),
+                "group": torch.tensor([int(i["group"]) for i in items]),
+            }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return data
+
+
+def waterbirds_eval_pool(args: argparse.Namespace, setting: dict) -> dict:
+    """Group-balanced validation and test splits of a Waterbirds setting: the first ``--wb-val-per-group`` /
+    ``--wb-test-per-group`` images of every group of one generator call (seed ``--eval-seed``, shared by every
+    training seed and correlation; the generator draws the place independently of the label outside training)."""
+    v, t = args.wb_val_per_group, args.wb_test_per_group
+    knobs = {k: setting[k] for k in ("colour_cue", "bird_scale", "image_size")}
+    n = math.ceil(4 * (v + t) * 1.3) + 40  # spare images so that every group of each split gets its quota
+    while True:  # deterministic: the same arguments give the same pool
+        make = {"n_images": n, "seed": args.eval_seed, "correlation": 0.5, "split_fractions": (0.0, v, t), **knobs}
+        pool = _waterbirds_tensors(args, {"what": "waterbirds_eval", "make": make}, ("val", "test"))
+        counts = {split: torch.bincount(pool[split]["group"], minlength=4) for split in ("val", "test")}
+        if int(counts["val"].min()) >= v and int(counts["test"].min()) >= t:
+            break
+        n *= 2
+    out = {}
+    for split, k in (("val", v), ("test", t)):
+        tensors = {**pool[split], "cell": pool[split]["group"]}
+        out[split] = {key: value for key, value in _first_per_cell(tensors, k).items() if key != "cell"}
+    return out
+
+
+def build_waterbirds(args: argparse.Namespace, setting: dict, seed: int) -> dict:
+    """The synthetic Waterbirds stand-in: a training split of ``setting["images"]`` images (generator seed = the
+    seed, place = label in a fraction ``setting["correlation"]``) and the group-balanced evaluation pool of
+    :func:`waterbirds_eval_pool`; groups ``2 * y + place``."""
+    knobs = {k: setting[k] for k in ("colour_cue", "bird_scale", "image_size")}
+    make = {"n_images": setting["images"], "seed": seed, "correlation": setting["correlation"]}
+    make.update(split_fractions=(1.0, 0.0, 0.0), **knobs)
+    train_split = _waterbirds_tensors(args, {"what": "waterbirds_train", "make": make}, ("train",))["train"]
+    data = {"train": train_split, **waterbirds_eval_pool(args, setting)}
     names = list(WATERBIRDS_GROUP_NAMES)
     data = {**data, "group_names": names, "channels": 3, "classes": 2}
     data["group_counts"] = torch.bincount(data["train"]["group"], minlength=len(names)).tolist()
@@ -384,11 +439,13 @@ def train(
     cache: TeacherOutputCache | None = None,
     is_teacher: bool = False,
     eval_test: bool = True,
+    lr: float = 1e-3,
 ) -> dict:
     """Train one network (student, or teacher when ``is_teacher``) with DistillationTrainer.
 
     ``set_determinism(seed)`` runs first, then the network is built, so its initialisation, the dropout-free
-    forward passes and the data order (a generator seeded with ``seed``) are the same in every process.
+    forward passes and the data order (a generator seeded with ``seed``) are the same in every process. The
+    optimiser is AdamW with learning rate ``lr`` and ``hyper["weight_decay"]`` (default 0: exactly Adam).
 
     Returns:
         ``{"network", "history", "selected": {rule: epoch record}}``: every epoch's validation metrics, training
@@ -415,7 +472,7 @@ def train(
         max_epochs=epochs,
         train_data_loader=loader,
         network=network,
-        optimizer=torch.optim.Adam(network.parameters(), 1e-3),
+        optimizer=make_optimizer(network, lr, hyper),
         loss_function=loss,
         teacher=teacher if use_teacher else None,
         teacher_cache=cache if use_teacher else None,
@@ -447,6 +504,11 @@ def train(
         h["state"] = None
     network.eval()
     return {"network": network, "history": history, "selected": selected}
+
+
+def make_optimizer(network: torch.nn.Module, lr: float, hyper: dict) -> torch.optim.Optimizer:
+    """AdamW with the method's ``weight_decay`` (0 by default, which is exactly Adam)."""
+    return torch.optim.AdamW(network.parameters(), lr, weight_decay=float(hyper.get("weight_decay", 0.0)))
 
 
 def select(history: list[dict], rule: str) -> dict:
@@ -501,22 +563,53 @@ def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict |
     names = data["group_names"]
     runs: dict[tuple, dict] = {}
     teachers: dict[str, tuple] = {}
-    for arm in ARMS:
+    for arm in arms_of(args):
         model, method, teacher = arm
         if model == "teacher":
-            run = train(method, data, args.teacher_epochs, seed, teacher_hyper(method), is_teacher=True)
+            run = train(method, data, args.teacher_epochs, seed, teacher_hyper(method), is_teacher=True, lr=args.lr)
             teachers[method] = (run["network"], TeacherOutputCache(id_key="id"))
         else:
             net, cache = teachers[teacher] if teacher else (None, None)
-            run = train(method, data, args.epochs, seed, HYPER[method], teacher=net, cache=cache)
+            run = train(method, data, args.epochs, seed, HYPER[method], teacher=net, cache=cache, lr=args.lr)
         runs[arm] = run
     rows = [
         _row(setting, seed, arm, rule, run["selected"][rule], names)
         for arm, run in runs.items()
         for rule in ("worst", "average")
     ]
+    history = [
+        {
+            "setting": setting["name"],
+            "seed": seed,
+            "model": a[0],
+            "method": a[1],
+            "teacher": a[2],
+            **_epoch_row(h, names),
+        }
+        for a, run in runs.items()
+        for h in run["history"]
+    ]
     summary = {arm_label(*a): f"{100 * r['selected']['worst']['test']['worst']:.1f}" for a, r in runs.items()}
-    return rows, f"test worst-group acc: {summary}"
+    return rows, f"test worst-group acc: {summary}", history
+
+
+def arms_of(args: argparse.Namespace) -> tuple:
+    """The arms of a run: every arm of ``ARMS``, or (``--arms baselines``) the ERM and GroupDRO students only."""
+    if args.arms == "baselines":
+        return tuple(a for a in ARMS if a[0] == "student" and a[2] == "" and a[1] in ("erm", "group_dro"))
+    return ARMS
+
+
+def _epoch_row(h: dict, names: list[str]) -> dict:
+    """One epoch of a training history: validation worst / average, per-group validation and training accuracy,
+    training cross entropy and DRO weights."""
+    row = {"epoch": h["epoch"], "val_worst": h["val"]["worst"], "val_average": h["val"]["average"]}
+    row.update({f"val_acc/{n}": a for n, a in zip(names, h["val"]["per_group"])})
+    row.update({f"train_acc/{n}": a for n, a in zip(names, h["train"]["per_group"])})
+    row.update({f"train_loss/{n}": a for n, a in zip(names, h["train"]["loss_per_group"])})
+    if h["weights"] is not None:
+        row.update({f"dro_weight/{n}": a for n, a in zip(names, h["weights"])})
+    return row
 
 
 def arm_label(model: str, method: str, teacher: str) -> str:
@@ -544,19 +637,37 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
     pool = eval_pool(args) if any(s["kind"] != "waterbirds" for s in settings) else None
     print(f"evaluation pool ready in {time.time() - begin:.0f} s", flush=True)
     timings: list[float] = []
+    history: list[dict] = []
+    if args.history and args.resume and (out / f"{stem}_history.csv").exists():
+        history = [r for r in _read_rows(out / f"{stem}_history.csv") if (r["setting"], r["seed"]) in done]
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for setting in settings:
             if (setting["name"], seed) in done:
                 continue
             start = time.time()
-            new_rows, summary = run_setting(args, setting, seed, pool)
+            new_rows, summary, new_history = run_setting(args, setting, seed, pool)
             rows += new_rows
+            history += new_history
             timings.append(time.time() - start)
             print(f"[{setting['name']} seed {seed}] {timings[-1]:.0f} s, {summary}", flush=True)
             # rewritten after every setting of every seed: an interrupted run leaves complete seeds behind
             write_outputs(rows, args, settings, time.time() - begin, timings)
+            if args.history:
+                _write_csv(out / f"{stem}_history.csv", history)
     write_outputs(rows, args, settings, time.time() - begin, timings)
     return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows (dicts, the columns in order of first appearance) to ``path``, written whole."""
+    fields: dict = {}
+    for r in rows:
+        fields.update(dict.fromkeys(r))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 # ----------------------------------------------------------------------------------------------------- outputs
@@ -565,6 +676,8 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
 def output_stem(args: argparse.Namespace) -> str:
     """File name stem: ``worst_group`` for the default settings (``--sweep``: ``minority``), else with the settings
     appended."""
+    if args.stem:
+        return args.stem
     default = ["minority"] if args.sweep else DEFAULT_SETTINGS
     return "worst_group" if list(args.settings) == default else "_".join(["worst_group", *args.settings])
 
@@ -808,8 +921,11 @@ def plot(rows: list[dict], settings: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- sweep
 
 
-def sweep_configs(method: str) -> list[dict]:
-    grid = SWEEP_GRID[method]
+def sweep_configs(method: str, weight_decays: list[float] | None = None) -> list[dict]:
+    """Every configuration of ``SWEEP_GRID[method]`` (``weight_decays`` replaces its weight-decay values)."""
+    grid = dict(SWEEP_GRID[method])
+    if weight_decays is not None:
+        grid["weight_decay"] = tuple(weight_decays)
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
@@ -824,13 +940,15 @@ def run_sweep(args: argparse.Namespace) -> dict:
         for setting in settings:
             start = time.time()
             data = build_data(args, setting, seed, pool)
-            teacher = train(
-                "erm", data, args.teacher_epochs, seed, teacher_hyper("erm"), is_teacher=True, eval_test=False
-            )
+            teacher = None
+            if {"kd", "groupdistil"} & set(args.methods):
+                hyper = teacher_hyper("erm")
+                run = train("erm", data, args.teacher_epochs, seed, hyper, is_teacher=True, eval_test=False, lr=args.lr)
+                teacher = run["network"]
             cache = TeacherOutputCache(id_key="id")
-            for method in METHODS:
-                for config in sweep_configs(method):
-                    run = train(method, data, args.epochs, seed, config, teacher["network"], cache, eval_test=False)
+            for method in args.methods:
+                for config in sweep_configs(method, args.sweep_weight_decay):
+                    run = train(method, data, args.epochs, seed, config, teacher, cache, eval_test=False, lr=args.lr)
                     chosen = run["selected"]["worst"]
                     rows.append(
                         {
@@ -906,6 +1024,194 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict]
     return winners
 
 
+# ----------------------------------------------------------------------------------------------------- calibration
+
+# the baselines of the calibration: (label, method, hyper-parameters other than the weight decay)
+CALIBRATION_ARMS = (
+    ("erm_natural", "erm", {"sampler": "natural"}),
+    ("erm_balanced", "erm", {"sampler": "balanced"}),
+    ("group_dro", "group_dro", {"step_size": 0.01, "adjustment": 0.0, "sampler": "balanced"}),
+)
+CALIBRATION_KNOBS = ("correlation", "colour_cue", "bird_scale", "image_size", "images", "weight_decay", "epochs")
+
+
+def calibration_grid(args: argparse.Namespace) -> list[dict]:
+    """The Waterbirds settings of ``--calibrate``: every combination of the ``--cal-*`` generator knobs."""
+    return [
+        waterbirds_setting(c, cue, s, args.waterbirds_image_size, n)
+        for c, cue, s, n in itertools.product(
+            args.cal_correlation, args.cal_colour_cue, args.cal_bird_scale, args.cal_images
+        )
+    ]
+
+
+def run_calibration(args: argparse.Namespace) -> dict | None:
+    """Baselines only (``CALIBRATION_ARMS``), validation data only, on every setting of :func:`calibration_grid`,
+    every ``--cal-weight-decay`` and every ``--cal-epochs`` (one training of ``max(--cal-epochs)`` epochs; a shorter
+    budget selects among its first epochs, which is what a shorter training would have given: no schedule).
+
+    Writes ``<stem>.csv`` (one row per setting, seed, arm, weight decay and epoch budget), ``<stem>_history.csv``
+    (every epoch) and ``<stem>.md`` after every setting of every seed; returns the chosen candidate."""
+    out, stem = Path(args.out), args.stem or "waterbirds_calibration"
+    rows: list[dict] = []
+    history: list[dict] = []
+    begin = time.time()
+    if args.cal_from:  # merge the CSVs of earlier calibration runs (e.g. one process per seed), train nothing
+        for path in map(Path, args.cal_from):
+            rows += [_calibration_types(r) for r in _read_rows(path)]
+            if path.with_name(path.stem + "_history.csv").exists():
+                history += _read_rows(path.with_name(path.stem + "_history.csv"))
+        _write_csv(out / f"{stem}.csv", rows)
+        _write_csv(out / f"{stem}_history.csv", history)
+        return write_calibration(rows, args, out / f"{stem}.md", time.time() - begin)
+    chosen = None
+    max_epochs = max(args.cal_epochs)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for setting in calibration_grid(args):
+            start = time.time()
+            data = build_data(args, setting, seed, None)
+            names = data["group_names"]
+            first = len(rows)
+            for wd in args.cal_weight_decay:
+                for label, method, hyper in CALIBRATION_ARMS:
+                    run = train(
+                        method, data, max_epochs, seed, {**hyper, "weight_decay": wd}, eval_test=False, lr=args.lr
+                    )
+                    knobs = {k: setting[k] for k in CALIBRATION_KNOBS[:5]}
+                    for h in run["history"]:
+                        history.append({"setting": setting["name"], "seed": seed, "arm": label, "weight_decay": wd,
+                                        **_epoch_row(h, names)})  # fmt: skip
+                    for epochs in sorted(args.cal_epochs):
+                        pick = select(run["history"][:epochs], "worst")
+                        rows.append(
+                            {
+                                "setting": setting["name"],
+                                **knobs,
+                                "weight_decay": wd,
+                                "epochs": epochs,
+                                "seed": seed,
+                                "arm": label,
+                                "selected_epoch": pick["epoch"],
+                                "val_worst": pick["val"]["worst"],
+                                "val_average": pick["val"]["average"],
+                                "val_worst_group": names[pick["val"]["worst_group"]],
+                                "train_min_group_n": min(data["group_counts"]),
+                                **{f"val_acc/{n}": a for n, a in zip(names, pick["val"]["per_group"])},
+                                **{f"train_acc/{n}": a for n, a in zip(names, pick["train"]["per_group"])},
+                            }
+                        )
+            for r in rows[first:]:
+                r["wall_s"] = round(time.time() - start, 1)  # of the whole setting and seed (every arm)
+            print(f"[calibration {setting['name']} seed {seed}] {time.time() - start:.0f} s", flush=True)
+            _write_csv(out / f"{stem}.csv", rows)
+            _write_csv(out / f"{stem}_history.csv", history)
+            chosen = write_calibration(rows, args, out / f"{stem}.md", time.time() - begin)
+    return chosen
+
+
+def _calibration_types(row: dict) -> dict:
+    """A calibration CSV row with its numbers as numbers again."""
+    for k in ("correlation", "colour_cue", "bird_scale", "weight_decay", "val_worst", "val_average", "wall_s"):
+        row[k] = float(row[k])
+    for k in ("image_size", "images", "epochs", "selected_epoch"):
+        row[k] = int(row[k])
+    return row
+
+
+def calibration_candidates(rows: list[dict], gap: float, min_balanced: float) -> list[dict]:
+    """Per candidate (the ``CALIBRATION_KNOBS`` of a row): the mean over seeds of every arm's validation worst-group
+    and average accuracy, and whether it meets the rule: ERM (natural sampling) worst-group at least ``gap`` below
+    its average, and group-balanced ERM's worst group at least ``min_balanced``. GroupDRO's numbers are reported,
+    never used. Candidates in order of first appearance."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in CALIBRATION_KNOBS), {}).setdefault(r["arm"], []).append(r)
+    out = []
+    for key, arms in groups.items():
+        c: dict = dict(zip(CALIBRATION_KNOBS, key))
+        seeds = None
+        for label, arm_rows in arms.items():
+            c[f"{label}/worst"] = statistics.fmean(float(r["val_worst"]) for r in arm_rows)
+            c[f"{label}/average"] = statistics.fmean(float(r["val_average"]) for r in arm_rows)
+            c[f"{label}/epoch"] = statistics.fmean(float(r["selected_epoch"]) for r in arm_rows)
+            n = {r["seed"] for r in arm_rows}
+            seeds = n if seeds is None else seeds & n
+        c["seeds"] = len(seeds or ())
+        if "erm_natural/worst" in c and "erm_balanced/worst" in c:
+            c["erm_gap"] = c["erm_natural/average"] - c["erm_natural/worst"]
+            c["eligible"] = c["erm_gap"] >= gap and c["erm_balanced/worst"] >= min_balanced
+        else:
+            c["erm_gap"], c["eligible"] = float("nan"), False
+        out.append(c)
+    return out
+
+
+def choose_calibration(candidates: list[dict], min_seeds: int) -> dict | None:
+    """The eligible candidate (run on at least ``min_seeds`` seeds) with the highest group-balanced ERM worst-group
+    validation accuracy (the bird learnt best), ties: the larger ERM gap, then the first; None when none is."""
+    best = None
+    for c in candidates:
+        if c["eligible"] and c["seeds"] >= min_seeds:
+            if best is None or (c["erm_balanced/worst"], c["erm_gap"]) > (best["erm_balanced/worst"], best["erm_gap"]):
+                best = c
+    return best
+
+
+def write_calibration(rows: list[dict], args: argparse.Namespace, path: Path, wall: float) -> dict | None:
+    candidates = calibration_candidates(rows, args.cal_gap, args.cal_min_balanced)
+    seeds = sorted({r["seed"] for r in rows})
+    chosen = choose_calibration(candidates, min(args.seeds, 2))
+    pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+    lines = [
+        "# Synthetic Waterbirds calibration (baselines only, validation data only)",
+        "",
+        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        "",
+        f"Seeds done: {', '.join(map(str, seeds))} ({args.seeds} asked from {args.first_seed}); validation "
+        f"{args.wb_val_per_group} images per group (test pool {args.wb_test_per_group} per group, not used here), "
+        f"group-balanced, generator seed {args.eval_seed}, place independent of the label; input {args.size} px; "
+        f"AdamW lr {args.lr:g}, batch 16; student network. Training time: "
+        f"{sum({(r['setting'], r['seed']): r['wall_s'] for r in rows}.values()) / 60:.1f} min in all, one thread "
+        f"per process (this invocation: {wall / 60:.1f} min).",
+        "",
+        f"Rule (fixed before the runs): a candidate is eligible when ERM with natural sampling has a worst-group "
+        f"validation accuracy at least {pct(args.cal_gap)} points below its average validation accuracy and ERM with "
+        f"the group-balanced sampler a worst-group validation accuracy of at least {pct(args.cal_min_balanced)} % "
+        "(means over seeds, epoch selected by worst-group validation accuracy within the epoch budget); among the "
+        "eligible, the one with the highest group-balanced ERM worst-group accuracy, ties the larger ERM gap. "
+        "GroupDRO (step 0.01, balanced sampler) is reported, never used by the rule.",
+        "",
+        "**Chosen**: "
+        + (
+            ", ".join(f"{k} {chosen[k]}" for k in CALIBRATION_KNOBS)
+            + f" (ERM natural {pct(chosen['erm_natural/average'])} average / {pct(chosen['erm_natural/worst'])} "
+            f"worst, group-balanced ERM worst {pct(chosen['erm_balanced/worst'])})."
+            if chosen
+            else "none yet (no candidate meets the rule)."
+        ),
+        "",
+        "Validation accuracy (%), means over seeds; `epoch`: mean selected epoch.",
+        "",
+        "| correlation | colour cue | bird scale | px | train images | weight decay | epochs | seeds | "
+        "ERM nat. average | ERM nat. worst | ERM gap | ERM nat. epoch | ERM bal. average | ERM bal. worst | "
+        "GroupDRO worst | eligible |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in candidates:
+        get = lambda k, c=c: pct(c[k]) if k in c else "-"  # noqa: E731
+        mark = "**chosen**" if c is chosen else ("yes" if c["eligible"] else "no")
+        lines.append(
+            "| "
+            + " | ".join(f"{c[k]:g}" for k in CALIBRATION_KNOBS)
+            + f" | {c['seeds']} | {get('erm_natural/average')} | "
+            f"{get('erm_natural/worst')} | {pct(c['erm_gap'])} | {c.get('erm_natural/epoch', float('nan')):.1f} | "
+            f"{get('erm_balanced/average')} | {get('erm_balanced/worst')} | {get('group_dro/worst')} | {mark} |"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return chosen
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
@@ -936,8 +1242,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="minority vendor's training share (default 0.02 0.05 0.10; sweep 0.05)",
     )
     parser.add_argument("--correlation", type=float, default=0.8, help="vendor-pathology correlation in training")
-    parser.add_argument("--images", type=int, default=1000, help="images per Waterbirds dataset (50/20/30)")
-    parser.add_argument("--waterbirds-correlation", type=float, default=0.95)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of every network")
+    wb = parser.add_argument_group("synthetic Waterbirds (make_synthetic_waterbirds)")
+    wb.add_argument("--images", type=int, default=1000, help="Waterbirds training images per seed")
+    wb.add_argument("--waterbirds-correlation", type=float, default=0.95, help="P(place = label) in training")
+    wb.add_argument("--colour-cue", type=float, default=1.0, help="P(the bird's colour comes from its class palette)")
+    wb.add_argument("--bird-scale", type=float, default=1.0, help="bird size, in (0, 1.5]")
+    wb.add_argument("--waterbirds-image-size", type=int, default=64, help="generated image side (pixels, >= 16)")
+    wb.add_argument("--wb-val-per-group", type=int, default=100, help="validation images per group (balanced)")
+    wb.add_argument("--wb-test-per-group", type=int, default=250, help="test images per group (balanced)")
     parser.add_argument(
         "--settings",
         nargs="+",
@@ -952,20 +1265,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="keep the rows of the existing runs CSV, skip them")
     parser.add_argument("--quick", action="store_true", help="the whole pipeline on a tiny configuration (< 1 min)")
     parser.add_argument("--sweep", action="store_true", help="run the hyper-parameter sweep instead")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="sweep methods")
+    parser.add_argument(
+        "--sweep-weight-decay", type=float, nargs="+", default=None, help="weight decays of the sweep (default 0)"
+    )
+    parser.add_argument("--arms", default="all", choices=["all", "baselines"], help="baselines: ERM, GroupDRO only")
+    parser.add_argument(
+        "--hyper", type=json.loads, default=None, help="JSON {method: {key: value}} updating HYPER for this run"
+    )
+    parser.add_argument("--stem", default=None, help="output file name stem (default from the settings)")
+    parser.add_argument("--history", action="store_true", help="also write <stem>_history.csv (every epoch)")
+    cal = parser.add_argument_group("--calibrate: Waterbirds baselines on validation data over a grid of knobs")
+    cal.add_argument("--calibrate", action="store_true", help="run the Waterbirds calibration instead")
+    cal.add_argument("--cal-correlation", type=float, nargs="+", default=[0.95])
+    cal.add_argument("--cal-colour-cue", type=float, nargs="+", default=[0.7, 0.85, 1.0])
+    cal.add_argument("--cal-bird-scale", type=float, nargs="+", default=[1.0])
+    cal.add_argument("--cal-images", type=int, nargs="+", default=[1500, 3000])
+    cal.add_argument("--cal-weight-decay", type=float, nargs="+", default=[0.0, 0.1])
+    cal.add_argument("--cal-epochs", type=int, nargs="+", default=[10, 20])
+    cal.add_argument("--cal-from", nargs="+", default=None, help="merge these calibration CSVs (no training)")
+    cal.add_argument("--cal-gap", type=float, default=0.20, help="rule: ERM average - worst >= this")
+    cal.add_argument("--cal-min-balanced", type=float, default=0.70, help="rule: balanced ERM worst >= this")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (numbers depend on it; default 1)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds or 1
         args.train_subjects, args.val_per_cell, args.test_per_cell = 40, 6, 6
         args.epochs, args.teacher_epochs, args.size, args.fractions, args.images = 2, 2, 32, [0.05], 120
+        args.wb_val_per_group, args.wb_test_per_group, args.waterbirds_image_size = 6, 6, 32
+        args.cal_colour_cue, args.cal_images, args.cal_weight_decay, args.cal_epochs = [1.0], [120], [0.0, 0.1], [1, 2]
     if args.settings is None:
         args.settings = ["minority"] if args.sweep else list(DEFAULT_SETTINGS)
     if args.fractions is None:
         args.fractions = [0.05] if args.sweep else [0.02, 0.05, 0.10]
     if args.seeds is None:
-        args.seeds = 3 if args.sweep else 10
+        args.seeds = 2 if args.calibrate else 3 if args.sweep else 10
     if args.first_seed is None:
-        args.first_seed = 1000 if args.sweep else 0
+        args.first_seed = 1000 if args.sweep or args.calibrate else 0
+    for name in ("colour_cue", "bird_scale"):
+        values = [getattr(args, name), *getattr(args, f"cal_{name}")]
+        low = 0.0 if name == "colour_cue" else 1e-9
+        high = 1.0 if name == "colour_cue" else 1.5
+        if not all(low <= v <= high for v in values):
+            parser.error(f"--{name.replace('_', '-')} values must be in [{low:g}, {high:g}], got {values}")
+    if args.waterbirds_image_size < 16:
+        parser.error(f"--waterbirds-image-size must be >= 16, got {args.waterbirds_image_size}")
+    unknown = set(args.hyper or {}) - set(METHODS)
+    if unknown:
+        parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(METHODS)}")
     if not 0.0 <= args.correlation <= 1.0:
         parser.error(f"--correlation must be in [0, 1], got {args.correlation}")
     if args.seeds < 1 or args.train_subjects < 1 or args.val_per_cell < 1 or args.test_per_cell < 1:
@@ -978,7 +1325,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     start = time.time()
-    if args.sweep:
+    for method, update in (args.hyper or {}).items():
+        HYPER[method] = {**HYPER[method], **update}
+    if args.calibrate:
+        chosen = run_calibration(args)
+        print("chosen:", json.dumps({k: chosen[k] for k in CALIBRATION_KNOBS} if chosen else None))
+    elif args.sweep:
         winners = run_sweep(args)
         print("winners:", json.dumps({m: w["config"] for m, w in winners.items()}))
     else:
