@@ -549,7 +549,7 @@ def test_state_dict_round_trip_restores_trajectory():
     run(first, range(3))
     state = first.state_dict()
     assert set(state) == {"group_weights", "ema_group_losses", "ema_initialized", "_extra_state"}
-    assert state["_extra_state"] == {"absent_groups": "ema"}
+    assert state["_extra_state"] == {"absent_groups": "ema", "update": "batch", "weight_by": "loss"}
     resumed = GroupDistillationLoss(num_groups=3, step_size=0.7)
     resumed.load_state_dict(state)
     assert values_straight[3:] == run(resumed, range(3, 6))
@@ -614,13 +614,13 @@ BAD_CALLS = [
         "nan input",
         lambda s, t, y, g: (s.index_fill(0, torch.tensor([2]), float("nan")), t, y, g),
         ValueError,
-        "input hold NaN or infinite values",
+        "input holds NaN or infinite values",
     ),
     (
         "inf teacher",
         lambda s, t, y, g: (s, t.index_fill(0, torch.tensor([0]), float("inf")), y, g),
         ValueError,
-        "teacher_logits hold NaN or infinite values",
+        "teacher_logits holds NaN or infinite values",
     ),
     ("empty batch", lambda s, t, y, g: (s[:0], t[:0], y[:0], g[:0]), ValueError, "empty batch"),
     ("label above range", lambda s, t, y, g: (s, t, y + 4, g), ValueError, r"class indices in \[4, 7\] .* C=4"),

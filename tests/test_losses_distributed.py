@@ -15,6 +15,10 @@ STEPS = 6
 SPLIT = 6  # rank 0 takes the first 6 samples of each global batch of 10, rank 1 the other 4
 LOSSES = {
     "groupdistil": lambda: GroupDistillationLoss(num_groups=3, temperature=2.0, alpha=0.5, step_size=0.8),
+    "groupdistil_ce": lambda: GroupDistillationLoss(3, temperature=2.0, alpha=0.5, step_size=0.8, weight_by="ce"),
+    "groupdistil_held_out": lambda: GroupDistillationLoss(
+        3, temperature=2.0, alpha=0.5, step_size=0.8, weight_by="ce", update="held_out"
+    ),
     "groupdro_adjusted": lambda: GroupDROLoss(
         torch.nn.CrossEntropyLoss(reduction="none"),
         3,
@@ -45,7 +49,7 @@ def _model():
 
 
 def _call(loss, kind, logits, teacher, y, groups):
-    if kind == "groupdistil":  # MONAI engines hand the loss MetaTensors
+    if kind.startswith("groupdistil"):  # MONAI engines hand the loss MetaTensors
         return loss(MetaTensor(logits), MetaTensor(teacher), MetaTensor(y), groups)
     return loss(logits, y, groups)
 
@@ -66,6 +70,13 @@ def _train(model, loss, kind, rank=None):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).clone())
         values.append(value.detach().clone())
         optimizer.step()
+        if loss.update == "held_out":  # each rank measures its share of a held-out batch, then one update
+            x, teacher, y, groups = _global_batch(100 + step)
+            if rank is not None:
+                part = slice(0, SPLIT) if rank == 0 else slice(SPLIT, None)
+                x, teacher, y, groups = x[part], teacher[part], y[part], groups[part]
+            with torch.no_grad():
+                loss.update_weights(loss.weighting_losses(model(x), y, teacher), groups)
     return {"weights": weights, "grads": grads, "values": values, "running": running}
 
 

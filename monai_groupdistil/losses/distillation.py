@@ -133,45 +133,78 @@ class DistillationLoss(_Loss):
         return per_sample
 
     def prepare_labels(
-        self, input: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor | None
+        self,
+        input: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        target: torch.Tensor | None,
+        term: str | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Check the inputs of a call; return the labels clamped into ``[0, C)`` and the 0-dim flag of
-        :py:func:`~monai_groupdistil.losses.checks.clamp_labels` (both ``None`` when no labels are needed)."""
+        :py:func:`~monai_groupdistil.losses.checks.clamp_labels` (both ``None`` when no labels are needed).
+        ``term`` (``"kd"`` or ``"ce"``) is a term :py:meth:`per_sample_terms` must also return, whose input is then
+        required."""
         alpha, dice_weight = self.alpha, self.dice_weight
-        if teacher_logits is None and alpha > 0:
-            raise ValueError(f"teacher_logits are required when alpha > 0 (alpha={alpha}).")
+        if teacher_logits is None and (alpha > 0 or term == "kd"):
+            need = f"alpha > 0 (alpha={alpha})" if alpha > 0 else "the distillation term drives the weights"
+            raise ValueError(f"teacher_logits are required when {need}.")
         check_logits(input, teacher_logits)
         if dice_weight > 0 and input.ndim < 3:
             raise ValueError(f"dice_weight > 0 needs dense logits [B, C, *spatial], got shape {tuple(input.shape)}.")
-        if alpha == 1.0 and dice_weight == 0:
+        if alpha == 1.0 and dice_weight == 0 and term != "ce":
             return None, None
         if target is None:
-            raise ValueError(f"target is required when alpha < 1 or dice_weight > 0 (alpha={alpha}).")
+            need = "alpha < 1 or dice_weight > 0" if term != "ce" else "the cross entropy drives the weights"
+            raise ValueError(f"target is required when {need} (alpha={alpha}).")
         return clamp_labels(check_target(target, input), input.shape[1])
 
     def per_sample(
         self, input: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor | None
     ) -> torch.Tensor:
         """The per-sample values ``[B]`` for inputs checked by :py:meth:`prepare_labels` (labels in ``[0, C)``)."""
+        return self.per_sample_terms(input, teacher_logits, labels)[0]
+
+    def per_sample_terms(
+        self,
+        input: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        term: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The per-sample values ``[B]`` and, for ``term="kd"`` or ``"ce"``, that term alone, unweighted:
+        ``T^2 * KL(softmax(t/T) || softmax(s/T))`` or ``CE(s, y)`` per sample (mean over voxels); ``None`` for
+        ``term=None``. Inputs as checked by :py:meth:`prepare_labels` with the same ``term``."""
         temperature, alpha = self.temperature, self.alpha
         dtype = input.dtype if teacher_logits is None else torch.promote_types(input.dtype, teacher_logits.dtype)
         compute_dtype = torch.promote_types(dtype, torch.float32)  # half precision would lose the KD term's digits
         if torch.is_autocast_enabled(input.device.type):
             dtype = compute_dtype
         student = input.to(compute_dtype)
-        terms = []  # the voxel-wise KD and CE terms
-        if alpha > 0:
+        terms, kl, ce = [], None, None  # the voxel-wise KD and CE terms
+        if alpha > 0 or term == "kd":
             log_p_student = F.log_softmax(student / temperature, dim=1)
             log_p_teacher = F.log_softmax(teacher_logits.to(compute_dtype) / temperature, dim=1)  # type: ignore[union-attr]
             kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
-            terms.append(alpha * temperature * temperature * kl)
-        if alpha < 1:
-            terms.append((1 - alpha) * F.cross_entropy(student, labels, reduction="none"))  # type: ignore[arg-type]
+            if alpha > 0:
+                terms.append(alpha * temperature * temperature * kl)
+        if alpha < 1 or term == "ce":
+            ce = F.cross_entropy(student, labels, reduction="none")  # type: ignore[arg-type]
+            if alpha < 1:
+                terms.append((1 - alpha) * ce)
         voxel_loss = sum(terms[1:], terms[0])
-        per_sample = voxel_loss.flatten(1).mean(dim=1) if voxel_loss.ndim > 1 else voxel_loss
+        per_sample = _mean_per_sample(voxel_loss)
         if self.dice_weight > 0:
             per_sample = per_sample + self.dice_weight * soft_dice_per_sample(student, labels)  # type: ignore[arg-type]
-        return per_sample.to(dtype)
+        extra = None
+        if term == "kd":
+            extra = _mean_per_sample(temperature * temperature * kl).to(dtype)  # type: ignore[operator]
+        elif term == "ce":
+            extra = _mean_per_sample(ce).to(dtype)  # type: ignore[arg-type]
+        return per_sample.to(dtype), extra
+
+
+def _mean_per_sample(values: torch.Tensor) -> torch.Tensor:
+    """``[B]`` from voxel-wise values ``[B, *spatial]`` (mean over the voxels) or ``[B]``."""
+    return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
 
 
 class PerSampleDiceCELoss(DistillationLoss):

@@ -14,7 +14,9 @@ from monai_groupdistil.losses.checks import (
 from monai_groupdistil.losses.distillation import DistillationLoss
 from monai_groupdistil.losses.group_dro import GroupDROLoss
 
-__all__ = ["GroupDistillationLoss"]
+__all__ = ["GroupDistillationLoss", "WEIGHT_BY"]
+
+WEIGHT_BY = ("loss", "ce", "kd")  # values of ``weight_by``: the per-sample quantity that drives the group weights
 
 
 class GroupDistillationLoss(GroupDROLoss):
@@ -27,6 +29,20 @@ class GroupDistillationLoss(GroupDROLoss):
     those of :py:class:`GroupDROLoss`. The labels are checked with the group statistics, so a training call
     synchronises with the host once.
 
+    What drives the weights (``weight_by``): the objective is always ``sum_g q_g * mean_{i in g} l_i``; only the
+    per-group quantity of the exponentiated-gradient step (and of the running losses, ``absent_groups``, the
+    adjustment and ``last_group_losses``) changes:
+
+    - ``"loss"`` (default): the whole per-sample loss ``l_i``.
+    - ``"ce"``: the student's cross entropy with the labels, ``CE(s_i, y_i)`` (mean over voxels). A group the
+      student gets wrong gains weight whatever the teacher says.
+    - ``"kd"``: the distillation term alone, ``T^2 * KL(softmax(t_i/T) || softmax(s_i/T))``.
+
+    Why it matters: ``T^2 * KL`` is small where the teacher is unsure, so with ``"loss"`` (or ``"kd"``) a group on
+    which the teacher is uncertain (often the rare group) looks easy and loses weight, and a group on which a
+    shortcut teacher is confidently wrong gains weight on a term that pulls the student toward the wrong label.
+    ``"ce"`` measures what the student gets wrong against the labels.
+
     Shapes: ``input`` and ``teacher_logits`` ``[B, C]`` (classification) or ``[B, C, *spatial]`` (dense); ``target``
     ``[B]``/``[B, 1]`` or ``[B, *spatial]``/``[B, 1, *spatial]`` class indices; ``groups`` an integer tensor ``[B]``.
 
@@ -35,6 +51,9 @@ class GroupDistillationLoss(GroupDROLoss):
             :py:class:`GroupDROLoss` (``absent_groups="ema"`` by default: an absent group enters the update with
             its running loss).
         temperature, alpha, dice_weight: as for :py:class:`DistillationLoss` (defaults 4.0, 0.5 and 0).
+        weight_by: ``"loss"``, ``"ce"`` or ``"kd"``, see above. ``"ce"`` needs ``target`` and ``"kd"`` needs
+            ``teacher_logits`` even when ``alpha`` would not.
+        update: ``"batch"`` or ``"held_out"``, as for :py:class:`GroupDROLoss`.
 
     Raises:
         ValueError: for invalid hyper-parameters; at call time for group ids outside ``[0, num_groups)``, class
@@ -68,7 +87,11 @@ class GroupDistillationLoss(GroupDROLoss):
         absent_groups: str = "ema",
         dice_weight: float = 0.0,
         reduction: LossReduction | str = "mean",
+        weight_by: str = "loss",
+        update: str = "batch",
     ):
+        if weight_by not in WEIGHT_BY:
+            raise ValueError(f"weight_by must be one of {WEIGHT_BY}, got {weight_by!r}.")
         distillation = DistillationLoss(temperature, alpha, dice_weight, reduction="none")
         super().__init__(
             distillation,
@@ -80,8 +103,10 @@ class GroupDistillationLoss(GroupDROLoss):
             gamma,
             absent_groups,
             reduction,
+            update,
         )
         self.temperature, self.alpha, self.dice_weight = distillation.temperature, distillation.alpha, dice_weight
+        self.weight_by = weight_by
 
     def forward(  # type: ignore[override]
         self, input: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, groups: torch.Tensor
@@ -89,15 +114,37 @@ class GroupDistillationLoss(GroupDROLoss):
         """Student and teacher logits ``[B, C, *spatial]``, class indices ``target`` (``None`` only when
         ``alpha == 1`` and ``dice_weight == 0``) and group ids ``[B]``; returns the robust scalar (``"mean"``/``"sum"``)
         or per-sample contributions ``[B]`` (``"none"``)."""
-        labels, outside = self.loss_fn.prepare_labels(input, teacher_logits, target)
+        term = None if self.weight_by == "loss" else self.weight_by
+        labels, outside = self.loss_fn.prepare_labels(input, teacher_logits, target, term)
         groups = check_groups(groups, input.shape[0])
-        per_sample = self.loss_fn.per_sample(input, teacher_logits, labels)
+        per_sample, weighting = self.loss_fn.per_sample_terms(input, teacher_logits, labels, term)
         try:
-            return self.robust_reduce(per_sample, groups, outside)
+            return self.robust_reduce(per_sample, groups, outside, weighting)
         except ValueError as err:  # name the culprit where the group statistics cannot
             if outside is not None and bool(outside):
                 raise_label_range(target.long().reshape(labels.shape), input.shape[1])  # type: ignore[union-attr]
             culprits = [n for n, t in (("input", input), ("teacher_logits", teacher_logits)) if not t.isfinite().all()]
             if culprits and "not finite" in str(err):
-                raise ValueError(f"{' and '.join(culprits)} hold NaN or infinite values; {err}") from err
+                verb = "holds" if len(culprits) == 1 else "hold"
+                raise ValueError(f"{' and '.join(culprits)} {verb} NaN or infinite values; {err}") from err
             raise
+
+    def weighting_losses(  # type: ignore[override]
+        self, input: torch.Tensor, target: torch.Tensor | None, teacher_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The per-sample quantity ``[B]`` chosen by ``weight_by`` (the whole loss, ``CE`` or ``T^2 * KL``), for
+        :py:meth:`update_weights` on held-out data.
+
+        Raises:
+            ValueError: for the input errors of :py:meth:`forward` (a missing ``teacher_logits`` or ``target`` that
+                the chosen quantity needs, class indices outside ``[0, C)``...).
+        """
+        term = None if self.weight_by == "loss" else self.weight_by
+        labels, outside = self.loss_fn.prepare_labels(input, teacher_logits, target, term)
+        if outside is not None and bool(outside):
+            raise_label_range(target.long().reshape(labels.shape), input.shape[1])  # type: ignore[union-attr]
+        per_sample, weighting = self.loss_fn.per_sample_terms(input, teacher_logits, labels, term)
+        return per_sample if weighting is None else weighting
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "weight_by": self.weight_by}

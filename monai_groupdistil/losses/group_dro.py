@@ -11,15 +11,16 @@ from torch.nn.modules.loss import _Loss
 
 from monai_groupdistil.losses.checks import check_fraction, check_groups, check_number
 
-__all__ = ["GroupDROLoss", "ABSENT_GROUP_RULES"]
+__all__ = ["GroupDROLoss", "ABSENT_GROUP_RULES", "UPDATE_RULES"]
 
 ABSENT_GROUP_RULES = ("ema", "zero")  # values of ``absent_groups``: what an absent group brings to the update
+UPDATE_RULES = ("batch", "held_out")  # values of ``update``: which per-group losses take the exponentiated step
 
 
 class GroupDROLoss(_Loss):
     """Online group-DRO objective (Sagawa et al., ICLR 2020) around a per-sample loss.
 
-    Each call, with per-sample losses ``l_i`` and group ids ``g_i`` (FACTS section 2):
+    Each call, with per-sample losses ``l_i`` and group ids ``g_i`` (Sagawa et al.'s online algorithm):
 
     1. ``L_g`` = mean of ``l_i`` over the samples of group ``g``, ``n_g`` their count (``L_g = 0`` when absent).
     2. ``A_g = S_g + C_g / sqrt(N_g)`` (generalisation adjustment; ``C = adjustment``, ``N = group_counts``), where
@@ -31,7 +32,14 @@ class GroupDROLoss(_Loss):
     5. robust loss ``sum_g q_g * (L_g + C_g / sqrt(N_g))`` with the weights just updated.
 
     Why ``"ema"``: under natural sampling a rare group misses most batches, and with ``S_g = 0`` each such batch
-    lowers its weight (docs/method.md); with ``"ema"`` absence alone never moves a weight.
+    lowers its weight; with ``"ema"`` absence alone never moves a weight.
+
+    Held-out update (``update="held_out"``): a group whose training samples the network has memorised has a small
+    training loss although it may generalise worst, so its weight stops rising (Sagawa et al. need strong
+    regularisation for this reason). With ``"held_out"`` a training call only applies the current weights (step 5);
+    steps 1-4 run in :py:meth:`update_weights`, on per-sample losses measured on held-out data, e.g. by
+    :py:class:`~monai_groupdistil.handlers.HeldOutGroupDROHandler` every epoch. The running losses then follow the
+    held-out losses.
 
     ``q`` (``group_weights``, uniform at first), the running losses ``ema_group_losses`` (factor ``gamma``; an
     absent group keeps its value), ``ema_initialized`` and ``absent_groups`` are in ``state_dict()``. In ``eval()``
@@ -53,14 +61,16 @@ class GroupDROLoss(_Loss):
         normalize_loss: divide the adjusted group losses by their sum before the update.
         gamma: factor of the running (exponential moving average) group losses, in ``(0, 1]``.
         absent_groups: ``"ema"`` (default) or ``"zero"``, see step 2.
+        update: ``"batch"`` (default: every training call updates the weights from its own batch) or
+            ``"held_out"`` (only :py:meth:`update_weights` does, see above).
         reduction: ``"mean"`` or ``"sum"`` return the robust scalar; ``"none"`` returns per-sample contributions
             ``[B]`` whose sum equals it.
 
     Raises:
         ValueError: for ``num_groups < 1``, a negative ``step_size``, ``gamma`` outside ``(0, 1]``, an unknown
-            ``absent_groups``, ``adjustment``/``group_counts`` of the wrong length or sign, a positive adjustment
-            without ``group_counts``; at call time for group ids outside ``[0, num_groups)``, shape mismatches, an
-            empty batch and non-finite group losses (the state is then left untouched).
+            ``absent_groups`` or ``update``, ``adjustment``/``group_counts`` of the wrong length or sign, a positive
+            adjustment without ``group_counts``; at call time for group ids outside ``[0, num_groups)``, shape
+            mismatches, an empty batch and non-finite group losses (the state is then left untouched).
         TypeError: for a ``loss_fn`` that is not callable; at call time for non-integer group ids.
 
     Example::
@@ -86,6 +96,7 @@ class GroupDROLoss(_Loss):
         gamma: float = 0.1,
         absent_groups: str = "ema",
         reduction: LossReduction | str = "mean",
+        update: str = "batch",
     ):
         super().__init__(reduction=LossReduction(reduction).value)
         if not callable(loss_fn):
@@ -94,6 +105,9 @@ class GroupDROLoss(_Loss):
             raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
         if absent_groups not in ABSENT_GROUP_RULES:
             raise ValueError(f"absent_groups must be one of {ABSENT_GROUP_RULES}, got {absent_groups!r}.")
+        if update not in UPDATE_RULES:
+            raise ValueError(f"update must be one of {UPDATE_RULES}, got {update!r}.")
+        self.update = update
         self.loss_fn = loss_fn
         self.num_groups = num_groups
         self.step_size = step_size
@@ -136,38 +150,69 @@ class GroupDROLoss(_Loss):
         groups = check_groups(groups, input.shape[0])
         return self.robust_reduce(self.loss_fn(input, target), groups)
 
+    def weighting_losses(
+        self, input: torch.Tensor, target: torch.Tensor, teacher_logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The per-sample losses ``[B]`` that drive the weights: here ``loss_fn(input, target)`` (averaged over the
+        non-batch dimensions). :py:class:`GroupDistillationLoss` chooses them with ``weight_by``. ``teacher_logits``
+        is ignored here. Used with :py:meth:`update_weights` on held-out data."""
+        return _per_sample_mean(self.loss_fn(input, target), input.shape[0])
+
+    def update_weights(self, losses: torch.Tensor, groups: torch.Tensor) -> None:
+        """One exponentiated-gradient step (steps 1-4) from per-sample losses ``[B]`` measured elsewhere, typically
+        :py:meth:`weighting_losses` of held-out data under ``torch.no_grad()``; ``groups`` integer ids ``[B]``.
+
+        It runs in any mode (``eval()`` included) and with either ``update`` rule; under ``torch.distributed`` the
+        per-group sums and counts are all-reduced, so each rank may pass its own share of the held-out data.
+
+        Raises:
+            ValueError: for group ids outside ``[0, num_groups)``, mismatched shapes, an empty batch or non-finite
+                losses; the weights and running losses are then left untouched.
+            TypeError: for non-integer group ids.
+        """
+        if not isinstance(losses, torch.Tensor) or losses.ndim == 0 or losses.shape[0] == 0:
+            raise ValueError("losses must be a tensor of per-sample losses [B] with a non-empty batch dimension.")
+        groups = check_groups(groups, losses.shape[0])
+        losses = _per_sample_mean(losses, groups.shape[0]).detach()
+        group_losses, counts, _ = self._group_statistics(losses, groups)
+        self._exponentiated_step(group_losses, counts)
+
     def robust_reduce(
-        self, per_sample: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None = None
+        self,
+        per_sample: torch.Tensor,
+        groups: torch.Tensor,
+        labels_outside: torch.Tensor | None = None,
+        weighting: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The robust loss (see ``reduction``) of per-sample losses ``[B]`` (or ``[B, *spatial]``, averaged over the
-        non-batch dimensions) and int64 ids ``[B]``, updating the weights first in training mode. ``labels_outside``,
-        a caller's 0-dim flag for labels outside the classes, is checked with the ids and the group losses."""
-        batch = groups.shape[0]
-        if not isinstance(per_sample, torch.Tensor) or per_sample.ndim == 0 or per_sample.shape[0] != batch:
-            shape = tuple(per_sample.shape) if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
-            raise ValueError(
-                f"loss_fn must return per-sample losses of shape [B] = ({batch},), got {shape}; "
-                "construct it with reduction='none'."
-            )
-        if per_sample.ndim > 1:
-            per_sample = per_sample.flatten(1).mean(dim=1)
-        coefficients, constant = self._group_step(per_sample.detach(), groups, labels_outside)
-        robust = per_sample.to(coefficients.dtype) * coefficients.to(per_sample.device)  # a_i * l_i
+        non-batch dimensions) and int64 ids ``[B]``; with ``update="batch"`` the weights are updated first in
+        training mode.
+
+        ``weighting`` (per-sample ``[B]``, default ``per_sample``) is what the update and the running losses use;
+        ``labels_outside``, a caller's 0-dim flag for labels outside the classes, is checked with the ids and the
+        group losses."""
+        per_sample = _per_sample_mean(per_sample, groups.shape[0])
+        weighting = per_sample if weighting is None else _per_sample_mean(weighting, groups.shape[0])
+        group_losses, counts, world_size = self._group_statistics(weighting.detach(), groups, labels_outside)
+        weights = self.group_weights.to(group_losses.dtype)
+        if self.training and self.update == "batch":
+            weights = self._exponentiated_step(group_losses, counts)
+        coefficients = weights * world_size / counts.clamp_min(1)  # a_i = q_g / n_g: sum_i a_i l_i = sum_g q_g L_g
+        ids = groups.as_subclass(torch.Tensor).to(weights.device).clamp(0, self.num_groups - 1)
+        robust = per_sample.to(weights.dtype) * coefficients[ids].to(per_sample.device)
         per_sample_output = self.reduction == LossReduction.NONE.value
         if not per_sample_output:
             robust = robust.sum()
-        if constant is not None:  # the adjustment term, spread over the samples for reduction="none"
-            robust = robust + constant.to(per_sample.device) / (batch if per_sample_output else 1)
+        if self.use_adjustment:  # sum_g q_g C_g / sqrt(N_g), spread over the samples for reduction="none"
+            constant = (weights * self.adjustment_term.to(weights.dtype)).sum().to(per_sample.device)
+            robust = robust + constant / (groups.shape[0] if per_sample_output else 1)
         return robust.to(per_sample.dtype)
 
-    def _group_step(
-        self, losses: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Group statistics, checks and (in training mode) the weight and running-loss update.
-
-        Returns the per-sample coefficients ``a_i = q_g / n_g`` (times the world size) and the adjustment term
-        ``c = sum_g q_g C_g / sqrt(N_g)`` (None without adjustment): the robust loss is ``sum_i a_i l_i + c``.
-        """
+    def _group_statistics(
+        self, losses: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-group mean losses and counts ``[G]`` (all-reduced under ``torch.distributed``) and the world size;
+        checks the ids, the labels flag and the finiteness of the group losses (one host synchronisation)."""
         device, num_groups = self.group_weights.device, self.num_groups
         dtype = torch.promote_types(torch.promote_types(losses.dtype, self.group_weights.dtype), torch.float32)
         # plain tensors (a MONAI MetaTensor's batch metadata cannot follow the slicing of the all-reduced statistics)
@@ -186,32 +231,34 @@ class GroupDROLoss(_Loss):
             dist.all_reduce(stats)
             sums, counts, invalid = stats[:num_groups], stats[num_groups:-1], stats[-1] > 0
         group_losses = sums / counts.clamp_min(1)
-        if not bool(torch.isfinite(group_losses).all() & ~invalid):  # the one host synchronisation
+        if not bool(torch.isfinite(group_losses).all() & ~invalid):
             self._raise_for_bad_batch(groups, labels_outside, bool(invalid), group_losses)
-
-        weights, adjustment = self.group_weights.to(dtype), self.adjustment_term.to(dtype)
-        present = counts > 0
-        if self.training:
-            scores = group_losses
-            if self.absent_groups == "ema":
-                present_mean = (group_losses * present).sum() / present.sum()
-                running = torch.where(self.ema_initialized, self.ema_group_losses.to(dtype), present_mean)
-                scores = torch.where(present, group_losses, running)
-            if self.use_adjustment:
-                scores = scores + adjustment
-            if self.normalize_loss:
-                total = scores.sum()
-                scores = torch.where(total != 0, scores / total, scores)
-            weights = torch.softmax(weights.log() + self.step_size * scores, dim=0)  # q * exp(eta * A), normalised
-            ema = self.ema_group_losses.to(dtype)
-            ema = torch.where(self.ema_initialized, ema + self.gamma * (group_losses - ema), group_losses)
-            self.group_weights.copy_(weights)
-            self.ema_group_losses.copy_(torch.where(present, ema, self.ema_group_losses))
-            self.ema_initialized.logical_or_(present)
         self.last_group_losses.copy_(group_losses)
         self.last_group_counts.copy_(counts)
-        coefficients = weights / counts.clamp_min(1) if world_size == 1 else weights * world_size / counts.clamp_min(1)
-        return coefficients[ids], (weights * adjustment).sum() if self.use_adjustment else None
+        return group_losses, counts, world_size
+
+    def _exponentiated_step(self, group_losses: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Steps 2-4: update the weights and the running losses from per-group losses and counts ``[G]``; returns
+        the new weights in the dtype of ``group_losses`` (the buffer may hold them in a lower precision)."""
+        dtype = group_losses.dtype
+        present = counts > 0
+        scores = group_losses
+        if self.absent_groups == "ema":
+            present_mean = (group_losses * present).sum() / present.sum()
+            running = torch.where(self.ema_initialized, self.ema_group_losses.to(dtype), present_mean)
+            scores = torch.where(present, group_losses, running)
+        if self.use_adjustment:
+            scores = scores + self.adjustment_term.to(dtype)
+        if self.normalize_loss:
+            total = scores.sum()
+            scores = torch.where(total != 0, scores / total, scores)
+        weights = torch.softmax(self.group_weights.to(dtype).log() + self.step_size * scores, dim=0)  # q exp(eta A)
+        ema = self.ema_group_losses.to(dtype)
+        ema = torch.where(self.ema_initialized, ema + self.gamma * (group_losses - ema), group_losses)
+        self.group_weights.copy_(weights)
+        self.ema_group_losses.copy_(torch.where(present, ema, self.ema_group_losses))
+        self.ema_initialized.logical_or_(present)
+        return weights
 
     def _raise_for_bad_batch(self, groups, labels_outside, invalid: bool, group_losses: torch.Tensor) -> None:
         lo, hi = (int(v) for v in torch.aminmax(groups))
@@ -230,13 +277,14 @@ class GroupDROLoss(_Loss):
         )
 
     def get_extra_state(self) -> dict:
-        return {"absent_groups": self.absent_groups}
+        return {"absent_groups": self.absent_groups, "update": self.update}
 
     def set_extra_state(self, state: dict) -> None:  # checked by _check_checkpoint, before any buffer is written
         pass
 
     def _check_checkpoint(self, module, state_dict, prefix, *args) -> None:
-        """Load pre-hook: refuse a checkpoint of another grouping or ``absent_groups``, or with bad weights."""
+        """Load pre-hook: refuse a checkpoint of another grouping or rule (``absent_groups``, ``update``,
+        ``weight_by``), or with bad weights."""
         weights = state_dict.get(prefix + "group_weights")
         if weights is not None and tuple(weights.shape) != (self.num_groups,):
             raise ValueError(
@@ -247,13 +295,29 @@ class GroupDROLoss(_Loss):
             bool(torch.isfinite(weights).all()) and bool((weights >= 0).all()) and abs(float(weights.sum()) - 1) < 1e-3
         ):
             raise ValueError(f"the checkpoint's DRO weights are not a probability vector: {weights.tolist()}.")
-        # checkpoints of earlier versions carry no rule: they are taken as they are
-        saved_rule = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())["absent_groups"]
-        if saved_rule != self.absent_groups:
-            raise ValueError(
-                f"the checkpoint was trained with absent_groups={saved_rule!r} but this loss has "
-                f"absent_groups={self.absent_groups!r}; use the same rule or start anew."
-            )
+        # checkpoints of earlier versions carry fewer rules (none before absent_groups): those are taken as they are
+        saved = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
+        for rule, value in self.get_extra_state().items():
+            if rule in saved and saved[rule] != value:
+                raise ValueError(
+                    f"the checkpoint was trained with {rule}={saved[rule]!r} but this loss has {rule}={value!r}; "
+                    "use the same rule or start anew."
+                )
+
+
+def _per_sample_mean(values: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample values ``[B]`` from ``[B]`` or ``[B, *spatial]`` (mean over the non-batch dimensions).
+
+    Raises:
+        ValueError: when ``values`` is not a tensor with ``batch`` samples.
+    """
+    if not isinstance(values, torch.Tensor) or values.ndim == 0 or values.shape[0] != batch:
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(
+            f"per-sample losses of shape [B] = ({batch},) are expected, got {shape}; "
+            "construct the loss function with reduction='none'."
+        )
+    return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
 
 
 def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
