@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -148,6 +149,10 @@ def test_sweep_winners_scores_on_validation_only():
 def test_sweep_grid_covers_the_issue_options():
     gd = worst_group.sweep_configs("groupdistil")
     assert len(gd) == 2 * 3 * 2 * 2 * 2
+    assert {c["weight_decay"] for c in gd} == {0.0}  # the grid of the committed sweep
+    wd = worst_group.sweep_configs("group_dro", [0.0, 0.1, 1.0])
+    assert len(wd) == 3 * 2 * 2 * 3 and {c["weight_decay"] for c in wd} == {0.0, 0.1, 1.0}
+    assert "weight_decay" in worst_group.SWEEP_KEYS
     assert {c["absent_groups"] for c in gd} == {"ema", "zero"} and {c["sampler"] for c in gd} == {"natural", "balanced"}
     assert {c["adjustment"] for c in gd} == {0.0, 1.0}
     for method in worst_group.METHODS:
@@ -163,3 +168,139 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         worst_group.parse_args(["--correlation", "1.2"])
     assert "--correlation must be in [0, 1], got 1.2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--cal-colour-cue", "0.5", "1.5"])
+    assert "--colour-cue values must be in [0, 1], got [1.0, 0.5, 1.5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--hyper", '{"ermm": {"weight_decay": 1}}'])
+    assert "--hyper: unknown method(s) ['ermm']" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------- Waterbirds
+
+
+def test_adamw_without_weight_decay_is_adam_and_weight_decay_reaches_the_optimiser(monkeypatch):
+    """AdamW(weight_decay=0) takes exactly Adam's steps (so the committed numbers, trained with Adam, stand), and
+    ``train`` builds its optimiser with the method's ``weight_decay`` and ``lr``."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    adam = torch.optim.Adam(a.parameters(), 1e-3)
+    adamw = worst_group.make_optimizer(b, 1e-3, {})
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.0
+    for _ in range(20):
+        x = torch.randn(8, 5)
+        for net, opt in ((a, adam), (b, adamw)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+    made, original = [], worst_group.make_optimizer
+
+    def recording(network, lr, hyper):
+        made.append(original(network, lr, hyper))
+        return made[-1]
+
+    monkeypatch.setattr(worst_group, "make_optimizer", recording)
+    g = torch.arange(16) % 4
+    split = {"image": torch.randn(16, 3, 32, 32), "label": g // 2, "group": g}
+    data = {"train": split, "val": split, "test": split, "group_names": list("abcd"), "group_counts": [4] * 4}
+    data.update(channels=3, classes=2)
+    norms = {}
+    for wd in (0.0, 50.0):
+        run = worst_group.train("erm", data, 1, 0, {"sampler": "natural", "weight_decay": wd}, eval_test=False, lr=0.01)
+        assert made[-1].param_groups[0]["weight_decay"] == wd and made[-1].param_groups[0]["lr"] == 0.01
+        norms[wd] = float(run["network"].fc.weight.norm())
+    assert norms[50.0] < 0.8 * norms[0.0]  # decoupled decay shrinks the weights (1 - lr * wd = 0.5 per step)
+
+
+def test_waterbirds_setting_names_and_cache_keys_hold_every_knob(tmp_path):
+    args = worst_group.parse_args(
+        ["--settings", "waterbirds", "--waterbirds-correlation", "0.9", "--colour-cue", "0.7", "--bird-scale", "0.5"]
+        + ["--waterbirds-image-size", "32", "--images", "3000", "--cache", str(tmp_path)]
+    )
+    (setting,) = worst_group.settings_of(args)
+    assert setting["name"] == "waterbirds_c0.9_cue0.7_s0.5_px32_n3000"
+    assert args.lr == 1e-3 and args.wb_test_per_group == 250  # defaults
+    # the cache files of two settings differing in one knob differ, and the data do too
+    args.size, args.wb_val_per_group, args.wb_test_per_group = 16, 3, 5
+    tensors = {}
+    for cue in (1.0, 0.0):
+        s = worst_group.waterbirds_setting(0.9, cue, 1.0, 16, 24)
+        tensors[cue] = worst_group.build_waterbirds(args, s, seed=0)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 4 and sum(f.startswith("waterbirds_train_") for f in files) == 2  # 2 train, 2 eval pools
+    assert not torch.equal(tensors[1.0]["train"]["image"], tensors[0.0]["train"]["image"])
+    # evaluation splits: exactly the asked number of images in every group
+    for data in tensors.values():
+        assert torch.bincount(data["val"]["group"], minlength=4).tolist() == [3] * 4
+        assert torch.bincount(data["test"]["group"], minlength=4).tolist() == [5] * 4
+        assert len(data["train"]["label"]) == 24 and sum(data["group_counts"]) == 24
+        assert torch.equal(data["val"]["group"] // 2, data["val"]["label"])  # g = 2 * y + place
+
+
+def _cal_row(cue, arm, worst, average, seed=0, wd=0.0):
+    return {"correlation": 0.95, "colour_cue": cue, "bird_scale": 1.0, "image_size": 32, "images": 100,
+            "weight_decay": wd, "epochs": 10, "seed": seed, "arm": arm, "selected_epoch": 3, "val_worst": worst,
+            "val_average": average}  # fmt: skip
+
+
+def test_calibration_rule_uses_erm_only():
+    rows = []
+    for seed in (0, 1):
+        rows += [
+            # cue 0.5: ERM gap 40 points, balanced ERM 75 %: eligible
+            _cal_row(0.5, "erm_natural", 0.55, 0.95, seed), _cal_row(0.5, "erm_balanced", 0.75, 0.85, seed),
+            # cue 0.7: gap 30, balanced 80 %: eligible and the bird is learnt best -> chosen
+            _cal_row(0.7, "erm_natural", 0.65, 0.95, seed), _cal_row(0.7, "erm_balanced", 0.80, 0.9, seed),
+            # cue 0.9: gap 10: not eligible although balanced ERM is at 95 %
+            _cal_row(0.9, "erm_natural", 0.88, 0.98, seed), _cal_row(0.9, "erm_balanced", 0.95, 0.97, seed),
+            # cue 0.3: gap 45 but balanced ERM at 60 %: the bird is not learnt
+            _cal_row(0.3, "erm_natural", 0.5, 0.95, seed), _cal_row(0.3, "erm_balanced", 0.6, 0.7, seed),
+        ]  # fmt: skip
+    dro = [_cal_row(cue, "group_dro", v, 0.9, s) for cue, v in ((0.5, 0.9), (0.7, 0.1)) for s in (0, 1)]
+    for extra in ([], dro):  # GroupDRO's numbers never change the choice
+        candidates = worst_group.calibration_candidates(rows + extra, gap=0.2, min_balanced=0.7)
+        assert [c["eligible"] for c in candidates] == [True, True, False, False]
+        assert candidates[0]["erm_gap"] == pytest.approx(0.4) and candidates[0]["seeds"] == 2
+        chosen = worst_group.choose_calibration(candidates, min_seeds=2)
+        assert chosen["colour_cue"] == 0.7
+    assert worst_group.choose_calibration(candidates, min_seeds=3) is None  # two seeds only
+    assert worst_group.choose_calibration(worst_group.calibration_candidates(rows, 0.5, 0.7), 2) is None
+
+
+def test_quick_calibration_writes_validation_rows(tmp_path):
+    """``--calibrate --quick``: every (arm, weight decay, epoch budget) of the one tiny setting, validation
+    accuracies that are counts over the 6 images of a group, and each epoch budget selecting within it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "cal"
+    cmd = [sys.executable, str(BENCH / "worst_group.py"), "--calibrate", "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd + ["--cache", str(tmp_path / "cache")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "waterbirds_calibration.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    expected = {(arm, wd, e) for arm, _, _ in worst_group.CALIBRATION_ARMS for wd in ("0.0", "0.1") for e in "12"}
+    assert {(r["arm"], r["weight_decay"], r["epochs"]) for r in rows} == expected and len(rows) == len(expected)
+    names = worst_group.WATERBIRDS_GROUP_NAMES
+    for r in rows:
+        assert r["setting"] == "waterbirds_c0.95_cue1_s1_px32_n120" and r["seed"] == "1000"
+        assert 1 <= int(r["selected_epoch"]) <= int(r["epochs"])
+        per_group = [float(r[f"val_acc/{n}"]) for n in names]
+        for value in [*per_group, float(r["val_worst"]), float(r["val_average"])]:
+            assert 0.0 <= value <= 1.0
+        assert all(math.isclose(6 * a, round(6 * a), abs_tol=1e-9) for a in per_group)
+        assert float(r["val_worst"]) == min(per_group)
+        assert all(0.0 <= float(r[f"train_acc/{n}"]) <= 1.0 for n in names)
+    with open(out / "waterbirds_calibration_history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    assert len(history) == 3 * 2 * 2  # arms x weight decays x epochs
+    dro = [h for h in history if h["arm"] == "group_dro"]
+    assert all(math.isclose(sum(float(h[f"dro_weight/{n}"]) for n in names), 1.0, rel_tol=1e-5) for h in dro)
+    # the 2-epoch budget's selection is the better of the two epochs (worst-group validation accuracy)
+    for arm, _, _ in worst_group.CALIBRATION_ARMS:
+        for wd in ("0.0", "0.1"):
+            epochs = [h for h in history if h["arm"] == arm and h["weight_decay"] == wd]
+            (two,) = [r for r in rows if r["arm"] == arm and r["weight_decay"] == wd and r["epochs"] == "2"]
+            assert float(two["val_worst"]) == max(float(h["val_worst"]) for h in epochs)
+    assert "Rule (fixed before the runs)" in (out / "waterbirds_calibration.md").read_text()
