@@ -100,9 +100,10 @@ def random_teacher(bundle: Bundle, overrides: dict, path: Path) -> None:
 class Bundle:
     """One bundle of ``bundles/``: its config files, CLI runs and ConfigWorkflows."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, root: Path | None = None) -> None:
+        """The bundle ``name`` of ``bundles/``, or the copy of it in ``root``."""
         self.name = name
-        self.root = ROOT / "bundles" / name
+        self.root = ROOT / "bundles" / name if root is None else Path(root)
         self.config_dir = self.root / "configs"
         self.meta = str(self.config_dir / "metadata.json")
 

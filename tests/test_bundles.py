@@ -218,7 +218,7 @@ def test_every_training_config_through_config_workflow(trained, method, tmp_path
     wf.finalize()
     checkpoint = torch.load(Path(ov["ckpt_dir"]) / ckpt, weights_only=False)
     assert "model" in checkpoint and ("dro" in checkpoint) == dro
-    ev = b.workflow([*configs, *b.configs("evaluate")], ov, workflow_type="infer")
+    ev = b.workflow([*configs, *b.configs("evaluate")], ov)  # a train-type workflow, as the model zoo checks it
     assert ev.check_properties() == []
     ev.run()
     ev.finalize()
