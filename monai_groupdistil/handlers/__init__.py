@@ -8,6 +8,7 @@ from monai_groupdistil.handlers.group_report_handler import (
     GroupReportHandler,
     per_sample_cross_entropy,
 )
+from monai_groupdistil.handlers.held_out_dro_handler import HeldOutGroupDROHandler
 from monai_groupdistil.handlers.prediction_writer import ClassProbabilitySaver
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "GroupMetricHandler",
     "GroupMetricReportHandler",
     "GroupReportHandler",
+    "HeldOutGroupDROHandler",
     "batch_spacing",
     "extract_groups",
     "iteration_scalars",
