@@ -142,6 +142,7 @@ SWEEP_GRID: dict[str, dict[str, tuple]] = {
         "weight_decay": (0.0,),
     },
 }
+SWEEP_OVERRIDE: dict[str, dict] = {}  # ``--sweep-grid``: values replacing those of SWEEP_GRID for one run
 SWEEP_KEYS = ("alpha", "step_size", "absent_groups", "adjustment", "sampler", "weight_decay")
 STUDENT_WIDTH = 8
 
@@ -629,6 +630,16 @@ def _read_rows(path: Path) -> list[dict]:
 def run_benchmark(args: argparse.Namespace) -> list[dict]:
     out, stem = Path(args.out), output_stem(args)
     rows: list[dict] = []
+    if args.merge_from:  # the runs CSVs of earlier invocations (e.g. one process per block of seeds), no training
+        history = []
+        for path in map(Path, args.merge_from):
+            rows += _read_rows(path)
+            if path.with_name(path.name.replace("_runs.csv", "_history.csv")).exists():
+                history += _read_rows(path.with_name(path.name.replace("_runs.csv", "_history.csv")))
+        write_outputs(rows, args, settings_of(args), 0.0, [])  # wall times: in the logs of the merged runs
+        if history:
+            _write_csv(out / f"{stem}_history.csv", history)
+        return rows
     if args.resume and (out / f"{stem}_runs.csv").exists():
         rows = _read_rows(out / f"{stem}_runs.csv")
     done = {(r["setting"], r["seed"]) for r in rows}
@@ -646,9 +657,9 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
                 continue
             start = time.time()
             new_rows, summary, new_history = run_setting(args, setting, seed, pool)
+            timings.append(time.time() - start)
             rows += new_rows
             history += new_history
-            timings.append(time.time() - start)
             print(f"[{setting['name']} seed {seed}] {timings[-1]:.0f} s, {summary}", flush=True)
             # rewritten after every setting of every seed: an interrupted run leaves complete seeds behind
             write_outputs(rows, args, settings, time.time() - begin, timings)
@@ -830,13 +841,29 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
         f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
         "",
         f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}; "
-        f"settings: {', '.join(names)}; training split {args.train_subjects} subjects; validation "
-        f"{args.val_per_cell} per cell (correlation) / {math.ceil(args.val_per_cell / 3) * 3} per vendor (minority); "
-        f"test {args.test_per_cell} per cell / {3 * args.test_per_cell} per vendor; evaluation seed {args.eval_seed}; "
-        f"epochs: teachers {args.teacher_epochs}, students {args.epochs}; input {args.size}x{args.size}; "
-        f"temperature {TEMPERATURE}; hyper-parameters {json.dumps(HYPER)}.",
+        f"settings: {', '.join(names)}; "
+        + (
+            f"Waterbirds: training split of the setting's images (generator seed = the seed), validation "
+            f"{args.wb_val_per_group} and test {args.wb_test_per_group} images per group (group-balanced, place "
+            f"independent of the label, generator seed {args.eval_seed}); "
+            if any(s["kind"] == "waterbirds" for s in settings)
+            else ""
+        )
+        + (
+            f"cardiac: training split {args.train_subjects} subjects; validation {args.val_per_cell} per cell "
+            f"(correlation) / {math.ceil(args.val_per_cell / 3) * 3} per vendor (minority); test {args.test_per_cell} "
+            f"per cell / {3 * args.test_per_cell} per vendor; evaluation seed {args.eval_seed}; "
+            if any(s["kind"] != "waterbirds" for s in settings)
+            else ""
+        )
+        + f"epochs: teachers {args.teacher_epochs}, students {args.epochs}; input {args.size}x{args.size}; "
+        f"AdamW lr {args.lr:g}; temperature {TEMPERATURE}; hyper-parameters {json.dumps(HYPER)}.",
         "",
-        f"Wall time of this invocation: {wall / 60:.1f} min with {torch.get_num_threads()} thread(s)"
+        (
+            f"Merged from {', '.join(args.merge_from)} (wall times: in the logs of those runs)"
+            if args.merge_from
+            else f"Wall time of this invocation: {wall / 60:.1f} min with {torch.get_num_threads()} thread(s)"
+        )
         + (
             f"; per setting and seed {min(timings):.0f}-{max(timings):.0f} s (median {statistics.median(timings):.0f})."
             if timings
@@ -926,6 +953,7 @@ def sweep_configs(method: str, weight_decays: list[float] | None = None) -> list
     grid = dict(SWEEP_GRID[method])
     if weight_decays is not None:
         grid["weight_decay"] = tuple(weight_decays)
+    grid.update({k: tuple(v) for k, v in (SWEEP_OVERRIDE.get(method) or {}).items()})
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
@@ -1273,6 +1301,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--hyper", type=json.loads, default=None, help="JSON {method: {key: value}} updating HYPER for this run"
     )
+    parser.add_argument("--merge-from", nargs="+", default=None, help="merge these runs CSVs (no training)")
+    parser.add_argument(
+        "--sweep-grid", type=json.loads, default=None, help="JSON {method: {key: [values]}} replacing SWEEP_GRID values"
+    )
     parser.add_argument("--stem", default=None, help="output file name stem (default from the settings)")
     parser.add_argument("--history", action="store_true", help="also write <stem>_history.csv (every epoch)")
     cal = parser.add_argument_group("--calibrate: Waterbirds baselines on validation data over a grid of knobs")
@@ -1327,6 +1359,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     for method, update in (args.hyper or {}).items():
         HYPER[method] = {**HYPER[method], **update}
+    SWEEP_OVERRIDE.update(args.sweep_grid or {})
     if args.calibrate:
         chosen = run_calibration(args)
         print("chosen:", json.dumps({k: chosen[k] for k in CALIBRATION_KNOBS} if chosen else None))
