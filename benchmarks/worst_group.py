@@ -110,6 +110,15 @@ ARMS = (
     ("student", "kd", "group_dro"),
     ("student", "groupdistil", "group_dro"),
 )
+# ``--arms distil``: both teachers and, from each, KD and GroupDistil with each quantity driving its DRO weights
+# (``weight_by`` of GroupDistillationLoss: "loss" for ``groupdistil``, "ce" / "kd" for the two variants)
+GROUPDISTIL_WEIGHT_BY = {"groupdistil": "loss", "groupdistil_ce": "ce", "groupdistil_kd": "kd"}
+ARMS_DISTIL = (
+    ("teacher", "erm", ""),
+    ("teacher", "group_dro", ""),
+    *(("student", m, t) for t in TEACHERS for m in ("kd", *GROUPDISTIL_WEIGHT_BY)),
+)
+ALL_ARMS = ARMS + tuple(a for a in ARMS_DISTIL if a not in ARMS)
 DEFAULT_SETTINGS = ["minority", "correlation"]
 TEMPERATURE = 4.0
 # Each method's hyper-parameters: the winners of `--sweep` (validation data only; docs/results.md, "Sweep").
@@ -401,6 +410,14 @@ def _absent_kwargs(loss_class: type, hyper: dict) -> dict:
     return {}
 
 
+def method_hyper(method: str) -> dict:
+    """A student method's hyper-parameters: ``HYPER[method]``; a GroupDistil variant has GroupDistil's with its
+    ``weight_by``."""
+    if method in HYPER:
+        return HYPER[method]
+    return {**HYPER["groupdistil"], "weight_by": GROUPDISTIL_WEIGHT_BY[method]}
+
+
 def make_loss(method: str, hyper: dict, data: dict) -> torch.nn.Module:
     """The training loss of a method with its hyper-parameters (``data`` gives the group count and sizes)."""
     num_groups = len(data["group_names"])
@@ -418,7 +435,12 @@ def make_loss(method: str, hyper: dict, data: dict) -> torch.nn.Module:
         )
     if method == "kd":
         return DistillationLoss(TEMPERATURE, hyper["alpha"])
-    if method == "groupdistil":
+    if method in GROUPDISTIL_WEIGHT_BY:
+        weight_by = hyper.get("weight_by", GROUPDISTIL_WEIGHT_BY[method])
+        if "weight_by" in inspect.signature(GroupDistillationLoss.__init__).parameters:
+            counts["weight_by"] = weight_by
+        elif weight_by != "loss":
+            raise ValueError(f"weight_by={weight_by!r}: GroupDistillationLoss of this version has no weight_by option.")
         return GroupDistillationLoss(
             num_groups,
             TEMPERATURE,
@@ -465,7 +487,7 @@ def train(
         loader = DataLoader(items, batch_size=16, sampler=GroupBalancedSampler(split["group"], seed=seed))
     else:
         loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    use_teacher = method in ("kd", "groupdistil")
+    use_teacher = method == "kd" or method in GROUPDISTIL_WEIGHT_BY
     if use_teacher and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher.")
     trainer = DistillationTrainer(
@@ -531,7 +553,7 @@ def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: l
     model, method, teacher = arm
     test, train = chosen["test"], chosen["train"]
     worst_test = test["worst_group"]
-    hyper = teacher_hyper(method) if model == "teacher" else HYPER[method]
+    hyper = teacher_hyper(method) if model == "teacher" else method_hyper(method)
     row = {
         "setting": setting["name"],
         "seed": seed,
@@ -550,6 +572,8 @@ def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: l
         "dro_weight_test_worst_group": "" if chosen["weights"] is None else chosen["weights"][worst_test],
         "hyper": json.dumps(hyper, sort_keys=True),
     }
+    if model == "student" and method in GROUPDISTIL_WEIGHT_BY:
+        row["weight_by"] = hyper.get("weight_by", GROUPDISTIL_WEIGHT_BY[method])
     row.update({f"test_acc/{n}": a for n, a in zip(names, test["per_group"])})
     row.update({f"train_acc/{n}": a for n, a in zip(names, train["per_group"])})
     row.update({f"train_loss/{n}": a for n, a in zip(names, train["loss_per_group"])})
@@ -571,7 +595,7 @@ def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict |
             teachers[method] = (run["network"], TeacherOutputCache(id_key="id"))
         else:
             net, cache = teachers[teacher] if teacher else (None, None)
-            run = train(method, data, args.epochs, seed, HYPER[method], teacher=net, cache=cache, lr=args.lr)
+            run = train(method, data, args.epochs, seed, method_hyper(method), teacher=net, cache=cache, lr=args.lr)
         runs[arm] = run
     rows = [
         _row(setting, seed, arm, rule, run["selected"][rule], names)
@@ -595,10 +619,11 @@ def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict |
 
 
 def arms_of(args: argparse.Namespace) -> tuple:
-    """The arms of a run: every arm of ``ARMS``, or (``--arms baselines``) the ERM and GroupDRO students only."""
+    """The arms of a run: every arm of ``ARMS``, (``--arms baselines``) the ERM and GroupDRO students only, or
+    (``--arms distil``) ``ARMS_DISTIL``."""
     if args.arms == "baselines":
         return tuple(a for a in ARMS if a[0] == "student" and a[2] == "" and a[1] in ("erm", "group_dro"))
-    return ARMS
+    return ARMS_DISTIL if args.arms == "distil" else ARMS
 
 
 def _epoch_row(h: dict, names: list[str]) -> dict:
@@ -695,7 +720,7 @@ def output_stem(args: argparse.Namespace) -> str:
 
 def _arms_in(rows: list[dict]) -> list[tuple]:
     present = {(r["model"], r["method"], r["teacher"]) for r in rows}
-    return [a for a in ARMS if a in present]
+    return [a for a in ALL_ARMS if a in present]
 
 
 def _values(rows: list[dict], setting: str, arm: tuple, key: str, rule: str = "worst") -> dict:
@@ -756,22 +781,18 @@ def same_teacher_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
         "target met |",
         "|---|---|---|---|---|---|",
     ]
-    for name in setting_names:
-        for teacher in TEACHERS:
-            for rule in ("worst", "average"):
-                gd, kd = ("student", "groupdistil", teacher), ("student", "kd", teacher)
-                dw = paired_difference(
-                    _values(rows, name, gd, "test_worst", rule), _values(rows, name, kd, "test_worst", rule)
-                )
-                da = paired_difference(
-                    _values(rows, name, gd, "test_average", rule), _values(rows, name, kd, "test_average", rule)
-                )
-                if dw["n"] == 0:
-                    continue
-                met = dw["mean"] >= 0.03 and dw["low"] > 0 and abs(da["mean"]) <= 0.02
-                lines.append(
-                    f"| {name} | {teacher} | {rule} | {_fmt_diff(dw)} | {_fmt_diff(da)} | {'yes' if met else 'no'} |"
-                )
+    variants = [m for m in GROUPDISTIL_WEIGHT_BY if any(r["method"] == m for r in rows)]
+    for name, teacher, variant, rule in itertools.product(setting_names, TEACHERS, variants, ("worst", "average")):
+        gd, kd = ("student", variant, teacher), ("student", "kd", teacher)
+        dw = paired_difference(_values(rows, name, gd, "test_worst", rule), _values(rows, name, kd, "test_worst", rule))
+        da = paired_difference(
+            _values(rows, name, gd, "test_average", rule), _values(rows, name, kd, "test_average", rule)
+        )
+        if dw["n"] == 0:
+            continue
+        met = dw["mean"] >= 0.03 and dw["low"] > 0 and abs(da["mean"]) <= 0.02
+        label = f"{teacher} ({variant})" if variant != "groupdistil" else teacher
+        lines.append(f"| {name} | {label} | {rule} | {_fmt_diff(dw)} | {_fmt_diff(da)} | {'yes' if met else 'no'} |")
     return lines
 
 
@@ -1297,7 +1318,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sweep-weight-decay", type=float, nargs="+", default=None, help="weight decays of the sweep (default 0)"
     )
-    parser.add_argument("--arms", default="all", choices=["all", "baselines"], help="baselines: ERM, GroupDRO only")
+    parser.add_argument(
+        "--arms",
+        default="all",
+        choices=["all", "baselines", "distil"],
+        help="baselines: ERM and GroupDRO students only; distil: both teachers, KD and GroupDistil (weight_by loss, "
+        "ce, kd) students from each",
+    )
     parser.add_argument(
         "--hyper", type=json.loads, default=None, help="JSON {method: {key: value}} updating HYPER for this run"
     )
