@@ -38,9 +38,10 @@ setup(
         # experiment tracking with `python -m monai.bundle run ... --tracking mlflow` (docs/operations.md);
         # tested with 3.17.2; MLflow 3.13+ refuses file stores, the bundles default to SQLite
         "mlflow": ["mlflow>=3.17,<4"],
-        # the API reference site: mkdocs build --strict (scripts/run_tests.sh), tested with mkdocs 1.6.1,
-        # mkdocstrings 1.0.8 and mkdocstrings-python 2.0.11
-        "docs": ["mkdocs>=1.6,<2", "mkdocstrings[python]>=0.29,<2", "mkdocstrings-python>=1.16,<3"],
+        # the documentation site with the API reference: mkdocs build --strict (scripts/run_tests.sh); builds with
+        # mkdocs 1.6.0-1.6.1, mkdocstrings 1.0.7-1.0.8 (older ones fail with pymdown-extensions 13) and
+        # mkdocstrings-python 2.0.0-2.0.11
+        "docs": ["mkdocs>=1.6,<2", "mkdocstrings[python]>=1.0.7,<2", "mkdocstrings-python>=2.0,<3"],
         "test": [
             "pytest>=7.0",
             "pytest-timeout>=2.1",
