@@ -54,7 +54,7 @@ def test_summary_by_hand_with_nan_values_and_an_empty_group():
 
 
 def test_summary_errors():
-    with pytest.raises(ValueError, match=r"group ids must lie in \[0, 2\), got values in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"groups holds ids in \[0, 2\]; ids must lie in \[0, num_groups\) = \[0, 2\)"):
         summarise_group_values(torch.ones(3, 1), torch.tensor([0, 1, 2]), num_groups=2)
     with pytest.raises(ValueError, match="group_counts must have 2 values, got 3"):
         summarise_group_values(torch.ones(2, 1), torch.tensor([0, 1]), num_groups=2, group_counts=[1, 2, 3])

@@ -135,13 +135,15 @@ def test_distillation_bad_inputs():
         loss(s, torch.randn(4, 5), y)
     with pytest.raises(ValueError, match=r"teacher_logits must have the shape of input \(4, 3\), got \(3, 3\)"):
         loss(s, torch.randn(3, 3), y)
-    with pytest.raises(ValueError, match=r"target must have shape \(4,\) or \(4, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"class indices of shape \(4,\) or \(4, 1\), or one-hot labels of shape \(4, 3\)"
+    ):
         loss(s, t, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 3\)"):
         loss(s, t, torch.tensor([0, 1, 3, 0]))
     with pytest.raises(ValueError, match="non-integral"):
         loss(s, t, torch.tensor([0.5, 1, 2, 0]))
-    with pytest.raises(TypeError, match="target must be an integer tensor"):
+    with pytest.raises(TypeError, match="target must be a tensor of class indices or one-hot labels"):
         loss(s, t, torch.tensor([True, False, True, True]))
     with pytest.raises(TypeError, match="input must be a floating-point tensor"):
         loss(torch.ones(4, 3, dtype=torch.long), t, y)
@@ -605,9 +607,10 @@ def _fresh_trained_loss():
 BAD_CALLS = [
     ("groups above range", lambda s, t, y, g: (s, t, y, g + 3), ValueError, r"ids must lie in \[0, num_groups\)"),
     ("negative groups", lambda s, t, y, g: (s, t, y, g - 5), ValueError, r"ids must lie in \[0, num_groups\)"),
-    ("float groups", lambda s, t, y, g: (s, t, y, g.float()), TypeError, "groups must be an integer tensor"),
+    ("non-integral groups", lambda s, t, y, g: (s, t, y, g + 0.5), ValueError, "groups holds non-integral values"),
+    ("bool groups", lambda s, t, y, g: (s, t, y, g > 0), TypeError, "groups must be a tensor of integer group ids"),
     ("groups shape", lambda s, t, y, g: (s, t, y, g[:5]), ValueError, r"groups must have shape \[B\] = \(12,\)"),
-    ("target shape", lambda s, t, y, g: (s, t, y[:5], g), ValueError, "target must have shape"),
+    ("target shape", lambda s, t, y, g: (s, t, y[:5], g), ValueError, "target must hold class indices of shape"),
     ("teacher shape", lambda s, t, y, g: (s, t[:5], y, g), ValueError, "teacher_logits must have the shape"),
     ("teacher classes", lambda s, t, y, g: (s, torch.randn(12, 7), y, g), ValueError, "different class counts"),
     (
@@ -719,3 +722,40 @@ def test_state_stays_consistent_across_copies_and_dtype_changes():
     restored(s, t, y, g)
     assert torch.allclose(restored.group_weights.double(), loss.group_weights, atol=1e-6)
     assert not torch.allclose(clone.group_weights.double(), loss.group_weights, atol=1e-3)
+
+
+# ---------------------------------------------------------------- one rule for labels and group ids
+
+
+def test_one_hot_targets_and_whole_number_float_ids_give_the_values_of_indices():
+    student, teacher, target, groups = _batch(300, spatial=(3, 2))
+    one_hot = torch.nn.functional.one_hot(target, 4).movedim(-1, 1).float()
+    reference = GroupDistillationLoss(3, step_size=0.5)
+    same = GroupDistillationLoss(3, step_size=0.5)
+    for _ in range(2):
+        want = reference(student, teacher, target, groups)
+        got = same(student, teacher, one_hot, groups.double())
+        assert torch.equal(got, want)
+    assert torch.equal(same.group_weights, reference.group_weights)
+    assert torch.equal(DistillationLoss()(student, teacher, one_hot), DistillationLoss()(student, teacher, target))
+    with pytest.raises(ValueError, match=r"target has the shape of input \(12, 4, 3, 2\) but is not one-hot"):
+        same(student, teacher, one_hot * 2, groups)
+
+
+def test_a_loss_called_as_supervised_trainer_calls_it_says_what_to_use():
+    from monai.engines import SupervisedTrainer
+
+    data = [{"image": torch.randn(3), "label": torch.tensor(i % 2), "group": torch.tensor(i % 2)} for i in range(4)]
+    for loss, call in [
+        (GroupDistillationLoss(2), r"call loss\(input, teacher_logits, target, groups\)"),
+        (GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), 2), r"call loss\(input, target, groups\)"),
+        (DistillationLoss(), r"was the loss called as loss\(pred, label\)"),
+    ]:
+        net = torch.nn.Linear(3, 2)
+        trainer = SupervisedTrainer(
+            "cpu", 1, torch.utils.data.DataLoader(data, batch_size=4), net, torch.optim.SGD(net.parameters(), 0.1), loss
+        )
+        with pytest.raises(TypeError, match=f"{call}.*DistillationTrainer"):
+            trainer.run()
+        if isinstance(loss, GroupDROLoss):
+            assert torch.equal(loss.group_weights, torch.full((2,), 0.5))

@@ -161,7 +161,7 @@ def test_update_weights_of_a_group_dro_loss_against_the_reference_in_eval_mode()
     "losses,groups,error,message",
     [
         (torch.ones(4), torch.tensor([0, 1, 5, 0]), ValueError, r"ids must lie in \[0, num_groups\) = \[0, 3\)"),
-        (torch.ones(4), torch.tensor([0.0, 1.0, 2.0, 0.0]), TypeError, "groups must be an integer tensor"),
+        (torch.ones(4), torch.tensor([0.0, 1.5, 2.0, 0.0]), ValueError, "groups holds non-integral values"),
         (torch.tensor([1.0, float("nan"), 1.0, 1.0]), torch.tensor([0, 1, 2, 0]), ValueError, "not finite"),
         (torch.ones(4), torch.tensor([0, 1, 2]), ValueError, r"groups must have shape \[B\] = \(4,\)"),
         (torch.ones(0), torch.zeros(0, dtype=torch.long), ValueError, "non-empty batch"),

@@ -50,20 +50,32 @@ def check_logits(input: torch.Tensor, teacher_logits: torch.Tensor | None = None
 
 
 def check_target(target: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    """Return the class indices ``target`` as int64 ``[B, *spatial]`` for logits ``[B, C, *spatial]``.
+    """Return the class indices of ``target`` as int64 ``[B, *spatial]`` for logits ``[B, C, *spatial]``.
 
-    ``target`` may be ``[B, *spatial]`` or ``[B, 1, *spatial]``, integer or floating with whole numbers (as MONAI
-    transforms often produce; non-integral values are refused). The range is checked by :py:func:`clamp_labels`.
+    ``target`` may be class indices ``[B, *spatial]`` or ``[B, 1, *spatial]``, integer or floating with whole
+    numbers (as MONAI transforms often produce), or one-hot ``[B, C, *spatial]`` (the shape of ``input``, as MONAI's
+    losses accept), which is turned into indices. The range of indices is checked by :py:func:`clamp_labels`.
+
+    Raises:
+        TypeError: for a target that is not a real-valued tensor.
+        ValueError: for another shape, non-integral values, or a target of the input's shape that is not one-hot.
     """
     if not isinstance(target, torch.Tensor) or target.dtype == torch.bool or target.is_complex():
-        raise TypeError(f"target must be an integer tensor of class indices, got {_describe(target)}.")
+        raise TypeError(f"target must be a tensor of class indices or one-hot labels, got {_describe(target)}.")
     batch, spatial = input.shape[0], tuple(input.shape[2:])
+    if target.ndim == input.ndim and target.shape[1] == input.shape[1] > 1 and target.shape == input.shape:
+        if not bool(((target == 0) | (target == 1)).all() & (target.sum(dim=1) == 1).all()):
+            raise ValueError(
+                f"target has the shape of input {tuple(input.shape)} but is not one-hot (one 1 per sample and "
+                "position along dimension 1); pass class indices [B, *spatial] or one-hot labels."
+            )
+        return target.argmax(dim=1)
     if target.ndim == input.ndim and target.shape[1] == 1:
         target = target.squeeze(1)
     if tuple(target.shape) != (batch, *spatial):
         raise ValueError(
-            f"target must have shape {(batch, *spatial)} or {(batch, 1, *spatial)} to match input "
-            f"{tuple(input.shape)}, got {tuple(target.shape)}."
+            f"target must hold class indices of shape {(batch, *spatial)} or {(batch, 1, *spatial)}, or one-hot "
+            f"labels of shape {tuple(input.shape)}, to match input {tuple(input.shape)}; got {tuple(target.shape)}."
         )
     if target.is_floating_point() and not bool(torch.all(target == torch.round(target))):
         raise ValueError("target holds non-integral values; class indices are expected.")
@@ -89,18 +101,33 @@ def raise_label_range(labels: torch.Tensor, num_classes: int) -> None:
     )
 
 
-def check_groups(groups: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Return the integer group ids ``groups`` (``[B]`` or ``[B, 1]``) as int64 ``[B]``; the group step checks their
-    range."""
-    if not isinstance(groups, torch.Tensor) or groups.is_floating_point() or groups.is_complex():
-        raise TypeError(f"groups must be an integer tensor of group ids [B], got {_describe(groups)}.")
-    if groups.dtype == torch.bool:
-        raise TypeError("groups must be an integer tensor of group ids [B], got a boolean tensor.")
+def check_groups(groups: torch.Tensor, batch_size: int, num_groups: int | None = None) -> torch.Tensor:
+    """Return the group ids ``groups`` (``[B]`` or ``[B, 1]``) as int64 ``[B]``: the one rule of the losses, the
+    metrics and the handlers.
+
+    Ids are integers, given as an integer tensor or a floating one holding whole numbers (as collated metadata may
+    be). With ``num_groups`` their range ``[0, num_groups)`` is checked here (one host synchronisation); the losses
+    check it with their group statistics instead.
+
+    Raises:
+        TypeError: for anything but a real-valued tensor (a boolean one included).
+        ValueError: for another shape than ``[B]``, non-integral values, or ids outside ``[0, num_groups)``.
+    """
+    if not isinstance(groups, torch.Tensor) or groups.dtype == torch.bool or groups.is_complex():
+        raise TypeError(f"groups must be a tensor of integer group ids [B], got {_describe(groups)}.")
     if groups.ndim == 2 and groups.shape[1] == 1:
         groups = groups.squeeze(1)
     if tuple(groups.shape) != (batch_size,):
         raise ValueError(f"groups must have shape [B] = ({batch_size},) to match input, got {tuple(groups.shape)}.")
-    return groups.long()
+    if groups.is_floating_point() and not bool((groups == groups.round()).all()):
+        raise ValueError("groups holds non-integral values; integer group ids in [0, num_groups) are expected.")
+    groups = groups.long()
+    if num_groups is not None and batch_size and (int(groups.min()) < 0 or int(groups.max()) >= num_groups):
+        raise ValueError(
+            f"groups holds ids in [{int(groups.min())}, {int(groups.max())}]; ids must lie in [0, num_groups) = "
+            f"[0, {num_groups})."
+        )
+    return groups
 
 
 def _describe(obj: object) -> str:

@@ -144,6 +144,12 @@ class DistillationLoss(_Loss):
         ``term`` (``"kd"`` or ``"ce"``) is a term :py:meth:`per_sample_terms` must also return, whose input is then
         required."""
         alpha, dice_weight = self.alpha, self.dice_weight
+        if target is None and isinstance(teacher_logits, torch.Tensor) and not teacher_logits.is_floating_point():
+            raise TypeError(
+                "teacher_logits are integers and no target was given: was the loss called as loss(pred, label), as "
+                "MONAI's SupervisedTrainer does? Call loss(input, teacher_logits, target), or train with "
+                "monai_groupdistil.engines.DistillationTrainer, which passes the teacher's output."
+            )
         if teacher_logits is None and (alpha > 0 or term == "kd"):
             need = f"alpha > 0 (alpha={alpha})" if alpha > 0 else "the distillation term drives the weights"
             raise ValueError(f"teacher_logits are required when {need}.")

@@ -12,7 +12,7 @@ from monai_groupdistil.losses.checks import (
     raise_label_range,
 )
 from monai_groupdistil.losses.distillation import DistillationLoss
-from monai_groupdistil.losses.group_dro import GroupDROLoss
+from monai_groupdistil.losses.group_dro import GroupDROLoss, _missing_groups_message
 
 __all__ = ["GroupDistillationLoss", "WEIGHT_BY"]
 
@@ -47,13 +47,29 @@ class GroupDistillationLoss(GroupDROLoss):
     ``[B]``/``[B, 1]`` or ``[B, *spatial]``/``[B, 1, *spatial]`` class indices; ``groups`` an integer tensor ``[B]``.
 
     Args:
-        num_groups, step_size, adjustment, group_counts, normalize_loss, gamma, absent_groups, reduction: as for
-            :py:class:`GroupDROLoss` (``absent_groups="ema"`` by default: an absent group enters the update with
-            its running loss).
-        temperature, alpha, dice_weight: as for :py:class:`DistillationLoss` (defaults 4.0, 0.5 and 0).
+        num_groups: number of groups ``G >= 1``; the ids of ``groups`` lie in ``[0, G)``.
+        temperature: softmax temperature ``T > 0`` of the distillation term. Defaults to 4.0.
+        alpha: weight of the distillation term in ``[0, 1]``; ``1 - alpha`` weights the cross entropy with the
+            labels. Defaults to 0.5.
+        step_size: robust step size ``eta >= 0`` of the exponentiated-gradient update (a plain attribute, so
+            handlers may schedule it). Defaults to 0.01; see docs/method.md for how to choose it.
+        adjustment: ``C`` of the generalisation adjustment ``C_g / sqrt(N_g)``, a float or one value per group,
+            ``>= 0``. Defaults to 0.
+        group_counts: training-set size ``N_g`` of every group; required when ``adjustment`` is non-zero.
+        normalize_loss: divide the adjusted group losses by their sum before the update. Defaults to False.
+        gamma: weight of the *new* value in the running group losses, ``ema <- ema + gamma * (L_g - ema)``, in
+            ``(0, 1]``. Defaults to 0.1.
+        absent_groups: ``"ema"`` (default: a group absent from a batch enters the update with its running loss) or
+            ``"zero"`` (group DRO's reference rule: with loss 0).
+        dice_weight: weight of a per-sample soft Dice term (dense logits only), ``>= 0``. Defaults to 0.
+        reduction: ``"mean"`` or ``"sum"`` return the robust scalar ``sum_g q_g L_g`` (the same value: it is
+            already a weighted mean over the groups); ``"none"`` returns per-sample contributions ``[B]`` whose *sum*
+            is that scalar (a caller that averages them, as ``SupervisedTrainer`` would, trains on it divided by B).
         weight_by: ``"loss"``, ``"ce"`` or ``"kd"``, see above. ``"ce"`` needs ``target`` and ``"kd"`` needs
             ``teacher_logits`` even when ``alpha`` would not.
-        update: ``"batch"`` or ``"held_out"``, as for :py:class:`GroupDROLoss`.
+        update: ``"batch"`` (default: every training call updates the weights from its batch) or ``"held_out"``
+            (only :py:meth:`update_weights` does, e.g. through
+            :py:class:`~monai_groupdistil.handlers.HeldOutGroupDROHandler`).
 
     Raises:
         ValueError: for invalid hyper-parameters; at call time for group ids outside ``[0, num_groups)``, class
@@ -109,11 +125,26 @@ class GroupDistillationLoss(GroupDROLoss):
         self.weight_by = weight_by
 
     def forward(  # type: ignore[override]
-        self, input: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor | None, groups: torch.Tensor
+        self,
+        input: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Student and teacher logits ``[B, C, *spatial]``, class indices ``target`` (``None`` only when
-        ``alpha == 1`` and ``dice_weight == 0``) and group ids ``[B]``; returns the robust scalar (``"mean"``/``"sum"``)
-        or per-sample contributions ``[B]`` (``"none"``)."""
+        """Student and teacher logits ``[B, C, *spatial]``, class indices (or one-hot labels) ``target`` (``None``
+        only when no term needs it) and group ids ``[B]``; returns the robust scalar (``"mean"``/``"sum"``) or
+        per-sample contributions ``[B]`` (``"none"``).
+
+        The order ``(input, teacher_logits, target)`` is that of :py:class:`DistillationLoss` (and torchdistill's
+        KD losses), with the groups appended; MONAI's ``SupervisedTrainer`` calls a loss as ``loss(pred, label)``
+        only, so use :py:class:`~monai_groupdistil.engines.DistillationTrainer`, which passes every argument by
+        name.
+
+        Raises:
+            TypeError: when ``groups`` is missing (the message says how to pass it).
+        """
+        if groups is None:
+            raise TypeError(_missing_groups_message(type(self).__name__, "loss(input, teacher_logits, target, groups)"))
         term = None if self.weight_by == "loss" else self.weight_by
         labels, outside = self.loss_fn.prepare_labels(input, teacher_logits, target, term)
         groups = check_groups(groups, input.shape[0])

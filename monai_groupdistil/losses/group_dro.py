@@ -59,12 +59,14 @@ class GroupDROLoss(_Loss):
         adjustment: ``C`` of the generalisation adjustment, a float or one value per group, ``>= 0``.
         group_counts: training-set size ``N_g`` of every group; required when ``adjustment`` is non-zero.
         normalize_loss: divide the adjusted group losses by their sum before the update.
-        gamma: factor of the running (exponential moving average) group losses, in ``(0, 1]``.
+        gamma: weight of the *new* value in the running (exponential moving average) group losses,
+            ``ema <- ema + gamma * (L_g - ema)``, in ``(0, 1]``.
         absent_groups: ``"ema"`` (default) or ``"zero"``, see step 2.
         update: ``"batch"`` (default: every training call updates the weights from its own batch) or
             ``"held_out"`` (only :py:meth:`update_weights` does, see above).
-        reduction: ``"mean"`` or ``"sum"`` return the robust scalar; ``"none"`` returns per-sample contributions
-            ``[B]`` whose sum equals it.
+        reduction: ``"mean"`` or ``"sum"`` return the robust scalar ``sum_g q_g L_g`` (the same value: it is
+            already a weighted mean over the groups); ``"none"`` returns per-sample contributions ``[B]`` whose *sum*
+            is that scalar (a caller that averages them trains on it divided by B).
 
     Raises:
         ValueError: for ``num_groups < 1``, a negative ``step_size``, ``gamma`` outside ``(0, 1]``, an unknown
@@ -142,9 +144,16 @@ class GroupDROLoss(_Loss):
     def step_size(self, value: float) -> None:
         self._step_size = check_number(value, "step_size")
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """``loss_fn(input, target)`` gives per-sample losses, ``groups`` integer ids ``[B]`` in ``[0, num_groups)``;
-        returns the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``)."""
+        returns the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
+
+        Raises:
+            TypeError: when ``groups`` is missing (MONAI's ``SupervisedTrainer`` calls ``loss(pred, label)`` only;
+                the message says to use :py:class:`~monai_groupdistil.engines.DistillationTrainer`).
+        """
+        if groups is None:
+            raise TypeError(_missing_groups_message(type(self).__name__, "loss(input, target, groups)"))
         if not isinstance(input, torch.Tensor) or input.ndim < 1 or input.shape[0] == 0:
             raise ValueError("input must be a tensor with a non-empty batch dimension.")
         groups = check_groups(groups, input.shape[0])
@@ -303,6 +312,14 @@ class GroupDROLoss(_Loss):
                     f"the checkpoint was trained with {rule}={saved[rule]!r} but this loss has {rule}={value!r}; "
                     "use the same rule or start anew."
                 )
+
+
+def _missing_groups_message(name: str, call: str) -> str:
+    return (
+        f"{name} needs the group ids of the batch: call {call}. In a MONAI workflow use "
+        "monai_groupdistil.engines.DistillationTrainer, which passes them (and the teacher's output) from the batch's "
+        "'group' key; SupervisedTrainer calls a loss as loss(pred, label) only."
+    )
 
 
 def _per_sample_mean(values: torch.Tensor, batch: int) -> torch.Tensor:

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-__all__ = ["GroupMetric", "as_batch", "check_group_ids", "per_sample_values", "summarise_group_values"]
+from monai_groupdistil.losses.checks import check_groups
+
+__all__ = ["GroupMetric", "as_batch", "per_sample_values", "summarise_group_values"]
 
 
 def as_batch(data: Any, name: str) -> torch.Tensor:
@@ -39,29 +41,6 @@ def as_batch(data: Any, name: str) -> torch.Tensor:
             raise ValueError(f"{name} is an empty list.")
         return torch.stack([torch.as_tensor(d) for d in data], dim=0)
     raise TypeError(f"{name} must be a batch-first tensor or a list of channel-first tensors, got {type(data)}.")
-
-
-def check_group_ids(groups: torch.Tensor, batch: int, num_groups: int) -> torch.Tensor:
-    """``groups`` as a long tensor ``[batch]`` of ids in ``[0, num_groups)``.
-
-    Raises:
-        TypeError: for non-integer ids.
-        ValueError: for another number of ids than ``batch`` or ids outside ``[0, num_groups)``.
-    """
-    groups = groups.reshape(-1)
-    if groups.is_floating_point():
-        if not bool((groups == groups.round()).all()):
-            raise TypeError(f"groups must hold integer group ids, got {groups.tolist()}.")
-    elif groups.dtype == torch.bool or groups.is_complex():
-        raise TypeError(f"groups must be an integer tensor, got dtype {groups.dtype}.")
-    groups = groups.long()
-    if groups.numel() != batch:
-        raise ValueError(f"groups has {groups.numel()} entries but the batch has {batch} samples.")
-    if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= num_groups):
-        raise ValueError(
-            f"group ids must lie in [0, {num_groups}), got values in [{int(groups.min())}, {int(groups.max())}]."
-        )
-    return groups
 
 
 def per_sample_values(metric: Callable, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -140,7 +119,7 @@ def summarise_group_values(
     """
     values = torch.as_tensor(values, dtype=torch.float64).cpu()
     values = values[:, None] if values.ndim == 1 else values
-    groups = check_group_ids(torch.as_tensor(groups).cpu(), values.shape[0], num_groups)
+    groups = check_groups(torch.as_tensor(groups).cpu().reshape(-1), values.shape[0], num_groups)
     channels = values.shape[1]
     counts = torch.bincount(groups, minlength=num_groups)
     per_group_channel = torch.full((num_groups, channels), float("nan"), dtype=torch.float64)
@@ -248,7 +227,7 @@ class GroupMetric(CumulativeIterationMetric):
         if y is None or groups is None:
             raise ValueError(f"{type(self).__name__} needs y and groups.")
         values = per_sample_values(self.metric, y_pred, y, **kwargs)
-        groups = check_group_ids(groups.to(values.device), values.shape[0], self.num_groups)
+        groups = check_groups(groups.to(values.device).reshape(-1), values.shape[0], self.num_groups)
         return [values, groups]
 
     def aggregate(self) -> dict[str, Any]:  # type: ignore[override]
