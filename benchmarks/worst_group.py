@@ -1122,7 +1122,7 @@ def run_calibration(args: argparse.Namespace) -> dict | None:
             names = data["group_names"]
             first = len(rows)
             for wd in args.cal_weight_decay:
-                for label, method, hyper in CALIBRATION_ARMS:
+                for label, method, hyper in (a for a in CALIBRATION_ARMS if a[0] in args.cal_arms):
                     run = train(
                         method, data, max_epochs, seed, {**hyper, "weight_decay": wd}, eval_test=False, lr=args.lr
                     )
@@ -1342,6 +1342,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cal.add_argument("--cal-images", type=int, nargs="+", default=[1500, 3000])
     cal.add_argument("--cal-weight-decay", type=float, nargs="+", default=[0.0, 0.1])
     cal.add_argument("--cal-epochs", type=int, nargs="+", default=[10, 20])
+    cal.add_argument(
+        "--cal-arms",
+        nargs="+",
+        default=[a[0] for a in CALIBRATION_ARMS],
+        choices=[a[0] for a in CALIBRATION_ARMS],
+        help="baselines to train (the rule needs erm_natural and erm_balanced)",
+    )
     cal.add_argument("--cal-from", nargs="+", default=None, help="merge these calibration CSVs (no training)")
     cal.add_argument("--cal-gap", type=float, default=0.20, help="rule: ERM average - worst >= this")
     cal.add_argument("--cal-min-balanced", type=float, default=0.70, help="rule: balanced ERM worst >= this")
