@@ -20,17 +20,22 @@ Settings (``--settings``, default both):
 - ``correlation``: vendors balanced, but a fraction ``--correlation`` of every vendor's training subjects has that
   vendor's "correlated" pathology (A NOR, B HCM, C DCM, D NOR); groups are the 12 vendor x pathology cells
   (validation and test uncorrelated: the whole pool).
-- ``waterbirds`` (not in the default run): the synthetic Waterbirds stand-in (``make_synthetic_waterbirds``,
-  ``--images`` 64-pixel images split 50/20/30 per seed, place = label in ``--waterbirds-correlation`` of
-  training); groups are the 4 label x place cells.
+- ``waterbirds`` (not in the default run): the synthetic Waterbirds stand-in (``make_synthetic_waterbirds``):
+  a training split of ``--images`` images per seed (generator seed = the seed; place = label in
+  ``--waterbirds-correlation`` of them) and, shared by every seed, a group-balanced evaluation pool of
+  ``--wb-val-per-group`` validation and ``--wb-test-per-group`` test images per group (generator seed
+  ``--eval-seed``; the generator draws the place independently of the label outside training). Generator knobs:
+  ``--colour-cue``, ``--bird-scale``, ``--waterbirds-image-size``; the setting's name holds them all
+  (``waterbirds_c0.95_cue0.8_s1_px32_n4000``), and so do the cache keys. Groups are the 4 label x place cells.
 
-Per setting and seed: two teachers (a wider, deeper 2-D ResNet, widths 16-128, two blocks per stage), one trained
-with cross entropy (``erm``) and one with ``GroupDROLoss`` (``group_dro``, the GroupDRO winner's step size,
-adjustment and sampling), then six students of one architecture and budget (ResNet widths 8-64, one block per
-stage) with ``DistillationTrainer``: ``erm`` and ``group_dro`` without a teacher, ``kd`` (``DistillationLoss``) and
-``groupdistil`` (``GroupDistillationLoss``) from each teacher. Every network is initialised right after
-``set_determinism(seed)`` and every data order comes from a generator seeded with the seed (natural sampling:
-a shuffling ``DataLoader``; ``balanced``: ``GroupBalancedSampler``), so the same command gives the same numbers
+Per setting and seed (``--arms all``, the default): two teachers (a wider, deeper 2-D ResNet, widths 16-128, two
+blocks per stage), one trained with cross entropy (``erm``) and one with ``GroupDROLoss`` (``group_dro``, the
+GroupDRO winner's step size, adjustment and sampling), then six students of one architecture and budget (ResNet
+widths 8-64, one block per stage) with ``DistillationTrainer``: ``erm`` and ``group_dro`` without a teacher, ``kd``
+(``DistillationLoss``) and ``groupdistil`` (``GroupDistillationLoss``) from each teacher. Every network is
+initialised right after ``set_determinism(seed)`` and every data order comes from a generator seeded with the seed
+(natural sampling: a shuffling ``DataLoader``; ``balanced``: ``GroupBalancedSampler``), so the same command gives
+the same numbers
 (with the same thread count, ``--threads``, default 1).
 
 After every epoch a network is evaluated on the validation split; the epoch is selected by the worst-group
@@ -43,6 +48,23 @@ Outputs (``--out``, default ``docs/results``; rewritten after every setting of e
 ``worst_group_runs.csv`` (one row per setting, seed, model, method, teacher and selection rule),
 ``worst_group.md`` (means, paired 95 % bootstrap intervals over seeds of the differences to KD and to ERM, the
 number of positive seeds) and ``worst_group.png`` (worst-group accuracy against the minority fraction).
+``--arms baselines`` trains the ERM and GroupDRO students only; ``--arms distil`` both teachers and, from each, KD
+and GroupDistil with ``weight_by`` "loss", "ce" and "kd" (``groupdistil``, ``groupdistil_ce``, ``groupdistil_kd``;
+the runs CSV has a ``weight_by`` column). Every network is trained with AdamW (``--lr``, default 1e-3) and its
+method's ``weight_decay`` (a key of ``HYPER`` and ``SWEEP_GRID``; 0, exactly Adam, unless ``--hyper`` or the sweep
+says otherwise). ``--hyper '{"erm": {"weight_decay": 0.1}}'`` updates ``HYPER`` for one run; ``--history`` also
+writes every epoch of every network (validation and training accuracy per group, DRO weights) to
+``<stem>_history.csv``; ``--stem`` names the outputs; ``--merge-from`` rewrites the tables from the runs CSVs of
+several invocations (e.g. blocks of seeds run in parallel).
+
+``--calibrate`` (synthetic Waterbirds, baselines only, validation data only) trains ERM with natural sampling, ERM
+with ``GroupBalancedSampler`` and GroupDRO (``--cal-arms``) on every combination of ``--cal-correlation``,
+``--cal-colour-cue``, ``--cal-bird-scale``, ``--cal-images`` and ``--cal-weight-decay``, for ``max(--cal-epochs)``
+epochs (a shorter budget selects among the first epochs), and applies a fixed rule: ERM's worst-group validation
+accuracy at least ``--cal-gap`` below its average and group-balanced ERM's worst group at least
+``--cal-min-balanced``; among those, the highest group-balanced ERM worst group. Outputs
+``waterbirds_calibration.csv`` / ``_history.csv`` / ``.md``; ``--cal-from`` merges the CSVs of parallel runs.
+
 ``--sweep`` instead trains every configuration of ``SWEEP_GRID`` (with the ERM teacher) on ``--sweep-seeds``
 seeds from 1000 and scores it on validation data only; it writes ``worst_group_sweep.csv`` and
 ``worst_group_sweep.md`` (the winners, which are the values of ``HYPER``). Settings other than the default write
@@ -53,6 +75,8 @@ Usage:
     python benchmarks/worst_group.py --resume        # complete an interrupted default run (skips finished seeds)
     python benchmarks/worst_group.py --sweep         # the hyper-parameter sweep (validation data only)
     python benchmarks/worst_group.py --quick --out /tmp/wg   # the whole pipeline on a tiny configuration
+    python benchmarks/worst_group.py --calibrate --quick --out /tmp/wg   # the calibration on a tiny configuration
+    # the commands of the Waterbirds tables: docs/results.md, "Spurious-correlation setting (synthetic Waterbirds)"
 """
 
 from __future__ import annotations
