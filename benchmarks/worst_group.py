@@ -35,8 +35,8 @@ widths 8-64, one block per stage) with ``DistillationTrainer``: ``erm`` and ``gr
 (``DistillationLoss``) and ``groupdistil`` (``GroupDistillationLoss``) from each teacher. Every network is
 initialised right after ``set_determinism(seed)`` and every data order comes from a generator seeded with the seed
 (natural sampling: a shuffling ``DataLoader``; ``balanced``: ``GroupBalancedSampler``), so the same command gives
-the same numbers
-(with the same thread count, ``--threads``, default 1).
+the same numbers (with the same
+thread count, ``--threads``, default 1).
 
 After every epoch a network is evaluated on the validation split; the epoch is selected by the worst-group
 validation accuracy (ties: average validation accuracy, then the later epoch) and, as a second rule, by the
