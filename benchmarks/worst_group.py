@@ -1009,6 +1009,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     begin = time.time()
     winners: dict = {}
+    if args.merge_from:  # the sweep CSVs of earlier invocations (e.g. one process per seed), no training
+        for path in args.merge_from:
+            rows += _read_rows(Path(path))
+        return write_sweep(rows, args, settings, 0.0)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for setting in settings:
             start = time.time()
@@ -1053,7 +1057,9 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict]
         "",
         f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
         "",
-        f"Seeds {', '.join(map(str, seeds))}; settings {', '.join(s['name'] for s in settings)}; ERM teacher; "
+        f"Seeds {', '.join(map(str, seeds))}; settings {', '.join(s['name'] for s in settings)}; "
+        f"methods {', '.join(sorted({r['method'] for r in rows}))} (KD, GroupDistil: ERM teacher); "
+        f"AdamW lr {args.lr:g}; "
         f"epochs: teacher {args.teacher_epochs}, students {args.epochs}; temperature {TEMPERATURE}. Wall time "
         f"{wall / 60:.1f} min with {torch.get_num_threads()} thread(s). Score: worst-group validation accuracy of "
         "the epoch it selects, mean over settings and seeds (ties: mean average validation accuracy).",
