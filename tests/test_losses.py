@@ -242,21 +242,26 @@ def test_dense_group_dro_averages_voxels():
     value = loss(student, target, groups)
     means = [per_voxel[groups == g].mean() if (groups == g).any() else torch.tensor(0.0) for g in range(2)]
     assert math.isclose(value.item(), 0.5 * float(means[0]) + 0.5 * float(means[1]), rel_tol=1e-9)
-    assert math.isclose(contrib.sum().item(), value.item(), rel_tol=1e-9)
+    assert math.isclose(contrib.mean().item(), value.item(), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_reduction_none_contributions_sum_to_robust_loss(config):
+def test_reductions_are_monai_s_mean_sum_and_none_of_per_sample_values(config):
+    """ "none" gives per-sample values whose mean is the robust loss ("mean", what SupervisedTrainer's .mean() of
+    them gives too) and whose sum is "sum" (B times it), with and without the adjustment."""
     mean_loss = GroupDistillationLoss(num_groups=3, **config)
     none_loss = GroupDistillationLoss(num_groups=3, reduction="none", **config)
     sum_loss = GroupDistillationLoss(num_groups=3, reduction="sum", **config)
+    ref = ReferenceGroupDRO(num_groups=3, **config)
     for step in range(3):
         student, teacher, target, groups = _batch(50 + step, absent=(1,))
         value = mean_loss(student, teacher, target, groups)
-        contrib = none_loss(student, teacher, target, groups)
-        assert contrib.shape == (12,)
-        assert math.isclose(contrib.sum().item(), value.item(), rel_tol=1e-9)
-        assert math.isclose(sum_loss(student, teacher, target, groups).item(), value.item(), rel_tol=1e-9)
+        want = ref.step(per_sample_kd(_nested(student), _nested(teacher), target.tolist(), 4.0, 0.5), groups.tolist())
+        assert math.isclose(value.item(), want, rel_tol=1e-6)
+        values = none_loss(student, teacher, target, groups)
+        assert values.shape == (12,)
+        assert math.isclose(values.mean().item(), value.item(), rel_tol=1e-9)
+        assert math.isclose(sum_loss(student, teacher, target, groups).item(), 12 * value.item(), rel_tol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -395,7 +400,7 @@ def test_group_dro_on_half_precision_losses():
         logits.half(), labels, groups
     )
     assert contributions.dtype == torch.float16
-    assert math.isclose(contributions.double().sum().item(), reference.item(), rel_tol=2e-3)
+    assert math.isclose(contributions.double().mean().item(), reference.item(), rel_tol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

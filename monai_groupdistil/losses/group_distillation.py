@@ -62,9 +62,9 @@ class GroupDistillationLoss(GroupDROLoss):
         absent_groups: ``"ema"`` (default: a group absent from a batch enters the update with its running loss) or
             ``"zero"`` (group DRO's reference rule: with loss 0).
         dice_weight: weight of a per-sample soft Dice term (dense logits only), ``>= 0``. Defaults to 0.
-        reduction: ``"mean"`` or ``"sum"`` return the robust scalar ``sum_g q_g L_g`` (the same value: it is
-            already a weighted mean over the groups); ``"none"`` returns per-sample contributions ``[B]`` whose *sum*
-            is that scalar (a caller that averages them, as ``SupervisedTrainer`` would, trains on it divided by B).
+        reduction: as for :py:class:`GroupDROLoss`: ``"mean"`` (default) returns the robust loss
+            ``sum_g q_g L_g``, ``"none"`` per-sample values ``[B]`` whose mean is the robust loss, ``"sum"`` their
+            sum (``B`` times it).
         weight_by: ``"loss"``, ``"ce"`` or ``"kd"``, see above. ``"ce"`` needs ``target`` and ``"kd"`` needs
             ``teacher_logits`` even when ``alpha`` would not.
         update: ``"batch"`` (default: every training call updates the weights from its batch) or ``"held_out"``
@@ -132,8 +132,7 @@ class GroupDistillationLoss(GroupDROLoss):
         groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Student and teacher logits ``[B, C, *spatial]``, class indices (or one-hot labels) ``target`` (``None``
-        only when no term needs it) and group ids ``[B]``; returns the robust scalar (``"mean"``/``"sum"``) or
-        per-sample contributions ``[B]`` (``"none"``).
+        only when no term needs it) and group ids ``[B]``; returns the robust loss reduced as ``reduction`` says.
 
         The order ``(input, teacher_logits, target)`` is that of :py:class:`DistillationLoss` (and torchdistill's
         KD losses), with the groups appended; MONAI's ``SupervisedTrainer`` calls a loss as ``loss(pred, label)``

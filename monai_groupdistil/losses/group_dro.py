@@ -64,9 +64,10 @@ class GroupDROLoss(_Loss):
         absent_groups: ``"ema"`` (default) or ``"zero"``, see step 2.
         update: ``"batch"`` (default: every training call updates the weights from its own batch) or
             ``"held_out"`` (only :py:meth:`update_weights` does, see above).
-        reduction: ``"mean"`` or ``"sum"`` return the robust scalar ``sum_g q_g L_g`` (the same value: it is
-            already a weighted mean over the groups); ``"none"`` returns per-sample contributions ``[B]`` whose *sum*
-            is that scalar (a caller that averages them trains on it divided by B).
+        reduction: as for MONAI's losses, of per-sample values ``[B]`` whose *mean* is the robust loss
+            ``sum_g q_g L_g`` (sample ``i`` of group ``g`` has ``B * q_g * l_i / n_g``): ``"mean"`` (default) returns
+            the robust loss, ``"sum"`` ``B`` times it, ``"none"`` the values (so a caller that averages them, as
+            ``SupervisedTrainer`` does, trains on the robust loss).
 
     Raises:
         ValueError: for ``num_groups < 1``, a negative ``step_size``, ``gamma`` outside ``(0, 1]``, an unknown
@@ -146,7 +147,7 @@ class GroupDROLoss(_Loss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         """``loss_fn(input, target)`` gives per-sample losses, ``groups`` integer ids ``[B]`` in ``[0, num_groups)``;
-        returns the robust scalar (``"mean"``/``"sum"``) or per-sample contributions ``[B]`` (``"none"``).
+        returns the robust loss reduced as ``reduction`` says.
 
         Raises:
             TypeError: when ``groups`` is missing (MONAI's ``SupervisedTrainer`` calls ``loss(pred, label)`` only;
@@ -208,13 +209,18 @@ class GroupDROLoss(_Loss):
             weights = self._exponentiated_step(group_losses, counts)
         coefficients = weights * world_size / counts.clamp_min(1)  # a_i = q_g / n_g: sum_i a_i l_i = sum_g q_g L_g
         ids = groups.as_subclass(torch.Tensor).to(weights.device).clamp(0, self.num_groups - 1)
+        # sum_i a_i l_i (+ sum_g q_g C_g / sqrt(N_g)) is the robust loss; "none" gives B times each sample's share,
+        # so that the mean of the values is the robust loss and their sum B times it, as for MONAI's losses
+        batch = groups.shape[0]
         robust = per_sample.to(weights.dtype) * coefficients[ids].to(per_sample.device)
-        per_sample_output = self.reduction == LossReduction.NONE.value
-        if not per_sample_output:
+        if self.reduction != LossReduction.NONE.value:
             robust = robust.sum()
-        if self.use_adjustment:  # sum_g q_g C_g / sqrt(N_g), spread over the samples for reduction="none"
-            constant = (weights * self.adjustment_term.to(weights.dtype)).sum().to(per_sample.device)
-            robust = robust + constant / (groups.shape[0] if per_sample_output else 1)
+        if self.use_adjustment:
+            robust = robust + (weights * self.adjustment_term.to(weights.dtype)).sum().to(per_sample.device) / (
+                batch if self.reduction == LossReduction.NONE.value else 1
+            )
+        if self.reduction != LossReduction.MEAN.value:
+            robust = robust * batch
         return robust.to(per_sample.dtype)
 
     def _group_statistics(
