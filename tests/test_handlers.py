@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -417,3 +418,23 @@ def test_two_processes_identical_weights_and_rank0_report(tmp_path):
     s0, s1 = (json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1))
     assert s0 == s1 and s0["samples"] == 10 + 15  # both ranks' samples, gathered
     assert not math.isnan(s0["accuracy"])
+
+
+def test_declared_groups_without_a_training_sample_are_warned_about_once():
+    trainer, _, _, loss, _ = build(2, num_groups=5)  # the data holds ids 0-2 only
+    with pytest.warns(UserWarning, match=r"groups \['group3', 'group4'\] \(ids \[3, 4\]\) had no training sample"):
+        trainer.run()
+    assert float(loss.group_weights[3:].sum()) > 0.05  # what the warning is about: they keep weight
+    trainer, _, _, _, _ = build(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.run()
+
+
+def test_a_history_of_other_group_names_is_refused():
+    _, _, _, loss, dro = build(1)
+    other = GroupDROHandler(loss, group_names=["a", "b", "c"])
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=r"groups \['siemens', 'philips', 'ge'\] but this run names them \['a', 'b'"):
+        other.load_state_dict(dro.state_dict())
+    assert other.group_names == ["a", "b", "c"] and other.state_dict()["iterations"].equal(before["iterations"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,9 @@ class GroupDROHandler:
       ``loss_history``, ``iterations``), used by the report plots; ``state_dict()`` holds that history, so put the
       handler in ``CheckpointSaver``'s ``save_dict`` next to the loss. The DRO weights themselves are the loss's
       state (its ``state_dict``), saved once, with the loss.
+    - After the first epoch it warns once about every declared group that had no training sample: such a group
+      keeps a share of the weight without ever being trained on (with ``absent_groups="ema"`` it enters the update
+      with the mean of the other groups' losses), which usually means ``num_groups`` or the group ids are wrong.
 
     The step size belongs to the loss (``loss.step_size``); a warm-up or any other schedule is MONAI's
     ``ParamSchedulerHandler`` on ``ITERATION_STARTED`` (see the example). In multi-process runs the loss
@@ -73,7 +77,7 @@ class GroupDROHandler:
     Raises:
         TypeError: when ``loss`` is not a ``GroupDROLoss``.
         ValueError: for ``group_names`` of the wrong length or duplicated, or (at load time) a checkpoint with a
-            different number of groups.
+            different number of groups or other group names.
 
     Example::
 
@@ -105,6 +109,7 @@ class GroupDROHandler:
         self.iterations: list[int] = []
         self.weight_history: list[torch.Tensor] = []
         self.loss_history: list[torch.Tensor] = []
+        self.first_epoch_counts = torch.zeros(self.num_groups, dtype=torch.long)
 
     def attach(self, engine: Engine) -> None:
         """Register the recording after the loss of every iteration."""
@@ -115,6 +120,20 @@ class GroupDROHandler:
         )
         if not engine.has_event_handler(self.record, event):
             engine.add_event_handler(event, self.record)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), self.warn_unseen_groups)
+
+    def warn_unseen_groups(self, engine: Engine) -> None:
+        """Warn about the declared groups that had no training sample in the first epoch."""
+        unseen = [g for g in range(self.num_groups) if self.first_epoch_counts[g] == 0]
+        if unseen:
+            names = [self.group_names[g] for g in unseen]
+            warnings.warn(
+                f"GroupDROHandler: groups {names} (ids {unseen}) had no training sample in the first epoch, yet the "
+                f"loss declares num_groups={self.num_groups} and keeps a weight for each "
+                f"({[round(float(self.loss.group_weights[g]), 4) for g in unseen]}). Check num_groups and the "
+                "group ids of the training data.",
+                stacklevel=2,
+            )
 
     def record(self, engine: Engine) -> None:
         """Write this iteration's weights, group losses and counts into ``engine.state.output``."""
@@ -127,6 +146,8 @@ class GroupDROHandler:
             output[f"group_loss/{name}"] = loss
             output[f"group_count/{name}"] = int(count)
         output["dro_step_size"] = float(self.loss.step_size)
+        if engine.state.epoch == 1:
+            self.first_epoch_counts += torch.tensor(counts, dtype=torch.long)
         if self.keep_history:
             self.iterations.append(int(engine.state.iteration))
             self.weight_history.append(weights)
@@ -161,6 +182,12 @@ class GroupDROHandler:
             raise ValueError(
                 f"the checkpoint holds a DRO history of shape {tuple(weights.shape)} but this run has "
                 f"{self.num_groups} groups ({self.group_names}); resume with the same grouping or start a new run."
+            )
+        saved_names = list(state_dict.get("group_names", self.group_names))
+        if saved_names != self.group_names:
+            raise ValueError(
+                f"the checkpoint's DRO history is of groups {saved_names} but this run names them {self.group_names}; "
+                "resume with the same group names (in the same order) or start a new run."
             )
         self.iterations = [int(i) for i in state_dict["iterations"].tolist()]
         self.weight_history = [w.float().clone() for w in weights]
