@@ -6,7 +6,7 @@ Everything here is plain functions and small classes called from bundle configs
 is its own.
 """
 
-from monai_groupdistil.bundle.checkpoints import load_network, load_teacher, output_classes, require_file
+from monai_groupdistil.bundle.checkpoints import load_teacher, require_file
 from monai_groupdistil.bundle.config import (
     TEACHER_METHODS,
     as_bool,
@@ -37,6 +37,7 @@ from monai_groupdistil.bundle.resume import (
     resume_objects,
 )
 from monai_groupdistil.bundle.tracking import WorstGroupHandler, run_parameters, track_run
+from monai_groupdistil.engines.checkpoints import load_network, output_classes
 
 __all__ = [
     "BestMetricState",

@@ -1,62 +1,16 @@
-"""Loading the teacher (and trained students) from bundle checkpoints, with errors that say what to do."""
+"""The bundles' teacher loading: the library's ``load_teacher``, with the bundle command that trains a missing
+teacher in its error."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_network", "load_teacher", "output_classes", "require_file"]
+from monai_groupdistil import engines
 
-
-def _state_dict_of(checkpoint: object, key: str, path: Path) -> Mapping[str, torch.Tensor]:
-    """The network's state dict in a checkpoint written by ``CheckpointSaver`` (single object or a dict of them)."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"checkpoint '{path}' holds a {type(checkpoint).__name__}, not a state dict.")
-    if key in checkpoint and isinstance(checkpoint[key], Mapping):
-        return checkpoint[key]
-    if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return checkpoint
-    raise ValueError(f"checkpoint '{path}' has no '{key}' entry; it holds {sorted(checkpoint)}.")
-
-
-def load_network(
-    network: torch.nn.Module, checkpoint: str | os.PathLike, key: str = "model", device: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """Load ``network``'s weights from a checkpoint file and return the network on ``device``.
-
-    Args:
-        network: the network to fill.
-        checkpoint: a file written by ``CheckpointSaver`` (``{key: state_dict, ...}``) or a plain state dict.
-        key: the entry holding the network's weights.
-        device: where to put the network.
-
-    Raises:
-        FileNotFoundError: when the file is missing.
-        ValueError: when the checkpoint does not fit ``network`` (e.g. another class count); both shapes are named.
-    """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist.")
-    state = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True), key, path)
-    own = network.state_dict()
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
-    if mismatched:
-        raise ValueError(
-            f"checkpoint '{path}' does not fit the network {type(network).__name__} (a different class count or "
-            f"architecture?): {'; '.join(mismatched[:3])}."
-        )
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint '{path}' does not fit the network {type(network).__name__}: {err}") from err
-    return network.to(device)
+__all__ = ["load_teacher", "require_file"]
 
 
 def load_teacher(
@@ -101,36 +55,7 @@ def load_teacher(
             f"train.json and this run's other overrides (data, sizes, epochs...):\n\n    {command}\n\n"
             "then rerun this command."
         )
-    teacher = load_network(network, path, device=device)
-    if num_classes is not None:
-        out_features = _output_classes(teacher)
-        if out_features is not None and out_features != num_classes:
-            raise ValueError(
-                f"the teacher in '{path}' predicts {out_features} classes but the student predicts {num_classes}; "
-                "distillation needs the same classes (retrain the teacher with the student's classes)."
-            )
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def _output_classes(network: torch.nn.Module) -> int | None:
-    """Size of the last linear layer's output (the class count of a classifier), if there is one."""
-    last = None
-    for module in network.modules():
-        if isinstance(module, torch.nn.Linear):
-            last = module
-    return None if last is None else last.out_features
-
-
-def output_classes(network: torch.nn.Module) -> int | None:
-    """The class count of a classifier: the output size of its last ``torch.nn.Linear`` layer (None if it has none).
-
-    Args:
-        network: the network (wrappers such as DistributedDataParallel are looked through).
-    """
-    return _output_classes(network)
+    return engines.load_teacher(network, path, device, num_classes=num_classes)
 
 
 def require_file(path: str | os.PathLike, what: str = "file") -> str:

@@ -1,5 +1,6 @@
 """Ignite/MONAI engines for distillation and group-robust training (need pytorch-ignite)."""
 
+from monai_groupdistil.engines.checkpoints import load_network, load_teacher, output_classes
 from monai_groupdistil.engines.teacher_cache import TeacherOutputCache, has_random_transforms, run_teacher
 from monai_groupdistil.engines.trainer import GROUP, TEACHER_PRED, DistillationTrainer, loss_keywords
 
@@ -7,6 +8,9 @@ __all__ = [
     "DistillationTrainer",
     "TeacherOutputCache",
     "has_random_transforms",
+    "load_network",
+    "load_teacher",
+    "output_classes",
     "loss_keywords",
     "run_teacher",
     "GROUP",
