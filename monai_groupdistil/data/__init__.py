@@ -7,6 +7,7 @@ Log messages (counts of left-out or skipped subjects, group sizes) go to the ``m
 
 from __future__ import annotations
 
+from monai_groupdistil.data.groups import MapGroupNamesd
 from monai_groupdistil.data.mnms import (
     MNMS2_CLASSES,
     MNMS_CLASSES,
@@ -55,6 +56,7 @@ from monai_groupdistil.data.waterbirds import (
 )
 
 __all__ = [
+    "MapGroupNamesd",
     "MNMS_CLASSES",
     "MNMS2_CLASSES",
     "MNMS_CSV_COLUMNS",
