@@ -1,10 +1,13 @@
 """Ignite/MONAI engines for distillation and group-robust training (need pytorch-ignite)."""
 
 from monai_groupdistil.engines.checkpoints import load_network, load_teacher, output_classes
+from monai_groupdistil.engines.resume_state import BestMetricState, RandomStates
 from monai_groupdistil.engines.teacher_cache import TeacherOutputCache, has_random_transforms, run_teacher
 from monai_groupdistil.engines.trainer import GROUP, TEACHER_PRED, DistillationTrainer, loss_keywords
 
 __all__ = [
+    "BestMetricState",
+    "RandomStates",
     "DistillationTrainer",
     "TeacherOutputCache",
     "has_random_transforms",
