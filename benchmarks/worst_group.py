@@ -393,6 +393,10 @@ def build_waterbirds(args: argparse.Namespace, setting: dict, seed: int) -> dict
     names = list(WATERBIRDS_GROUP_NAMES)
     data = {**data, "group_names": names, "channels": 3, "classes": 2}
     data["group_counts"] = torch.bincount(data["train"]["group"], minlength=len(names)).tolist()
+    if args.train_eval_per_group:  # training accuracy per epoch on the first k images of every group (diagnostics)
+        tensors = {**data["train"], "cell": data["train"]["group"]}
+        k = args.train_eval_per_group
+        data["train_eval"] = {key: v for key, v in _first_per_cell(tensors, k).items() if key != "cell"}
     return data
 
 
@@ -533,7 +537,7 @@ def train(
             {
                 "epoch": engine.state.epoch,
                 "val": evaluate(network, data["val"], num_groups, data["group_counts"]),
-                "train": evaluate(network, data["train"], num_groups, data["group_counts"]),
+                "train": evaluate(network, data.get("train_eval", data["train"]), num_groups, data["group_counts"]),
                 "weights": weights.tolist() if weights is not None else None,
                 "state": {k: v.clone() for k, v in network.state_dict().items()},
             }
@@ -1329,6 +1333,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     wb.add_argument("--bird-scale", type=float, default=1.0, help="bird size, in (0, 1.5]")
     wb.add_argument("--waterbirds-image-size", type=int, default=64, help="generated image side (pixels, >= 16)")
     wb.add_argument("--wb-val-per-group", type=int, default=100, help="validation images per group (balanced)")
+    wb.add_argument(
+        "--train-eval-per-group",
+        type=int,
+        default=0,
+        help="Waterbirds: per-epoch training accuracy on the first N images of every group (default 0: all)",
+    )
     wb.add_argument("--wb-test-per-group", type=int, default=250, help="test images per group (balanced)")
     parser.add_argument(
         "--settings",
