@@ -1,4 +1,9 @@
-"""Per-group accuracy (worst-group, mean-group and overall) for group-robust model selection."""
+"""Per-group accuracy (worst-group, mean-group and overall), the group-DRO model-selection metric.
+
+Accuracy is one per-sample metric of :py:class:`~monai_groupdistil.metrics.GroupMetric`; this module gives it its
+three usual forms: :py:func:`per_sample_accuracy` (the per-sample values), :py:func:`compute_group_accuracy` (one call
+on whole tensors) and :py:class:`GroupAccuracy` (accumulated over batches and ranks).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,33 @@ import torch
 
 from monai_groupdistil.metrics.group_metric import GroupMetric, as_batch, summarise_group_values
 
-__all__ = ["GroupAccuracy", "compute_group_accuracy", "per_sample_accuracy"]
+__all__ = ["GroupAccuracy", "class_indices", "compute_group_accuracy", "per_sample_accuracy"]
 
 
-def _class_indices(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``[B, C>1, *spatial]`` scores/one-hot -> argmax ``[B, *spatial]``; ``[B]`` or ``[B, 1, *spatial]`` -> as is."""
+def class_indices(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """The class index of every sample (or voxel) from scores, one-hot or class indices.
+
+    The one rule by which the accuracy metrics and the report handlers read predictions and labels.
+
+    Args:
+        x: ``[B, C, *spatial]`` with ``C > 1`` (logits, probabilities or one-hot: the argmax over ``C`` is taken),
+            or class indices ``[B]`` / ``[B, 1, *spatial]`` (rounded when floating point).
+        name: the argument name used in error messages.
+
+    Returns:
+        long tensor ``[B]`` or ``[B, *spatial]``.
+
+    Raises:
+        ValueError: when ``x`` is a scalar (no batch dimension).
+
+    Example::
+
+        >>> import torch
+        >>> class_indices(torch.tensor([[0.1, 0.9], [0.8, 0.2]])).tolist()  # scores [B, C] -> argmax
+        [1, 0]
+        >>> class_indices(torch.tensor([[1.0], [0.0]])).tolist()  # indices [B, 1] -> [B]
+        [1, 0]
+    """
     if x.ndim == 0:
         raise ValueError(f"{name} must have a batch dimension, got a scalar.")
     if x.ndim >= 2 and x.shape[1] > 1:
@@ -26,6 +53,10 @@ def _class_indices(x: torch.Tensor, name: str) -> torch.Tensor:
 def per_sample_accuracy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Accuracy of every sample: 0/1 for classification, the fraction of correct voxels for dense outputs.
 
+    The per-sample metric behind :py:func:`compute_group_accuracy`, :py:class:`GroupAccuracy` and the accuracy
+    handlers; give it to :py:class:`~monai_groupdistil.metrics.GroupMetric` like any other per-sample metric.
+    Predictions and labels are read with :py:func:`class_indices`.
+
     Args:
         y_pred: ``[B, C, *spatial]`` scores (argmax over ``C``; logits, probabilities or one-hot) when ``C > 1``,
             otherwise class indices ``[B]`` or ``[B, 1, *spatial]``.
@@ -36,8 +67,14 @@ def per_sample_accuracy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     Raises:
         ValueError: when the batch sizes or the spatial shapes of ``y_pred`` and ``y`` differ.
+
+    Example::
+
+        >>> import torch
+        >>> per_sample_accuracy(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])).tolist()
+        [1.0, 0.0]
     """
-    pred_idx, label_idx = _class_indices(y_pred, "y_pred"), _class_indices(y, "y")
+    pred_idx, label_idx = class_indices(y_pred, "y_pred"), class_indices(y, "y")
     if pred_idx.shape != label_idx.shape:
         raise ValueError(
             f"y_pred {tuple(y_pred.shape)} and y {tuple(y.shape)} do not describe the same samples "
@@ -54,10 +91,12 @@ def compute_group_accuracy(
     num_groups: int,
     group_counts: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of every group, the worst and mean group accuracy and the overall accuracy.
+    """Accuracy of every group, the worst and mean group accuracy and the overall accuracy, in one call.
 
     The group-DRO evaluation (Sagawa et al., 2020) selects models by the worst-group accuracy; groups without any
-    sample are reported as NaN and ignored by ``worst_group`` and ``mean_group``.
+    sample are reported as NaN and ignored by ``worst_group`` and ``mean_group``. The functional form of
+    :py:class:`GroupAccuracy` (as ``monai.metrics.compute_dice`` is of ``DiceMetric``), for predictions already in
+    memory: it is :py:func:`~monai_groupdistil.metrics.summarise_group_values` of :py:func:`per_sample_accuracy`.
 
     Args:
         y_pred: ``[B, C, *spatial]`` scores (argmax over ``C``) or class indices ``[B]`` / ``[B, 1, *spatial]``; a
@@ -95,8 +134,9 @@ def compute_group_accuracy(
 class GroupAccuracy(GroupMetric):
     """Cumulative per-group accuracy: :py:class:`GroupMetric` of :py:func:`per_sample_accuracy`.
 
-    Call it on every batch with ``(y_pred, y, groups)``; ``aggregate()`` gathers all ranks' samples and returns the
-    dict of :py:func:`compute_group_accuracy`. In an ignite evaluator use
+    ``GroupAccuracy(G)`` is ``GroupMetric(per_sample_accuracy, G)``, named because accuracy is the metric group-DRO
+    selects models by. Call it on every batch with ``(y_pred, y, groups)``; ``aggregate()`` gathers all ranks'
+    samples and returns the dict of :py:func:`compute_group_accuracy`. In an ignite evaluator use
     :py:class:`monai_groupdistil.handlers.GroupAccuracyHandler`.
 
     Args:

@@ -6,6 +6,9 @@ values with its group id and reports, per channel and averaged over the channels
 worst group (the minimum, or the maximum for a metric where lower is better such as a distance), the mean over
 groups, the overall value and the training-share weighted value. NaN values (e.g. Dice of a structure absent from
 both prediction and ground truth with ``ignore_empty=True``) are left out of every mean.
+
+Our own because MONAI's cumulative metrics reduce over all samples (``reduction``), never per group; the per-sample
+values are taken from the MONAI metric itself, so any of them works unchanged.
 """
 
 from __future__ import annotations
@@ -28,9 +31,18 @@ def as_batch(data: Any, name: str) -> torch.Tensor:
         data: a batch-first tensor, or a list/tuple of channel-first tensors or numbers (MONAI's decollated form).
         name: the argument name used in error messages.
 
+    Returns:
+        ``data`` itself when it is a tensor, else its items stacked along a new first dimension ``[B, ...]``.
+
     Raises:
         ValueError: when ``data`` is ``None`` or an empty list.
         TypeError: when ``data`` is neither a tensor nor a sequence of tensors/numbers.
+
+    Example::
+
+        >>> import torch
+        >>> as_batch([torch.zeros(2, 3), torch.ones(2, 3)], "y_pred").shape
+        torch.Size([2, 2, 3])
     """
     if data is None:
         raise ValueError(f"{name} is required, got None.")
@@ -59,6 +71,12 @@ def per_sample_values(metric: Callable, y_pred: torch.Tensor, y: torch.Tensor, *
 
     Raises:
         ValueError: when the metric does not give one row of values per sample.
+
+    Example::
+
+        >>> import torch
+        >>> per_sample_values(lambda p, y: (p == y).float().mean(dim=1), torch.tensor([[1, 0]]), torch.tensor([[1, 1]]))
+        tensor([[0.5000]])
     """
     values = metric(y_pred, y, **kwargs)
     if isinstance(metric, CumulativeIterationMetric):
@@ -72,14 +90,6 @@ def per_sample_values(metric: Callable, y_pred: torch.Tensor, y: torch.Tensor, *
         )
     values = values.float()
     return values[:, None] if values.ndim == 1 else values
-
-
-def _nanmean(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean over ``dim`` ignoring NaN; NaN where every value is NaN (no warning)."""
-    valid = ~torch.isnan(x)
-    total = torch.where(valid, x, torch.zeros_like(x)).sum(dim)
-    count = valid.sum(dim)
-    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
 
 
 def summarise_group_values(
@@ -120,13 +130,11 @@ def summarise_group_values(
     values = torch.as_tensor(values, dtype=torch.float64).cpu()
     values = values[:, None] if values.ndim == 1 else values
     groups = check_groups(torch.as_tensor(groups).cpu().reshape(-1), values.shape[0], num_groups)
-    channels = values.shape[1]
     counts = torch.bincount(groups, minlength=num_groups)
-    per_group_channel = torch.full((num_groups, channels), float("nan"), dtype=torch.float64)
+    per_group_channel = torch.full((num_groups, values.shape[1]), float("nan"), dtype=torch.float64)
     for g in range(num_groups):
-        if counts[g] > 0:
-            per_group_channel[g] = _nanmean(values[groups == g], 0)
-    per_group = _nanmean(per_group_channel, 1)
+        per_group_channel[g] = torch.nanmean(values[groups == g], 0)  # NaN for an empty group
+    per_group = torch.nanmean(per_group_channel, 1)
     present = ~torch.isnan(per_group)
     nan = float("nan")
     worst_id = -1
@@ -134,16 +142,16 @@ def summarise_group_values(
         fill = float("inf") if higher_is_better else float("-inf")
         masked = torch.where(present, per_group, torch.full_like(per_group, fill))
         worst_id = int(masked.argmin() if higher_is_better else masked.argmax())
-    overall_channel = _nanmean(values, 0) if values.shape[0] else torch.full((channels,), nan, dtype=torch.float64)
+    overall_channel = torch.nanmean(values, 0)  # NaN for a channel without values, also for no samples
     out: dict[str, Any] = {
         "per_group_channel": per_group_channel,
         "per_group": per_group,
         "counts": counts,
         "worst_group": float(per_group[worst_id]) if worst_id >= 0 else nan,
         "worst_group_id": worst_id,
-        "mean_group": float(per_group[present].mean()) if present.any() else nan,
+        "mean_group": float(torch.nanmean(per_group, 0)),
         "overall_channel": overall_channel,
-        "overall": float(_nanmean(overall_channel, 0)),
+        "overall": float(torch.nanmean(overall_channel, 0)),
     }
     if group_counts is not None:
         prior = torch.as_tensor(group_counts, dtype=torch.float64).flatten()
