@@ -1,32 +1,31 @@
-"""GroupAccuracyHandler: worst-group accuracy as an ignite/MONAI key metric, with the per-group values.
-
-A specialisation of :py:class:`monai_groupdistil.handlers.GroupMetricHandler` (any per-sample metric per group) for
-accuracy; ``extract_groups`` and ``split_output`` are re-exported from there.
-"""
+"""GroupAccuracyHandler: worst-group accuracy as an ignite/MONAI key metric, with the per-group values."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, extract_groups, split_output
+# extract_groups lives in group_metric_handler; it is imported here only because monai_groupdistil.handlers takes
+# it from this module.
+from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, extract_groups
 from monai_groupdistil.metrics import per_sample_accuracy
 
-__all__ = ["GroupAccuracyHandler", "extract_groups", "split_output"]
+__all__ = ["GroupAccuracyHandler", "extract_groups"]
 
 
 class GroupAccuracyHandler(GroupMetricHandler):
     """Worst-group accuracy as an ignite metric: :py:class:`GroupMetricHandler` of ``per_sample_accuracy``.
 
-    Used as an evaluator's ``key_val_metric`` it selects the checkpoint with the best worst-group accuracy, the
-    group-DRO model-selection rule. At the end of every evaluation it also writes into ``engine.state.metrics``:
-    ``<prefix>accuracy`` (overall), ``<prefix>mean_group_accuracy``, ``<prefix>worst_group_accuracy``,
-    ``<prefix>group_accuracy/<name>`` for every group (NaN for a group without samples) and, with
-    ``group_counts``, ``<prefix>weighted_accuracy`` (group accuracies weighted by training-set shares).
-    The full result dict is kept in ``self.result``.
+    ``GroupAccuracyHandler(G)`` is ``GroupMetricHandler(per_sample_accuracy, G, metric_name="accuracy")``; it is
+    named because accuracy is the metric group-DRO selects models by and the classification bundles use it as
+    their ``key_val_metric``. Its value, the worst group's accuracy, then picks the checkpoint with the best worst
+    group. At the end of every evaluation it also writes into ``engine.state.metrics``: ``<prefix>accuracy``
+    (overall), ``<prefix>mean_group_accuracy``, ``<prefix>worst_group_accuracy``, ``<prefix>group_accuracy/<name>``
+    for every group (NaN for a group without samples) and, with ``group_counts``, ``<prefix>weighted_accuracy``
+    (group accuracies weighted by training-set shares). The full result dict is kept in ``self.result``.
 
-    Where the groups come from: ``output_transform`` may return ``(y_pred, y, groups)``; when it returns
-    ``(y_pred, y)`` (the default, ``from_engine(["pred", "label"])``), the groups are read from
-    ``engine.state.batch[group_key]``, which works with an unmodified ``monai.engines.SupervisedEvaluator``.
+    ``y_pred`` is ``[B, C, *spatial]`` scores (argmax over ``C``) or class indices ``[B]`` / ``[B, 1, *spatial]``;
+    ``y`` class indices or one-hot. The groups come from ``output_transform`` or the batch, as in
+    :py:class:`GroupMetricHandler`.
 
     Args:
         num_groups: number of groups.
@@ -37,6 +36,9 @@ class GroupAccuracyHandler(GroupMetricHandler):
         group_counts: optional training-set size of every group (adds the weighted accuracy).
         prefix: prefix of the additional metric keys.
         save_details: store the per-sample correctness and groups in ``engine.state.metric_details[name]``.
+
+    Raises:
+        ValueError: when ``group_names`` does not have ``num_groups`` names.
 
     Example::
 

@@ -1,7 +1,9 @@
 """GroupMetricHandler: any per-sample metric per group as an ignite/MONAI metric; its value is the worst group's.
 
-A MONAI ``IgniteMetricHandler`` of :py:class:`~monai_groupdistil.metrics.GroupMetric` (MONAI reduces over samples, not
-per group)."""
+A MONAI ``IgniteMetricHandler`` of :py:class:`~monai_groupdistil.metrics.GroupMetric`: our own because MONAI's
+metric handlers reduce over all samples, not per group. :py:func:`extract_groups` and :py:func:`split_output` are
+how every group handler of this package finds the group ids of an iteration.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +36,19 @@ def extract_groups(engine: Engine, group_key: str = "group") -> Any:
     Works with collated batches (a dictionary) and with MONAI's decollated batches (a list of dictionaries);
     falls back to ``engine.state.output[group_key]`` (e.g. :py:class:`DistillationTrainer` outputs).
 
+    Args:
+        engine: the ignite engine of the running iteration.
+        group_key: key of the group ids.
+
+    Returns:
+        the collated group ids (a tensor ``[B]``), or a list of ``B`` ids for a decollated batch.
+
     Raises:
         KeyError: when neither the batch nor the output holds ``group_key`` (the keys present are named).
+
+    Example::
+
+        groups = extract_groups(evaluator, "group")  # in a handler of an ITERATION_COMPLETED event
     """
     for source in (engine.state.batch, engine.state.output):
         if isinstance(source, Mapping) and group_key in source:
@@ -50,11 +63,23 @@ def extract_groups(engine: Engine, group_key: str = "group") -> Any:
 
 
 def split_output(engine: Engine, output: Any, group_key: str) -> tuple[Any, Any, Any]:
-    """``(y_pred, y, groups)`` from a transformed output ``(y_pred, y)`` (groups read from the batch) or
-    ``(y_pred, y, groups)``.
+    """``(y_pred, y, groups)`` from the output of an ``output_transform``: ``(y_pred, y, groups)`` as it is, or
+    ``(y_pred, y)`` with the groups of :py:func:`extract_groups`.
+
+    Args:
+        engine: the ignite engine of the running iteration.
+        output: the transformed output, 2 or 3 items.
+        group_key: key of the group ids in the batch (used for a 2-item output).
+
+    Returns:
+        ``(y_pred, y, groups)``.
 
     Raises:
         ValueError: when the output has neither 2 nor 3 items.
+
+    Example::
+
+        y_pred, y, groups = split_output(engine, from_engine(["pred", "label"])(engine.state.output), "group")
     """
     if isinstance(output, Mapping) or not isinstance(output, (list, tuple)) or len(output) not in (2, 3):
         raise ValueError(
@@ -73,6 +98,12 @@ def batch_spacing(key: str = Keys.LABEL) -> Callable[[Engine], dict[str, Any]]:
     ``SurfaceDistanceMetric``, so distances are in mm. The spacing comes from the ``MetaTensor``'s affine (the norms
     of its spatial columns; collated batches and decollated lists of samples both work); a plain tensor gives ``{}``
     (unit spacing).
+
+    Args:
+        key: key of the ``MetaTensor`` whose affine gives the spacing (the label: its grid is the metric's).
+
+    Returns:
+        a function ``engine -> {"spacing": [[sx, sy(, sz)] per sample]}`` (``{}`` without an affine).
 
     Example::
 

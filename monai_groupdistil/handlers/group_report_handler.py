@@ -21,9 +21,9 @@ from monai.handlers import from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 
-from monai_groupdistil.handlers.group_accuracy_handler import split_output
 from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler, default_group_names
-from monai_groupdistil.metrics.group_accuracy import per_sample_accuracy
+from monai_groupdistil.handlers.group_metric_handler import split_output
+from monai_groupdistil.metrics.group_accuracy import class_indices, per_sample_accuracy
 from monai_groupdistil.metrics.group_metric import GroupMetric, as_batch
 from monai_groupdistil.visualize import (
     plot_dro_weights,
@@ -67,11 +67,6 @@ def per_sample_cross_entropy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Ten
 def _finite(value: float) -> float | None:
     """A JSON-safe number: NaN and infinities (e.g. a distance to an empty prediction) become ``null``."""
     return float(value) if value is not None and math.isfinite(float(value)) else None
-
-
-def _class_map(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C>1, *spatial]`` scores / one-hot -> ``[B, *spatial]`` argmax; ``[B, 1, *spatial]`` -> indices."""
-    return x.argmax(dim=1) if x.shape[1] > 1 else x[:, 0].round().long()
 
 
 class GroupMetricReportHandler:
@@ -226,7 +221,7 @@ class GroupMetricReportHandler:
             cases = list(batch[self.case_key])
         elif isinstance(batch, (list, tuple)) and batch and all(isinstance(d, dict) for d in batch):
             cases = [d.get(self.case_key) for d in batch]
-        pred_map, label_map = _class_map(pred).cpu(), _class_map(y).cpu()
+        pred_map, label_map = class_indices(pred, "y_pred").cpu(), class_indices(y, "y").cpu()
         image = images[:, 0].float().cpu()
         score = torch.nanmean(key_values.double(), dim=1).cpu() if key_values.ndim > 1 else key_values.cpu()
         for b in range(pred_map.shape[0]):
@@ -349,7 +344,10 @@ class GroupReportHandler(GroupMetricReportHandler):
 
     A :py:class:`GroupMetricReportHandler` of two per-sample metrics, ``accuracy`` (``per_sample_accuracy``) and
     ``mean_loss`` (cross entropy of ``pred`` vs ``label`` by default; ``pred`` must then hold logits, i.e. no argmax
-    in the evaluator's postprocessing), gathered over all ranks. Rank 0 writes into ``output_dir``:
+    in the evaluator's postprocessing), gathered over all ranks. It exists for its classification layout: one CSV
+    row per group (no structures) and the accuracy-named JSON keys that the classification bundles' evaluation
+    documents. ``y_pred`` is ``[B, C]`` logits, ``y`` class indices ``[B]`` (or one-hot). Rank 0 writes into
+    ``output_dir``:
 
     - ``group_report.csv``: columns ``group, name, samples, accuracy, mean_loss``, one row per group (``nan``
       for a group without samples);
