@@ -31,6 +31,31 @@ Figure, has_matplotlib = optional_import(
 )
 
 
+def _axes(width: float, height: float):
+    """A figure of ``width`` x ``height`` inches with one axes."""
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _group_ticks(ax, group_names: Sequence[str], counts: Sequence[int] | None) -> None:
+    """One x tick per group, named, with its number of samples under the name when ``counts`` is given."""
+    if counts is None:
+        labels = [str(n) for n in group_names]
+    else:
+        labels = [f"{n}\n(n={int(c)})" for n, c in zip(group_names, counts)]
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+
+
+def _save(fig, ax, path: str | os.PathLike, ylabel: str, title: str, dpi: int = 100) -> str:
+    """Label the y axis, title the axes and write the figure as PNG; returns ``str(path)``."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return str(path)
+
+
 def plot_group_accuracy(
     per_group: Sequence[float] | torch.Tensor,
     group_names: Sequence[str],
@@ -52,30 +77,24 @@ def plot_group_accuracy(
 
     Raises:
         OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
+
+    Example::
+
+        plot_group_accuracy([0.91, 0.62, float("nan")], ["A", "B", "C"], "group_accuracy.png", counts=[40, 12, 0])
     """
     values = [float(v) for v in (per_group.tolist() if isinstance(per_group, torch.Tensor) else per_group)]
     present = [v for v in values if not math.isnan(v)]
     worst = min(present) if present else None
-    labels = [
-        f"{n}\n(n={int(c)})" if counts is not None else str(n)
-        for n, c in zip(group_names, counts if counts is not None else [0] * len(values))
-    ]
-    fig = Figure(figsize=(max(4.0, 0.9 * len(values) + 2), 3.5))
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _axes(max(4.0, 0.9 * len(values) + 2), 3.5)
     heights = [0.0 if math.isnan(v) else v for v in values]
     colors = ["tab:red" if worst is not None and v == worst else "tab:blue" for v in values]
     bars = ax.bar(range(len(values)), heights, color=colors)
     for bar, v in zip(bars, values):
         text = "n/a" if math.isnan(v) else f"{v:.3f}"
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, text, ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(values)))
-    ax.set_xticklabels(labels, fontsize=8)
+    _group_ticks(ax, group_names, counts)
     ax.set_ylim(0.0, 1.1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return str(path)
+    return _save(fig, ax, path, "accuracy", title)
 
 
 def plot_dro_weights(
@@ -100,23 +119,23 @@ def plot_dro_weights(
     Raises:
         OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
         ValueError: when ``weights`` is not ``[T, G]`` with ``G == len(group_names)``.
+
+    Example::
+
+        iterations, weights, _ = dro_handler.history_tensors()  # weights [T, G]
+        plot_dro_weights(weights, dro_handler.group_names, "dro_weights.png", iterations)
     """
     w = torch.as_tensor(weights, dtype=torch.float64)
     if w.ndim != 2 or w.shape[1] != len(group_names):
         raise ValueError(f"weights must be [T, {len(group_names)}], got {tuple(w.shape)}.")
     x = list(range(1, w.shape[0] + 1)) if iterations is None else [int(i) for i in torch.as_tensor(iterations)]
-    fig = Figure(figsize=(6.0, 3.5))
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _axes(6.0, 3.5)
     for g, name in enumerate(group_names):
         ax.plot(x, w[:, g].tolist(), label=str(name))
     ax.axhline(1.0 / len(group_names), color="gray", linestyle="--", linewidth=0.8, label="uniform")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("weight q_g")
-    ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return str(path)
+    return _save(fig, ax, path, "weight q_g", title)
 
 
 def plot_group_metric(
@@ -147,6 +166,11 @@ def plot_group_metric(
     Raises:
         OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
         ValueError: when the values are not ``[G, C]`` for the names given.
+
+    Example::
+
+        plot_group_metric(result["per_group_channel"], ["A", "B"], ["LV", "MYO", "RV"], "group_dice.png",
+                          counts=result["counts"].tolist())  # result: GroupMetric(DiceMetric(...)).aggregate()
     """
     values = torch.as_tensor(per_group_channel, dtype=torch.float64)
     if values.ndim != 2 or tuple(values.shape) != (len(group_names), len(channel_names)):
@@ -154,30 +178,20 @@ def plot_group_metric(
             f"per_group_channel must be [{len(group_names)}, {len(channel_names)}] (groups x channels), got "
             f"{tuple(values.shape)}."
         )
-    mean = torch.stack([row[~torch.isnan(row)].mean() if (~torch.isnan(row)).any() else row[0] for row in values])
+    mean = torch.nanmean(values, dim=1)  # the channel mean of every group, NaN channels left out
     series = [*channel_names, "mean"]
     data = torch.cat([values, mean[:, None]], dim=1)
     width = 0.8 / len(series)
-    fig = Figure(figsize=(max(5.0, 1.3 * len(group_names) + 2), 3.8))
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _axes(max(5.0, 1.3 * len(group_names) + 2), 3.8)
     for c, name in enumerate(series):
         xs = [g + (c - (len(series) - 1) / 2) * width for g in range(len(group_names))]
         heights = [0.0 if math.isnan(v) else v for v in data[:, c].tolist()]
         ax.bar(xs, heights, width=width, label=name, color="black" if name == "mean" else None)
-    labels = [
-        f"{n}\n(n={int(k)})" if counts is not None else str(n)
-        for n, k in zip(group_names, counts if counts is not None else [0] * len(group_names))
-    ]
-    ax.set_xticks(range(len(group_names)))
-    ax.set_xticklabels(labels, fontsize=8)
+    _group_ticks(ax, group_names, counts)
     if ylim is not None:
         ax.set_ylim(*ylim)
-    ax.set_ylabel(metric_name)
-    ax.set_title(title or f"{metric_name} per group and structure")
     ax.legend(fontsize=7, ncol=len(series))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return str(path)
+    return _save(fig, ax, path, metric_name, title or f"{metric_name} per group and structure")
 
 
 def plot_segmentation_overlays(
@@ -204,6 +218,11 @@ def plot_segmentation_overlays(
     Raises:
         OptionalImportError: when matplotlib is not installed (MONAI's, an ``ImportError``).
         ValueError: when the sequences differ in length or are empty.
+
+    Example::
+
+        plot_segmentation_overlays([image[0, ..., z]], [label[0, ..., z]], [pred[0, ..., z]], ["case 1: Dice 0.82"],
+                                   "cases.png")  # image, label, pred: [1, H, W, Z]
     """
     n = len(images)
     if n == 0 or not len(labels) == len(preds) == len(titles) == n:
