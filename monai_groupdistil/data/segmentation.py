@@ -28,17 +28,18 @@ from monai.transforms import (
     Compose,
     EnsureTyped,
     MapTransform,
-    RandAdjustContrastd,
     RandAffined,
-    RandGaussianNoised,
     ResizeWithPadOrCropd,
-    ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
-    Spacingd,
 )
 from monai.utils import ensure_tuple
 
-from monai_groupdistil.data.transforms import LoadCardiacImaged, SelectFramed, _filename
+from monai_groupdistil.data.transforms import (
+    _filename,
+    _intensity_augmentation,
+    _interpolation_modes,
+    _load_frame,
+    _normalise_and_resample,
+)
 
 __all__ = [
     "SEG_LABELS",
@@ -231,58 +232,12 @@ def segmentation_preprocessing(
         raise ValueError(f"spatial_size and pixdim must have 2 values (in-plane), got {spatial_size} and {pixdim}.")
     keys = (image_key, label_key)
     return Compose([
-        LoadCardiacImaged(image_key, reader=reader),
-        LoadCardiacImaged(label_key, reader=reader, allow_missing_keys=True),
-        SelectFramed(keys, frame=frame, allow_missing_keys=True),
+        *_load_frame(image_key, label_key, frame, reader),
         CheckSegmentationd(label_key, image_key=image_key, num_classes=num_classes,
                            require_foreground=require_foreground),
-        ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
-        Spacingd(keys, pixdim=(*spacing, -1.0), mode=("bilinear", "nearest"), padding_mode="border",
-                 allow_missing_keys=True),
+        *_normalise_and_resample(image_key, label_key, lower, upper, (*spacing, -1.0)),
         ResizeWithPadOrCropd(keys, spatial_size=(*size, -1), allow_missing_keys=True),
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
-    ])  # fmt: skip
-
-
-def segmentation_augmentation(
-    keys: Sequence[str] = ("image", "label"),
-    image_key: str = "image",
-    prob: float = 0.5,
-    rotate_range: float = math.pi / 12,
-    scale_range: float = 0.1,
-    gamma: Sequence[float] = (0.7, 1.5),
-    noise_std: float = 0.02,
-) -> Compose:
-    """Random augmentation of a 2-D training slice and its mask, in one resampling.
-
-    ``RandAffined`` (rotation within +-``rotate_range`` rad and scaling within +-``scale_range``, bilinear for the
-    image, nearest for the mask), gamma contrast (``RandAdjustContrastd``), Gaussian noise (``RandGaussianNoised``),
-    then clipping to [0, 1]; the slices stay plain tensors (no ``MetaTensor``: a 2-D training slice needs no
-    metadata, and batches of plain tensors are cheaper). One affine resampling instead of separate rotation and
-    zoom steps (as in :func:`~monai_groupdistil.data.cardiac_augmentation`) costs about half the time per slice.
-    Sizes are kept.
-
-    Args:
-        keys: keys transformed spatially (the image first, then masks).
-        image_key: the key whose intensities are augmented.
-        prob: probability of each of the affine, contrast and noise steps.
-        rotate_range: maximum absolute rotation in radians.
-        scale_range: maximum relative scaling.
-        gamma: range of the contrast gamma.
-        noise_std: maximum standard deviation of the noise (intensities are in [0, 1]).
-
-    Returns:
-        a :class:`monai.transforms.Compose`.
-    """
-    keys = tuple(keys)
-    modes = tuple("bilinear" if k == image_key else "nearest" for k in keys)
-    return Compose([
-        RandAffined(keys, prob=prob, rotate_range=rotate_range, scale_range=scale_range, mode=modes,
-                    padding_mode="zeros", allow_missing_keys=True),
-        RandAdjustContrastd(image_key, prob=prob, gamma=tuple(gamma)),
-        RandGaussianNoised(image_key, prob=prob, mean=0.0, std=noise_std),
-        ScaleIntensityRanged(image_key, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
-        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False, allow_missing_keys=True),
     ])  # fmt: skip
 
 
@@ -321,6 +276,44 @@ def volume_slices(
                 continue
         out.append(entry)
     return out
+
+
+def segmentation_augmentation(
+    keys: Sequence[str] = ("image", "label"),
+    image_key: str = "image",
+    prob: float = 0.5,
+    rotate_range: float = math.pi / 12,
+    scale_range: float = 0.1,
+    gamma: Sequence[float] = (0.7, 1.5),
+    noise_std: float = 0.02,
+) -> Compose:
+    """Random augmentation of a 2-D training slice and its mask, in one resampling.
+
+    ``RandAffined`` (rotation within +-``rotate_range`` rad and scaling within +-``scale_range``, bilinear for the
+    image, nearest for the mask), gamma contrast (``RandAdjustContrastd``), Gaussian noise (``RandGaussianNoised``),
+    then clipping to [0, 1]; the slices stay plain tensors (no ``MetaTensor``: a 2-D training slice needs no
+    metadata, and batches of plain tensors are cheaper). One affine resampling instead of separate rotation and
+    zoom steps (as in :func:`~monai_groupdistil.data.cardiac_augmentation`) costs about half the time per slice.
+    Sizes are kept.
+
+    Args:
+        keys: keys transformed spatially (the image first, then masks).
+        image_key: the key whose intensities are augmented.
+        prob: probability of each of the affine, contrast and noise steps.
+        rotate_range: maximum absolute rotation in radians.
+        scale_range: maximum relative scaling.
+        gamma: range of the contrast gamma.
+        noise_std: maximum standard deviation of the noise (intensities are in [0, 1]).
+
+    Returns:
+        a :class:`monai.transforms.Compose`.
+    """
+    return Compose([
+        RandAffined(keys, prob=prob, rotate_range=rotate_range, scale_range=scale_range,
+                    mode=_interpolation_modes(keys, image_key), padding_mode="zeros", allow_missing_keys=True),
+        *_intensity_augmentation(image_key, prob, gamma, noise_std),
+        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False, allow_missing_keys=True),
+    ])  # fmt: skip
 
 
 class SegmentationSliceDataset(Dataset):

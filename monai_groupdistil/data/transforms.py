@@ -340,6 +340,45 @@ class CropAroundHeartd(MapTransform):
         return d
 
 
+# The steps that cardiac_preprocessing / cardiac_augmentation share with segmentation_preprocessing /
+# segmentation_augmentation (data/segmentation.py): one definition, so the two pipelines load, normalise, resample
+# and augment intensities the same way.
+def _load_frame(
+    image_key: str, mask_key: str, frame: str | int, reader: Any, image_only: bool = True
+) -> list[MapTransform]:
+    """Load the image and its (optional) mask and select one frame of both -> ``(1, x, y, z)``."""
+    return [
+        LoadCardiacImaged(image_key, reader=reader, image_only=image_only),
+        LoadCardiacImaged(mask_key, reader=reader, image_only=image_only, allow_missing_keys=True),
+        SelectFramed((image_key, mask_key), frame=frame, allow_missing_keys=True),
+    ]
+
+
+def _normalise_and_resample(
+    image_key: str, mask_key: str, lower: float, upper: float, pixdim: Sequence[float]
+) -> list[MapTransform]:
+    """Intensity percentiles ``lower``-``upper`` -> [0, 1], then resampling to ``pixdim`` (bilinear / nearest)."""
+    return [
+        ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
+        Spacingd((image_key, mask_key), pixdim=tuple(pixdim), mode=("bilinear", "nearest"), padding_mode="border",
+                 allow_missing_keys=True),
+    ]  # fmt: skip
+
+
+def _interpolation_modes(keys: KeysCollection, image_key: str) -> tuple[str, ...]:
+    """Interpolation of every key in a spatial step: bilinear for the image, nearest for the masks."""
+    return tuple("bilinear" if k == image_key else "nearest" for k in ensure_tuple(keys))
+
+
+def _intensity_augmentation(image_key: str, prob: float, gamma: Sequence[float], noise_std: float) -> list[Any]:
+    """Random gamma contrast and Gaussian noise, then clipping to [0, 1]."""
+    return [
+        RandAdjustContrastd(image_key, prob=prob, gamma=tuple(gamma)),
+        RandGaussianNoised(image_key, prob=prob, mean=0.0, std=noise_std),
+        ScaleIntensityRanged(image_key, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+    ]
+
+
 def cardiac_preprocessing(
     spatial_size: Sequence[int] = (128, 128),
     pixdim: Sequence[float] = (1.25, 1.25),
@@ -381,13 +420,9 @@ def cardiac_preprocessing(
     """
     keys = (image_key, seg_key)
     return Compose([
-        LoadCardiacImaged(image_key, reader=reader, image_only=image_only),
-        LoadCardiacImaged(seg_key, reader=reader, image_only=image_only, allow_missing_keys=True),
-        SelectFramed(keys, frame=frame, allow_missing_keys=True),
+        *_load_frame(image_key, seg_key, frame, reader, image_only),
         SelectMidVentricularSliced(keys, seg_key=seg_key, labels=slice_labels, allow_missing_keys=True),
-        ScaleIntensityRangePercentilesd(image_key, lower=lower, upper=upper, b_min=0.0, b_max=1.0, clip=True),
-        Spacingd(keys, pixdim=tuple(pixdim), mode=("bilinear", "nearest"), padding_mode="border",
-                 allow_missing_keys=True),
+        *_normalise_and_resample(image_key, seg_key, lower, upper, pixdim),
         CropAroundHeartd(keys, spatial_size=spatial_size, source_key=seg_key, labels=heart_labels,
                          allow_missing_keys=True),
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
@@ -424,15 +459,12 @@ def cardiac_augmentation(
     Returns:
         a :class:`monai.transforms.Compose`.
     """
-    keys = tuple(keys)
-    modes = tuple("bilinear" if k == image_key else "nearest" for k in keys)
+    modes = _interpolation_modes(keys, image_key)
     return Compose([
         RandRotated(keys, range_x=rotate_range, prob=prob, mode=modes, padding_mode="zeros", keep_size=True,
                     allow_missing_keys=True),
         RandZoomd(keys, prob=prob, min_zoom=zoom_range[0], max_zoom=zoom_range[1], mode=modes,
                   padding_mode="constant", keep_size=True, allow_missing_keys=True),
         RandFlipd(keys, prob=flip_prob, spatial_axis=0, allow_missing_keys=True),
-        RandAdjustContrastd(image_key, prob=prob, gamma=tuple(gamma)),
-        RandGaussianNoised(image_key, prob=prob, mean=0.0, std=noise_std),
-        ScaleIntensityRanged(image_key, a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        *_intensity_augmentation(image_key, prob, gamma, noise_std),
     ])  # fmt: skip
