@@ -131,18 +131,27 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
     return classes
 
 
-def _cross(levels: Sequence[Sequence[str]]) -> list[str]:
-    names = [""]
-    for lvl in levels:
-        names = [f"{a}/{b}" if a else str(b) for a in names for b in lvl]
-    return names
+class _Groups:
+    """The groups of ``keys`` (one key, or several for cross groups) over ``levels`` (key -> its ordered values).
 
+    Group ``i`` is the ``i``-th combination of the keys' values, the first key varying slowest, so the index
+    depends only on the levels (never on which subjects a split holds).
+    """
 
-def _cross_index(indices: Sequence[int], levels: Sequence[Sequence[str]]) -> int:
-    idx = 0
-    for i, lvl in zip(indices, levels):
-        idx = idx * len(lvl) + i
-    return idx
+    def __init__(self, keys: Sequence[str], levels: dict[str, Sequence[str]]) -> None:
+        self.keys = tuple(keys)
+        self.levels = [tuple(str(v) for v in levels[k]) for k in self.keys]
+        names = [""]
+        for lvl in self.levels:
+            names = [f"{a}/{b}" if a else b for a in names for b in lvl]
+        self.names = names
+
+    def of(self, values: dict[str, str]) -> dict[str, Any]:
+        """``group`` (index) and ``group_name`` of an entry whose value of every key is ``values[key]``."""
+        index = 0
+        for key, lvl in zip(self.keys, self.levels):
+            index = index * len(lvl) + lvl.index(values[key])
+        return {"group": index, "group_name": self.names[index]}
 
 
 def _check_split(split: str) -> str:
@@ -260,6 +269,19 @@ def _log_left_out(counter: Counter, what: str, classes: Sequence[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- M&Ms
+def _datalist(
+    entries: list[dict[str, Any]], names: list[str], dataset: str, split: str, return_group_names: bool
+) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], list[str]]:
+    """Log the number of subjects per group and return the datalist (with the group names when asked)."""
+    per_group = dict(sorted(Counter(e["group_name"] for e in entries).items()))
+    logger.info("%s %s: %d subject(s), per group %s", dataset, split, len(entries), per_group)
+    return (entries, names) if return_group_names else entries
+
+
+def _mnms_levels(classes: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    return {"vendor": MNMS_VENDORS, "centre": tuple(str(c) for c in MNMS_CENTRES), "label": tuple(classes)}
+
+
 def mnms_group_names(group_by: str | Sequence[str] = "vendor", classes: Sequence[str] = MNMS_CLASSES) -> list[str]:
     """Ordered group names of an M&Ms datalist: ``names[entry["group"]] == entry["group_name"]``.
 
@@ -276,8 +298,7 @@ def mnms_group_names(group_by: str | Sequence[str] = "vendor", classes: Sequence
         ValueError: unknown ``group_by`` key or empty / duplicated ``classes``.
     """
     keys = _normalise_group_by(group_by, MNMS_GROUP_KEYS)
-    levels = {"vendor": MNMS_VENDORS, "centre": tuple(str(c) for c in MNMS_CENTRES), "label": _check_classes(classes)}
-    return _cross([levels[k] for k in keys])
+    return _Groups(keys, _mnms_levels(_check_classes(classes))).names
 
 
 def load_mnms_datalist(
@@ -334,7 +355,7 @@ def load_mnms_datalist(
     on_missing = _check_on_missing(on_missing)
     classes = _check_classes(classes)
     keys = _normalise_group_by(group_by, MNMS_GROUP_KEYS)
-    names = mnms_group_names(keys, classes)
+    groups = _Groups(keys, _mnms_levels(classes))
     base = _resolve_root(root, "OpenDataset", MNMS_CSV_NAME, "Training", csv_path)
     csv_file = os.path.join(base, MNMS_CSV_NAME) if csv_path is None else os.fspath(csv_path)
     _, rows = _read_csv(csv_file, MNMS_REQUIRED_COLUMNS)
@@ -361,7 +382,6 @@ def load_mnms_datalist(
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"split folder for {s!r} not found: {folder}")
 
-    levels = {"vendor": MNMS_VENDORS, "centre": tuple(str(c) for c in MNMS_CENTRES), "label": classes}
     entries: list[dict[str, Any]] = []
     missing: list[str] = []
     seen: dict[str, int] = {}
@@ -416,15 +436,11 @@ def load_mnms_datalist(
             if seg is not None and _nifti_shape(seg) != shape:
                 raise ValueError(f"mask {seg} has shape {_nifti_shape(seg)}, its image {image} has {shape}.")
         age = _to_int(row.get("Age", ""), "Age", line, csv_file, optional=True)
-        values = {"vendor": vendor, "centre": str(centre), "label": pathology}
-        index = [levels[k].index(values[k]) for k in keys]
-        group = _cross_index(index, [levels[k] for k in keys])
         entries.append({
             "image": image,
             "seg": seg,
             "label": classes.index(pathology),
-            "group": int(group),
-            "group_name": names[group],
+            **groups.of({"vendor": vendor, "centre": str(centre), "label": pathology}),
             "pathology": pathology,
             "vendor": vendor,
             "vendor_name": row["VendorName"],
@@ -447,13 +463,7 @@ def load_mnms_datalist(
         logger.info("%d Training/Unlabeled subject(s) not included (include_unlabeled=False)", unlabeled_out)
     order = {s: i for i, s in enumerate(MNMS_SPLIT_FOLDERS)}
     entries.sort(key=lambda e: (order[e["split"]], e["subject"]))
-    logger.info(
-        "M&Ms %s: %d subject(s), per group %s",
-        split,
-        len(entries),
-        dict(sorted(Counter(e["group_name"] for e in entries).items())),
-    )
-    return (entries, names) if return_group_names else entries
+    return _datalist(entries, groups.names, "M&Ms", split, return_group_names)
 
 
 # ---------------------------------------------------------------------------------------------- M&Ms-2
@@ -494,8 +504,7 @@ def mnms2_group_names(
     keys = _normalise_group_by(group_by, MNMS2_GROUP_KEYS)
     base = _resolve_root(root, "MnM2", MNMS2_CSV_NAME, "dataset", csv_path)
     _, rows = _mnms2_rows(base, csv_path)
-    levels = _mnms2_levels(rows, classes)
-    return _cross([levels[k] for k in keys])
+    return _Groups(keys, _mnms2_levels(rows, classes)).names
 
 
 def load_mnms2_datalist(
@@ -560,8 +569,7 @@ def load_mnms2_datalist(
         raise ValueError(f"view must be 'SA' or 'LA', got {view!r}.")
     base = _resolve_root(root, "MnM2", MNMS2_CSV_NAME, "dataset", csv_path)
     csv_file, rows = _mnms2_rows(base, csv_path)
-    levels = _mnms2_levels(rows, classes)
-    names = _cross([levels[k] for k in keys])
+    groups = _Groups(keys, _mnms2_levels(rows, classes))
     wanted = ("train", "val", "test") if split == "all" else (split,)
 
     entries: list[dict[str, Any]] = []
@@ -608,14 +616,12 @@ def load_mnms2_datalist(
             if seg is not None and _nifti_shape(seg)[:3] != shape[:3]:
                 raise ValueError(f"mask {seg} has shape {_nifti_shape(seg)}, its image {image} has {shape}.")
         values = {"vendor": row["VENDOR"], "scanner": row["SCANNER"], "field": row["FIELD"], "label": disease}
-        group = _cross_index([levels[k].index(values[k]) for k in keys], [levels[k] for k in keys])
         entries.append({
             "image": image,
             "seg": seg,
             **paths,
             "label": classes.index(disease),
-            "group": int(group),
-            "group_name": names[group],
+            **groups.of(values),
             "pathology": disease,
             "vendor": row["VENDOR"],
             "scanner": row["SCANNER"],
@@ -635,6 +641,4 @@ def load_mnms2_datalist(
     )
     _log_left_out(left_out, "M&Ms-2", classes)
     entries.sort(key=lambda e: e["subject"])
-    logger.info("M&Ms-2 %s: %d subject(s), per group %s", split, len(entries),
-                dict(sorted(Counter(e["group_name"] for e in entries).items())))  # fmt: skip
-    return (entries, names) if return_group_names else entries
+    return _datalist(entries, groups.names, "M&Ms-2", split, return_group_names)
