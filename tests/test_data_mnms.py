@@ -386,3 +386,12 @@ def test_split_by_group_resplits_real_layout(real):
 def test_split_by_group_errors(fractions, data, match):
     with pytest.raises(ValueError, match=match):
         split_by_group(data, fractions)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from monai_groupdistil.data import mnms
+
+    result = doctest.testmod(mnms)
+    assert result.attempted > 0 and result.failed == 0, result

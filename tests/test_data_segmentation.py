@@ -180,3 +180,12 @@ def test_dataset_dir_that_is_neither_release_nor_empty(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="is neither empty nor an M&Ms or M&Ms-2 release"):
         prepare_seg_dataset(tmp_path)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from monai_groupdistil.data import segmentation
+
+    result = doctest.testmod(segmentation)
+    assert result.attempted > 0 and result.failed == 0, result

@@ -381,3 +381,12 @@ def test_transforms_from_config(entries):
     assert out["image"].shape == (1, 48, 48)
     assert parser.get_parsed_content("crop")({"image": torch.zeros(1, 20, 20)})["image"].shape == (1, 8, 8)
     assert os.path.isfile(entries[0]["image"])
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from monai_groupdistil.data import transforms
+
+    result = doctest.testmod(transforms)
+    assert result.attempted > 0 and result.failed == 0, result

@@ -94,7 +94,8 @@ def test_docstring_examples():
     import doctest
 
     from monai_groupdistil.engines import teacher_cache
-    from monai_groupdistil.metrics import group_accuracy
+    from monai_groupdistil.metrics import group_accuracy, group_metric
 
-    for module in (group_accuracy, teacher_cache):
-        assert doctest.testmod(module).failed == 0
+    for module in (group_accuracy, group_metric, teacher_cache):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, (module.__name__, result)

@@ -163,3 +163,12 @@ def test_plot_argument_errors(tmp_path):
         plot_dro_weights(torch.rand(5, 3), ["a", "b"], tmp_path / "w.png")
     with pytest.raises(ValueError, match="group_names has 2 names but num_groups is 4"):
         GroupReportHandler(tmp_path, 4, ["a", "b"])
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from monai_groupdistil.handlers import group_report_handler
+
+    result = doctest.testmod(group_report_handler)
+    assert result.attempted > 0 and result.failed == 0, result

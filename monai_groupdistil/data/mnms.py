@@ -296,6 +296,13 @@ def mnms_group_names(group_by: str | Sequence[str] = "vendor", classes: Sequence
 
     Raises:
         ValueError: unknown ``group_by`` key or empty / duplicated ``classes``.
+
+    Example::
+
+        >>> mnms_group_names("vendor")
+        ['A', 'B', 'C', 'D']
+        >>> mnms_group_names(("vendor", "label"), classes=("NOR", "HCM"))[:3]
+        ['A/NOR', 'A/HCM', 'B/NOR']
     """
     keys = _normalise_group_by(group_by, MNMS_GROUP_KEYS)
     return _Groups(keys, _mnms_levels(_check_classes(classes))).names
@@ -499,6 +506,15 @@ def mnms2_group_names(
 
     Returns:
         the list of group names.
+
+    Raises:
+        FileNotFoundError: missing root or CSV, naming the path.
+        ValueError: unknown ``group_by`` key, empty / duplicated ``classes``, a CSV that is not UTF-8 text or lacks
+            a column.
+
+    Example::
+
+        names = mnms2_group_names("/data/MnM2", group_by="scanner")  # the sorted SCANNER values of the CSV
     """
     classes = _check_classes(classes)
     keys = _normalise_group_by(group_by, MNMS2_GROUP_KEYS)
@@ -556,6 +572,11 @@ def load_mnms2_datalist(
             text (naming the file), a missing column or bad cell (naming column and line), a subject number outside
             1-360, a mask that does not match its image.
         RuntimeError: an unreadable NIfTI header; the file is named.
+
+    Example::
+
+        train, names = load_mnms2_datalist("/data/MnM2", split="train", frame="es", return_group_names=True)
+        train[0]["image"]  # /data/MnM2/dataset/001/001_SA_ES.nii.gz
     """
     split = _check_split(split)
     on_missing = _check_on_missing(on_missing)

@@ -135,6 +135,16 @@ class CheckSegmentationd(MapTransform):
 
     Raises:
         ValueError: for any of the above; the message names the mask file, its frame and what was expected.
+
+    Example::
+
+        >>> import torch
+        >>> check = CheckSegmentationd("label")
+        >>> _ = check({"image": torch.zeros(1, 4, 4, 2), "label": torch.ones(1, 4, 4, 2)})  # passes
+        >>> check({"image": torch.zeros(1, 4, 4, 2), "label": torch.full((1, 4, 4, 2), 5.0)})
+        Traceback (most recent call last):
+        ...
+        ValueError: mask data['label'] holds label(s) [5] outside 0-3 (expected 0 background, 1 LV, 2 MYO, 3 RV).
     """
 
     def __init__(
@@ -221,6 +231,9 @@ def segmentation_preprocessing(
     Returns:
         a :class:`monai.transforms.Compose`.
 
+    Raises:
+        ValueError: when ``spatial_size`` or ``pixdim`` does not have two (in-plane) values.
+
     Example::
 
         volumes = Dataset(segmentation_frames(subjects), transform=segmentation_preprocessing((96, 96)))
@@ -258,6 +271,18 @@ def volume_slices(
     Returns:
         one dict per slice: ``image``, ``label`` (plain float32 tensors ``[1, H, W]``), ``slice_index`` and the
         entry's other non-tensor keys (``group``, ``subject``, ``case``...).
+
+    Raises:
+        ValueError: when the image is not ``[1, H, W, Z]``.
+
+    Example::
+
+        >>> import torch
+        >>> label = torch.zeros(1, 8, 8, 3)
+        >>> label[0, 2:4, 2:4, 1] = 1
+        >>> slices = volume_slices({"image": torch.rand(1, 8, 8, 3), "label": label, "group": 2})
+        >>> [(s["slice_index"], s["group"], tuple(s["image"].shape)) for s in slices]
+        [(1, 2, (1, 8, 8))]
     """
     image, label = item[image_key], item.get(label_key)
     if image.ndim != 4:
@@ -291,10 +316,9 @@ def segmentation_augmentation(
 
     ``RandAffined`` (rotation within +-``rotate_range`` rad and scaling within +-``scale_range``, bilinear for the
     image, nearest for the mask), gamma contrast (``RandAdjustContrastd``), Gaussian noise (``RandGaussianNoised``),
-    then clipping to [0, 1]; the slices stay plain tensors (no ``MetaTensor``: a 2-D training slice needs no
-    metadata, and batches of plain tensors are cheaper). One affine resampling instead of separate rotation and
-    zoom steps (as in :func:`~monai_groupdistil.data.cardiac_augmentation`) costs about half the time per slice.
-    Sizes are kept.
+    then clipping to [0, 1]. Sizes are kept; the outputs are float32 tensors without metadata (a training slice
+    needs none). Rotation and scaling are one affine resampling, unlike the separate rotation and zoom of
+    :func:`~monai_groupdistil.data.cardiac_augmentation`, because resampling dominates the cost of a slice.
 
     Args:
         keys: keys transformed spatially (the image first, then masks).
@@ -307,7 +331,14 @@ def segmentation_augmentation(
 
     Returns:
         a :class:`monai.transforms.Compose`.
+
+    Example::
+
+        train = SegmentationSliceDataset(frames, segmentation_preprocessing(), segmentation_augmentation(prob=0.5))
+        train[0]["image"].shape  # torch.Size([1, 96, 96]), a new random augmentation at every access
     """
+    # one resampling instead of rotation + zoom takes about half the time per slice; plain tensors (track_meta=False)
+    # collate faster than MetaTensors
     return Compose([
         RandAffined(keys, prob=prob, rotate_range=rotate_range, scale_range=scale_range,
                     mode=_interpolation_modes(keys, image_key), padding_mode="zeros", allow_missing_keys=True),

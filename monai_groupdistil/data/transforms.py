@@ -82,6 +82,11 @@ class LoadCardiacImaged(MapTransform):
 
     Raises:
         RuntimeError: a file cannot be read (missing, corrupt, unsupported); the message names it.
+
+    Example::
+
+        entry = LoadCardiacImaged(["image", "seg"])({"image": "A0S9V9_sa.nii.gz", "seg": "A0S9V9_sa_gt.nii.gz"})
+        entry["image"].shape  # (x, y, z, t), e.g. torch.Size([256, 216, 10, 25])
     """
 
     def __init__(
@@ -129,6 +134,10 @@ class SelectFramed(MapTransform):
     Raises:
         KeyError: ``frame`` is a key absent from the data.
         ValueError: the index is not an integer or is outside the frames; the file is named.
+
+    Example::
+
+        ed = SelectFramed(["image", "seg"], frame="ed")(loaded)  # loaded["ed"] == 0: image (x, y, z, t) -> (1, x, y, z)
     """
 
     def __init__(self, keys: KeysCollection, frame: str | int = "ed", allow_missing_keys: bool = False) -> None:
@@ -181,6 +190,15 @@ def slice_affine_2d(affine: np.ndarray | torch.Tensor) -> np.ndarray:
 
     Returns:
         the ``3 x 3`` float64 affine.
+
+    Raises:
+        ValueError: when ``affine`` is not ``4 x 4``.
+
+    Example::
+
+        >>> import numpy as np
+        >>> slice_affine_2d(np.diag([1.25, 1.25, 8.0, 1.0])).tolist()
+        [[1.25, 0.0, 0.0], [0.0, 1.25, 0.0], [0.0, 0.0, 1.0]]
     """
     a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
     if a.shape != (4, 4):
@@ -216,6 +234,11 @@ class SelectMidVentricularSliced(MapTransform):
 
     Raises:
         ValueError: an input that is not ``(1, x, y, z)`` or keys with different numbers of slices.
+
+    Example::
+
+        mid = SelectMidVentricularSliced(["image", "seg"], seg_key="seg")(frame)  # (1, x, y, z) -> (1, x, y)
+        mid["slice_index"]  # the z index taken
     """
 
     def __init__(
@@ -285,6 +308,19 @@ class CropAroundHeartd(MapTransform):
         source_key: key of the mask that locates the heart.
         labels: foreground labels of the mask.
         allow_missing_keys: don't raise when a key is absent.
+
+    Raises:
+        ValueError: a non-positive ``spatial_size``; at call time, an input whose number of spatial dimensions
+            differs from ``spatial_size`` or keys with different spatial shapes.
+
+    Example::
+
+        >>> import torch
+        >>> seg = torch.zeros(1, 40, 40)
+        >>> seg[0, 30:34, 5:9] = 1
+        >>> out = CropAroundHeartd(["seg"], spatial_size=(16, 16), source_key="seg")({"seg": seg})
+        >>> tuple(out["seg"].shape), int(out["seg"].sum())
+        ((1, 16, 16), 16)
     """
 
     def __init__(
@@ -458,6 +494,10 @@ def cardiac_augmentation(
 
     Returns:
         a :class:`monai.transforms.Compose`.
+
+    Example::
+
+        train = Dataset(datalist, transform=Compose([cardiac_preprocessing((128, 128)), cardiac_augmentation()]))
     """
     modes = _interpolation_modes(keys, image_key)
     return Compose([

@@ -53,6 +53,12 @@ def per_sample_cross_entropy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
     Returns:
         ``[B]``; NaN everywhere when ``y_pred`` holds no logits (class indices or a single channel).
+
+    Example::
+
+        >>> import torch
+        >>> per_sample_cross_entropy(torch.tensor([[0.0, 0.0], [0.0, 0.0]]), torch.tensor([0, 1]))
+        tensor([0.6931, 0.6931])
     """
     if not y_pred.is_floating_point() or y_pred.ndim < 2 or y_pred.shape[1] < 2:
         return torch.full((y_pred.shape[0],), float("nan"))
@@ -372,6 +378,9 @@ class GroupReportHandler(GroupMetricReportHandler):
         dro_handler: the training run's :py:class:`GroupDROHandler`, for the weight plot.
         group_counts: optional training-set size of every group (adds ``weighted_accuracy``).
         plots: write the PNG plots.
+
+    Raises:
+        ValueError: when ``group_names`` does not have ``num_groups`` names.
 
     Example::
 

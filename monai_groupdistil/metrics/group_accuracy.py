@@ -143,6 +143,9 @@ class GroupAccuracy(GroupMetric):
         num_groups: number of groups ``G``.
         group_counts: optional training-set size of every group (adds ``weighted`` to the result).
 
+    Raises:
+        ValueError: for ``num_groups < 1``.
+
     Example::
 
         >>> import torch
