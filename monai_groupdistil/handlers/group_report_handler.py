@@ -49,7 +49,7 @@ def per_sample_cross_entropy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
     Args:
         y_pred: logits ``[B, C, *spatial]`` with ``C > 1``.
-        y: class indices ``[B]`` / ``[B, 1, *spatial]`` or one-hot ``[B, C, *spatial]``.
+        y: class indices ``[B]`` / ``[B, *spatial]`` / ``[B, 1, *spatial]`` or one-hot ``[B, C, *spatial]``.
 
     Returns:
         ``[B]``; NaN everywhere when ``y_pred`` holds no logits (class indices or a single channel).
@@ -62,10 +62,8 @@ def per_sample_cross_entropy(y_pred: torch.Tensor, y: torch.Tensor) -> torch.Ten
     """
     if not y_pred.is_floating_point() or y_pred.ndim < 2 or y_pred.shape[1] < 2:
         return torch.full((y_pred.shape[0],), float("nan"))
-    if y.ndim == y_pred.ndim and y.shape[1] == y_pred.shape[1] and y.shape[1] > 1:
-        y = y.argmax(dim=1)
-    elif y.ndim == y_pred.ndim:
-        y = y[:, 0]
+    if y.ndim == y_pred.ndim:  # one-hot or [B, 1, *spatial] indices; [B] / [B, *spatial] indices are used as they are
+        y = class_indices(y, "y")
     ce = F.cross_entropy(y_pred.float(), y.long().to(y_pred.device), reduction="none")
     return ce.reshape(ce.shape[0], -1).mean(dim=1) if ce.ndim > 1 else ce
 
