@@ -1,8 +1,8 @@
 """Ignite/MONAI handlers for group-robust distillation (need pytorch-ignite)."""
 
-from monai_groupdistil.handlers.group_accuracy_handler import GroupAccuracyHandler, extract_groups
+from monai_groupdistil.handlers.group_accuracy_handler import GroupAccuracyHandler
 from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler, iteration_scalars
-from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, batch_spacing
+from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, batch_spacing, extract_groups
 from monai_groupdistil.handlers.group_report_handler import (
     GroupMetricReportHandler,
     GroupReportHandler,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-# extract_groups lives in group_metric_handler; it is imported here only because monai_groupdistil.handlers takes
-# it from this module.
-from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler, extract_groups
+from monai_groupdistil.handlers.group_metric_handler import GroupMetricHandler
 from monai_groupdistil.metrics import per_sample_accuracy
 
-__all__ = ["GroupAccuracyHandler", "extract_groups"]
+__all__ = ["GroupAccuracyHandler"]
 
 
 class GroupAccuracyHandler(GroupMetricHandler):
