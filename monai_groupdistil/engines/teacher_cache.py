@@ -26,15 +26,13 @@ def has_random_transforms(transform: Any) -> bool:
     Args:
         transform: a transform, a ``Compose`` or ``None``.
     """
-    from monai.transforms import Compose, OneOf, RandomizableTrait, RandomOrder, SomeOf, Transform
+    from monai.transforms import Compose, RandomizableTrait, Transform
 
     if transform is None:
         return False
-    if isinstance(transform, (OneOf, SomeOf, RandomOrder)):
-        return True
-    if isinstance(transform, Compose):
-        return any(has_random_transforms(t) for t in transform.transforms)
-    return isinstance(transform, RandomizableTrait) or not isinstance(transform, Transform)
+    # CacheDataset's own predicate, over MONAI's flattened Compose (OneOf, SomeOf, RandomOrder stay whole: random)
+    is_random = lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform)  # noqa: E731
+    return Compose([transform]).flatten().get_index_of_first(is_random) is not None
 
 
 class TeacherOutputCache:

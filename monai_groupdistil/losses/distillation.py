@@ -64,7 +64,7 @@ def distillation_per_sample(
     Raises:
         TypeError: for non-floating logits or a non-integer target.
         ValueError: for mismatched shapes or class counts, an empty batch, bad hyper-parameters, a missing
-            ``teacher_logits`` or ``target``, or class indices outside ``[0, C)`` (one host synchronisation).
+            ``teacher_logits`` or ``target``, or class indices outside ``[0, C)``.
     """
     return DistillationLoss(temperature, alpha, dice_weight, reduction="none")(input, teacher_logits, target)
 

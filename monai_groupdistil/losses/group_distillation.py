@@ -26,8 +26,7 @@ class GroupDistillationLoss(GroupDROLoss):
     ``l_i = alpha * T^2 * KL(softmax(t_i/T) || softmax(s_i/T)) + (1 - alpha) * CE(s_i, y_i)`` (mean over voxels for
     dense outputs, plus ``dice_weight`` times a soft Dice term if asked); the group reduction, the update of
     ``group_weights``, the adjustment, the running losses, ``absent_groups`` and the multi-process behaviour are
-    those of :py:class:`GroupDROLoss`. The labels are checked with the group statistics, so a training call
-    synchronises with the host once.
+    those of :py:class:`GroupDROLoss`.
 
     What drives the weights (``weight_by``): the objective is always ``sum_g q_g * mean_{i in g} l_i``; only the
     per-group quantity of the exponentiated-gradient step (and of the running losses, ``absent_groups``, the

@@ -42,10 +42,9 @@ class GroupDROLoss(_Loss):
     held-out losses.
 
     ``q`` (``group_weights``, uniform at first), the running losses ``ema_group_losses`` (factor ``gamma``; an
-    absent group keeps its value), ``ema_initialized`` and ``absent_groups`` are in ``state_dict()``. In ``eval()``
-    mode nothing is updated. ``last_group_losses``/``last_group_counts`` hold the last call's statistics. The group
-    step is a few tensor operations on the loss's device; the only host synchronisation of a call is the check
-    that the group ids (and the labels of :py:class:`GroupDistillationLoss`) are valid and the group losses finite.
+    absent group keeps its value), ``ema_initialized`` and the rules (``absent_groups``, ``update``) are in
+    ``state_dict()``; a checkpoint of another grouping or rule is refused. In ``eval()`` mode nothing is updated.
+    ``last_group_losses``/``last_group_counts`` hold the last call's statistics.
 
     Multi-process: under ``torch.distributed`` the per-group sums and counts are all-reduced before the update, so
     every rank holds the same weights and running losses, and the loss is scaled by the world size so that
@@ -227,7 +226,9 @@ class GroupDROLoss(_Loss):
         self, losses: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Per-group mean losses and counts ``[G]`` (all-reduced under ``torch.distributed``) and the world size;
-        checks the ids, the labels flag and the finiteness of the group losses (one host synchronisation)."""
+        checks the ids, the labels flag and the finiteness of the group losses."""
+        # the one host synchronisation of a call: ids, labels and finiteness are checked together, after the
+        # statistics, so a bad id or label never reaches a kernel (it is clamped) and nothing is written before
         device, num_groups = self.group_weights.device, self.num_groups
         dtype = torch.promote_types(torch.promote_types(losses.dtype, self.group_weights.dtype), torch.float32)
         # plain tensors (a MONAI MetaTensor's batch metadata cannot follow the slicing of the all-reduced statistics)
