@@ -142,7 +142,10 @@ ARMS_DISTIL = (
     ("teacher", "group_dro", ""),
     *(("student", m, t) for t in TEACHERS for m in ("kd", *GROUPDISTIL_WEIGHT_BY)),
 )
-ALL_ARMS = ARMS + tuple(a for a in ARMS_DISTIL if a not in ARMS)
+# ``--arms baselines``: the ERM and GroupDRO students, and ERM with natural sampling (``erm_natural``: the standard
+# ERM of the literature, whatever sampler the ``erm`` arm uses)
+ARMS_BASELINES = (("student", "erm", ""), ("student", "erm_natural", ""), ("student", "group_dro", ""))
+ALL_ARMS = ARMS + tuple(a for a in ARMS_DISTIL + ARMS_BASELINES if a not in ARMS)
 DEFAULT_SETTINGS = ["minority", "correlation"]
 TEMPERATURE = 4.0
 # Each method's hyper-parameters: the winners of `--sweep` (validation data only; docs/results.md, "Sweep").
@@ -443,6 +446,8 @@ def method_hyper(method: str) -> dict:
     ``weight_by``."""
     if method in HYPER:
         return HYPER[method]
+    if method == "erm_natural":
+        return {**HYPER["erm"], "sampler": "natural"}
     return {**HYPER["groupdistil"], "weight_by": GROUPDISTIL_WEIGHT_BY[method]}
 
 
@@ -451,7 +456,7 @@ def make_loss(method: str, hyper: dict, data: dict) -> torch.nn.Module:
     num_groups = len(data["group_names"])
     adjustment = float(hyper.get("adjustment", 0.0))
     counts = {"adjustment": adjustment, "group_counts": data["group_counts"]} if adjustment else {}
-    if method == "erm":
+    if method in ("erm", "erm_natural"):
         return torch.nn.CrossEntropyLoss()
     if method == "group_dro":
         return GroupDROLoss(
@@ -647,10 +652,10 @@ def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict |
 
 
 def arms_of(args: argparse.Namespace) -> tuple:
-    """The arms of a run: every arm of ``ARMS``, (``--arms baselines``) the ERM and GroupDRO students only, or
-    (``--arms distil``) ``ARMS_DISTIL``."""
+    """The arms of a run: every arm of ``ARMS``, (``--arms baselines``) ``ARMS_BASELINES``, or (``--arms distil``)
+    ``ARMS_DISTIL``."""
     if args.arms == "baselines":
-        return tuple(a for a in ARMS if a[0] == "student" and a[2] == "" and a[1] in ("erm", "group_dro"))
+        return ARMS_BASELINES
     return ARMS_DISTIL if args.arms == "distil" else ARMS
 
 
@@ -824,6 +829,27 @@ def same_teacher_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
     return lines
 
 
+def dro_erm_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
+    """The GroupDRO student against each ERM student (the ``erm`` arm, ``erm_natural``), test worst-group and average
+    accuracy, both selection rules: paired differences over seeds."""
+    lines = [
+        "| setting | ERM arm | selection | worst: GroupDRO - ERM [95 % CI] positive | average: GroupDRO - ERM |",
+        "|---|---|---|---|---|",
+    ]
+    dro = ("student", "group_dro", "")
+    for name, ref, rule in itertools.product(setting_names, ("erm", "erm_natural"), ("worst", "average")):
+        arm = ("student", ref, "")
+        dw = paired_difference(
+            _values(rows, name, dro, "test_worst", rule), _values(rows, name, arm, "test_worst", rule)
+        )
+        da = paired_difference(
+            _values(rows, name, dro, "test_average", rule), _values(rows, name, arm, "test_average", rule)
+        )
+        if dw["n"]:
+            lines.append(f"| {name} | {ref} | {rule} | {_fmt_diff(dw)} | {_fmt_diff(da)} |")
+    return lines
+
+
 def _mean_of(rows: list[dict], key: str) -> str:
     vals = [float(r[key]) for r in rows if r.get(key, "") not in ("", None) and not math.isnan(float(r[key]))]
     return f"{statistics.fmean(vals):.3f}" if vals else "-"
@@ -930,6 +956,8 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
     ):
         lines += [f"## Model selected by {title}", "", *summary_lines(rows, names, rule), ""]
     lines += ["## GroupDistil - KD with the same teacher", "", *same_teacher_lines(rows, names), ""]
+    if any(r["method"] == "erm_natural" for r in rows):
+        lines += ["## GroupDRO - ERM (each ERM arm)", "", *dro_erm_lines(rows, names), ""]
     lines += [
         "## Diagnostics (worst-group selection)",
         "",
@@ -1416,7 +1444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} values must be in [{low:g}, {high:g}], got {values}")
     if args.waterbirds_image_size < 16:
         parser.error(f"--waterbirds-image-size must be >= 16, got {args.waterbirds_image_size}")
-    unknown = set(args.hyper or {}) - set(METHODS)
+    unknown = set(args.hyper or {}) - {*METHODS, "erm_natural"}
     if unknown:
         parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(METHODS)}")
     if not 0.0 <= args.correlation <= 1.0:
@@ -1432,7 +1460,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     start = time.time()
     for method, update in (args.hyper or {}).items():
-        HYPER[method] = {**HYPER[method], **update}
+        HYPER[method] = {**method_hyper(method), **update}
     SWEEP_OVERRIDE.update(args.sweep_grid or {})
     if args.calibrate:
         chosen = run_calibration(args)
