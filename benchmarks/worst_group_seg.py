@@ -104,10 +104,17 @@ VAL_SEED, TEST_SEED = 1000, 1001
 # the classification benchmark's ERM teacher (natural sampling, no group weighting).
 HYPER: dict[str, dict] = {
     "teacher": {"sampler": "natural"},
-    "erm": {"sampler": "balanced"},
-    "group_dro": {"step_size": 1.0, "adjustment": 0.0, "sampler": "balanced"},
-    "kd": {"alpha": 0.5, "sampler": "natural"},
-    "groupdistil": {"alpha": 0.5, "step_size": 0.1, "absent_groups": "zero", "adjustment": 0.0, "sampler": "balanced"},
+    "erm": {"sampler": "balanced", "weight_decay": 0.0},
+    "group_dro": {"step_size": 1.0, "adjustment": 0.0, "sampler": "balanced", "weight_decay": 0.0},
+    "kd": {"alpha": 0.5, "sampler": "natural", "weight_decay": 0.0},
+    "groupdistil": {
+        "alpha": 0.5,
+        "step_size": 0.1,
+        "absent_groups": "zero",
+        "adjustment": 0.0,
+        "sampler": "balanced",
+        "weight_decay": 0.0,
+    },
 }
 COMPARISONS = (("groupdistil", "kd"), ("groupdistil", "erm"), ("group_dro", "erm"), ("kd", "erm"), ("teacher", "erm"))
 RUN_FIELDS = [
@@ -250,7 +257,8 @@ def train(method: str, data: dict, epochs: int, lr: float, seed: int, teacher=No
     use_teacher = method in ("kd", "groupdistil")
     if use_teacher and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher.")
-    optimizer = torch.optim.Adam(network.parameters(), lr)
+    # AdamW with weight decay 0 is Adam (the published runs)
+    optimizer = torch.optim.AdamW(network.parameters(), lr, weight_decay=HYPER[method].get("weight_decay", 0.0))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
     trainer = DistillationTrainer(
         device=torch.device("cpu"),
