@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import re
 
@@ -11,8 +10,7 @@ import pytest
 import torch
 
 from monai_groupdistil.bundle import (
-    as_bool,
-    checked_arguments,
+    check_booleans,
     find_mnms_root,
     group_counts,
     inference_datalist,
@@ -22,7 +20,6 @@ from monai_groupdistil.bundle import (
     output_classes,
     prepare_mnms_dataset,
     require_file,
-    resume_objects,
     teacher_loss,
 )
 from monai_groupdistil.data import make_synthetic_mnms
@@ -119,39 +116,15 @@ def test_load_network_and_teacher(tmp_path):
         require_file(tmp_path / "none.pt", "the trained model; run the training config first")
 
 
-@pytest.mark.parametrize("value", [True, 1, "true", "True", "TRUE", "1", "yes", "Yes", " yes "])
-def test_as_bool_true(value):
-    assert as_bool(value, "augment") is True
+@pytest.mark.parametrize("value", [True, False, 1, 0])
+def test_check_booleans_accepts_booleans(value):
+    check_booleans(augment=value, resume=True)
 
 
-@pytest.mark.parametrize("value", [False, 0, "false", "False", "0", "no", "NO"])
-def test_as_bool_false(value):
-    assert as_bool(value, "augment") is False
-
-
-@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, None, [True]])
-def test_as_bool_names_the_id_for_anything_else(value):
+@pytest.mark.parametrize("value", ["false", "False", "no", "true", "maybe", "", 2, 0.5, None, [True]])
+def test_check_booleans_names_the_id_for_anything_else(value):
     with pytest.raises(ValueError, match=rf"'use_dro' must be a boolean, got {re.escape(repr(value))}"):
-        as_bool(value, "use_dro")
-
-
-def test_checked_arguments_names_the_unknown_argument():
-    def loss(temperature: float = 1.0, *, alpha: float = 0.5):
-        return temperature, alpha
-
-    make = checked_arguments(loss, "loss")
-    assert make(temperature=2.0, alpha=0.1) == (2.0, 0.1)
-    assert inspect.signature(make) == inspect.signature(loss)
-    with pytest.raises(TypeError) as info:
-        make(temprature=2.0, gamma=1)
-    message = str(info.value)
-    assert "got unknown argument(s) 'temprature' (did you mean 'temperature'?), 'gamma'" in message
-    assert "are: temperature, alpha." in message and "(e.g. --loss#temperature 2.0)" in message
-
-    def free(**kwargs):
-        return kwargs
-
-    assert checked_arguments(free) is free  # anything goes
+        check_booleans(augment=True, use_dro=value)
 
 
 def test_teacher_loss_of_each_method_and_a_custom_supervised_loss():
@@ -167,29 +140,3 @@ def test_teacher_loss_of_each_method_and_a_custom_supervised_loss():
     assert type(seg.loss_fn) is PerSampleDiceCELoss and seg.loss_fn.reduction == "none"
     with pytest.raises(ValueError, match=r"teacher_method must be one of \('erm', 'group_dro'\), got 'kd'"):
         teacher_loss("kd", 4, 0.1)
-
-
-def test_resume_objects_hold_what_the_run_depends_on():
-    from ignite.engine import Engine
-
-    from monai_groupdistil.bundle import BestMetricState, RandomStates, RunSettings
-
-    net = torch.nn.Linear(2, 2)
-    optimizer, trainer, evaluator = torch.optim.SGD(net.parameters(), lr=0.1), Engine(lambda e, b: None), object()
-    objects = resume_objects({"model": net}, optimizer, trainer, [], evaluator, "saver", "kd.pt", {"method": "kd"})
-    assert list(objects) == ["model", "optimizer", "trainer", "random_states", "best_metric", "settings"]
-    assert objects["model"] is net and objects["optimizer"] is optimizer and objects["trainer"] is trainer
-    assert isinstance(objects["random_states"], RandomStates) and isinstance(objects["settings"], RunSettings)
-    best = objects["best_metric"]
-    assert isinstance(best, BestMetricState) and (best.evaluator, best.saver, best.filename) == (
-        evaluator,
-        "saver",
-        "kd.pt",
-    )
-    assert objects["settings"].state_dict() == {"method": "kd"}
-    assert list(resume_objects({"model": net}, optimizer, trainer, [])) == [
-        "model",
-        "optimizer",
-        "trainer",
-        "random_states",
-    ]

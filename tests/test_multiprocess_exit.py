@@ -24,7 +24,7 @@ def test_two_process_training_exits_three_times_in_a_row(tmp_path):
     random_teacher(CARDIAC, ov, ckpt / "teacher.pt")
     cmd = TORCHRUN + ["run", "--config_file", str(CARDIAC.configs("train", "multi_gpu_train")).replace('"', "'")]
     cmd += ["--meta_file", CARDIAC.meta, *cli_args({**ov, "resume": True, "epochs": 1})]
-    for attempt in range(1, 4):  # resume true: each run continues the previous one for one more epoch
+    for attempt in range(1, 4):  # resume True: each run continues the previous one for one more epoch
         cmd[cmd.index("--epochs") + 1] = str(attempt)
         start = time.monotonic()
         try:

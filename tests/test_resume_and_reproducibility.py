@@ -2,7 +2,7 @@
 
 The cardiac runs go through the command line as a user's would (tiny generated data, 32x32 slices, 3 epochs):
 two identical runs (reproducibility), and one killed with SIGKILL once its epoch-1 checkpoint exists, then
-restarted with ``--resume true`` (resume). The other bundles are resumed in-process.
+restarted with ``--resume True`` (resume). The other bundles are resumed in-process.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def cardiac(tmp_path_factory):
         proc.wait(timeout=60)
     killed_at = sorted(p.name for p in Path(ov["ckpt_dir"]).glob("groupdistil_epoch=*.pt"))
     resumed = subprocess.run(
-        _train_command({**ov, "resume": "true"}), capture_output=True, text=True, timeout=600, env=ENV
+        _train_command({**ov, "resume": True}), capture_output=True, text=True, timeout=600, env=ENV
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     runs["C"] = {"overrides": ov, "returncode": proc.returncode, "killed_at": killed_at, "log": resumed.stdout}
@@ -153,7 +153,7 @@ def test_a_checkpoint_of_another_configuration_is_refused_and_left_as_it_was(car
         (folder / path.name).write_bytes(path.read_bytes())
     before = _digest(folder)
     ov = {**cardiac["runs"]["A"]["overrides"], "ckpt_dir": str(folder), "output_dir": str(tmp_path / "eval")}
-    wf = CARDIAC.workflow(CARDIAC.configs("train"), {**ov, **override, "resume": "yes"})
+    wf = CARDIAC.workflow(CARDIAC.configs("train"), {**ov, **override, "resume": True})
     with pytest.raises(Exception) as info:
         wf.run()
     assert isinstance(root_error(info.value), ValueError)
@@ -181,7 +181,7 @@ def test_resume_without_a_checkpoint_starts_from_epoch_zero_and_a_fresh_run_repl
     names = sorted(p.name for p in Path(ov["ckpt_dir"]).iterdir())
     assert names == ["groupdistil_epoch=1.pt", "kd_epoch=7.pt", "model.pt", "teacher.pt"]
     empty = _folder(tmp_path, "empty", cardiac["teacher"])
-    wf = CARDIAC.workflow(CARDIAC.configs("train"), {**ov, "ckpt_dir": str(empty), "resume": "true"})
+    wf = CARDIAC.workflow(CARDIAC.configs("train"), {**ov, "ckpt_dir": str(empty), "resume": True})
     wf.run()
     wf.finalize()
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 1

@@ -2,16 +2,14 @@
 
 Everything here is plain functions and small classes called from bundle configs
 (``"$monai_groupdistil.bundle.mnms_splits(...)"``), so that every bundle shares one implementation of its plumbing
-(:py:func:`resume_objects`, :py:func:`run_parameters`, :py:func:`load_teacher`...) and each config keeps only what
+(:py:func:`attach_resume`, :py:func:`run_parameters`, :py:func:`load_teacher`...) and each config keeps only what
 is its own.
 """
 
 from monai_groupdistil.bundle.checkpoints import load_teacher, require_file
 from monai_groupdistil.bundle.config import (
     TEACHER_METHODS,
-    as_bool,
-    checked_arguments,
-    handler_ref,
+    check_booleans,
     teacher_checkpoint,
     teacher_loss,
 )
@@ -34,7 +32,6 @@ from monai_groupdistil.bundle.resume import (
     attach_resume,
     check_resume_checkpoint,
     latest_checkpoint,
-    resume_objects,
 )
 from monai_groupdistil.bundle.tracking import WorstGroupHandler, run_parameters, track_run
 from monai_groupdistil.engines.checkpoints import load_network, output_classes
@@ -46,14 +43,12 @@ __all__ = [
     "ResumeCheckpointSaver",
     "RunSettings",
     "WorstGroupHandler",
-    "as_bool",
     "attach_resume",
     "check_resume_checkpoint",
     "close_process_group",
-    "checked_arguments",
+    "check_booleans",
     "find_mnms_root",
     "group_counts",
-    "handler_ref",
     "inference_datalist",
     "latest_checkpoint",
     "load_network",
@@ -64,7 +59,6 @@ __all__ = [
     "prepare_mnms_dataset",
     "prepare_waterbirds_dataset",
     "require_file",
-    "resume_objects",
     "run_parameters",
     "teacher_checkpoint",
     "teacher_loss",

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_groupdistil.bundle.config import as_bool
 from monai_groupdistil.engines.resume_state import BestMetricState, RandomStates
 
 if TYPE_CHECKING:
@@ -43,7 +42,6 @@ __all__ = [
     "attach_resume",
     "check_resume_checkpoint",
     "latest_checkpoint",
-    "resume_objects",
 ]
 
 logger = logging.getLogger("monai_groupdistil.bundle")
@@ -242,51 +240,6 @@ def check_resume_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, Any
         )
 
 
-def resume_objects(
-    save_dict: Mapping[str, Any],
-    optimizer: torch.optim.Optimizer,
-    trainer: Engine,
-    random_sources: Any,
-    evaluator: Engine | None = None,
-    saver: Any = None,
-    best_filename: str = "model.pt",
-    settings: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything a bundle run's future depends on, as the ``save_dict`` of :py:func:`attach_resume`.
-
-    ``save_dict`` (the bundle's: network, loss, DRO handler), then ``optimizer``, ``trainer``, ``random_states``
-    (:py:class:`RandomStates` of ``random_sources``), ``best_metric`` (:py:class:`BestMetricState` of ``evaluator``
-    and its key-metric ``saver``) when an evaluator is given, and ``settings`` (:py:class:`RunSettings`) when given.
-    The bundles' ``resume_dict`` id.
-
-    Args:
-        save_dict: name -> object of the best-model checkpoint.
-        optimizer: the optimizer.
-        trainer: the training engine.
-        random_sources: the training dataset(s) and transform(s) whose random states the data depend on.
-        evaluator: the validation engine with a key metric.
-        saver: the ``CheckpointSaver`` with ``save_key_metric=True`` of ``evaluator``.
-        best_filename: the saver's ``key_metric_filename`` (the bundles' ``ckpt_name``).
-        settings: name -> value a resumed run must share with the checkpoint (``method``, ``group_names``...).
-
-    Returns:
-        name -> object.
-
-    Example::
-
-        objects = resume_objects({"model": net, "loss": loss}, opt, trainer, [train_ds], evaluator, saver,
-                                 "kd.pt", {"method": "kd"})
-        attach_resume(trainer, "models", objects, "kd", resume=True)
-    """
-    objects: dict[str, Any] = {**save_dict, "optimizer": optimizer, "trainer": trainer}
-    objects["random_states"] = RandomStates(random_sources)
-    if evaluator is not None:
-        objects["best_metric"] = BestMetricState(evaluator, saver, best_filename)
-    if settings is not None:
-        objects["settings"] = RunSettings(settings)
-    return objects
-
-
 def attach_resume(
     trainer: Engine,
     save_dir: str | os.PathLike,
@@ -315,7 +268,7 @@ def attach_resume(
         save_dir: the checkpoint folder (the bundles' ``ckpt_dir``).
         save_dict: name -> object to save and restore.
         prefix: the file name prefix (the method).
-        resume: whether to continue from the latest checkpoint (read with :py:func:`as_bool`).
+        resume: whether to continue from the latest checkpoint.
         n_saved: how many per-epoch checkpoints to keep.
         map_location: where to load tensors (the run's device).
 
@@ -327,7 +280,7 @@ def attach_resume(
     """
     from monai.handlers import CheckpointLoader
 
-    resume = as_bool(resume, "resume")
+    resume = bool(resume)
     objects = dict(save_dict)
     if getattr(trainer, "scaler", None) is not None:
         objects["scaler"] = trainer.scaler
