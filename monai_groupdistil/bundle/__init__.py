@@ -27,7 +27,6 @@ from monai_groupdistil.bundle.pretrained import load_pretrained
 from monai_groupdistil.bundle.resume import (
     BestMetricState,
     RandomStates,
-    ResumeCheckpointSaver,
     RunSettings,
     attach_resume,
     check_resume_checkpoint,
@@ -40,7 +39,6 @@ __all__ = [
     "BestMetricState",
     "TEACHER_METHODS",
     "RandomStates",
-    "ResumeCheckpointSaver",
     "RunSettings",
     "WorstGroupHandler",
     "attach_resume",

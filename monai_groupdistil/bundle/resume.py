@@ -1,13 +1,13 @@
-"""Exact resume of an interrupted bundle training run: per-epoch checkpoints of everything the run depends on.
+"""Exact resume of an interrupted bundle training run, on ignite's ``Checkpoint`` and MONAI's ``CheckpointLoader``.
 
-A bundle run attaches :py:func:`attach_resume` to its trainer. At the end of every epoch (after validation) it
-writes ``<save_dir>/<prefix>_epoch=<N>.pt`` holding the network, optimizer, trainer state, loss (with its DRO
-state), ``GroupDROHandler``, the key metric's best value, the random states the data order and the augmentations
-depend on (:py:class:`RandomStates`) and the run's structural settings (:py:class:`RunSettings`); the two latest
-files are kept. With ``resume`` true, a run loads the latest of them (MONAI's ``CheckpointLoader``, at the
-trainer's ``STARTED``) and continues with the next epoch, so that the resumed run ends with exactly the weights of
-an uninterrupted one. A checkpoint written by another configuration is refused before anything is loaded or
-written, with a message naming every difference.
+A bundle's ``resume_checkpoint`` id is ignite's ``Checkpoint`` of ``save_dict`` and ``resume_dict`` (network, loss
+with its DRO state, ``GroupDROHandler``, optimizer, trainer, the best metric, the random states and the run's
+settings), written as ``<ckpt_dir>/<method>_epoch=<N>.pt`` after every epoch's validation, the two latest kept.
+:py:func:`attach_resume` attaches it and, with ``resume`` true, loads the latest file through MONAI's
+``CheckpointLoader`` after :py:func:`check_resume_checkpoint` has compared it with the run: a checkpoint written by
+another configuration is refused before anything is loaded or written, with a message naming every difference.
+:py:class:`RunSettings` is the one state object this adds (``RandomStates`` and ``BestMetricState`` are in
+``monai_groupdistil.engines.resume_state``).
 """
 
 from __future__ import annotations
@@ -27,17 +27,15 @@ from monai_groupdistil.engines.resume_state import BestMetricState, RandomStates
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
-    from ignite.handlers import Checkpoint, DiskSaver
+    from ignite.handlers import Checkpoint
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
     Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
-    DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
 
 __all__ = [
     "BestMetricState",
     "RandomStates",
-    "ResumeCheckpointSaver",
     "RunSettings",
     "attach_resume",
     "check_resume_checkpoint",
@@ -83,66 +81,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (str, bool, int, float)) or value is None:
         return value
     return str(value)
-
-
-class ResumeCheckpointSaver:
-    """Writes ``<save_dir>/<prefix>_epoch=<N>.pt`` at the end of every ``save_interval``-th epoch, keeping ``n_saved``.
-
-    Built on ignite's ``Checkpoint`` with an atomic ``DiskSaver`` (a file is written to a temporary name and then
-    renamed, so a run killed while saving never leaves a damaged checkpoint) and ``include_self`` (the list of
-    files it keeps is in every checkpoint, under ``checkpointer``, so that a resumed run goes on removing the
-    oldest). After each save, ``<prefix>_epoch=*.pt`` files it does not keep (left by an earlier run of the same
-    method in the folder) are removed. Only rank 0 writes.
-
-    Args:
-        save_dir: the folder.
-        save_dict: name -> object with ``state_dict()`` (DistributedDataParallel is saved without its wrapper).
-        prefix: the file name prefix (the bundles use the method: ``groupdistil_epoch=3.pt``).
-        n_saved: number of latest checkpoints kept (2: a run killed while writing keeps the previous one).
-        save_interval: save every N epochs.
-    """
-
-    def __init__(
-        self,
-        save_dir: str | os.PathLike,
-        save_dict: Mapping[str, Any],
-        prefix: str,
-        n_saved: int = 2,
-        save_interval: int = 1,
-    ) -> None:
-        if not prefix:
-            raise ValueError("prefix must be a non-empty string.")
-        self.save_dir = Path(save_dir)
-        self.prefix = prefix
-        self.save_interval = int(save_interval)
-        self.checkpoint = Checkpoint(
-            to_save=dict(save_dict),
-            save_handler=DiskSaver(str(save_dir), create_dir=True, require_empty=False, atomic=True),
-            filename_prefix=prefix,
-            n_saved=n_saved,
-            global_step_transform=lambda engine, _: engine.state.epoch,
-            filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
-            include_self=True,
-        )
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self)
-
-    def __call__(self, engine: Engine) -> None:
-        self.checkpoint(engine)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-            return
-        kept = {name for _, name in self.checkpoint.state_dict()["_saved"]}
-        for path in checkpoint_files(self.save_dir, self.prefix):
-            if path.name not in kept:
-                path.unlink(missing_ok=True)
-                logger.info("removed %s (a per-epoch checkpoint of an earlier run)", path)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.checkpoint.state_dict())
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.checkpoint.load_state_dict(state_dict)
 
 
 def checkpoint_files(save_dir: str | os.PathLike, prefix: str) -> list[Path]:
@@ -224,7 +162,7 @@ def check_resume_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, Any
                     f"{key}: {state['epoch_length']} iterations per epoch in the checkpoint, {length} in this run "
                     "(another dataset or batch size?)"
                 )
-        elif isinstance(obj, (torch.optim.Optimizer, ResumeCheckpointSaver, BestMetricState)):
+        elif isinstance(obj, (torch.optim.Optimizer, Checkpoint, BestMetricState)):
             continue  # their compatibility follows from the network's and the trainer's
         elif hasattr(obj, "load_state_dict"):
             try:
@@ -241,23 +179,18 @@ def check_resume_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, Any
 
 
 def attach_resume(
-    trainer: Engine,
-    save_dir: str | os.PathLike,
-    save_dict: Mapping[str, Any],
-    prefix: str,
-    resume: Any = False,
-    n_saved: int = 2,
-    map_location: Any = None,
+    trainer: Engine, checkpoint: Checkpoint, resume: bool = False, map_location: Any = None
 ) -> str | None:
-    """Attach the per-epoch checkpoints to ``trainer`` and, when ``resume`` is true, continue from the latest one.
+    """Attach the per-epoch ``checkpoint`` to ``trainer`` and, when ``resume`` is true, continue from the latest one.
 
-    Called in a bundle's ``run`` list before ``trainer.run()``; its handlers go after the trainer's own, so each
-    checkpoint is written after the epoch's validation. ``save_dict`` should hold everything the run's future
-    depends on (the bundles pass network, loss, DRO handler, optimizer, trainer, :py:class:`RandomStates`,
-    :py:class:`BestMetricState` and :py:class:`RunSettings`); the saver adds itself as ``checkpointer`` and
-    ``trainer.scaler`` is added when the trainer uses AMP.
+    ``checkpoint`` is ignite's ``Checkpoint`` of the bundles' ``resume_checkpoint`` id: an atomic ``DiskSaver`` (a
+    run killed while saving never leaves a damaged file), ``filename_pattern`` ``{filename_prefix}_epoch={global_step}
+    .{ext}``, ``n_saved`` 2 and ``include_self`` (the list of files it keeps is saved under ``checkpointer``, so a
+    resumed run goes on removing the oldest). Called in a bundle's ``run`` list before ``trainer.run()``, so the
+    checkpoint is written after the epoch's validation; ``trainer.scaler`` is added when the trainer uses AMP. After
+    each save, ``<prefix>_epoch=<N>.pt`` files it does not keep (an earlier run's) are removed.
 
-    With ``resume`` true and a checkpoint in ``save_dir``, the latest one is checked against this run
+    With ``resume`` true and a checkpoint in the folder, the latest one is checked against this run
     (:py:func:`check_resume_checkpoint`: a checkpoint of another configuration stops the run before anything is
     loaded or written) and MONAI's ``CheckpointLoader`` loads it when the trainer starts; training then goes on with
     the epoch after the checkpoint's, up to this run's ``max_epochs``. Without a checkpoint the run starts from
@@ -265,33 +198,39 @@ def attach_resume(
 
     Args:
         trainer: the training engine.
-        save_dir: the checkpoint folder (the bundles' ``ckpt_dir``).
-        save_dict: name -> object to save and restore.
-        prefix: the file name prefix (the method).
+        checkpoint: the ignite ``Checkpoint`` (its ``to_save`` holds everything the run's future depends on).
         resume: whether to continue from the latest checkpoint.
-        n_saved: how many per-epoch checkpoints to keep.
         map_location: where to load tensors (the run's device).
 
     Returns:
         the checkpoint the run resumes from, or None.
 
     Raises:
-        ValueError: for a checkpoint of another configuration (every difference named) or a bad ``resume`` value.
+        ValueError: for a checkpoint of another configuration, every difference named.
     """
     from monai.handlers import CheckpointLoader
 
-    resume = bool(resume)
-    objects = dict(save_dict)
+    folder, prefix = checkpoint.save_handler.dirname, checkpoint.filename_prefix
     if getattr(trainer, "scaler", None) is not None:
-        objects["scaler"] = trainer.scaler
-    saver = ResumeCheckpointSaver(save_dir, objects, prefix, n_saved=n_saved)
-    path = latest_checkpoint(save_dir, prefix) if resume else None
+        checkpoint.to_save["scaler"] = trainer.scaler
+    path = latest_checkpoint(folder, prefix) if resume else None
     if resume and path is None:
-        logger.warning("resume is true but %s holds no %s_epoch=<N>.pt: starting from epoch 0", save_dir, prefix)
+        logger.warning("resume is true but %s holds no %s_epoch=<N>.pt: starting from epoch 0", folder, prefix)
     if path is not None:
-        load_dict = {**objects, "checkpointer": saver}
+        load_dict = {**checkpoint.to_save, "checkpointer": checkpoint}
         check_resume_checkpoint(path, load_dict)
         CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location=map_location).attach(trainer)
         logger.info("resuming from %s", path)
-    saver.attach(trainer)
+
+    def save(engine: Engine) -> None:
+        checkpoint(engine)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        kept = {name for _, name in checkpoint.state_dict()["_saved"]}
+        for stale in checkpoint_files(folder, prefix):
+            if stale.name not in kept:
+                stale.unlink(missing_ok=True)
+                logger.info("removed %s (a per-epoch checkpoint of an earlier run)", stale)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, save)
     return None if path is None else str(path)
