@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 import subprocess
@@ -304,3 +305,34 @@ def test_quick_calibration_writes_validation_rows(tmp_path):
             (two,) = [r for r in rows if r["arm"] == arm and r["weight_decay"] == wd and r["epochs"] == "2"]
             assert float(two["val_worst"]) == max(float(h["val_worst"]) for h in epochs)
     assert "Rule (fixed before the runs)" in (out / "waterbirds_calibration.md").read_text()
+
+
+def test_baseline_and_distillation_arms():
+    """``--arms``: the baselines add ERM with natural sampling; the distillation arms train GroupDistil with each
+    ``weight_by`` (the loss receives it when GroupDistillationLoss has the option); GroupDRO - ERM table."""
+    args = worst_group.parse_args(["--arms", "baselines", "--hyper", '{"erm_natural": {"weight_decay": 0.1}}'])
+    assert worst_group.arms_of(args) == worst_group.ARMS_BASELINES
+    assert worst_group.arms_of(worst_group.parse_args([])) == worst_group.ARMS
+    assert worst_group.method_hyper("erm_natural") == {**worst_group.HYPER["erm"], "sampler": "natural"}
+    distil = worst_group.arms_of(worst_group.parse_args(["--arms", "distil"]))
+    assert {a[1] for a in distil if a[0] == "student"} == {"kd", "groupdistil", "groupdistil_ce", "groupdistil_kd"}
+    data = {"group_names": list("abcd"), "group_counts": [10, 1, 1, 10]}
+    for method, weight_by in worst_group.GROUPDISTIL_WEIGHT_BY.items():
+        hyper = worst_group.method_hyper(method)
+        assert hyper.get("weight_by", "loss") == weight_by
+        loss = worst_group.make_loss(method, hyper, data)
+        if "weight_by" in inspect.signature(worst_group.GroupDistillationLoss.__init__).parameters:
+            assert loss.weight_by == weight_by
+    rows = [
+        {"setting": "s", "seed": seed, "model": "student", "method": m, "teacher": "", "selection": "worst",
+         "test_worst": w, "test_average": 0.9}
+        for seed, (dro, erm, nat) in enumerate([(0.9, 0.92, 0.7), (0.8, 0.8, 0.6), (0.95, 0.9, 0.8)])
+        for m, w in (("group_dro", dro), ("erm", erm), ("erm_natural", nat))
+    ]  # fmt: skip
+    lines = worst_group.dro_erm_lines(rows, ["s"])
+    natural = paired_difference({0: 0.9, 1: 0.8, 2: 0.95}, {0: 0.7, 1: 0.6, 2: 0.8})
+    assert lines[3] == f"| s | erm_natural | worst | {worst_group._fmt_diff(natural)} | +0.0 [+0.0, +0.0] 0/3 |"
+    erm = paired_difference({0: 0.9, 1: 0.8, 2: 0.95}, {0: 0.92, 1: 0.8, 2: 0.9})
+    assert lines[2] == f"| s | erm | worst | {worst_group._fmt_diff(erm)} | +0.0 [+0.0, +0.0] 0/3 |"
+    assert worst_group._fmt_diff(erm).startswith("+1.0 [") and erm["positive"] == 1
+    assert len(lines) == 4  # no rows selected by average accuracy
