@@ -62,7 +62,7 @@ def distillation_per_sample(
     Returns a ``[B]`` tensor of per-sample losses.
 
     Raises:
-        TypeError: for non-floating logits or a non-integer target.
+        TypeError: for non-floating logits or a target that is not a real-valued tensor.
         ValueError: for mismatched shapes or class counts, an empty batch, bad hyper-parameters, a missing
             ``teacher_logits`` or ``target``, or class indices outside ``[0, C)``.
     """

@@ -72,9 +72,12 @@ class GroupDistillationLoss(GroupDROLoss):
 
     Raises:
         ValueError: for invalid hyper-parameters; at call time for group ids outside ``[0, num_groups)``, class
-            indices outside ``[0, C)``, mismatched shapes or class counts, an empty batch and NaN/infinite logits
-            (the message names them). A failed call leaves the state untouched.
-        TypeError: at call time for non-floating logits, non-integer targets or group ids.
+            indices outside ``[0, C)``, non-integral ids or class indices (whole numbers in a floating tensor are
+            accepted, as for MONAI's transforms), a non-one-hot target of the input's shape, mismatched shapes or
+            class counts, an empty batch and NaN/infinite logits (the message names them). A failed call leaves the
+            state untouched.
+        TypeError: at call time for non-floating logits, a target or group ids that are not real-valued tensors
+            (booleans included), or missing group ids.
 
     Example::
 

@@ -71,9 +71,11 @@ class GroupDROLoss(_Loss):
     Raises:
         ValueError: for ``num_groups < 1``, a negative ``step_size``, ``gamma`` outside ``(0, 1]``, an unknown
             ``absent_groups`` or ``update``, ``adjustment``/``group_counts`` of the wrong length or sign, a positive
-            adjustment without ``group_counts``; at call time for group ids outside ``[0, num_groups)``, shape
-            mismatches, an empty batch and non-finite group losses (the state is then left untouched).
-        TypeError: for a ``loss_fn`` that is not callable; at call time for non-integer group ids.
+            adjustment without ``group_counts``; at call time for group ids outside ``[0, num_groups)`` or
+            non-integral, shape mismatches, an empty batch and non-finite group losses (the state is then left
+            untouched).
+        TypeError: for a ``loss_fn`` that is not callable; at call time for group ids that are not a real-valued
+            tensor, or missing group ids.
 
     Example::
 
@@ -175,9 +177,9 @@ class GroupDROLoss(_Loss):
         per-group sums and counts are all-reduced, so each rank may pass its own share of the held-out data.
 
         Raises:
-            ValueError: for group ids outside ``[0, num_groups)``, mismatched shapes, an empty batch or non-finite
-                losses; the weights and running losses are then left untouched.
-            TypeError: for non-integer group ids.
+            ValueError: for group ids outside ``[0, num_groups)`` or non-integral, mismatched shapes, an empty batch
+                or non-finite losses; the weights and running losses are then left untouched.
+            TypeError: for group ids that are not a real-valued tensor.
         """
         if not isinstance(losses, torch.Tensor) or losses.ndim == 0 or losses.shape[0] == 0:
             raise ValueError("losses must be a tensor of per-sample losses [B] with a non-empty batch dimension.")
