@@ -134,13 +134,14 @@ ARMS = (
     ("student", "kd", "group_dro"),
     ("student", "groupdistil", "group_dro"),
 )
-# ``--arms distil``: both teachers and, from each, KD and GroupDistil with each quantity driving its DRO weights
-# (``weight_by`` of GroupDistillationLoss: "loss" for ``groupdistil``, "ce" / "kd" for the two variants)
+# ``--arms distil``: both teachers and, from each, KD (with KD's sampler, and ``kd_balanced`` with the
+# group-balanced sampler) and GroupDistil with each quantity driving its DRO weights (``weight_by`` of
+# GroupDistillationLoss: "loss" for ``groupdistil``, "ce" / "kd" for the two variants)
 GROUPDISTIL_WEIGHT_BY = {"groupdistil": "loss", "groupdistil_ce": "ce", "groupdistil_kd": "kd"}
 ARMS_DISTIL = (
     ("teacher", "erm", ""),
     ("teacher", "group_dro", ""),
-    *(("student", m, t) for t in TEACHERS for m in ("kd", *GROUPDISTIL_WEIGHT_BY)),
+    *(("student", m, t) for t in TEACHERS for m in ("kd", "kd_balanced", *GROUPDISTIL_WEIGHT_BY)),
 )
 # ``--arms baselines``: the ERM and GroupDRO students, and ERM with natural sampling (``erm_natural``: the standard
 # ERM of the literature, whatever sampler the ``erm`` arm uses)
@@ -448,6 +449,8 @@ def method_hyper(method: str) -> dict:
         return HYPER[method]
     if method == "erm_natural":
         return {**HYPER["erm"], "sampler": "natural"}
+    if method == "kd_balanced":
+        return {**HYPER["kd"], "sampler": "balanced"}
     return {**HYPER["groupdistil"], "weight_by": GROUPDISTIL_WEIGHT_BY[method]}
 
 
@@ -466,7 +469,7 @@ def make_loss(method: str, hyper: dict, data: dict) -> torch.nn.Module:
             **counts,
             **_absent_kwargs(GroupDROLoss, hyper),
         )
-    if method == "kd":
+    if method in ("kd", "kd_balanced"):
         return DistillationLoss(TEMPERATURE, hyper["alpha"])
     if method in GROUPDISTIL_WEIGHT_BY:
         weight_by = hyper.get("weight_by", GROUPDISTIL_WEIGHT_BY[method])
@@ -520,7 +523,7 @@ def train(
         loader = DataLoader(items, batch_size=16, sampler=GroupBalancedSampler(split["group"], seed=seed))
     else:
         loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    use_teacher = method == "kd" or method in GROUPDISTIL_WEIGHT_BY
+    use_teacher = method in ("kd", "kd_balanced") or method in GROUPDISTIL_WEIGHT_BY
     if use_teacher and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher.")
     trainer = DistillationTrainer(
@@ -815,8 +818,10 @@ def same_teacher_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     variants = [m for m in GROUPDISTIL_WEIGHT_BY if any(r["method"] == m for r in rows)]
-    for name, teacher, variant, rule in itertools.product(setting_names, TEACHERS, variants, ("worst", "average")):
-        gd, kd = ("student", variant, teacher), ("student", "kd", teacher)
+    refs = [m for m in ("kd", "kd_balanced") if any(r["method"] == m for r in rows)]
+    combos = itertools.product(setting_names, refs, TEACHERS, variants, ("worst", "average"))
+    for name, ref, teacher, variant, rule in combos:
+        gd, kd = ("student", variant, teacher), ("student", ref, teacher)
         dw = paired_difference(_values(rows, name, gd, "test_worst", rule), _values(rows, name, kd, "test_worst", rule))
         da = paired_difference(
             _values(rows, name, gd, "test_average", rule), _values(rows, name, kd, "test_average", rule)
@@ -824,7 +829,7 @@ def same_teacher_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
         if dw["n"] == 0:
             continue
         met = dw["mean"] >= 0.03 and dw["low"] > 0 and abs(da["mean"]) <= 0.02
-        label = f"{teacher} ({variant})" if variant != "groupdistil" else teacher
+        label = teacher if (variant, ref) == ("groupdistil", "kd") else f"{teacher}: {variant} - {ref}"
         lines.append(f"| {name} | {label} | {rule} | {_fmt_diff(dw)} | {_fmt_diff(da)} | {'yes' if met else 'no'} |")
     return lines
 

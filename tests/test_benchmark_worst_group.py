@@ -315,7 +315,9 @@ def test_baseline_and_distillation_arms():
     assert worst_group.arms_of(worst_group.parse_args([])) == worst_group.ARMS
     assert worst_group.method_hyper("erm_natural") == {**worst_group.HYPER["erm"], "sampler": "natural"}
     distil = worst_group.arms_of(worst_group.parse_args(["--arms", "distil"]))
-    assert {a[1] for a in distil if a[0] == "student"} == {"kd", "groupdistil", "groupdistil_ce", "groupdistil_kd"}
+    students = {a[1] for a in distil if a[0] == "student"}
+    assert students == {"kd", "kd_balanced", "groupdistil", "groupdistil_ce", "groupdistil_kd"}
+    assert worst_group.method_hyper("kd_balanced")["sampler"] == "balanced"
     data = {"group_names": list("abcd"), "group_counts": [10, 1, 1, 10]}
     for method, weight_by in worst_group.GROUPDISTIL_WEIGHT_BY.items():
         hyper = worst_group.method_hyper(method)
