@@ -47,7 +47,7 @@ def test_loads_everything_but_the_classifier_of_another_class_count(source, capl
         assert torch.equal(value, ref[key]), key
     assert torch.equal(net.fc.weight, fc_before)  # kept its own initialisation
     message = caplog.text
-    assert str(path) in message and "fc.weight (5, 128) vs (2, 128)" in message
+    assert str(path) in message and "fc.weight: checkpoint (5, 128) vs network (2, 128)" in message
     n_loaded = len(ref) - 2
     assert f"loaded {n_loaded} of the network's {len(ref)} tensors" in message
 
@@ -84,7 +84,7 @@ def test_missing_file_names_the_path(tmp_path):
 
 def test_strict_refuses_a_different_classifier(source):
     _, path = source
-    with pytest.raises(ValueError, match=r"strict=True.*fc.weight \(5, 128\) vs \(2, 128\)"):
+    with pytest.raises(ValueError, match=r"strict=True.*fc.weight: checkpoint \(5, 128\) vs network \(2, 128\)"):
         load_pretrained(_resnet(num_classes=2), path, strict=True)
 
 

@@ -140,7 +140,7 @@ def _digest(folder: Path) -> dict[str, str]:
         ({"group_by": "centre"}, ["settings: group_names is ['A', 'B', 'C', 'D'] in the checkpoint", "loss: "]),
         (
             {"network_def#block_inplanes": [8, 16, 32, 64]},
-            ["model: conv1.weight has shape (16, 1, 7, 7) in the checkpoint, (8, 1, 7, 7) in this run"],
+            ["model: conv1.weight: checkpoint (16, 1, 7, 7) vs network (8, 1, 7, 7)"],
         ),
         ({"absent_groups": "ema"}, ["loss: ", "absent_groups"]),  # the bundle's default is "zero"
     ],
@@ -245,7 +245,7 @@ def test_check_resume_checkpoint_names_the_differences_of_its_parts(tmp_path):
     with pytest.raises(ValueError) as info:
         check_resume_checkpoint(tmp_path / "kd_epoch=4.pt", {"model": torch.nn.Linear(4, 2), "settings": other})
     message = str(info.value)
-    assert "model: weight has shape (2, 3) in the checkpoint, (2, 4) in this run" in message
+    assert "model: weight: checkpoint (2, 3) vs network (2, 4)" in message
     assert "settings: group_names is ['a', 'b'] in the checkpoint, ['a', 'b', 'c'] in this run" in message
     with pytest.raises(ValueError, match=r"the checkpoint has no \['settings'\]"):
         check_resume_checkpoint(tmp_path / "kd_epoch=10.pt", {"model": net, "settings": settings})

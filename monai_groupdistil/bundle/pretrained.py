@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from monai.networks.utils import copy_model_state
 
+from monai_groupdistil.engines.checkpoints import shape_mismatches
+
 __all__ = ["load_pretrained"]
 
 logger = logging.getLogger("monai_groupdistil.bundle")
@@ -96,11 +98,7 @@ def load_pretrained(
     target = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
     state = _extract_state_dict(torch.load(file, map_location="cpu", weights_only=True), file, key)
     own = target.state_dict()
-    shape_mismatch = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
+    shape_mismatch = shape_mismatches(state, own)
     unexpected = sorted(k for k in state if k not in own)
     missing = sorted(k for k in own if k not in state)
     if strict and (shape_mismatch or unexpected or missing):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_groupdistil.engines.checkpoints import shape_mismatches
 from monai_groupdistil.engines.resume_state import BestMetricState, RandomStates
 
 if TYPE_CHECKING:
@@ -106,13 +107,8 @@ def _module_differences(key: str, module: torch.nn.Module, state: Mapping[str, A
     if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
         module = module.module
     own = module.state_dict()
-    problems = [
-        f"{key}: {name} has shape {tuple(state[name].shape)} in the checkpoint, {tuple(own[name].shape)} in this run"
-        for name in own
-        if name in state
-        and isinstance(state[name], torch.Tensor)
-        and tuple(state[name].shape) != tuple(own[name].shape)
-    ]
+    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    problems = [f"{key}: {mismatch}" for mismatch in shape_mismatches(tensors, own)]
     missing, unexpected = [n for n in own if n not in state], [n for n in state if n not in own]
     if missing:
         problems.append(f"{key}: {len(missing)} tensor(s) of this run are not in the checkpoint, e.g. {missing[:3]}")

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_network", "load_teacher", "output_classes"]
+__all__ = ["load_network", "load_teacher", "output_classes", "shape_mismatches"]
+
+
+def shape_mismatches(state: Mapping[str, torch.Tensor], network_state: Mapping[str, torch.Tensor]) -> list[str]:
+    """``"<name>: checkpoint (shape) vs network (shape)"`` for every tensor of ``state`` whose shape differs from the
+    tensor of the same name in ``network_state`` (a network's ``state_dict()``), for error messages and logs."""
+    return [
+        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(network_state[k].shape)}"
+        for k, v in state.items()
+        if k in network_state and tuple(v.shape) != tuple(network_state[k].shape)
+    ]
 
 
 def _state_dict_of(checkpoint: object, key: str, path: Path) -> Mapping[str, torch.Tensor]:
@@ -54,12 +64,7 @@ def load_network(
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist.")
     state = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True), key, path)
-    own = network.state_dict()
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and tuple(v.shape) != tuple(own[k].shape)
-    ]
+    mismatched = shape_mismatches(state, network.state_dict())
     if mismatched:
         raise ValueError(
             f"checkpoint '{path}' does not fit the network {type(network).__name__} (a different class count or "
