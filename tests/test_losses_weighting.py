@@ -184,3 +184,17 @@ def test_reference_kd_value_is_the_raw_terms():
     kl = float((p_t * (p_t.log() - torch.log_softmax(torch.tensor(s) / 2, 0))).sum())
     assert math.isclose(kd_value(s, t, None, 2.0, 1.0), 4 * kl, rel_tol=1e-6)
     assert math.isclose(kd_value(s, t, 2, 2.0, 0.0), -float(torch.log_softmax(torch.tensor(s), 0)[2]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("weight_by", ["ce", "kd"])
+def test_a_non_finite_objective_is_refused_whatever_drives_the_weights(weight_by):
+    """With "ce" an infinite teacher logit leaves the signal finite but the objective infinite: still an error."""
+    loss = GroupDistillationLoss(3, step_size=0.5, weight_by=weight_by)
+    loss(*_batch(5))
+    state = copy.deepcopy(loss.state_dict())
+    student, teacher, target, groups = _batch(6)
+    bad_teacher = teacher.index_fill(0, torch.tensor([1]), float("inf"))
+    with pytest.raises(ValueError, match="teacher_logits holds NaN or infinite values"):
+        loss(student, bad_teacher, target, groups)
+    for key in ("group_weights", "ema_group_losses", "ema_initialized"):
+        assert torch.equal(loss.state_dict()[key], state[key]), key

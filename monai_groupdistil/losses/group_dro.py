@@ -203,7 +203,11 @@ class GroupDROLoss(_Loss):
         ``labels_outside``, a caller's 0-dim flag for labels outside the classes, is checked with the ids and the
         group losses."""
         per_sample = _per_sample_mean(per_sample, groups.shape[0])
-        weighting = per_sample if weighting is None else _per_sample_mean(weighting, groups.shape[0])
+        if weighting is None:
+            weighting = per_sample
+        else:  # a non-finite objective must stop the call too: carry it into the checked values
+            objective = per_sample.detach()
+            weighting = torch.where(objective.isfinite(), _per_sample_mean(weighting, groups.shape[0]), objective)
         group_losses, counts, world_size = self._group_statistics(weighting.detach(), groups, labels_outside)
         weights = self.group_weights.to(group_losses.dtype)
         if self.training and self.update == "batch":
