@@ -17,13 +17,22 @@ from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
 from monai_groupdistil.engines.teacher_cache import TeacherOutputCache, has_random_transforms, run_teacher
+from monai_groupdistil.losses.checks import NonFiniteValueError
 
 if TYPE_CHECKING:
     from ignite.handlers import ProgressBar
 else:
     ProgressBar, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "ProgressBar")
 
-__all__ = ["DistillationTrainer", "TEACHER_PRED", "GROUP", "check_batch_keys", "loss_keywords"]
+__all__ = [
+    "DistillationTrainer",
+    "TEACHER_PRED",
+    "GROUP",
+    "SUBJECT_KEYS",
+    "check_batch_keys",
+    "loss_keywords",
+    "sample_names",
+]
 
 TEACHER_PRED = "teacher_pred"
 """Key of the teacher's output in ``engine.state.output``."""
@@ -31,6 +40,11 @@ GROUP = "group"
 """Key of the group ids in ``engine.state.output``."""
 LOSS_KEYWORDS = ("teacher_logits", "groups")
 """The keyword arguments the trainer gives a loss whose ``forward`` declares them."""
+SUBJECT_KEYS = ("subject", "id", "img_id")
+"""Default batch keys naming a sample in the trainer's errors, first present first: ``subject`` (the M&Ms and
+segmentation datalists of :py:mod:`monai_groupdistil.data`, the cardiac bundles), ``id`` (a common datalist key, the
+default of :py:class:`TeacherOutputCache`) and ``img_id`` (the Waterbirds datalist)."""
+_MAX_NAMED = 20  # samples named in full in an error message; the others are counted
 
 
 def loss_keywords(loss: Callable) -> set[str]:
@@ -54,6 +68,118 @@ def check_batch_keys(batchdata: Any, keys: Sequence[str]) -> None:
             raise KeyError(f"the batch has no '{key}' key; keys present: {sorted(map(str, batchdata.keys()))}.")
 
 
+def _per_sample(value: Any, batch_size: int) -> list | None:
+    """``value`` as one item per sample of a batch of ``batch_size`` (a collated list or tensor), else ``None``."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1).tolist() if value.numel() == batch_size else None
+    if isinstance(value, (list, tuple)):
+        return list(value) if len(value) == batch_size else None
+    if isinstance(value, (str, int)) and batch_size == 1:
+        return [value]
+    return None
+
+
+def _filenames(batchdata: Any, inputs: Any, batch_size: int, image_key: str = Keys.IMAGE) -> list | None:
+    """The ``filename_or_obj`` meta data of the image: of the prepared ``inputs`` (a ``MetaTensor``), else of the
+    batch's ``image_key`` (a ``MetaTensor``) or of its ``<image_key>_meta_dict``; ``None`` when none is found."""
+    sources = [getattr(inputs, "meta", None)]
+    if isinstance(batchdata, Mapping):
+        sources += [getattr(batchdata.get(image_key), "meta", None), batchdata.get(f"{image_key}_meta_dict")]
+    for meta in sources:
+        if isinstance(meta, Mapping) and meta.get("filename_or_obj") is not None:
+            files = _per_sample(meta["filename_or_obj"], batch_size)
+            if files is not None:
+                return files
+    return None
+
+
+def sample_names(
+    batchdata: Any,
+    batch_size: int,
+    subject_key: str | Sequence[str] | None = SUBJECT_KEYS,
+    inputs: Any = None,
+    image_key: str = Keys.IMAGE,
+) -> list[str]:
+    """One name per sample of a collated batch, for error messages: its subject and its image file where known.
+
+    The subject is read from the first of ``subject_key`` that the (dictionary) batch holds with one value per sample
+    (a collated list or tensor), and written ``<key> '<value>'``; the image file is MONAI's meta data
+    ``filename_or_obj`` of the prepared ``inputs`` (a ``MetaTensor``), else of ``batchdata[image_key]`` or of
+    ``batchdata[image_key + "_meta_dict"]``. A sample that neither names is named by its position in the batch.
+
+    Args:
+        batchdata: the collated batch, as the data loader gave it (``engine.state.batch``).
+        batch_size: the number of samples.
+        subject_key: the key, or keys tried in order, of the subject; ``None`` names the files only.
+        inputs: the network input prepared from the batch (``engine.state.output["image"]``), whose meta data is
+            looked at first.
+        image_key: the key of the image in the batch.
+
+    Returns:
+        ``batch_size`` strings, e.g. ``"subject 'A1B2C3' (file /data/A1B2C3_sa.nii.gz)"``, ``"file /data/x.png"`` or
+        ``"batch position 3"``.
+
+    Example::
+
+        >>> sample_names({"subject": ["A1", "B2"], "image": torch.zeros(2, 1, 4, 4)}, 2)
+        ["subject 'A1'", "subject 'B2'"]
+        >>> sample_names({"image": torch.zeros(2, 1, 4, 4)}, 2)
+        ['batch position 0', 'batch position 1']
+    """
+    keys = [subject_key] if isinstance(subject_key, str) else list(subject_key or ())
+    key, subjects = None, None
+    if isinstance(batchdata, Mapping):
+        for key in keys:
+            subjects = _per_sample(batchdata.get(key), batch_size) if key in batchdata else None
+            if subjects is not None:
+                break
+    files = _filenames(batchdata, inputs, batch_size, image_key)
+    names = []
+    for i in range(batch_size):
+        subject, file = (None if subjects is None else subjects[i]), (None if files is None else str(files[i]))
+        if subject is not None and file is not None and str(subject) != file:
+            names.append(f"{key} {str(subject)!r} (file {file})")
+        elif subject is not None:
+            names.append(f"{key} {str(subject)!r}")
+        elif file is not None:
+            names.append(f"file {file}")
+        else:
+            names.append(f"batch position {i}")
+    return names
+
+
+def _float_tensors(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a network output: a tensor, or those of a list, tuple or dictionary of them."""
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (list, tuple)) else [value]
+    return [t.as_subclass(torch.Tensor) for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite: one ``isfinite().all()`` per tensor, one host synchronisation."""
+    if not tensors:
+        return True
+    flag = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        flag = flag & torch.isfinite(t).all().to(flag.device)
+    return bool(flag)
+
+
+def _non_finite_rows(tensors: list[torch.Tensor], batch_size: int) -> list[int]:
+    """The batch positions whose values are not all finite in one of ``tensors`` (``[B, ...]``); every position when
+    none of them has the batch dimension."""
+    bad: set[int] = set()
+    batched = [t for t in tensors if t.ndim >= 1 and t.shape[0] == batch_size]
+    for t in batched:
+        rows = ~torch.isfinite(t.reshape(batch_size, -1)).all(dim=1)
+        bad.update(torch.nonzero(rows).flatten().tolist())
+    return sorted(bad) if batched else list(range(batch_size))
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMED])
+    return shown if len(names) <= _MAX_NAMED else f"{shown} and {len(names) - _MAX_NAMED} more"
+
+
 class DistillationTrainer(SupervisedTrainer):
     """MONAI's ``SupervisedTrainer`` whose loss also receives a frozen teacher's output and the group ids.
 
@@ -72,6 +198,17 @@ class DistillationTrainer(SupervisedTrainer):
     there plus ``teacher_pred`` and ``group`` (from ``LOSS_COMPLETED`` on; ``None`` without teacher, or when the
     batch has no group key); the user's loss is ``self.student_loss``.
 
+    Non-finite values stop training (``check_finite``, on by default): the student's prediction is checked right
+    after the forward pass, the teacher's output after the teacher, the loss value after the loss, each with one
+    ``torch.isfinite(...).all()``; a NaN or infinite value raises a ``FloatingPointError`` *before* the backward pass
+    and the optimizer step, so the network's weights (and a DRO loss's weights) stay those from before the batch and
+    no checkpoint written afterwards holds a NaN model. The message names the samples whose output holds the
+    non-finite values (for the loss: every sample of the batch, or the rows of a per-sample loss that are not
+    finite), with the iteration and the epoch, and says what to check: the input files when they are named, the
+    learning rate when the inputs are finite. A sample is named by its subject (the first of ``subject_key`` the
+    batch holds, e.g. ``subject 'A1B2C3'``) and its image file (MONAI's ``filename_or_obj`` meta data, e.g.
+    ``(file /data/A1B2C3_sa.nii.gz)``), or else by its position in the batch (see :py:func:`sample_names`).
+
     Args:
         device: an object representing the device on which to run.
         max_epochs: the total epoch number for trainer to run.
@@ -89,6 +226,11 @@ class DistillationTrainer(SupervisedTrainer):
             epoch, the teacher output of the sample's first augmented view. ``self.teacher_cache`` is then ``None``.
         cache_with_random_transforms: use ``teacher_cache`` even with random transforms (explicit opt-in).
         progress_bar: attach an ignite ``ProgressBar`` (tqdm) showing the loss.
+        subject_key: the batch key, or keys tried in order, naming a sample's subject in the errors about
+            non-finite values. Defaults to :py:data:`SUBJECT_KEYS` (``"subject"``, ``"id"``, ``"img_id"``: the
+            keys of this package's datalists); ``None`` names the image files (and otherwise the positions) only.
+        check_finite: stop training at a non-finite prediction, teacher output or loss (see above). Defaults to
+            ``True``; ``False`` leaves ``SupervisedTrainer``'s behaviour (NaN weights and training going on).
         kwargs: the other arguments of ``monai.engines.SupervisedTrainer`` (``epoch_length``, ``prepare_batch``,
             ``inferer``, ``train_handlers``, ``amp``, ``key_train_metric``, ``decollate``...).
 
@@ -98,6 +240,10 @@ class DistillationTrainer(SupervisedTrainer):
             student's (both shapes are named; nothing is stored in the cache then).
         KeyError: during training for a batch lacking the image, the label or (for a loss taking ``groups``) the
             group key; the message names the missing key and the keys present.
+        FloatingPointError: during training (``check_finite``) for a student prediction, a teacher output or a loss
+            value holding NaN or infinite values, or a loss refusing such values (its ``NonFiniteValueError`` is
+            the cause); raised before the backward pass, so no optimizer step is taken with it. The message names
+            the offending samples (subject and file), the iteration and the epoch, and what to check.
 
     Example::
 
@@ -123,6 +269,8 @@ class DistillationTrainer(SupervisedTrainer):
         teacher_cache: TeacherOutputCache | None = None,
         cache_with_random_transforms: bool = False,
         progress_bar: bool = False,
+        subject_key: str | Sequence[str] | None = SUBJECT_KEYS,
+        check_finite: bool = True,
         **kwargs: Any,
     ) -> None:
         keywords = loss_keywords(loss_function)
@@ -148,6 +296,8 @@ class DistillationTrainer(SupervisedTrainer):
             teacher = teacher.to(device).requires_grad_(False).eval()
         self.teacher = teacher
         self.group_key = group_key
+        self.subject_key = subject_key
+        self.check_finite = bool(check_finite)
         self.cache_with_random_transforms = bool(cache_with_random_transforms)
         dataset_transform = getattr(getattr(train_data_loader, "dataset", None), "transform", None)
         if (
@@ -180,17 +330,23 @@ class DistillationTrainer(SupervisedTrainer):
             check_batch_keys(batchdata, self.required_keys)
         return super()._iteration(engine, batchdata)
 
-    def compute_loss(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def compute_loss(self, pred: Any, label: torch.Tensor) -> torch.Tensor:
         """The loss of the current iteration: ``student_loss(pred, target=label, [teacher_logits=...], [groups=...])``.
 
         Called by ``SupervisedTrainer`` inside the iteration (after ``FORWARD_COMPLETED``, under autocast with
-        ``amp``); the teacher's output and the group ids are also stored in ``engine.state.output``.
+        ``amp``); the teacher's output and the group ids are also stored in ``engine.state.output``. With
+        ``check_finite``, ``pred`` is checked before the teacher runs (so a teacher cache never stores the outputs
+        of a batch whose inputs are not finite), the teacher's output before the loss, and the loss value after it.
 
         Raises:
             ValueError: when the teacher's output and ``pred`` differ in shape.
+            FloatingPointError: (``check_finite``) when ``pred``, the teacher's output or the loss holds NaN or
+                infinite values, or the loss refuses such values; the message names the samples.
         """
         output, extras = self.state.output, {}
         output[TEACHER_PRED] = output[GROUP] = None
+        if self.check_finite:
+            self._check_outputs(pred, "prediction")
         if self.teacher is not None:
             output[TEACHER_PRED] = run_teacher(
                 self.teacher,
@@ -200,6 +356,8 @@ class DistillationTrainer(SupervisedTrainer):
                 self.state.batch,
                 expected_shape=pred.shape,  # checked before anything is cached
             )
+            if self.check_finite:
+                self._check_outputs(output[TEACHER_PRED], "teacher")
         if "teacher_logits" in self.loss_keywords:
             extras["teacher_logits"] = output[TEACHER_PRED]
         batch = self.state.batch
@@ -207,4 +365,73 @@ class DistillationTrainer(SupervisedTrainer):
             output[GROUP] = torch.as_tensor(batch[self.group_key]).to(self.state.device, non_blocking=self.non_blocking)
         if "groups" in self.loss_keywords:
             extras["groups"] = output[GROUP]
-        return self.student_loss(pred, target=label, **extras)
+        if not self.check_finite:
+            return self.student_loss(pred, target=label, **extras)
+        try:
+            loss = self.student_loss(pred, target=label, **extras)
+        except NonFiniteValueError as err:
+            raise FloatingPointError(self._loss_message(pred, None, str(err))) from err
+        if isinstance(loss, torch.Tensor) and loss.is_floating_point():
+            values = loss.as_subclass(torch.Tensor)
+            if not _all_finite([values]):
+                raise FloatingPointError(self._loss_message(pred, values))
+        return loss
+
+    def _batch_size(self, value: Any) -> int:
+        tensors = _float_tensors(value) or [t for t in [value] if isinstance(t, torch.Tensor)]
+        return int(tensors[0].shape[0]) if tensors and tensors[0].ndim >= 1 else 1
+
+    def _names(self, batch_size: int) -> list[str]:
+        return sample_names(self.state.batch, batch_size, self.subject_key, self.state.output.get(Keys.IMAGE))
+
+    def _where(self) -> str:
+        return f"iteration {self.state.iteration} (epoch {self.state.epoch})"
+
+    def _check_outputs(self, value: Any, source: str) -> None:
+        """Raise the ``FloatingPointError`` naming the samples when the network output ``value`` (the student's
+        ``"prediction"`` or the ``"teacher"``'s) holds non-finite values."""
+        tensors = _float_tensors(value)
+        if _all_finite(tensors):
+            return
+        batch_size = self._batch_size(value)
+        names = self._names(batch_size)
+        bad = [names[i] for i in _non_finite_rows(tensors, batch_size) if i < len(names)]
+        what = "the student's prediction" if source == "prediction" else "the teacher's output"
+        if source == "prediction":
+            advice = (
+                "If these inputs are finite, the student has diverged: lower the learning rate (or clip the "
+                "gradients) and train again, or resume from a checkpoint written before this point."
+            )
+        else:
+            advice = (
+                "If these inputs are finite (the student's prediction is), check the teacher checkpoint: its weights "
+                "may not be finite; with a teacher_cache, use a fresh cache folder once it is fixed (stored outputs "
+                "are never replaced)."
+            )
+        raise FloatingPointError(
+            f"DistillationTrainer: {what} holds NaN or infinite values for {len(bad)} of the {batch_size} samples of "
+            f"{self._where()}: {_listing(bad)}. Training was stopped before the backward pass, so no optimizer step "
+            f"was taken with them. Check the input data of these samples (their image files) for NaN or infinite "
+            f"values, e.g. numpy.isfinite(image).all() after loading. {advice}"
+        )
+
+    def _loss_message(self, pred: Any, loss: torch.Tensor | None, reason: str = "") -> str:
+        """The message for a non-finite loss value ``loss`` (or a loss's refusal ``reason``) with finite inputs."""
+        batch_size = self._batch_size(pred)
+        names = self._names(batch_size)
+        if loss is not None and loss.ndim >= 1 and loss.shape[0] == batch_size:
+            rows = _non_finite_rows([loss], batch_size)
+            which = f"for {len(rows)} of the {batch_size} samples of {self._where()}"
+            bad = [names[i] for i in rows]
+        else:
+            which = f"for the batch of {self._where()}, whose {batch_size} samples are"
+            bad = names
+        value = "" if loss is None or loss.numel() != 1 else f" ({float(loss)})"
+        refusal = f" ({reason})" if reason else ""
+        return (
+            f"DistillationTrainer: the loss{value} is NaN or infinite{refusal} {which}: {_listing(bad)}. The "
+            "predictions (and teacher outputs) are finite. Training was stopped before the backward pass, so no "
+            "optimizer step was taken with it. Check the labels and the input data (image files) of these samples; "
+            "if they are fine, the logits are large enough to overflow the loss: lower the learning rate (or clip the "
+            "gradients)."
+        )

@@ -6,7 +6,24 @@ import math
 
 import torch
 
-__all__ = ["check_number", "check_fraction", "check_logits", "check_target", "check_groups", "clamp_labels"]
+__all__ = [
+    "NonFiniteValueError",
+    "check_number",
+    "check_fraction",
+    "check_logits",
+    "check_target",
+    "check_groups",
+    "clamp_labels",
+]
+
+
+class NonFiniteValueError(ValueError):
+    """The ``ValueError`` of a loss refusing NaN or infinite logits or losses (nothing is updated then).
+
+    A subclass, so that a caller can tell this refusal from the others and add what it knows: the
+    :py:class:`~monai_groupdistil.engines.DistillationTrainer` re-raises it as a ``FloatingPointError`` naming the
+    subjects of the batch.
+    """
 
 
 def check_number(value: float, name: str, positive: bool = False) -> float:

@@ -8,6 +8,7 @@ import torch
 from monai.utils import LossReduction
 
 from monai_groupdistil.losses.checks import (
+    NonFiniteValueError,
     check_groups,
     raise_label_range,
 )
@@ -74,8 +75,8 @@ class GroupDistillationLoss(GroupDROLoss):
         ValueError: for invalid hyper-parameters; at call time for group ids outside ``[0, num_groups)``, class
             indices outside ``[0, C)``, non-integral ids or class indices (whole numbers in a floating tensor are
             accepted, as for MONAI's transforms), a non-one-hot target of the input's shape, mismatched shapes or
-            class counts, an empty batch and NaN/infinite logits (the message names them). A failed call leaves the
-            state untouched.
+            class counts, an empty batch and NaN/infinite logits (a ``NonFiniteValueError``, a ``ValueError``
+            subclass whose message names them). A failed call leaves the state untouched.
         TypeError: at call time for non-floating logits, a target or group ids that are not real-valued tensors
             (booleans included), or missing group ids.
 
@@ -158,7 +159,7 @@ class GroupDistillationLoss(GroupDROLoss):
             culprits = [n for n, t in (("input", input), ("teacher_logits", teacher_logits)) if not t.isfinite().all()]
             if culprits and "not finite" in str(err):
                 verb = "holds" if len(culprits) == 1 else "hold"
-                raise ValueError(f"{' and '.join(culprits)} {verb} NaN or infinite values; {err}") from err
+                raise NonFiniteValueError(f"{' and '.join(culprits)} {verb} NaN or infinite values; {err}") from err
             raise
 
     def weighting_losses(  # type: ignore[override]

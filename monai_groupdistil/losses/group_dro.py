@@ -9,7 +9,7 @@ import torch.distributed as dist
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_groupdistil.losses.checks import check_fraction, check_groups, check_number
+from monai_groupdistil.losses.checks import NonFiniteValueError, check_fraction, check_groups, check_number
 
 __all__ = ["GroupDROLoss", "ABSENT_GROUP_RULES", "UPDATE_RULES"]
 
@@ -72,8 +72,8 @@ class GroupDROLoss(_Loss):
         ValueError: for ``num_groups < 1``, a negative ``step_size``, ``gamma`` outside ``(0, 1]``, an unknown
             ``absent_groups`` or ``update``, ``adjustment``/``group_counts`` of the wrong length or sign, a positive
             adjustment without ``group_counts``; at call time for group ids outside ``[0, num_groups)`` or
-            non-integral, shape mismatches, an empty batch and non-finite group losses (the state is then left
-            untouched).
+            non-integral, shape mismatches, an empty batch and non-finite group losses (a ``NonFiniteValueError``,
+            a ``ValueError`` subclass; the state is then left untouched).
         TypeError: for a ``loss_fn`` that is not callable; at call time for group ids that are not a real-valued
             tensor, or missing group ids.
 
@@ -293,7 +293,7 @@ class GroupDROLoss(_Loss):
         if invalid:
             raise ValueError("another process passed group ids or class indices out of range; nothing was updated.")
         bad = torch.nonzero(~torch.isfinite(group_losses)).flatten().tolist()
-        raise ValueError(
+        raise NonFiniteValueError(
             f"per-group losses are not finite for groups {bad} (NaN or infinite logits or losses); "
             "the DRO weights were left unchanged."
         )
