@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import mlflow  # the mlflow extra, installed by the test command (scripts/setup_env.sh)
@@ -15,11 +19,23 @@ import pytest
 import torch
 
 from monai_groupdistil.bundle import WorstGroupHandler, run_parameters, track_run
-from tests.bundle_helpers import BUNDLES, TINY, Bundle, make_tiny_data, one_thread, random_teacher  # noqa: F401 (an autouse fixture)
+from monai_groupdistil.bundle.tracking import TrackingUnavailableError, mlflow_request_settings
+from tests.bundle_helpers import BUNDLES, TINY, Bundle, error_chain, make_tiny_data, one_thread, random_teacher  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 # per bundle: the key metric and the plot of the per-group report
 METRIC = {name: ("dice", "group_dice.png") if "seg" in name else ("accuracy", "group_accuracy.png") for name in BUNDLES}
+REQUEST_VARIABLES = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_TRACKING_URI")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_environment():
+    """The bundles' runs set MLflow's request variables in this process: start without them, restore them after."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in REQUEST_VARIABLES:
+            mp.setenv(name, "x")  # recorded, so that the original (set or not) comes back afterwards
+            mp.delenv(name)
+        yield
 
 
 def _workflow(bundle: Bundle, configs: list[str], overrides: dict, workflow_type: str):
@@ -175,3 +191,108 @@ def test_worst_group_handler_skips_empty_groups_and_takes_the_first_on_a_tie():
     engine.state.metrics = {"group_loss/A": 0.1, "group_loss/B": 0.9}
     losses(engine)
     assert engine.state.metrics["worst_group_index"] == 1.0
+
+
+@pytest.fixture
+def silent_server():
+    """The URI of a local TCP server that accepts connections and never answers."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.1)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])  # held open, never read from or answered
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+def test_a_tracking_server_that_never_answers_fails_the_run_within_the_bounded_wait(silent_server, tmp_path):
+    """A tracking URI that accepts connections but never answers: the run fails after 2 requests of 1 s each (not
+    MLflow's 8 of 120 s), with a message that names the URI and the ids to change; the ids are in the environment."""
+    bundle = Bundle("cardiac_mri_groupdistil")
+    make_tiny_data(bundle.name, tmp_path / "data")
+    ov = bundle.run_overrides(tmp_path, **TINY[bundle.name], epochs=1, teacher_epochs=1)
+    ov.update(tracking_uri=silent_server, mlflow_request_timeout=1, mlflow_max_retries=1)
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=bundle.configs("train", "train_teacher"),
+        meta_file=bundle.meta,
+        workflow_type="train",
+        tracking="mlflow",
+        **ov,
+    )
+    wf.initialize()
+    wf.parser.get_parsed_content("train#trainer")  # the data are cached here, outside the timed part
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:
+        wf.run()
+    elapsed = time.monotonic() - start
+    assert 2.0 <= elapsed < 15.0, elapsed  # one request and one retry, each given up after 1 s
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "1" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
+    message = error_chain(info.value)
+    assert any(isinstance(e, TrackingUnavailableError) for e in _chain(info.value)), message
+    assert f"the MLflow tracking server at '{silent_server}' did not answer" in message
+    assert "mlflow_request_timeout=1" in message and "mlflow_max_retries=1" in message
+    assert "--mlflow_request_timeout" in message and "--mlflow_max_retries" in message and "--tracking" in message
+    assert not (tmp_path / "models" / "teacher.pt").exists()  # it failed at the trainer's start
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return chain
+
+
+def test_mlflow_request_settings_keep_what_the_user_exported(monkeypatch):
+    """The bundle ids set MLflow's variables; a value exported before wins; a value set by an earlier run is replaced;
+    values out of range are refused naming the id."""
+    assert mlflow_request_settings(15, 2) == {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    }
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "15" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert mlflow_request_settings(30, 0) == {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # exported by the user
+    assert mlflow_request_settings(15, 2)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert mlflow_request_settings(None, None) == {}
+    for timeout, retries, expected in [(0, 2, "mlflow_request_timeout must be"), (1.5, 2, "mlflow_request_timeout")]:
+        with pytest.raises(ValueError, match=expected):
+            mlflow_request_settings(timeout, retries)
+    for retries, expected in [(-1, "mlflow_max_retries must be a whole number >= 0"), (11, "at most 10"), (True, "")]:
+        with pytest.raises(ValueError, match=expected):
+            mlflow_request_settings(15, retries)
+
+
+def test_track_run_sets_the_request_settings_only_with_an_mlflow_handler(monkeypatch):
+    from monai.handlers import MLFlowHandler, StatsHandler
+
+    for name in REQUEST_VARIABLES[:2]:
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    assert track_run([StatsHandler()], request_timeout=7, max_retries=3) == 0
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # no tracking: nothing set
+    handler = MLFlowHandler(tracking_uri="http://127.0.0.1:9")
+    assert track_run([handler], request_timeout=7, max_retries=3) == 1
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert handler.client.tracking_uri == "http://127.0.0.1:9"  # the client still answers as before

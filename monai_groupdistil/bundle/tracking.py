@@ -7,11 +7,19 @@ that logs the loss and the DRO values of every iteration (``monai_groupdistil.ha
 :py:class:`WorstGroupHandler` puts the index of the worst group into the validation metrics, so it is tracked (and
 printed, and written to TensorBoard) with the per-group metrics. Nothing here imports ``mlflow``: without
 ``--tracking`` these are no-ops.
+
+MLflow waits 120 s for each request and retries it 7 times by default, so a tracking server that accepts connections
+but never answers would hold a run for about 16 minutes. :py:func:`track_run` bounds the waiting: it sets MLflow's
+request timeout and retries (``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) from the bundle
+ids ``mlflow_request_timeout`` and ``mlflow_max_retries`` unless they are exported in the environment, and turns a
+request that still fails into a :py:class:`TrackingUnavailableError` naming the tracking URI and those ids.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 import math
 import numbers
 import os
@@ -28,7 +36,17 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["WorstGroupHandler", "run_parameters", "track_run"]
+__all__ = ["TrackingUnavailableError", "WorstGroupHandler", "mlflow_request_settings", "run_parameters", "track_run"]
+
+logger = logging.getLogger("monai_groupdistil.bundle")
+
+# bundle id -> MLflow's environment variable (read by MLflow at every request)
+MLFLOW_REQUEST_IDS = {
+    "mlflow_request_timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "mlflow_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+}
+# what this process set itself, so that a later run in the same process (train, then evaluate) may change it
+_SET_HERE: dict[str, str] = {}
 
 
 def _param_value(value: Any) -> Any:
@@ -91,6 +109,114 @@ def run_parameters(loss: Any, settings: Mapping[str, Any], splits: Mapping[str, 
     return params
 
 
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server did not answer within the bounded waiting; the message names the URI and the ids."""
+
+
+def _check_request_setting(name: str, value: Any, lowest: int, highest: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
+        raise ValueError(f"{name} must be a whole number >= {lowest}, got {value!r}.")
+    if highest is not None and value > highest:
+        raise ValueError(f"{name} must be at most {highest} (MLflow refuses more retries), got {value!r}.")
+    return int(value)
+
+
+def mlflow_request_settings(request_timeout: int | None = None, max_retries: int | None = None) -> dict[str, str]:
+    """Set MLflow's request timeout and retries in ``os.environ``, unless the user exported them there.
+
+    MLflow reads ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (seconds each request may wait for the server, default 120) and
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` (default 7, with exponential backoff) at every request. A value exported in
+    the environment wins over the argument (the bundle id), and is logged; a value this function set earlier in the
+    same process is replaced. None leaves a variable as it is.
+
+    Args:
+        request_timeout: seconds per request (the bundle id ``mlflow_request_timeout``), a whole number >= 1.
+        max_retries: retries of a failed request (the bundle id ``mlflow_max_retries``), a whole number from 0 to
+            MLflow's limit (10).
+
+    Returns:
+        environment variable -> the value in effect, for the variables given.
+
+    Raises:
+        ValueError: when a value is not a whole number in range.
+    """
+    wanted = {}
+    if request_timeout is not None:
+        wanted["mlflow_request_timeout"] = _check_request_setting("mlflow_request_timeout", request_timeout, 1)
+    if max_retries is not None:
+        limit = int(os.environ.get("_MLFLOW_HTTP_REQUEST_MAX_RETRIES_LIMIT", "10"))
+        wanted["mlflow_max_retries"] = _check_request_setting("mlflow_max_retries", max_retries, 0, limit)
+    in_effect = {}
+    for bundle_id, value in wanted.items():
+        variable = MLFLOW_REQUEST_IDS[bundle_id]
+        current = os.environ.get(variable)
+        if current is not None and current != _SET_HERE.get(variable):
+            if current != str(value):
+                logger.info("%s=%s from the environment is used, not %s=%s", variable, current, bundle_id, value)
+            in_effect[variable] = current
+            continue
+        os.environ[variable] = _SET_HERE[variable] = str(value)
+        in_effect[variable] = str(value)
+    return in_effect
+
+
+def _is_transport_error(err: BaseException) -> bool:
+    """A request that got no usable answer: MLflow's "API request to ... failed", or a connection error or timeout."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if any(cls.__module__.split(".")[0] in ("requests", "urllib3") for cls in type(err).__mro__):
+        return True
+    is_mlflow = any(cls.__name__ == "MlflowException" for cls in type(err).__mro__)
+    return is_mlflow and str(getattr(err, "message", err)).startswith("API request to")
+
+
+class _ExplainedClient:
+    """Forwards to an ``MlflowClient``; a request that fails for want of an answer raises TrackingUnavailableError."""
+
+    def __init__(self, client: Any, explain: Callable[[BaseException], str]) -> None:
+        self._client = client
+        self._explain = explain
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(*args, **kwargs)
+            except TrackingUnavailableError:
+                raise
+            except Exception as err:
+                if _is_transport_error(err):
+                    raise TrackingUnavailableError(self._explain(err)) from err
+                raise
+
+        return call
+
+
+def _explanation(uri: str) -> Callable[[BaseException], str]:
+    def explain(err: BaseException) -> str:
+        settings = []
+        for bundle_id, variable in MLFLOW_REQUEST_IDS.items():
+            value = os.environ.get(variable)
+            if value is None:
+                settings.append(f"{variable} unset (MLflow's default)")
+            elif _SET_HERE.get(variable) == value:
+                settings.append(f"{bundle_id}={value}")
+            else:
+                settings.append(f"{variable}={value} (exported in the environment; it wins over {bundle_id})")
+        return (
+            f"the MLflow tracking server at '{uri}' did not answer ({', '.join(settings)}): {err}\n"
+            "Check that the server at that URI is running and reachable (or set --tracking_uri / MLFLOW_TRACKING_URI "
+            "to the right one), give a slow server more time with the bundle ids --mlflow_request_timeout "
+            "(seconds per request) and --mlflow_max_retries, or run without --tracking."
+        )
+
+    return explain
+
+
 def _is_mlflow_handler(handler: Any) -> bool:
     return any(cls.__name__ == "MLFlowHandler" and cls.__module__.startswith("monai.") for cls in type(handler).__mro__)
 
@@ -104,6 +230,8 @@ def track_run(
     params: Mapping[str, Any] | None = None,
     artifacts: Sequence[str] = (),
     output_transform: Callable[[Any], Any] | None = None,
+    request_timeout: int | None = None,
+    max_retries: int | None = None,
 ) -> int:
     """Give the ``MLFlowHandler``\\ s among ``handlers`` the run's parameters and the artifacts to record.
 
@@ -116,6 +244,12 @@ def track_run(
     the command line) it builds the artifact's path as the text ``"<output_dir> + '/config_<time>.json'"``, which
     names no file; such a path is corrected here.
 
+    When there is an MLflow handler, MLflow's request timeout and retries are set from ``request_timeout`` and
+    ``max_retries`` (:py:func:`mlflow_request_settings`; values exported in the environment win), so that a
+    tracking server that does not answer fails the run within about a minute with the bundles' defaults (15 s,
+    2 retries: 3 x 15 s plus about 5 s of backoff) instead of about 16 minutes; a request that still gets no answer
+    raises :py:class:`TrackingUnavailableError`, naming the tracking URI and the ids to change.
+
     Args:
         handlers: an engine's handler list (``@train#handlers``, ``@handlers``...).
         params: name -> value.
@@ -123,14 +257,26 @@ def track_run(
         output_transform: replaces the handlers' ``output_transform`` (what they log every iteration); the
             training runs pass :py:func:`monai_groupdistil.handlers.iteration_scalars` (the loss and the DRO
             weights, group losses and counts of the iteration).
+        request_timeout: seconds MLflow waits for each request (the bundle id ``mlflow_request_timeout``); None
+            leaves MLflow's setting.
+        max_retries: retries of a request that fails (the bundle id ``mlflow_max_retries``); None leaves MLflow's
+            setting.
 
     Returns:
         the number of MLflow handlers updated.
+
+    Raises:
+        ValueError: when ``request_timeout`` or ``max_retries`` is not a whole number in range.
     """
+    mlflow_handlers = [handler for handler in handlers or () if _is_mlflow_handler(handler)]
+    if mlflow_handlers:
+        mlflow_request_settings(request_timeout, max_retries)
     count = 0
-    for handler in handlers or ():
-        if not _is_mlflow_handler(handler):
-            continue
+    for handler in mlflow_handlers:
+        client = getattr(handler, "client", None)
+        if client is not None and not isinstance(client, _ExplainedClient):
+            uri = str(getattr(client, "tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI", ""))
+            handler.client = _ExplainedClient(client, _explanation(uri))
         if params:
             handler.experiment_param = {**(handler.experiment_param or {}), **params}
         fixed = []
