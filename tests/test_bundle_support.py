@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 
 import pytest
@@ -140,3 +141,34 @@ def test_teacher_loss_of_each_method_and_a_custom_supervised_loss():
     assert type(seg.loss_fn) is PerSampleDiceCELoss and seg.loss_fn.reduction == "none"
     with pytest.raises(ValueError, match=r"teacher_method must be one of \('erm', 'group_dro'\), got 'kd'"):
         teacher_loss("kd", 4, 0.1)
+
+
+def test_a_missing_or_empty_dataset_dir_gets_synthetic_data_with_a_warning_naming_it(tmp_path, caplog):
+    """A misspelled dataset_dir does not train on synthetic data unnoticed: a WARNING names the folder, says the data
+    are synthetic and where to point at a real release; a folder that already holds the data is used quietly."""
+    from monai_groupdistil.bundle import prepare_waterbirds_dataset
+    from monai_groupdistil.bundle.segmentation import prepare_seg_dataset
+
+    small = {"matrix_scale": 0.3, "n_frames": 4}
+    cases = [
+        (functools.partial(prepare_mnms_dataset, synthetic_subjects=6, **small), "6 synthetic subjects", "OpenDataset"),
+        (functools.partial(prepare_seg_dataset, synthetic_subjects=6, **small), "6 synthetic subjects", "'MnM2'"),
+        (functools.partial(prepare_waterbirds_dataset, synthetic_images=8, image_size=16), "8 synthetic images", ""),
+    ]
+    for index, (prepare, generated, hint) in enumerate(cases):
+        folder = tmp_path / f"dataset_typo{index}"
+        if index == 2:
+            folder.mkdir()  # an empty folder: the same, said so
+        with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+            caplog.clear()
+            prepare(folder)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, caplog.text
+        message = warnings[0].getMessage()
+        state = "is empty" if index == 2 else "does not exist"
+        assert f"dataset_dir '{folder}' {state}: generating {generated} there" in message
+        assert "SYNTHETIC data" in message and "point --dataset_dir at" in message and hint in message
+        with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+            caplog.clear()
+            prepare(folder)  # the second run finds the generated data
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

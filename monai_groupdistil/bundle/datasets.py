@@ -63,6 +63,35 @@ def _is_empty_or_missing(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
+def _warn_synthetic(path: Path, generated: str, release: str, real_folder: str) -> None:
+    """Warn that ``path`` (missing or empty) gets synthetic data: a misspelled ``dataset_dir`` would land here."""
+    state = "does not exist" if not path.exists() else "is empty"
+    logger.warning(
+        "dataset_dir '%s' %s: generating %s there and training on them: SYNTHETIC data, not the %s. If you meant "
+        "a real release, the path may be misspelled: point --dataset_dir at %s.",
+        os.path.abspath(path),
+        state,
+        generated,
+        release,
+        real_folder,
+    )
+
+
+def _generate_mnms(
+    path: Path, synthetic_subjects: int, seed: int, release: str, real_folder: str, **synthetic_kwargs: Any
+) -> str:
+    """Generate the synthetic M&Ms-layout data in ``path`` (rank 0 only, the others wait); its OpenDataset folder."""
+
+    def generate():
+        _warn_synthetic(path, f"{synthetic_subjects} synthetic subjects", release, real_folder)
+        return make_synthetic_mnms(path, n_subjects=synthetic_subjects, seed=seed, **synthetic_kwargs)
+
+    _on_rank_zero_then_wait(generate)
+    found = find_mnms_root(path)
+    assert found is not None
+    return found
+
+
 def find_mnms_root(dataset_dir: str | os.PathLike) -> str | None:
     """The ``OpenDataset`` folder of an M&Ms release at or directly under ``dataset_dir``, or None."""
     path = Path(dataset_dir)
@@ -79,7 +108,8 @@ def prepare_mnms_dataset(
 
     - ``dataset_dir`` holds an M&Ms release (the metadata CSV in it or in its ``OpenDataset/``): it is used as is.
     - ``dataset_dir`` is missing or empty: the synthetic multi-vendor dataset is generated there
-      (:py:func:`monai_groupdistil.data.make_synthetic_mnms`) with ``synthetic_subjects`` subjects.
+      (:py:func:`monai_groupdistil.data.make_synthetic_mnms`) with ``synthetic_subjects`` subjects, with a WARNING
+      naming the folder (a misspelled path would otherwise train on synthetic data without notice).
     - anything else is an error, so that a wrong path never trains on the wrong data.
 
     In a multi-process run only rank 0 generates; the other ranks wait for it.
@@ -103,15 +133,8 @@ def prepare_mnms_dataset(
             "'OpenDataset' folder. Point dataset_dir at the release's OpenDataset folder (or its parent), or at a "
             "new or empty folder to generate the synthetic dataset there."
         )
-
-    def generate():
-        logger.info("no M&Ms release in %s: generating %d synthetic subjects there", path, synthetic_subjects)
-        return make_synthetic_mnms(path, n_subjects=synthetic_subjects, seed=seed, **synthetic_kwargs)
-
-    _on_rank_zero_then_wait(generate)
-    found = find_mnms_root(path)
-    assert found is not None
-    return found
+    release, real_folder = "M&Ms release", "the release's OpenDataset folder (or its parent)"
+    return _generate_mnms(path, synthetic_subjects, seed, release, real_folder, **synthetic_kwargs)
 
 
 def group_counts(datalist: Sequence[dict], num_groups: int, group_key: str = "group") -> list[int]:
@@ -198,6 +221,21 @@ def prepare_waterbirds_dataset(
 ) -> str:
     """Return the Waterbirds folder to train on, generating the synthetic stand-in in an empty ``dataset_dir``.
 
+    A missing or empty ``dataset_dir`` gets the synthetic stand-in
+    (:py:func:`monai_groupdistil.data.make_synthetic_waterbirds`, ``synthetic_images`` images), with a WARNING naming
+    the folder (a misspelled path would otherwise train on synthetic data without notice). In a multi-process run
+    only rank 0 generates; the other ranks wait for it.
+
+    Args:
+        dataset_dir: the bundle's ``dataset_dir``: the release folder (with ``metadata.csv``), or a missing or empty
+            folder.
+        synthetic_images: number of images of the synthetic stand-in.
+        seed: seed of the synthetic stand-in.
+        synthetic_kwargs: further arguments of ``make_synthetic_waterbirds``.
+
+    Returns:
+        the folder holding ``metadata.csv``.
+
     Raises:
         ValueError: when ``dataset_dir`` is neither empty nor a Waterbirds release (no ``metadata.csv``).
     """
@@ -210,7 +248,13 @@ def prepare_waterbirds_dataset(
             "dataset_dir at the release folder (e.g. waterbird_complete95_forest2water2), or at a new or empty "
             "folder to generate the synthetic stand-in there."
         )
-    _on_rank_zero_then_wait(make_synthetic_waterbirds, path, n_images=synthetic_images, seed=seed, **synthetic_kwargs)
+
+    def generate():
+        real_folder = "the release folder (e.g. waterbird_complete95_forest2water2, with its metadata.csv)"
+        _warn_synthetic(path, f"{synthetic_images} synthetic images", "Waterbirds release", real_folder)
+        return make_synthetic_waterbirds(path, n_images=synthetic_images, seed=seed, **synthetic_kwargs)
+
+    _on_rank_zero_then_wait(generate)
     return str(path)
 
 

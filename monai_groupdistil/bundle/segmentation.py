@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from monai_groupdistil.bundle.datasets import (
+    _generate_mnms,
     _is_empty_or_missing,
     _stem,
     find_mnms_root,
     group_counts,
     mnms_splits,
     official_or_resplit,
-    prepare_mnms_dataset,
 )
 from monai_groupdistil.data.json_datalist import load_json_datalist
 from monai_groupdistil.data.mnms import (
@@ -60,7 +60,8 @@ def prepare_seg_dataset(
 
     Args:
         dataset_dir: the bundle's ``dataset_dir``: the ``MnM2`` folder (or its parent), the ``OpenDataset`` folder
-            (or its parent), or a missing or empty folder, where the synthetic M&Ms-layout data are generated.
+            (or its parent), or a missing or empty folder, where the synthetic M&Ms-layout data are generated,
+            with a WARNING naming the folder (a misspelled path would otherwise train on synthetic data unnoticed).
         synthetic_subjects: labelled subjects of the synthetic data.
         seed: seed of the synthetic data.
         synthetic_kwargs: further arguments of :func:`~monai_groupdistil.data.make_synthetic_mnms`.
@@ -81,7 +82,9 @@ def prepare_seg_dataset(
             "'MnM2' folder. Point dataset_dir at a release, or at a new or empty folder to generate the synthetic "
             "dataset there."
         )
-    return prepare_mnms_dataset(dataset_dir, synthetic_subjects, seed, **synthetic_kwargs)
+    release = "M&Ms-2 or M&Ms release"
+    real_folder = "the M&Ms-2 'MnM2' folder or the M&Ms 'OpenDataset' folder (or its parent)"
+    return _generate_mnms(Path(dataset_dir), synthetic_subjects, seed, release, real_folder, **synthetic_kwargs)
 
 
 def _mnms2_subjects(root: str, group_by: str | Sequence[str], fractions, seed: int, resplit: bool | None):
