@@ -9,9 +9,16 @@ from monai_groupdistil.handlers.group_report_handler import (
     per_sample_cross_entropy,
 )
 from monai_groupdistil.handlers.held_out_dro_handler import HeldOutGroupDROHandler
-from monai_groupdistil.handlers.prediction_writer import ClassProbabilitySaver
+from monai_groupdistil.handlers.prediction_writer import (
+    AtomicNibabelWriter,
+    ClassProbabilitySaver,
+    InferenceFailedError,
+    InferenceFailureHandler,
+    write_csv_atomically,
+)
 
 __all__ = [
+    "AtomicNibabelWriter",
     "ClassProbabilitySaver",
     "GroupAccuracyHandler",
     "GroupDROHandler",
@@ -19,8 +26,11 @@ __all__ = [
     "GroupMetricReportHandler",
     "GroupReportHandler",
     "HeldOutGroupDROHandler",
+    "InferenceFailedError",
+    "InferenceFailureHandler",
     "batch_spacing",
     "extract_groups",
     "iteration_scalars",
     "per_sample_cross_entropy",
+    "write_csv_atomically",
 ]
