@@ -387,6 +387,44 @@ class DistillationTrainer(SupervisedTrainer):
     def _where(self) -> str:
         return f"iteration {self.state.iteration} (epoch {self.state.epoch})"
 
+    def _non_finite_rows_of(self, key: str, batch_size: int) -> list[int]:
+        """The batch positions whose ``engine.state.output[key]`` (the input image or the label) is not finite;
+        empty when it is finite or not a floating-point tensor with the batch dimension."""
+        tensors = [t for t in _float_tensors(self.state.output.get(key)) if t.ndim >= 1 and t.shape[0] == batch_size]
+        return [] if _all_finite(tensors) else _non_finite_rows(tensors, batch_size)
+
+    def _message(self, what: str, rows: list[int] | None, batch_size: int, cause_key: str, advice: str) -> str:
+        """The ``FloatingPointError`` message: ``what`` is not finite for the samples at ``rows`` (``None``: the
+        whole batch). When ``engine.state.output[cause_key]`` is not finite for some samples, those are the ones
+        named, as the cause; otherwise the samples at ``rows`` are, followed by ``advice``."""
+        names = self._names(batch_size)
+        causes = self._non_finite_rows_of(cause_key, batch_size)
+        cause = "input image" if cause_key == Keys.IMAGE else cause_key
+        if rows is None:
+            head = f"DistillationTrainer: {what} is NaN or infinite for the batch of {self._where()}"
+        else:
+            head = (
+                f"DistillationTrainer: {what} holds NaN or infinite values for {len(rows)} of the {batch_size} "
+                f"samples of {self._where()}"
+            )
+        stopped = "Training was stopped before the backward pass, so no optimizer step was taken with this batch."
+        if causes:
+            spread = ""
+            if rows is not None and len(rows) > len(causes):
+                spread = (
+                    " (a layer that mixes the samples of a batch, such as batch normalisation in training, spreads "
+                    "a sample's NaN to the others)"
+                )
+            return (
+                f"{head}, and the {cause} holds NaN or infinite values for {len(causes)} of the batch's samples: "
+                f"{_listing([names[i] for i in causes])}{spread}. {stopped} Check these samples' {cause}s (and the "
+                "files they are read from) for NaN or infinite values, e.g. numpy.isfinite(data).all() after "
+                "loading, and fix or exclude them."
+            )
+        named = names if rows is None else [names[i] for i in rows]
+        samples = f", whose {batch_size} samples are" if rows is None else ""
+        return f"{head}{samples}: {_listing(named)}. {stopped} {advice}"
+
     def _check_outputs(self, value: Any, source: str) -> None:
         """Raise the ``FloatingPointError`` naming the samples when the network output ``value`` (the student's
         ``"prediction"`` or the ``"teacher"``'s) holds non-finite values."""
@@ -394,44 +432,34 @@ class DistillationTrainer(SupervisedTrainer):
         if _all_finite(tensors):
             return
         batch_size = self._batch_size(value)
-        names = self._names(batch_size)
-        bad = [names[i] for i in _non_finite_rows(tensors, batch_size) if i < len(names)]
-        what = "the student's prediction" if source == "prediction" else "the teacher's output"
+        rows = _non_finite_rows(tensors, batch_size)
         if source == "prediction":
+            what = "the student's prediction"
             advice = (
-                "If these inputs are finite, the student has diverged: lower the learning rate (or clip the "
-                "gradients) and train again, or resume from a checkpoint written before this point."
+                "Their input images are finite: the student has diverged. Lower the learning rate (or clip the "
+                "gradients) and train again, or resume from a checkpoint written before this point; if it happens "
+                "from the first iterations, check these samples' image files for extreme values."
             )
         else:
+            what = "the teacher's output"
             advice = (
-                "If these inputs are finite (the student's prediction is), check the teacher checkpoint: its weights "
-                "may not be finite; with a teacher_cache, use a fresh cache folder once it is fixed (stored outputs "
-                "are never replaced)."
+                "Their input images and the student's prediction are finite: check the teacher checkpoint (its "
+                "weights may not be finite, e.g. a teacher trained to NaN). With a teacher_cache the output may be a "
+                "stored one: use a fresh cache folder once the teacher is fixed (stored outputs are never replaced)."
             )
-        raise FloatingPointError(
-            f"DistillationTrainer: {what} holds NaN or infinite values for {len(bad)} of the {batch_size} samples of "
-            f"{self._where()}: {_listing(bad)}. Training was stopped before the backward pass, so no optimizer step "
-            f"was taken with them. Check the input data of these samples (their image files) for NaN or infinite "
-            f"values, e.g. numpy.isfinite(image).all() after loading. {advice}"
-        )
+        raise FloatingPointError(self._message(what, rows, batch_size, Keys.IMAGE, advice))
 
     def _loss_message(self, pred: Any, loss: torch.Tensor | None, reason: str = "") -> str:
         """The message for a non-finite loss value ``loss`` (or a loss's refusal ``reason``) with finite inputs."""
         batch_size = self._batch_size(pred)
-        names = self._names(batch_size)
+        rows = None
         if loss is not None and loss.ndim >= 1 and loss.shape[0] == batch_size:
             rows = _non_finite_rows([loss], batch_size)
-            which = f"for {len(rows)} of the {batch_size} samples of {self._where()}"
-            bad = [names[i] for i in rows]
-        else:
-            which = f"for the batch of {self._where()}, whose {batch_size} samples are"
-            bad = names
-        value = "" if loss is None or loss.numel() != 1 else f" ({float(loss)})"
-        refusal = f" ({reason})" if reason else ""
-        return (
-            f"DistillationTrainer: the loss{value} is NaN or infinite{refusal} {which}: {_listing(bad)}. The "
-            "predictions (and teacher outputs) are finite. Training was stopped before the backward pass, so no "
-            "optimizer step was taken with it. Check the labels and the input data (image files) of these samples; "
-            "if they are fine, the logits are large enough to overflow the loss: lower the learning rate (or clip the "
-            "gradients)."
+        value = "" if loss is None or loss.numel() != 1 else f" ({float(loss.detach())})"
+        refused = f"The loss refused the batch: {reason} " if reason else ""
+        advice = refused + (
+            "The predictions (and teacher outputs) and the labels are finite: the logits are large enough to "
+            "overflow the loss. Lower the learning rate (or clip the gradients), and check the loss's settings and "
+            "these samples' labels."
         )
+        return self._message(f"the loss{value}", rows, batch_size, Keys.LABEL, advice)
