@@ -110,11 +110,13 @@ def test_teacher_student_evaluate_through_the_cli(trained):
     groups, columns, metric, plots = REPORT[name]
     ckpt = Path(ov["ckpt_dir"])
     wf = b.workflow(b.configs("train", "evaluate"), ov, workflow_type="infer")
-    # the teacher has the teacher's architecture, the student the student's (strict loading)
-    wf.parser.get_parsed_content("teacher_def").load_state_dict(torch.load(ckpt / "teacher.pt")["model"])
-    checkpoint = torch.load(ckpt / "model.pt", weights_only=False)
-    wf.parser.get_parsed_content("network_def").load_state_dict(checkpoint["model"])
-    assert {"model", "loss", "dro"} <= set(checkpoint)
+    # the best-model files hold the network alone, as the model zoo expects; the teacher has the teacher's
+    # architecture, the student the student's (strict loading)
+    wf.parser.get_parsed_content("teacher_def").load_state_dict(torch.load(ckpt / "teacher.pt", weights_only=True))
+    wf.parser.get_parsed_content("network_def").load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
+    assert not (ckpt / "teacher_dro_state.pt").exists()  # a cross-entropy teacher has no DRO state
+    checkpoint = torch.load(ckpt / "model_dro_state.pt", weights_only=True)  # the student's, of the same epoch
+    assert set(checkpoint) == {"loss", "dro"}
     weights = checkpoint["loss"]["group_weights"]
     assert weights.shape == (4,) and abs(float(weights.sum()) - 1) < 1e-5 and bool((weights > 0).all())
     assert not torch.allclose(weights, torch.full((4,), 0.25), atol=1e-3)  # a large step size moved them
@@ -155,7 +157,7 @@ def test_segmentation_report_against_an_independent_dice(trained):
     assert [(r["name"], r["structure"]) for r in rows] == [(v, s) for v in VENDORS for s in [*STRUCTURES, "mean"]]
     wf = b.workflow(b.configs("train", "evaluate"), ov, workflow_type="infer")
     splits, net = wf.parser.get_parsed_content("splits"), wf.parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(Path(ov["ckpt_dir"]) / "model.pt", weights_only=False)["model"])
+    net.load_state_dict(torch.load(Path(ov["ckpt_dir"]) / "model.pt", weights_only=True))
     net.eval()
     preprocessing = segmentation_preprocessing(TINY[SEG]["spatial_size"], TINY[SEG]["pixdim"])
     per_vendor: dict[int, list] = {}
@@ -178,17 +180,17 @@ def test_segmentation_report_against_an_independent_dice(trained):
 
 
 def test_evaluate_workflow_checkpoint_loader_restores_the_dro_state(trained, tmp_path):
-    """evaluate.json's CheckpointLoader puts the saved DRO weights back into the loss and the history into the
-    DRO handler (the handler's state holds the history only)."""
+    """evaluate.json's CheckpointLoaders put the best model's saved DRO weights (``model_dro_state.pt``) back into
+    the loss and the history into the DRO handler (the handler's state holds the history only)."""
     b, name = trained["bundle"], trained["name"]
     ov = {**trained["overrides"], "output_dir": str(tmp_path / "eval")}
-    checkpoint = torch.load(Path(ov["ckpt_dir"]) / "model.pt", weights_only=False)
+    checkpoint = torch.load(Path(ov["ckpt_dir"]) / "model_dro_state.pt", weights_only=True)
     saved = checkpoint["loss"]["group_weights"]
     assert set(checkpoint["dro"]) == {"group_names", "iterations", "weight_history", "loss_history"}
     assert checkpoint["dro"]["group_names"] == REPORT[name][0]
     ev = b.workflow(b.configs("train", "evaluate"), ov, workflow_type="infer")
     loss, dro = ev.parser.get_parsed_content("loss"), ev.parser.get_parsed_content("train#dro_handler")
-    assert ev.parser.get_parsed_content("save_dict")["dro"] is dro
+    assert ev.parser.get_parsed_content("dro_state_dict") == {"loss": loss, "dro": dro}
     assert dro.loss is loss and torch.allclose(loss.group_weights, torch.full((4,), 0.25)) and not dro.weight_history
     ev.run()
     ev.finalize()
@@ -217,8 +219,13 @@ def test_every_training_config_through_config_workflow(trained, method, tmp_path
     assert set(wf.parser.get_parsed_content("save_dict")) == ({"model", "loss", "dro"} if dro else {"model", "loss"})
     wf.run()
     wf.finalize()
-    checkpoint = torch.load(Path(ov["ckpt_dir"]) / ckpt, weights_only=False)
-    assert "model" in checkpoint and ("dro" in checkpoint) == dro
+    checkpoint = torch.load(Path(ov["ckpt_dir"]) / ckpt, weights_only=True)  # the network alone
+    network = wf.parser.get_parsed_content("network")
+    assert checkpoint.keys() == network.state_dict().keys()
+    dro_state = Path(ov["ckpt_dir"]) / ckpt.replace(".pt", "_dro_state.pt")
+    assert dro_state.is_file() == dro
+    if dro:
+        assert set(torch.load(dro_state, weights_only=True)) == {"loss", "dro"}
     ev = b.workflow([*configs, *b.configs("evaluate")], ov)  # a train-type workflow, as the model zoo checks it
     assert ev.check_properties() == []
     ev.run()
@@ -280,18 +287,19 @@ def test_multi_gpu_train_through_config_workflow(trained, tmp_path, monkeypatch)
             dist.destroy_process_group()
     assert not dist.is_initialized()  # finalize destroyed the process group
     assert idist.model_name() == "serial"  # and told ignite, so later workflows in this process run undistributed
-    checkpoint = torch.load(Path(ov["ckpt_dir"]) / "model.pt", weights_only=False)
-    assert not any(k.startswith("module.") for k in checkpoint["model"])  # saved without the DDP wrapper
-    assert not torch.allclose(checkpoint["loss"]["group_weights"], torch.full((4,), 0.25))
+    checkpoint = torch.load(Path(ov["ckpt_dir"]) / "model.pt", weights_only=True)
+    assert checkpoint and not any(k.startswith("module.") for k in checkpoint)  # saved without the DDP wrapper
+    dro_state = torch.load(Path(ov["ckpt_dir"]) / "model_dro_state.pt", weights_only=True)
+    assert not torch.allclose(dro_state["loss"]["group_weights"], torch.full((4,), 0.25))
 
 
 def test_multi_process_training_with_torchrun(trained, tmp_path):
     b = trained["bundle"]
     ov = own_folders(trained["overrides"], tmp_path, teacher_from=trained)
     b.run_cli(b.configs("train", "multi_gpu_train"), {**ov, "step_size": 5.0}, runner=TORCHRUN)
-    checkpoint = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=False)
-    assert not any(k.startswith("module.") for k in checkpoint["model"])  # saved without the DDP wrapper
-    weights = checkpoint["loss"]["group_weights"]
+    checkpoint = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    assert checkpoint and not any(k.startswith("module.") for k in checkpoint)  # saved without the DDP wrapper
+    weights = torch.load(tmp_path / "ckpt" / "model_dro_state.pt", weights_only=True)["loss"]["group_weights"]
     assert abs(float(weights.sum()) - 1) < 1e-5 and not torch.allclose(weights, torch.full((4,), 0.25), atol=1e-3)
 
 
@@ -314,13 +322,11 @@ def test_conformance_commands(trained, tmp_path):
     common = ["--meta_file", b.meta, "--config_file", inference, "--bundle_root", str(b.root)]
     assert "data shape of network is verified with no error" in command("verify_net_in_out", "network_def", *common)
     ckpt, ts = Path(trained["overrides"]["ckpt_dir"]) / "model.pt", tmp_path / "model.ts"
-    command(
-        "ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), "--key_in_ckpt", "model", *common
-    )
+    command("ckpt_export", "network_def", "--filepath", str(ts), "--ckpt_file", str(ckpt), *common)  # no key_in_ckpt
     scripted = torch.jit.load(str(ts))
     wf = b.workflow(b.configs("inference"), {"bundle_root": str(b.root)}, "infer", initialize=False)
     net = wf.parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
+    net.load_state_dict(torch.load(ckpt, weights_only=True))
     net.eval()
     data_format = json.loads(Path(b.meta).read_text())["network_data_format"]
     image, pred = data_format["inputs"]["image"], data_format["outputs"]["pred"]
@@ -524,14 +530,15 @@ def test_student_distils_from_the_group_dro_teacher(work, tmp_path):
     teacher_run.run()
     teacher_run.finalize()
     saved = torch.load(tmp_path / "ckpt" / "teacher_group_dro.pt", map_location="cpu", weights_only=True)
-    weights = saved["loss"]["group_weights"]
+    dro_state = torch.load(tmp_path / "ckpt" / "teacher_group_dro_dro_state.pt", map_location="cpu", weights_only=True)
+    weights = dro_state["loss"]["group_weights"]
     assert not torch.equal(weights, torch.full_like(weights, 1 / len(weights)))  # the teacher's DRO weights moved
-    assert "dro" in saved and not (tmp_path / "ckpt" / "teacher.pt").exists()
+    assert "dro" in dro_state and not (tmp_path / "ckpt" / "teacher.pt").exists()
     assert (tmp_path / "ckpt" / "teacher_group_dro_epoch=1.pt").is_file()  # its own resume prefix
     student = b.workflow(b.configs("train"), robust)
     teacher = student.parser.get_parsed_content("teacher")
     for name, value in teacher.state_dict().items():
-        assert torch.equal(value.cpu(), saved["model"][name]), name
+        assert torch.equal(value.cpu(), saved[name]), name
 
 
 @pytest.mark.parametrize("work", list(CLASSIFICATION), indirect=True)

@@ -6,7 +6,7 @@ Everything here is plain functions and small classes called from bundle configs
 is its own.
 """
 
-from monai_groupdistil.bundle.checkpoints import load_teacher, require_file
+from monai_groupdistil.bundle.checkpoints import dro_state_file, load_teacher, require_checkpoint, require_file
 from monai_groupdistil.bundle.config import (
     TEACHER_METHODS,
     check_booleans,
@@ -31,7 +31,9 @@ from monai_groupdistil.bundle.resume import (
     attach_resume,
     check_resume_checkpoint,
     latest_checkpoint,
+    usable_checkpoint,
 )
+from monai_groupdistil.bundle.run_lock import RunLock
 from monai_groupdistil.bundle.tracking import WorstGroupHandler, run_parameters, track_run
 from monai_groupdistil.engines.checkpoints import load_network, output_classes
 
@@ -39,11 +41,13 @@ __all__ = [
     "BestMetricState",
     "TEACHER_METHODS",
     "RandomStates",
+    "RunLock",
     "RunSettings",
     "WorstGroupHandler",
     "attach_resume",
     "check_resume_checkpoint",
     "close_process_group",
+    "dro_state_file",
     "check_booleans",
     "find_mnms_root",
     "group_counts",
@@ -56,10 +60,12 @@ __all__ = [
     "output_classes",
     "prepare_mnms_dataset",
     "prepare_waterbirds_dataset",
+    "require_checkpoint",
     "require_file",
     "run_parameters",
     "teacher_checkpoint",
     "teacher_loss",
     "track_run",
+    "usable_checkpoint",
     "waterbirds_splits",
 ]

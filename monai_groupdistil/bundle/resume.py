@@ -2,11 +2,13 @@
 
 A bundle's ``resume_checkpoint`` id is ignite's ``Checkpoint`` of ``save_dict`` and ``resume_dict`` (network, loss
 with its DRO state, ``GroupDROHandler``, optimizer, trainer, the best metric, the random states and the run's
-settings), written as ``<ckpt_dir>/<method>_epoch=<N>.pt`` after every epoch's validation, the two latest kept.
-:py:func:`attach_resume` attaches it and, with ``resume`` true, loads the latest file through MONAI's
-``CheckpointLoader`` after :py:func:`check_resume_checkpoint` has compared it with the run: a checkpoint written by
-another configuration is refused before anything is loaded or written, with a message naming every difference.
-:py:class:`RunSettings` is the one state object this adds (``RandomStates`` and ``BestMetricState`` are in
+settings), written as ``<ckpt_dir>/<method>_epoch=<N>.pt`` after every epoch's validation through an
+:py:class:`~monai_groupdistil.engines.AtomicDiskSaver` (a kill at any instant leaves complete files), the two latest
+kept. :py:func:`attach_resume` takes the folder's run lock, attaches the checkpoint and, with ``resume`` true, loads
+the newest usable file through MONAI's ``CheckpointLoader`` after :py:func:`check_resume_checkpoint` has compared
+it with the run: a damaged file or one written by another configuration is skipped with a WARNING naming it, and
+when no file is usable the run is refused before anything is loaded or written, with a message naming every file
+and why. :py:class:`RunSettings` is the one state object this adds (``RandomStates`` and ``BestMetricState`` are in
 ``monai_groupdistil.engines.resume_state``).
 """
 
@@ -23,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_groupdistil.engines.checkpoints import shape_mismatches
+from monai_groupdistil.bundle.run_lock import RunLock
+from monai_groupdistil.engines.checkpoint_saver import remove_temporary_files
+from monai_groupdistil.engines.checkpoints import read_checkpoint, shape_mismatches
 from monai_groupdistil.engines.resume_state import BestMetricState, RandomStates
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ __all__ = [
     "attach_resume",
     "check_resume_checkpoint",
     "latest_checkpoint",
+    "usable_checkpoint",
 ]
 
 logger = logging.getLogger("monai_groupdistil.bundle")
@@ -126,19 +131,15 @@ def _module_differences(key: str, module: torch.nn.Module, state: Mapping[str, A
     return problems
 
 
-def check_resume_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, Any]) -> None:
-    """Check, without changing anything, that the checkpoint ``path`` can be loaded into the objects of ``load_dict``.
-
-    Networks and losses are compared tensor by tensor (names and shapes), then loaded into copies (so a loss
-    refuses another ``absent_groups`` with its own message); objects with a ``check_state_dict`` method
-    (:py:class:`RunSettings`, :py:class:`RandomStates`) check their part; other objects with a ``load_state_dict``
-    (e.g. ``GroupDROHandler``) are loaded into copies; the trainer's iterations per epoch must match.
-
-    Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        ValueError: naming the file and every difference found.
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def _checkpoint_problems(path: Path, load_dict: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """``(what, problems)`` preventing ``path`` from being loaded into ``load_dict``: ``what`` says whether the file
+    is damaged or of another configuration; ``problems`` is empty when the file is usable."""
+    try:
+        checkpoint = read_checkpoint(path, "checkpoint")
+    except ValueError as err:
+        return "the file is damaged", [str(err)]
+    if not isinstance(checkpoint, Mapping):
+        return "the file is damaged", [f"it holds a {type(checkpoint).__name__}, not a dict of states"]
     problems: list[str] = []
     absent = [key for key in load_dict if key not in checkpoint]
     if absent:
@@ -165,68 +166,168 @@ def check_resume_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, Any
                 copy.deepcopy(obj).load_state_dict(state)
             except (RuntimeError, ValueError, KeyError, TypeError) as err:
                 problems.append(f"{key}: {err}")
+    return "it was written by another configuration", problems
+
+
+def _refusal(path: Path, what: str, problems: list[str]) -> str:
+    if what == "the file is damaged":
+        return f"cannot resume from '{path}': {problems[0]}"
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"cannot resume from '{path}': {what}:\n{lines}"
+
+
+_ADVICE = (
+    "Resume with the settings of the interrupted run, or start a new run (resume false) with another ckpt_dir "
+    "(a new run in this ckpt_dir replaces these files). Nothing was loaded or written."
+)
+
+
+def check_resume_checkpoint(path: str | os.PathLike, load_dict: Mapping[str, Any]) -> None:
+    """Check, without changing anything, that the checkpoint ``path`` can be loaded into the objects of ``load_dict``.
+
+    Networks and losses are compared tensor by tensor (names and shapes), then loaded into copies (so a loss
+    refuses another ``absent_groups`` with its own message); objects with a ``check_state_dict`` method
+    (:py:class:`RunSettings`, :py:class:`RandomStates`) check their part; other objects with a ``load_state_dict``
+    (e.g. ``GroupDROHandler``) are loaded into copies; the trainer's iterations per epoch must match.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: naming the file and every difference found, or saying that the file is damaged (e.g. truncated
+            by a run killed while writing it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist.")
+    what, problems = _checkpoint_problems(path, load_dict)
     if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise ValueError(
-            f"cannot resume from '{path}': it was written by another configuration:\n{lines}\n"
-            "Resume with the settings of the interrupted run, or start a new run (resume false) with another "
-            "ckpt_dir. Nothing was loaded or written."
-        )
+        raise ValueError(f"{_refusal(path, what, problems)}\n{_ADVICE}")
+
+
+def usable_checkpoint(save_dir: str | os.PathLike, prefix: str, load_dict: Mapping[str, Any]) -> Path | None:
+    """The newest ``<prefix>_epoch=<N>.pt`` of ``save_dir`` that loads and fits ``load_dict``, or None if there are
+    none; each newer file that does not is skipped with a WARNING naming it and why.
+
+    Args:
+        save_dir: the checkpoint folder.
+        prefix: the files' prefix (the bundles' ``method``).
+        load_dict: the objects the checkpoint will be loaded into (see :py:func:`check_resume_checkpoint`).
+
+    Raises:
+        ValueError: when there are such files but none is usable, naming every file and why; nothing is changed.
+    """
+    files = checkpoint_files(save_dir, prefix)
+    refused = []
+    for path in reversed(files):
+        what, problems = _checkpoint_problems(path, load_dict)
+        if not problems:
+            return path
+        refused.append(_refusal(path, what, problems))
+        logger.warning("skipping %s for the resume: %s", path, refused[-1])
+    if not files:
+        return None
+    raise ValueError(
+        f"cannot resume: none of the {len(files)} checkpoint(s) {prefix}_epoch=<N>.pt in '{save_dir}' is usable:\n"
+        + "\n".join(refused)
+        + f"\n{_ADVICE}"
+    )
+
+
+def _rank() -> int:
+    return (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
+
+
+def _agree(error: str | None) -> str | None:
+    """Rank 0's error (or None), made known to every rank of a multi-process run."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return error
+    message = [error]
+    torch.distributed.broadcast_object_list(message, src=0)
+    return message[0]
 
 
 def attach_resume(
-    trainer: Engine, checkpoint: Checkpoint, resume: bool = False, map_location: Any = None
+    trainer: Engine, checkpoint: Checkpoint, resume: bool = False, map_location: Any = None, lock: bool = True
 ) -> str | None:
-    """Attach the per-epoch ``checkpoint`` to ``trainer`` and, when ``resume`` is true, continue from the latest one.
+    """Take the checkpoint folder, attach the per-epoch ``checkpoint`` to ``trainer`` and, when ``resume`` is true,
+    continue from the newest usable one.
 
-    ``checkpoint`` is ignite's ``Checkpoint`` of the bundles' ``resume_checkpoint`` id: an atomic ``DiskSaver`` (a
-    run killed while saving never leaves a damaged file), ``filename_pattern`` ``{filename_prefix}_epoch={global_step}
-    .{ext}``, ``n_saved`` 2 and ``include_self`` (the list of files it keeps is saved under ``checkpointer``, so a
-    resumed run goes on removing the oldest). Called in a bundle's ``run`` list before ``trainer.run()``, so the
-    checkpoint is written after the epoch's validation; ``trainer.scaler`` is added when the trainer uses AMP. After
-    each save, ``<prefix>_epoch=<N>.pt`` files it does not keep (an earlier run's) are removed.
+    ``checkpoint`` is ignite's ``Checkpoint`` of the bundles' ``resume_checkpoint`` id: an
+    :py:class:`~monai_groupdistil.engines.AtomicDiskSaver` (every file written to a temporary file and renamed into
+    place; a file ``Checkpoint`` drops is removed only after the next one is written), ``filename_pattern``
+    ``{filename_prefix}_epoch={global_step}.{ext}``, ``n_saved`` 2 and ``include_self``. Called in a bundle's ``run``
+    list before ``trainer.run()``, so the checkpoint is written after the epoch's validation; ``trainer.scaler`` is
+    added when the trainer uses AMP. After each save, ``<prefix>_epoch=<N>.pt`` files it does not keep (older ones,
+    an earlier run's) are removed.
 
-    With ``resume`` true and a checkpoint in the folder, the latest one is checked against this run
-    (:py:func:`check_resume_checkpoint`: a checkpoint of another configuration stops the run before anything is
-    loaded or written) and MONAI's ``CheckpointLoader`` loads it when the trainer starts; training then goes on with
-    the epoch after the checkpoint's, up to this run's ``max_epochs``. Without a checkpoint the run starts from
-    epoch 0 (logged), so a job script may always pass ``resume`` true.
+    With ``lock`` (rank 0 of a multi-process run) the folder's :py:class:`~monai_groupdistil.bundle.run_lock.RunLock`
+    is taken first: a folder in use by a live run is refused (every rank raises), a stale lock replaced with a
+    WARNING; it is released when the trainer completes, at exit, or when this call fails. Then the temporary files
+    of writes killed before their rename are removed.
+
+    With ``resume`` true the ``<prefix>_epoch=<N>.pt`` files are tried newest first (:py:func:`usable_checkpoint`):
+    a damaged one (e.g. truncated) or one of another configuration is skipped with a WARNING, and the first usable
+    one is loaded by MONAI's ``CheckpointLoader`` when the trainer starts; training then goes on with the epoch
+    after the checkpoint's, up to this run's ``max_epochs``. Without a checkpoint the run starts from epoch 0
+    (logged), so a job script may always pass ``resume`` true. When none is usable the run is refused before
+    anything is loaded or written.
 
     Args:
         trainer: the training engine.
         checkpoint: the ignite ``Checkpoint`` (its ``to_save`` holds everything the run's future depends on).
-        resume: whether to continue from the latest checkpoint.
+        resume: whether to continue from the newest usable checkpoint.
         map_location: where to load tensors (the run's device).
+        lock: take the folder's run lock.
 
     Returns:
         the checkpoint the run resumes from, or None.
 
     Raises:
-        ValueError: for a checkpoint of another configuration, every difference named.
+        RuntimeError: when another live run holds the folder's lock (the folder and that process are named).
+        ValueError: when there are checkpoints but none is usable, every file and its problems named.
     """
     from monai.handlers import CheckpointLoader
 
-    folder, prefix = checkpoint.save_handler.dirname, checkpoint.filename_prefix
-    if getattr(trainer, "scaler", None) is not None:
-        checkpoint.to_save["scaler"] = trainer.scaler
-    path = latest_checkpoint(folder, prefix) if resume else None
+    folder, prefix = Path(checkpoint.save_handler.dirname), checkpoint.filename_prefix
+    run_lock = RunLock(folder) if lock and _rank() == 0 else None
+    error = None
+    if run_lock is not None:
+        try:
+            run_lock.acquire()
+        except RuntimeError as err:
+            error = str(err)
+    error = _agree(error)
+    if error is not None:
+        raise RuntimeError(error)
+    try:
+        if getattr(trainer, "scaler", None) is not None:
+            checkpoint.to_save["scaler"] = trainer.scaler
+        load_dict = {**checkpoint.to_save, "checkpointer": checkpoint}
+        path = usable_checkpoint(folder, prefix, load_dict) if resume else None
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release()
+        raise
+    if _rank() == 0:
+        remove_temporary_files(folder)
     if resume and path is None:
         logger.warning("resume is true but %s holds no %s_epoch=<N>.pt: starting from epoch 0", folder, prefix)
     if path is not None:
-        load_dict = {**checkpoint.to_save, "checkpointer": checkpoint}
-        check_resume_checkpoint(path, load_dict)
         CheckpointLoader(load_path=str(path), load_dict=load_dict, map_location=map_location).attach(trainer)
         logger.info("resuming from %s", path)
 
     def save(engine: Engine) -> None:
         checkpoint(engine)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        if _rank():
             return
         kept = {name for _, name in checkpoint.state_dict()["_saved"]}
         for stale in checkpoint_files(folder, prefix):
             if stale.name not in kept:
                 stale.unlink(missing_ok=True)
-                logger.info("removed %s (a per-epoch checkpoint of an earlier run)", stale)
+                logger.info("removed %s (an older per-epoch checkpoint, or one of an earlier run)", stale)
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, save)
+    if run_lock is not None:
+        trainer.add_event_handler(Events.COMPLETED, lambda engine: run_lock.release())
     return None if path is None else str(path)

@@ -7,12 +7,14 @@ trainer is built, with errors that name the file and what does not fit.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["load_network", "load_teacher", "output_classes", "shape_mismatches"]
+__all__ = ["load_network", "load_teacher", "output_classes", "read_checkpoint", "shape_mismatches"]
 
 
 def shape_mismatches(state: Mapping[str, torch.Tensor], network_state: Mapping[str, torch.Tensor]) -> list[str]:
@@ -23,6 +25,39 @@ def shape_mismatches(state: Mapping[str, torch.Tensor], network_state: Mapping[s
         for k, v in state.items()
         if k in network_state and tuple(v.shape) != tuple(network_state[k].shape)
     ]
+
+
+def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that name the file, say what is wrong and what to do.
+
+    Args:
+        path: the checkpoint file.
+        what: what the file is, for the messages (e.g. ``"teacher checkpoint"``).
+        map_location: where to load tensors.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when the file cannot be read: damaged (e.g. truncated by a run killed while writing it, or empty)
+            or not a PyTorch checkpoint, or holding objects ``weights_only`` loading refuses (arbitrary Python
+            objects are never unpickled).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} '{path}' does not exist.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch reports damage as EOFError, RuntimeError, UnpicklingError, IndexError...
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            raise ValueError(
+                f"{what} '{path}' holds Python objects other than tensors, numbers, strings and containers of them, "
+                "so it is not loaded (torch.load with weights_only=True never runs code from a file). Save the "
+                "state dicts (network.state_dict()) rather than objects."
+            ) from err
+        raise ValueError(
+            f"{what} '{path}' cannot be read: the file is damaged ({path.stat().st_size} bytes; e.g. truncated by a "
+            f"run killed while writing it) or is not a PyTorch checkpoint ({type(err).__name__}: {err}). Replace it: "
+            "train again, or copy the file again from where it came from."
+        ) from err
 
 
 def _state_dict_of(checkpoint: object, key: str, path: Path) -> Mapping[str, torch.Tensor]:
@@ -53,17 +88,21 @@ def load_network(
 
     Raises:
         FileNotFoundError: when the file is missing.
-        ValueError: when the file holds no state dict, no ``key`` entry (the entries are listed), or weights that do
-            not fit ``network`` (the first mismatched shapes are named).
+        ValueError: when the file cannot be read (damaged, e.g. truncated: see :py:func:`read_checkpoint`), holds no
+            state dict, no ``key`` entry (the entries are listed), or weights that do not fit ``network`` (the first
+            mismatched shapes are named).
 
     Example::
 
         net = load_network(DenseNet121(spatial_dims=2, in_channels=1, out_channels=3), "runs/net_final.pt")
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist.")
-    state = _state_dict_of(torch.load(path, map_location="cpu", weights_only=True), key, path)
+    return _load_into(network, Path(checkpoint), key, device, "checkpoint")
+
+
+def _load_into(
+    network: torch.nn.Module, path: Path, key: str, device: str | torch.device, what: str
+) -> torch.nn.Module:
+    state = _state_dict_of(read_checkpoint(path, what), key, path)
     mismatched = shape_mismatches(state, network.state_dict())
     if mismatched:
         raise ValueError(
@@ -96,7 +135,8 @@ def load_teacher(
 
     Raises:
         FileNotFoundError: when the checkpoint is missing (train and save the teacher first).
-        ValueError: as for :py:func:`load_network`, and for a teacher predicting another number of classes.
+        ValueError: as for :py:func:`load_network` (a damaged file is named: train or copy the teacher again), and
+            for a teacher predicting another number of classes.
 
     Example::
 
@@ -110,7 +150,7 @@ def load_teacher(
             "MONAI's CheckpointSaver(save_dir, save_dict={'model': teacher}, save_final=True) or "
             "torch.save(teacher.state_dict(), path)."
         )
-    teacher = load_network(network, path, key=key, device=device)
+    teacher = _load_into(network, path, key, device, "teacher checkpoint")
     if num_classes is not None:
         out_features = output_classes(teacher)
         if out_features is not None and out_features != num_classes:

@@ -2,7 +2,8 @@
 
 ``RandomStates``: the random generators a run's data order and augmentations draw from. ``BestMetricState``: the
 evaluator's best key metric (MONAI's evaluator starts it anew), so a resumed run keeps the best model it had. Put
-them in ``CheckpointSaver``'s ``save_dict`` next to the network, optimizer, trainer and loss.
+them in the per-epoch checkpoint's ``save_dict`` (``CheckpointSaver``, or ignite's ``Checkpoint``) next to the
+network, optimizer, trainer and loss.
 """
 
 from __future__ import annotations
@@ -160,14 +161,18 @@ class BestMetricState:
     """The key metric's best value so far, as a checkpointable object (evaluator state and best-model saver).
 
     ``state_dict()`` holds the evaluator's ``best_metric`` and ``best_metric_epoch``. ``load_state_dict`` restores
-    them and, through ``CheckpointSaver.load_state_dict`` (MONAI's public hook for it), the key-metric saver's
-    record of the best saved model, so that a resumed run replaces the best model only with a better one (or an
+    them and, through the saver's ``load_state_dict`` (ignite's ``{"_saved": [(score, filename)]}`` form: MONAI's
+    ``CheckpointSaver`` and :py:class:`monai_groupdistil.engines.BestModelSaver` both take it), the best-model
+    saver's record of the best saved model, so that a resumed run replaces the best model only with a better one
+    (with ``BestModelSaver``, or ``CheckpointSaver`` without ``key_metric_greater_or_equal``: strictly better; an
     equal one with ``key_metric_greater_or_equal``), as the uninterrupted run would.
 
     Args:
         evaluator: the validation engine (``SupervisedEvaluator``) with a key metric.
-        saver: the ``CheckpointSaver`` with ``save_key_metric=True`` attached to it, if any.
-        filename: the saver's ``key_metric_filename``.
+        saver: the best-model saver attached to it, if any: a ``BestModelSaver`` or a ``CheckpointSaver`` with
+            ``save_key_metric=True``.
+        filename: the best model's file name (``BestModelSaver``'s ``filename``, ``CheckpointSaver``'s
+            ``key_metric_filename``).
     """
 
     def __init__(self, evaluator: Engine, saver: Any = None, filename: str = "model.pt") -> None:
