@@ -178,6 +178,8 @@ class _ExplainedClient:
         self._explain = explain
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("_client", "_explain"):  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         value = getattr(self._client, name)
         if not callable(value):
             return value
