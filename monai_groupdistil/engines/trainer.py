@@ -200,14 +200,18 @@ class DistillationTrainer(SupervisedTrainer):
 
     Non-finite values stop training (``check_finite``, on by default): the student's prediction is checked right
     after the forward pass, the teacher's output after the teacher, the loss value after the loss, each with one
-    ``torch.isfinite(...).all()``; a NaN or infinite value raises a ``FloatingPointError`` *before* the backward pass
-    and the optimizer step, so the network's weights (and a DRO loss's weights) stay those from before the batch and
-    no checkpoint written afterwards holds a NaN model. The message names the samples whose output holds the
-    non-finite values (for the loss: every sample of the batch, or the rows of a per-sample loss that are not
-    finite), with the iteration and the epoch, and says what to check: the input files when they are named, the
-    learning rate when the inputs are finite. A sample is named by its subject (the first of ``subject_key`` the
-    batch holds, e.g. ``subject 'A1B2C3'``) and its image file (MONAI's ``filename_or_obj`` meta data, e.g.
-    ``(file /data/A1B2C3_sa.nii.gz)``), or else by its position in the batch (see :py:func:`sample_names`).
+    ``torch.isfinite(...).all()`` (the per-sample detail is computed only on failure); a NaN or infinite value raises
+    a ``FloatingPointError`` *before* the backward pass and the optimizer step, so the network's parameters (and a
+    DRO loss's weights) stay those from before the batch and no checkpoint written afterwards holds NaN weights from
+    it. The message names the iteration, the epoch and the samples at fault: those whose input image (for the loss:
+    whose label) is not finite when there are any (a NaN voxel in one study; batch normalisation spreads it to the
+    whole batch's prediction), otherwise those whose output (or per-sample loss) is not finite, or every sample of
+    the batch for a reduced loss; then what to check (the files; with finite inputs, the learning rate or the
+    teacher checkpoint). A sample is named by its subject (the first of ``subject_key`` the batch holds, e.g.
+    ``subject 'A1B2C3'``) and its image file (MONAI's ``filename_or_obj`` meta data, e.g.
+    ``(file /data/A1B2C3_sa.nii.gz)``), or else by its position in the batch (see :py:func:`sample_names`). The
+    forward pass has run when the error is raised, so buffers it updates (batch-norm running statistics) may hold
+    NaN: reload the last checkpoint rather than saving the network after the error.
 
     Args:
         device: an object representing the device on which to run.
