@@ -65,9 +65,29 @@ accuracy at least ``--cal-gap`` below its average and group-balanced ERM's worst
 ``--cal-min-balanced``; among those, the highest group-balanced ERM worst group. Outputs
 ``waterbirds_calibration.csv`` / ``_history.csv`` / ``.md``; ``--cal-from`` merges the CSVs of parallel runs.
 
-``--sweep`` instead trains every configuration of ``SWEEP_GRID`` (with the ERM teacher) on ``--sweep-seeds``
-seeds from 1000 and scores it on validation data only; it writes ``worst_group_sweep.csv`` and
-``worst_group_sweep.md`` (the winners, which are the values of ``HYPER``). Settings other than the default write
+Held-out DRO update (GroupDistil and GroupDRO; the ``update`` key of a configuration, and a column of the runs
+CSV for those arms): the validation split is halved group by group (``monai.data.partition_dataset_classes``,
+ratios 1:1, shuffled with ``--val-split-seed``, as the bundles do). With ``"update": "held_out"`` the loss only
+applies its weights in training; ``HeldOutGroupDROHandler`` takes the exponentiated-gradient step, of size
+``held_out_step_size``, on the per-group losses (the ``weight_by`` quantity) of the network, and of the teacher for
+GroupDistil, on the second half, every epoch (``held_out_every`` 0, the default) or every ``held_out_every``
+iterations; the epoch is selected on the first half. ``--select-on half`` makes every student select on the first
+half (the same selection data for every arm); teachers always select on the whole split. The runs CSV records the
+number of images the epoch was selected on (``val_select_n``) and each student's ``base_method``.
+
+``--students '{"label": {"method": "groupdistil", "teacher": "erm", "weight_by": "ce", "update": "held_out",
+"held_out_step_size": 1.0, "weight_decay": 1.0}, ...}'`` trains these student arms (``HYPER`` of the method updated
+by the keys), and the teachers they name, instead of ``--arms``; the summary then also compares every GroupDistil
+arm with every KD arm (paired intervals; the 5-point target) and lists per-group test and training accuracy and DRO
+weights at the selected epoch.
+
+``--sweep`` instead trains every configuration of ``SWEEP_GRID`` (with the ERM teacher, or each teacher of
+``--sweep-teachers``) on ``--sweep-seeds`` seeds from 1000 and scores it on validation data only; it writes
+``worst_group_sweep.csv`` and ``worst_group_sweep.md`` (the winners, which are the values of ``HYPER``; with two
+teachers, the winners overall, the teacher a key of the configuration, and per teacher). ``--sweep-grid`` replaces
+values of the grid and may add keys (``weight_by``, ``update``, ``held_out_step_size``, ``held_out_every``); a
+batch-update configuration drops the held-out keys and a held-out one ``step_size``. ``--history`` also writes every
+epoch of every configuration to ``<stem>_sweep_history.csv``. Settings other than the default write
 ``worst_group_<settings>...`` files instead.
 
 Usage:
@@ -97,6 +117,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
+from monai.data import partition_dataset_classes
 from monai.networks.nets import ResNet
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader
@@ -117,6 +138,7 @@ from monai_groupdistil.data import (  # noqa: E402
     natural_image_preprocessing,
 )
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
+from monai_groupdistil.handlers import HeldOutGroupDROHandler  # noqa: E402
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss  # noqa: E402
 from monai_groupdistil.metrics import compute_group_accuracy  # noqa: E402
 
@@ -180,7 +202,25 @@ SWEEP_GRID: dict[str, dict[str, tuple]] = {
     },
 }
 SWEEP_OVERRIDE: dict[str, dict] = {}  # ``--sweep-grid``: values replacing those of SWEEP_GRID for one run
-SWEEP_KEYS = ("alpha", "step_size", "absent_groups", "adjustment", "sampler", "weight_decay")
+SWEEP_KEYS = (
+    "alpha",
+    "step_size",
+    "absent_groups",
+    "adjustment",
+    "sampler",
+    "weight_decay",
+    "weight_by",
+    "update",
+    "held_out_step_size",
+    "held_out_every",
+)
+# the DRO weight update (``update`` of GroupDROLoss / GroupDistillationLoss): "batch", every training batch with
+# ``step_size``; "held_out", a step of ``held_out_step_size`` on the per-group losses of the held-out half of the
+# validation split, every epoch (``held_out_every`` 0) or every ``held_out_every`` iterations
+UPDATES = ("batch", "held_out")
+HELD_OUT_KEYS = ("held_out_step_size", "held_out_every")
+# ``--students``: {label: (base method, teacher, hyper-parameters)} of the student arms of one run
+CUSTOM_STUDENTS: dict[str, tuple[str, str, dict]] = {}
 STUDENT_WIDTH = 8
 
 
@@ -307,9 +347,31 @@ def _first_per_cell(split: dict, k: int) -> dict:
 
 def build_data(args: argparse.Namespace, setting: dict, seed: int, pool: dict | None) -> dict:
     """Tensors (image, label, group) of the train / val / test splits of one setting and seed, the group names
-    and the training size of every group."""
-    if setting["kind"] == "waterbirds":
-        return build_waterbirds(args, setting, seed)
+    and the training size of every group; ``val_select`` and ``val_held_out``, the two halves of the validation
+    split (:func:`split_validation`)."""
+    data = (
+        build_waterbirds(args, setting, seed)
+        if setting["kind"] == "waterbirds"
+        else build_cardiac(args, setting, seed, pool)
+    )
+    data["val_select"], data["val_held_out"] = split_validation(data["val"], args.val_split_seed)
+    return data
+
+
+def split_validation(val: dict, seed: int) -> tuple[dict, dict]:
+    """The validation split in two halves, group by group (``monai.data.partition_dataset_classes``, the groups as
+    classes, ratios 1:1, shuffled with ``seed``; an odd group gives its extra sample to the first half), as the
+    bundles do: the first selects the epoch, the second drives the held-out DRO update (DFR's split)."""
+    parts = partition_dataset_classes(list(range(len(val["group"]))), val["group"].tolist(), [1, 1], True, seed)
+    halves = []
+    for part in parts:
+        index = torch.tensor(sorted(part), dtype=torch.long)
+        halves.append({key: value[index] for key, value in val.items()})
+    return halves[0], halves[1]
+
+
+def build_cardiac(args: argparse.Namespace, setting: dict, seed: int, pool: dict | None) -> dict:
+    """The cardiac splits of :func:`build_data`."""
     if setting["kind"] == "minority":
         f, minority = setting["fraction"], args.minority_vendor
         others = [v for v in MNMS_VENDORS if v != minority]
@@ -444,7 +506,9 @@ def _absent_kwargs(loss_class: type, hyper: dict) -> dict:
 
 def method_hyper(method: str) -> dict:
     """A student method's hyper-parameters: ``HYPER[method]``; a GroupDistil variant has GroupDistil's with its
-    ``weight_by``."""
+    ``weight_by``; an arm of ``--students`` its own."""
+    if method in CUSTOM_STUDENTS:
+        return CUSTOM_STUDENTS[method][2]
     if method in HYPER:
         return HYPER[method]
     if method == "erm_natural":
@@ -454,18 +518,47 @@ def method_hyper(method: str) -> dict:
     return {**HYPER["groupdistil"], "weight_by": GROUPDISTIL_WEIGHT_BY[method]}
 
 
+def base_method(method: str) -> str:
+    """The method whose loss a (student) arm trains with: the method itself, or that of a ``--students`` arm."""
+    return CUSTOM_STUDENTS[method][0] if method in CUSTOM_STUDENTS else method
+
+
+def uses_teacher(method: str) -> bool:
+    return base_method(method) in ("kd", "kd_balanced") or base_method(method) in GROUPDISTIL_WEIGHT_BY
+
+
+def has_dro_weights(method: str) -> bool:
+    return base_method(method) == "group_dro" or base_method(method) in GROUPDISTIL_WEIGHT_BY
+
+
+def update_of(hyper: dict) -> str:
+    """The DRO weight update of a configuration (``UPDATES``; default "batch")."""
+    update = hyper.get("update", "batch")
+    if update not in UPDATES:
+        raise ValueError(f"update={update!r}: expected one of {UPDATES}.")
+    return update
+
+
 def make_loss(method: str, hyper: dict, data: dict) -> torch.nn.Module:
-    """The training loss of a method with its hyper-parameters (``data`` gives the group count and sizes)."""
+    """The training loss of a method with its hyper-parameters (``data`` gives the group count and sizes). With
+    ``update`` "held_out" the DRO loss only applies its weights and its step size is ``held_out_step_size``."""
+    method = base_method(method)
     num_groups = len(data["group_names"])
     adjustment = float(hyper.get("adjustment", 0.0))
     counts = {"adjustment": adjustment, "group_counts": data["group_counts"]} if adjustment else {}
+    step = hyper.get("step_size")
+    if update_of(hyper) == "held_out":
+        if method != "group_dro" and method not in GROUPDISTIL_WEIGHT_BY:
+            raise ValueError(f"update='held_out' needs a group-DRO loss, not method {method!r}.")
+        counts["update"] = "held_out"
+        step = hyper["held_out_step_size"]
     if method in ("erm", "erm_natural"):
         return torch.nn.CrossEntropyLoss()
     if method == "group_dro":
         return GroupDROLoss(
             torch.nn.CrossEntropyLoss(reduction="none"),
             num_groups,
-            hyper["step_size"],
+            step,
             **counts,
             **_absent_kwargs(GroupDROLoss, hyper),
         )
@@ -481,7 +574,7 @@ def make_loss(method: str, hyper: dict, data: dict) -> torch.nn.Module:
             num_groups,
             TEMPERATURE,
             hyper["alpha"],
-            hyper["step_size"],
+            step,
             **counts,
             **_absent_kwargs(GroupDistillationLoss, hyper),
         )
@@ -499,8 +592,15 @@ def train(
     is_teacher: bool = False,
     eval_test: bool = True,
     lr: float = 1e-3,
+    select_on: str = "all",
 ) -> dict:
     """Train one network (student, or teacher when ``is_teacher``) with DistillationTrainer.
+
+    Model selection data: the whole validation split (``data["val"]``), or its first half (``data["val_select"]``)
+    for a student with the held-out update or when ``select_on`` is "half" (teachers: always the whole split).
+    With ``hyper["update"]`` "held_out", ``HeldOutGroupDROHandler`` takes the DRO step on the second half
+    (``data["val_held_out"]``, batches of 64 in a fixed order) every epoch (``held_out_every`` 0) or every
+    ``held_out_every`` iterations, after the epoch's record: the recorded weights are those the epoch trained with.
 
     ``set_determinism(seed)`` runs first, then the network is built, so its initialisation, the dropout-free
     forward passes and the data order (a generator seeded with ``seed``) are the same in every process. The
@@ -511,6 +611,11 @@ def train(
         per-group accuracy and DRO weights; the selected records also hold the test metrics (``eval_test``).
     """
     num_groups = len(data["group_names"])
+    if select_on not in ("all", "half"):
+        raise ValueError(f"select_on={select_on!r}: expected 'all' or 'half'.")
+    held_out = update_of(hyper) == "held_out"
+    half = not is_teacher and (held_out or select_on == "half")
+    val = data["val_select"] if half else data["val"]
     set_determinism(seed)
     network = (teacher_net if is_teacher else student)(data["channels"], data["classes"])
     loss = make_loss(method, hyper, data)
@@ -523,7 +628,7 @@ def train(
         loader = DataLoader(items, batch_size=16, sampler=GroupBalancedSampler(split["group"], seed=seed))
     else:
         loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    use_teacher = method in ("kd", "kd_balanced") or method in GROUPDISTIL_WEIGHT_BY
+    use_teacher = uses_teacher(method)
     if use_teacher and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher.")
     trainer = DistillationTrainer(
@@ -544,13 +649,21 @@ def train(
         history.append(
             {
                 "epoch": engine.state.epoch,
-                "val": evaluate(network, data["val"], num_groups, data["group_counts"]),
+                "val": evaluate(network, val, num_groups, data["group_counts"]),
                 "train": evaluate(network, data.get("train_eval", data["train"]), num_groups, data["group_counts"]),
                 "weights": weights.tolist() if weights is not None else None,
                 "state": {k: v.clone() for k, v in network.state_dict().items()},
             }
         )
 
+    if held_out:
+        every = int(hyper.get("held_out_every", 0))
+        split = data["val_held_out"]
+        batches = [
+            {key: split[key][i : i + 64] for key in ("image", "label", "group")}
+            for i in range(0, len(split["label"]), 64)
+        ]
+        HeldOutGroupDROHandler(loss, batches, interval=every or 1, epoch_level=not every).attach(trainer)
     trainer.run()
     selected = {rule: select(history, rule) for rule in ("worst", "average")}
     if eval_test:
@@ -562,7 +675,7 @@ def train(
     for h in history:
         h["state"] = None
     network.eval()
-    return {"network": network, "history": history, "selected": selected}
+    return {"network": network, "history": history, "selected": selected, "select_n": len(val["label"])}
 
 
 def make_optimizer(network: torch.nn.Module, lr: float, hyper: dict) -> torch.optim.Optimizer:
@@ -585,7 +698,7 @@ def teacher_hyper(method: str) -> dict:
 # ----------------------------------------------------------------------------------------------------- benchmark
 
 
-def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: list[str]) -> dict:
+def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: list[str], select_n: int = 0) -> dict:
     model, method, teacher = arm
     test, train = chosen["test"], chosen["train"]
     worst_test = test["worst_group"]
@@ -597,6 +710,7 @@ def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: l
         "method": method,
         "teacher": teacher,
         "selection": rule,
+        "base_method": base_method(method),
         "epoch": chosen["epoch"],
         "test_average": test["average"],
         "test_worst": test["worst"],
@@ -604,12 +718,15 @@ def _row(setting: dict, seed: int, arm: tuple, rule: str, chosen: dict, names: l
         "test_worst_group": names[worst_test],
         "val_average": chosen["val"]["average"],
         "val_worst": chosen["val"]["worst"],
+        "val_select_n": select_n,
         "train_acc_test_worst_group": train["per_group"][worst_test],
         "dro_weight_test_worst_group": "" if chosen["weights"] is None else chosen["weights"][worst_test],
         "hyper": json.dumps(hyper, sort_keys=True),
     }
-    if model == "student" and method in GROUPDISTIL_WEIGHT_BY:
-        row["weight_by"] = hyper.get("weight_by", GROUPDISTIL_WEIGHT_BY[method])
+    if model == "student" and base_method(method) in GROUPDISTIL_WEIGHT_BY:
+        row["weight_by"] = hyper.get("weight_by", GROUPDISTIL_WEIGHT_BY[base_method(method)])
+    if has_dro_weights(method):  # GroupDRO (student or teacher) and GroupDistil: the DRO weight update
+        row["update"] = update_of(hyper)
     row.update({f"test_acc/{n}": a for n, a in zip(names, test["per_group"])})
     row.update({f"train_acc/{n}": a for n, a in zip(names, train["per_group"])})
     row.update({f"train_loss/{n}": a for n, a in zip(names, train["loss_per_group"])})
@@ -631,10 +748,11 @@ def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict |
             teachers[method] = (run["network"], TeacherOutputCache(id_key="id"))
         else:
             net, cache = teachers[teacher] if teacher else (None, None)
-            run = train(method, data, args.epochs, seed, method_hyper(method), teacher=net, cache=cache, lr=args.lr)
+            hyper = method_hyper(method)
+            run = train(method, data, args.epochs, seed, hyper, net, cache, lr=args.lr, select_on=args.select_on)
         runs[arm] = run
     rows = [
-        _row(setting, seed, arm, rule, run["selected"][rule], names)
+        _row(setting, seed, arm, rule, run["selected"][rule], names, run["select_n"])
         for arm, run in runs.items()
         for rule in ("worst", "average")
     ]
@@ -654,9 +772,24 @@ def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict |
     return rows, f"test worst-group acc: {summary}", history
 
 
+def register_students(students: dict | None) -> None:
+    """``--students``: each label's base method, teacher and hyper-parameters (``HYPER`` of the method updated by
+    the label's keys; a held-out configuration drops ``step_size``, a batch one the ``HELD_OUT_KEYS``)."""
+    for label, spec in (students or {}).items():
+        method = spec["method"]
+        hyper = {**HYPER[method], **{k: v for k, v in spec.items() if k not in ("method", "teacher")}}
+        unused = HELD_OUT_KEYS if update_of(hyper) == "batch" else ("step_size",)
+        hyper = {k: v for k, v in hyper.items() if k not in unused}
+        CUSTOM_STUDENTS[label] = (method, spec.get("teacher", ""), hyper)
+
+
 def arms_of(args: argparse.Namespace) -> tuple:
-    """The arms of a run: every arm of ``ARMS``, (``--arms baselines``) ``ARMS_BASELINES``, or (``--arms distil``)
-    ``ARMS_DISTIL``."""
+    """The arms of a run: every arm of ``ARMS``, (``--arms baselines``) ``ARMS_BASELINES``, (``--arms distil``)
+    ``ARMS_DISTIL``, or (``--students``) the teachers they need and those students."""
+    if args.students:
+        students = tuple(("student", label, CUSTOM_STUDENTS[label][1]) for label in args.students)
+        teachers = tuple(("teacher", t, "") for t in TEACHERS if any(a[2] == t for a in students))
+        return teachers + students
     if args.arms == "baselines":
         return ARMS_BASELINES
     return ARMS_DISTIL if args.arms == "distil" else ARMS
@@ -755,8 +888,9 @@ def output_stem(args: argparse.Namespace) -> str:
 
 
 def _arms_in(rows: list[dict]) -> list[tuple]:
-    present = {(r["model"], r["method"], r["teacher"]) for r in rows}
-    return [a for a in ALL_ARMS if a in present]
+    """The arms of ``rows``: those of ``ALL_ARMS`` in its order, then the others in order of first appearance."""
+    present = list(dict.fromkeys((r["model"], r["method"], r["teacher"]) for r in rows))
+    return [a for a in ALL_ARMS if a in present] + [a for a in present if a not in ALL_ARMS]
 
 
 def _values(rows: list[dict], setting: str, arm: tuple, key: str, rule: str = "worst") -> dict:
@@ -884,6 +1018,63 @@ def diagnostics_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
     return lines
 
 
+def _family(row: dict) -> str:
+    """ "gd" for a GroupDistil student, "kd" for a KD student, "" otherwise (by the row's base method)."""
+    base = row.get("base_method") or row["method"]
+    if row["model"] != "student":
+        return ""
+    return "gd" if base in GROUPDISTIL_WEIGHT_BY else "kd" if base in ("kd", "kd_balanced") else ""
+
+
+def student_pair_lines(rows: list[dict], setting_names: list[str], target: float = 0.05) -> list[str]:
+    """Every GroupDistil student arm against every KD student arm (model selected by worst-group validation
+    accuracy): paired differences of test worst-group and average accuracy, and whether the worst-group difference
+    is at least ``target`` with its 95 % interval above 0."""
+    lines = [
+        "| setting | GroupDistil arm | KD arm | worst: GD - KD [95 % CI] positive | average: GD - KD | "
+        f"worst >= {100 * target:g} points, CI > 0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in setting_names:
+        sel = [r for r in rows if r["setting"] == name and r["selection"] == "worst"]
+        arms = _arms_in(sel)
+        first = {a: next(r for r in sel if (r["model"], r["method"], r["teacher"]) == a) for a in arms}
+        for gd, kd in itertools.product(arms, arms):
+            if _family(first[gd]) != "gd" or _family(first[kd]) != "kd":
+                continue
+            dw = paired_difference(_values(rows, name, gd, "test_worst"), _values(rows, name, kd, "test_worst"))
+            da = paired_difference(_values(rows, name, gd, "test_average"), _values(rows, name, kd, "test_average"))
+            if dw["n"]:
+                met = dw["mean"] >= target and dw["low"] > 0
+                lines.append(
+                    f"| {name} | {arm_label(*gd)} | {arm_label(*kd)} | {_fmt_diff(dw)} | {_fmt_diff(da)} | "
+                    f"{'yes' if met else 'no'} |"
+                )
+    return lines
+
+
+def arm_group_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
+    """Per setting, arm and group (worst-group selection): mean test accuracy, training accuracy and DRO weight at
+    the selected epoch, and the number of seeds where the group is the arm's worst on test."""
+    lines = [
+        "| setting | arm | group | test acc | train acc | DRO weight | worst on test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in setting_names:
+        sel = [r for r in rows if r["setting"] == name and r["selection"] == "worst"]
+        groups = [k.split("/", 1)[1] for k in (sel[0] if sel else {}) if k.startswith("test_acc/")]
+        for arm in _arms_in(sel):
+            arm_rows = [r for r in sel if (r["model"], r["method"], r["teacher"]) == arm]
+            for g in groups:
+                worst = sum(r["test_worst_group"] == g for r in arm_rows)
+                lines.append(
+                    f"| {name} | {arm_label(*arm)} | {g} | {_mean_of(arm_rows, f'test_acc/{g}')} | "
+                    f"{_mean_of(arm_rows, f'train_acc/{g}')} | {_mean_of(arm_rows, f'dro_weight/{g}')} | "
+                    f"{worst}/{len(arm_rows)} |"
+                )
+    return lines
+
+
 def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float, timings) -> None:
     stem = output_stem(args)
     out = Path(args.out)
@@ -937,6 +1128,14 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
             else ""
         )
         + f"epochs: teachers {args.teacher_epochs}, students {args.epochs}; input {args.size}x{args.size}; "
+        + (
+            "students select their epoch on the first half of the validation split (the second half drives the "
+            "held-out DRO update); "
+            if args.select_on == "half"
+            else "students select their epoch on the whole validation split (with the held-out DRO update: on its "
+            "first half, the second driving the update); "
+        )
+        + f"validation halves: seed {args.val_split_seed}; "
         f"AdamW lr {args.lr:g}; temperature {TEMPERATURE}; hyper-parameters {json.dumps(HYPER)}.",
         "",
         (
@@ -961,6 +1160,17 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
     ):
         lines += [f"## Model selected by {title}", "", *summary_lines(rows, names, rule), ""]
     lines += ["## GroupDistil - KD with the same teacher", "", *same_teacher_lines(rows, names), ""]
+    if any(r["method"] in CUSTOM_STUDENTS or r.get("base_method", r["method"]) != r["method"] for r in rows):
+        lines += [
+            "## Student arms (--students): every GroupDistil arm - every KD arm (worst-group selection)",
+            "",
+            *student_pair_lines(rows, names),
+            "",
+            "Per group at the selected epoch (means over seeds):",
+            "",
+            *arm_group_lines(rows, names),
+            "",
+        ]
     if any(r["method"] == "erm_natural" for r in rows):
         lines += ["## GroupDRO - ERM (each ERM arm)", "", *dro_erm_lines(rows, names), ""]
     lines += [
@@ -1031,95 +1241,148 @@ def plot(rows: list[dict], settings: list[dict], path: Path) -> None:
 
 
 def sweep_configs(method: str, weight_decays: list[float] | None = None) -> list[dict]:
-    """Every configuration of ``SWEEP_GRID[method]`` (``weight_decays`` replaces its weight-decay values)."""
+    """Every configuration of ``SWEEP_GRID[method]`` (``weight_decays`` replaces its weight-decay values,
+    ``--sweep-grid`` any values and adds keys). A configuration with the batch update (``update`` absent or
+    "batch") drops the ``HELD_OUT_KEYS``, one with the held-out update drops ``step_size`` (its step is
+    ``held_out_step_size``); duplicates are removed, first occurrence kept."""
     grid = dict(SWEEP_GRID[method])
     if weight_decays is not None:
         grid["weight_decay"] = tuple(weight_decays)
     grid.update({k: tuple(v) for k, v in (SWEEP_OVERRIDE.get(method) or {}).items()})
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    out: list[dict] = []
+    for values in itertools.product(*grid.values()):
+        config = dict(zip(grid, values))
+        unused = HELD_OUT_KEYS if update_of(config) == "batch" else ("step_size",)
+        config = {k: v for k, v in config.items() if k not in unused}
+        if config not in out:
+            out.append(config)
+    return out
+
+
+def sweep_teachers(args: argparse.Namespace, method: str) -> list[str]:
+    """The teachers a sweep method runs with: ``--sweep-teachers`` for KD and GroupDistil, none otherwise."""
+    return list(args.sweep_teachers) if uses_teacher(method) else [""]
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
-    """Every configuration of ``SWEEP_GRID`` on the seeds of the run, with the ERM teacher, validation only."""
+    """Every configuration of ``SWEEP_GRID`` on the seeds of the run, with each teacher of ``--sweep-teachers``
+    (KD, GroupDistil), validation only."""
     settings = settings_of(args)
     pool = eval_pool(args) if any(s["kind"] != "waterbirds" for s in settings) else None
+    out, stem = Path(args.out), output_stem(args)
     rows: list[dict] = []
+    history: list[dict] = []
     begin = time.time()
     winners: dict = {}
     if args.merge_from:  # the sweep CSVs of earlier invocations (e.g. one process per seed), no training
-        for path in args.merge_from:
-            rows += _read_rows(Path(path))
+        for path in map(Path, args.merge_from):
+            rows += _read_rows(path)
+            if path.with_name(path.stem + "_history.csv").exists():
+                history += _read_rows(path.with_name(path.stem + "_history.csv"))
+        if history:
+            _write_csv(out / f"{stem}_sweep_history.csv", history)
         return write_sweep(rows, args, settings, 0.0)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for setting in settings:
             start = time.time()
             data = build_data(args, setting, seed, pool)
-            teacher = None
-            if {"kd", "groupdistil"} & set(args.methods):
-                hyper = teacher_hyper("erm")
-                run = train("erm", data, args.teacher_epochs, seed, hyper, is_teacher=True, eval_test=False, lr=args.lr)
-                teacher = run["network"]
-            cache = TeacherOutputCache(id_key="id")
+            names = data["group_names"]
+            teachers = {}
+            if any(uses_teacher(m) for m in args.methods):
+                for t in args.sweep_teachers:
+                    hyper = teacher_hyper(t)
+                    run = train(t, data, args.teacher_epochs, seed, hyper, is_teacher=True, eval_test=False, lr=args.lr)
+                    teachers[t] = (run["network"], TeacherOutputCache(id_key="id"))
             for method in args.methods:
-                for config in sweep_configs(method, args.sweep_weight_decay):
-                    run = train(method, data, args.epochs, seed, config, teacher, cache, eval_test=False, lr=args.lr)
-                    chosen = run["selected"]["worst"]
-                    rows.append(
-                        {
-                            "setting": setting["name"],
-                            "seed": seed,
-                            "method": method,
-                            **{k: config.get(k, "") for k in SWEEP_KEYS},
-                            "epoch": chosen["epoch"],
-                            "val_worst": chosen["val"]["worst"],
-                            "val_average": chosen["val"]["average"],
-                        }
-                    )
+                for teacher in sweep_teachers(args, method):
+                    net, cache = teachers.get(teacher, (None, None))
+                    for config in sweep_configs(method, args.sweep_weight_decay):
+                        tic = time.time()
+                        run = train(method, data, args.epochs, seed, config, net, cache, eval_test=False, lr=args.lr,
+                                    select_on=args.select_on)  # fmt: skip
+                        chosen = run["selected"]["worst"]
+                        keys = {k: config.get(k, "") for k in SWEEP_KEYS}
+                        rows.append(
+                            {
+                                "setting": setting["name"],
+                                "seed": seed,
+                                "method": method,
+                                "teacher": teacher,
+                                **keys,
+                                "epoch": chosen["epoch"],
+                                "val_worst": chosen["val"]["worst"],
+                                "val_average": chosen["val"]["average"],
+                                "val_select_n": run["select_n"],
+                                "wall_s": round(time.time() - tic, 1),
+                                **{f"val_acc/{n}": a for n, a in zip(names, chosen["val"]["per_group"])},
+                                **{f"train_acc/{n}": a for n, a in zip(names, chosen["train"]["per_group"])},
+                                **{f"dro_weight/{n}": a for n, a in zip(names, chosen["weights"] or [])},
+                            }
+                        )
+                        if args.history:
+                            for h in run["history"]:
+                                history.append({"setting": setting["name"], "seed": seed, "method": method,
+                                                "teacher": teacher, **keys, **_epoch_row(h, names)})  # fmt: skip
             print(f"[sweep {setting['name']} seed {seed}] {time.time() - start:.0f} s", flush=True)
             winners = write_sweep(rows, args, settings, time.time() - begin)
+            if args.history:
+                _write_csv(out / f"{stem}_sweep_history.csv", history)
     return winners
 
 
+def _winner_lines(winners: dict, label: str = "") -> list[str]:
+    return [
+        f"| {method}{label} | {json.dumps(w['config'])} | {100 * w['val_worst']:.2f} | {100 * w['val_average']:.2f} | "
+        f"{w['runs']} |"
+        for method, w in winners.items()
+    ]
+
+
 def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float) -> dict:
+    """``<stem>_sweep.csv`` and ``<stem>_sweep.md`` (winners overall, the teacher being one of the keys, and per
+    teacher; every configuration); returns the overall winners."""
     out, stem = Path(args.out), output_stem(args)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{stem}_sweep.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    winners = sweep_winners(rows, SWEEP_KEYS)
+    _write_csv(out / f"{stem}_sweep.csv", rows)
+    teachers = [t for t in dict.fromkeys(r.get("teacher", "") for r in rows) if t]
+    keys = (*SWEEP_KEYS, "teacher") if len(teachers) > 1 else SWEEP_KEYS
+    winners = sweep_winners(rows, keys)
     seeds = sorted({r["seed"] for r in rows})
+    select = (
+        "the first half of the validation split (every student)"
+        if args.select_on == "half"
+        else "the whole validation split (held-out update: its first half)"
+    )
     lines = [
         "# Worst-group benchmark: hyper-parameter sweep (validation data only)",
         "",
         f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
         "",
         f"Seeds {', '.join(map(str, seeds))}; settings {', '.join(s['name'] for s in settings)}; "
-        f"methods {', '.join(sorted({r['method'] for r in rows}))} (KD, GroupDistil: ERM teacher); "
-        f"AdamW lr {args.lr:g}; "
+        f"methods {', '.join(sorted({r['method'] for r in rows}))} (KD, GroupDistil: teachers "
+        f"{', '.join(teachers) or 'erm'}); AdamW lr {args.lr:g}; "
         f"epochs: teacher {args.teacher_epochs}, students {args.epochs}; temperature {TEMPERATURE}. Wall time "
-        f"{wall / 60:.1f} min with {torch.get_num_threads()} thread(s). Score: worst-group validation accuracy of "
-        "the epoch it selects, mean over settings and seeds (ties: mean average validation accuracy).",
+        f"{wall / 60:.1f} min with {torch.get_num_threads()} thread(s). Epoch selected on {select}. Score: "
+        "worst-group validation accuracy of the epoch it selects, mean over settings and seeds (ties: mean average "
+        "validation accuracy).",
         "",
         "## Winners",
         "",
         "| method | configuration | mean val worst | mean val average | runs |",
         "|---|---|---|---|---|",
+        *_winner_lines(winners),
     ]
-    for method, w in winners.items():
-        lines.append(
-            f"| {method} | {json.dumps(w['config'])} | {100 * w['val_worst']:.2f} | {100 * w['val_average']:.2f} | "
-            f"{w['runs']} |"
-        )
+    if len(teachers) > 1:
+        for t in teachers:
+            lines += _winner_lines(sweep_winners([r for r in rows if r.get("teacher", "") == t], SWEEP_KEYS), f" ({t})")
     lines += ["", "## Every configuration (mean over settings and seeds; per setting: worst / average)", ""]
     names = [s["name"] for s in settings]
     lines += [
-        "| method | " + " | ".join(SWEEP_KEYS) + " | mean worst | mean average | " + " | ".join(names) + " |",
-        "|---|" + "---|" * (len(SWEEP_KEYS) + 2 + len(names)),
+        "| method | teacher | " + " | ".join(SWEEP_KEYS) + " | mean worst | mean average | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * (len(SWEEP_KEYS) + 2 + len(names)),
     ]
     configs: dict = {}
     for r in rows:
-        configs.setdefault((r["method"], *(r[k] for k in SWEEP_KEYS)), []).append(r)
+        configs.setdefault((r["method"], r.get("teacher", ""), *(r.get(k, "") for k in SWEEP_KEYS)), []).append(r)
     for key, group in configs.items():
         per_setting = []
         for name in names:
@@ -1406,7 +1669,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sweep-grid", type=json.loads, default=None, help="JSON {method: {key: [values]}} replacing SWEEP_GRID values"
     )
     parser.add_argument("--stem", default=None, help="output file name stem (default from the settings)")
-    parser.add_argument("--history", action="store_true", help="also write <stem>_history.csv (every epoch)")
+    parser.add_argument(
+        "--history", action="store_true", help="also write <stem>_history.csv (--sweep: <stem>_sweep_history.csv)"
+    )
+    parser.add_argument(
+        "--students",
+        type=json.loads,
+        default=None,
+        help='JSON {label: {"method": m, "teacher": t, key: value}}: train these student arms (and the teachers '
+        "they name) instead of --arms; m is erm, group_dro, kd or groupdistil, t erm or group_dro (KD, "
+        "GroupDistil), the other keys update HYPER[m] (e.g. sampler, weight_decay, weight_by, update, "
+        "held_out_step_size, held_out_every)",
+    )
+    parser.add_argument(
+        "--sweep-teachers",
+        nargs="+",
+        default=["erm"],
+        choices=list(TEACHERS),
+        help="--sweep: the teachers of the KD and GroupDistil configurations (default erm)",
+    )
+    held = parser.add_argument_group(
+        "held-out DRO update and model selection (the validation split in two halves, group by group)"
+    )
+    held.add_argument(
+        "--select-on",
+        default="all",
+        choices=["all", "half"],
+        help="all: students select their epoch on the whole validation split, except those with the held-out update "
+        "(the first half); half: every student selects on the first half (the same data for every arm). Teachers: "
+        "always the whole split",
+    )
+    held.add_argument(
+        "--val-split-seed",
+        type=int,
+        default=0,
+        help="shuffling seed of the group-stratified halving (monai.data.partition_dataset_classes, ratios 1:1)",
+    )
     cal = parser.add_argument_group("--calibrate: Waterbirds baselines on validation data over a grid of knobs")
     cal.add_argument("--calibrate", action="store_true", help="run the Waterbirds calibration instead")
     cal.add_argument("--cal-correlation", type=float, nargs="+", default=[0.95])
@@ -1452,6 +1750,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.hyper or {}) - {*METHODS, "erm_natural"}
     if unknown:
         parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(METHODS)}")
+    for label, spec in (args.students or {}).items():
+        method, teacher = spec.get("method"), spec.get("teacher", "")
+        if label in METHODS or label in ("erm_natural", "kd_balanced", *GROUPDISTIL_WEIGHT_BY):
+            parser.error(f"--students: label {label!r} is a built-in arm; choose another")
+        if method not in METHODS:
+            parser.error(f"--students: {label!r} needs a method among {list(METHODS)}, got {method!r}")
+        if (method in ("kd", "groupdistil")) != (teacher in TEACHERS):
+            parser.error(f"--students: {label!r} ({method}) has teacher {teacher!r}; KD and GroupDistil need one of "
+                         f"{list(TEACHERS)}, the others none")  # fmt: skip
+        if spec.get("update", "batch") not in UPDATES or (
+            spec.get("update", "batch") == "held_out" and method not in ("group_dro", "groupdistil")
+        ):
+            parser.error(f"--students: {label!r}: update must be one of {UPDATES}, held_out for a group-DRO loss")
     if not 0.0 <= args.correlation <= 1.0:
         parser.error(f"--correlation must be in [0, 1], got {args.correlation}")
     if args.seeds < 1 or args.train_subjects < 1 or args.val_per_cell < 1 or args.test_per_cell < 1:
@@ -1466,6 +1777,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     for method, update in (args.hyper or {}).items():
         HYPER[method] = {**method_hyper(method), **update}
+    register_students(args.students)
     SWEEP_OVERRIDE.update(args.sweep_grid or {})
     if args.calibrate:
         chosen = run_calibration(args)

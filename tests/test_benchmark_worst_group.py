@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import inspect
+import json
 import math
 import os
 import subprocess
@@ -338,3 +339,163 @@ def test_baseline_and_distillation_arms():
     assert lines[2] == f"| s | erm | worst | {worst_group._fmt_diff(erm)} | +0.0 [+0.0, +0.0] 0/3 |"
     assert worst_group._fmt_diff(erm).startswith("+1.0 [") and erm["positive"] == 1
     assert len(lines) == 4  # no rows selected by average accuracy
+
+
+# ----------------------------------------------------------------------------------------------------- held-out update
+
+
+def _tiny_data(n_train: int = 64, n_val: int = 24) -> dict:
+    """Random 3 x 32 x 32 images of 4 groups (label = group // 2), with the validation halves of build_data."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        g = torch.arange(n) % 4
+        return {"image": torch.randn(n, 3, 32, 32, generator=gen), "label": g // 2, "group": g}
+
+    data = {"train": split(n_train), "val": split(n_val), "test": split(8), "group_names": list("abcd")}
+    data.update(channels=3, classes=2, group_counts=[n_train // 4] * 4)
+    data["val_select"], data["val_held_out"] = worst_group.split_validation(data["val"], 0)
+    return data
+
+
+def test_split_validation_halves_every_group_with_a_fixed_seed():
+    g = torch.tensor([0] * 7 + [1] * 6 + [2] * 4 + [3] * 3)
+    val = {"image": torch.arange(20.0).reshape(20, 1), "label": g // 2, "group": g}
+    first, second = worst_group.split_validation(val, 0)
+    assert torch.bincount(first["group"], minlength=4).tolist() == [4, 3, 2, 2]  # an odd group: one more in the first
+    assert torch.bincount(second["group"], minlength=4).tolist() == [3, 3, 2, 1]
+    ids = sorted(first["image"].flatten().tolist() + second["image"].flatten().tolist())
+    assert ids == list(range(20))  # disjoint, together the whole split, rows kept together
+    for half in (first, second):
+        assert torch.equal(val["group"][half["image"].flatten().long()], half["group"])
+    again = worst_group.split_validation(val, 0)
+    assert torch.equal(again[0]["image"], first["image"])  # the same seed gives the same halves
+    others = [worst_group.split_validation(val, s)[0]["image"] for s in range(1, 6)]
+    assert any(not torch.equal(o, first["image"]) for o in others)
+
+
+def _recording_loss(monkeypatch) -> tuple[list, list]:
+    """Make ``worst_group.make_loss`` record the DRO weights at every training call and every held-out step."""
+    calls, steps = [], []
+    original = worst_group.make_loss
+
+    def make(method, hyper, data):
+        loss = original(method, hyper, data)
+        loss.register_forward_hook(lambda m, i, o: calls.append(m.group_weights.clone()))
+        update = loss.update_weights
+
+        def recording_update(losses, groups):
+            steps.append(torch.bincount(groups, minlength=loss.num_groups).tolist())
+            update(losses, groups)
+
+        loss.update_weights = recording_update
+        return loss
+
+    monkeypatch.setattr(worst_group, "make_loss", make)
+    return calls, steps
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_held_out_update_moves_the_weights_only_at_its_steps(monkeypatch, every):
+    """With ``update="held_out"`` no training batch moves the GroupDistil weights: they change only at the held-out
+    steps (every epoch, or every ``held_out_every`` iterations), each on the whole second validation half; the epoch
+    is selected on the first half. With the batch update every training call moves them."""
+    data = _tiny_data()
+    torch.manual_seed(0)
+    teacher = worst_group.student(3, 2).eval()
+    calls, steps = _recording_loss(monkeypatch)
+    hyper = {**worst_group.HYPER["groupdistil"], "weight_by": "ce", "update": "held_out", "held_out_step_size": 1.0}
+    hyper["held_out_every"] = every
+    run = worst_group.train("groupdistil", data, 3, 0, hyper, teacher=teacher, eval_test=False)
+    iterations = len(calls)
+    assert iterations == 3 * 64 // 16  # 4 iterations per epoch
+    assert len(steps) == (3 if every == 0 else iterations // every)
+    assert all(s == [3, 3, 3, 3] for s in steps)  # the held-out half: 3 of the 6 validation images of every group
+    moved = [i for i in range(1, iterations) if not torch.equal(calls[i], calls[i - 1])]
+    step_after = [4, 8] if every == 0 else [3, 6, 9]  # call i (0-based) follows the steps taken after call i - 1
+    assert moved == [i for i in step_after if i < iterations]
+    assert torch.allclose(calls[0], torch.full((4,), 0.25))  # uniform until the first held-out step
+    assert run["select_n"] == 12 and all(h["val"]["min_group_n"] == 3 for h in run["history"])
+    if every == 0:  # the recorded weights of an epoch are those it trained with
+        assert torch.allclose(torch.tensor(run["history"][1]["weights"]), calls[7])
+
+    calls.clear()
+    steps.clear()
+    batch = {**worst_group.HYPER["groupdistil"], "weight_by": "ce"}
+    run = worst_group.train("groupdistil", data, 1, 0, batch, teacher=teacher, eval_test=False)
+    assert not steps and run["select_n"] == 24  # the whole validation split, no held-out step
+    # the batch update moves the weights in every training call (recorded after the call's update)
+    assert all(not torch.equal(calls[i], calls[i - 1]) for i in range(1, len(calls)))
+    run = worst_group.train("groupdistil", data, 1, 0, batch, teacher=teacher, eval_test=False, select_on="half")
+    assert run["select_n"] == 12
+
+
+def test_sweep_configs_keep_only_the_step_of_their_update(monkeypatch):
+    grid = {"groupdistil": {"update": ["batch", "held_out"], "step_size": [0.01, 0.1], "held_out_step_size": [1.0]}}
+    monkeypatch.setattr(worst_group, "SWEEP_OVERRIDE", grid)
+    configs = worst_group.sweep_configs("groupdistil", [1.0])
+    batch = [c for c in configs if c["update"] == "batch"]
+    held = [c for c in configs if c["update"] == "held_out"]
+    # 2 x 3 x 2 x 2 x 2 (alpha, absent groups, adjustment, sampler) batch configurations with their 2 step sizes;
+    # the held-out ones have no step_size (their step is held_out_step_size), so the two step sizes collapse
+    assert len(batch) == 2 * 2 * 2 * 2 * 2 and len(held) == len(batch) // 2
+    assert all("held_out_step_size" not in c and c["weight_decay"] == 1.0 for c in batch)
+    assert all("step_size" not in c and c["held_out_step_size"] == 1.0 for c in held)
+    loss = worst_group.make_loss("groupdistil", held[0], {"group_names": list("abcd"), "group_counts": [1] * 4})
+    assert loss.update == "held_out" and loss.step_size == 1.0
+    with pytest.raises(ValueError, match="needs a group-DRO loss"):
+        worst_group.make_loss("kd", {"alpha": 0.5, "update": "held_out"}, {"group_names": list("ab")})
+
+
+def test_quick_waterbirds_student_arms_write_the_update_column(tmp_path):
+    """``--quick --students``: a held-out GroupDistil arm, a batch GroupDistil arm and a KD arm; the runs CSV has
+    the ``update`` column (GroupDistil and GroupDRO rows only), ``val_select_n`` and the base method, and the
+    summary compares every GroupDistil arm with every KD arm."""
+    students = {
+        "kd_bal": {"method": "kd", "teacher": "erm", "sampler": "balanced", "weight_decay": 1.0},
+        "gd_held": {"method": "groupdistil", "teacher": "erm", "weight_by": "ce", "update": "held_out",
+                    "held_out_step_size": 1.0},
+        "gd_batch": {"method": "groupdistil", "teacher": "group_dro", "weight_by": "loss"},
+    }  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "wb"
+    cmd = [sys.executable, str(BENCH / "worst_group.py"), "--quick", "--settings", "waterbirds", "--out", str(out)]
+    cmd += ["--cache", str(tmp_path / "cache"), "--students", json.dumps(students), "--stem", "wb"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "wb_runs.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["selection"] == "worst"]
+    by_arm = {(r["model"], r["method"], r["teacher"]): r for r in rows}
+    assert set(by_arm) == {("teacher", "erm", ""), ("teacher", "group_dro", ""), ("student", "kd_bal", "erm"),
+                           ("student", "gd_held", "erm"), ("student", "gd_batch", "group_dro")}  # fmt: skip
+    held, batch, kd = (
+        by_arm["student", "gd_held", "erm"],
+        by_arm["student", "gd_batch", "group_dro"],
+        by_arm["student", "kd_bal", "erm"],
+    )
+    assert (held["update"], held["weight_by"], held["base_method"]) == ("held_out", "ce", "groupdistil")
+    assert (batch["update"], batch["weight_by"]) == ("batch", "loss")
+    assert kd["update"] == "" and kd["weight_by"] == "" and kd["base_method"] == "kd"
+    assert by_arm["teacher", "group_dro", ""]["update"] == "batch"
+    # --quick: 6 validation images per group; the held-out arm selects on 3 per group, the others on all 6
+    assert held["val_select_n"] == "12" and batch["val_select_n"] == "24" and kd["val_select_n"] == "24"
+    assert json.loads(held["hyper"])["held_out_step_size"] == 1.0 and "step_size" not in json.loads(held["hyper"])
+    assert json.loads(kd["hyper"]) == {"alpha": 0.5, "sampler": "balanced", "weight_decay": 1.0}
+    assert math.isclose(sum(float(held[f"dro_weight/{n}"]) for n in worst_group.WATERBIRDS_GROUP_NAMES), 1.0,
+                        rel_tol=1e-5)  # fmt: skip
+    summary = (out / "wb.md").read_text()
+    assert "| gd_held <- erm teacher | kd_bal <- erm teacher |" in summary
+    assert "| gd_batch <- group_dro teacher | kd_bal <- erm teacher |" in summary
+
+
+def test_bad_student_arms_are_refused(capsys):
+    for spec, message in (
+        ({"kd": {"method": "kd", "teacher": "erm"}}, "is a built-in arm"),
+        ({"a": {"method": "kd"}}, "has teacher ''"),
+        ({"a": {"method": "erm", "teacher": "erm"}}, "has teacher 'erm'"),
+        ({"a": {"method": "kd", "teacher": "erm", "update": "held_out"}}, "held_out for a group-DRO loss"),
+        ({"a": {"method": "dro"}}, "needs a method among"),
+    ):
+        with pytest.raises(SystemExit):
+            worst_group.parse_args(["--students", json.dumps(spec)])
+        assert message in capsys.readouterr().err
