@@ -36,6 +36,7 @@ from monai_groupdistil.handlers import (
 from tests.bundle_helpers import Bundle, error_chain, one_thread, root_error  # noqa: F401 (one_thread: autouse)
 from tests.test_inference_configs import network_state
 
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 CLASSIFIER, SEGMENTER = "cardiac_mri_groupdistil", "cardiac_mri_seg_groupdistil"
 SMALL = {CLASSIFIER: {"spatial_size": [32, 32], "pixdim": [4.0, 4.0]}, SEGMENTER: {"spatial_size": [32, 32]}}
 PROB = r"[0-9.]+"
@@ -79,7 +80,7 @@ def check_failures_csv(path: Path, bad: dict[str, str], id_name: str = "subject"
     reasons = {r[id_name]: r["reason"] for r in rows}
     assert reasons["broken"].startswith("EOFError: Compressed file ended"), reasons
     assert reasons["all_nan"].startswith("non-finite input 'image': "), reasons
-    assert reasons["missing"] == f"FileNotFoundError: No such file or no access: '{bad['missing']}'", reasons
+    assert reasons["missing"] == f"FileNotFoundError: '{bad['missing']}' does not exist", reasons
 
 
 def check_message(message: str, bad: dict[str, str], total: int, failures_csv: Path) -> None:
@@ -274,15 +275,17 @@ def _fail_on_odd(item: dict) -> dict:
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_skip_failed_loader_keeps_batch_mates_and_records_failures(num_workers):
+def test_skip_failed_loader_keeps_batch_mates_and_records_failures(num_workers, tmp_path):
     """The records come through worker processes; a batch whose items all failed is not yielded."""
-    data = [{"n": n, "image": f"f{n}", "subject": f"s{n}"} for n in (0, 1, 2, 3, 5, 7, 4)]
+    for n in range(8):
+        (tmp_path / f"f{n}").touch()  # the files exist: the reasons are the transform's errors
+    data = [{"n": n, "image": str(tmp_path / f"f{n}"), "subject": f"s{n}"} for n in (0, 1, 2, 3, 5, 7, 4)]
     loader = SkipFailedLoader(SkipFailedDataset(data, _fail_on_odd), batch_size=2, num_workers=num_workers)
     for _ in range(2):  # each pass starts a new list
         batches = [batch["subject"] for batch in loader]
         assert batches == [["s0"], ["s2"], ["s4"]]  # [0, 1], [2, 3], [5, 7] (none left), [4]
         assert loader.failures == [
-            {"id": f"s{n}", "file": f"f{n}", "reason": f"ValueError: odd {n}"} for n in (1, 3, 5, 7)
+            {"id": f"s{n}", "file": str(tmp_path / f"f{n}"), "reason": f"ValueError: odd {n}"} for n in (1, 3, 5, 7)
         ]
     assert skip_failed_collate([{FAILURE_KEY: {"id": "x"}}]) == {FAILURE_KEY: [{"id": "x"}]}
 
@@ -307,3 +310,57 @@ def test_atomic_nibabel_writer_keeps_the_earlier_file_when_a_write_fails(tmp_pat
         writer.write(target)
     assert target.read_bytes() == earlier and [p.name for p in tmp_path.iterdir()] == [target.name]
     assert issubclass(AtomicNibabelWriter, NibabelWriter)
+
+
+def test_waterbirds_keeps_the_readable_images(tmp_path):
+    """The Waterbirds bundle's inference, batches of 4: a truncated image and a missing one among eight good ones
+    are listed under their ``img_id``; the good ones are predicted as in a run without them."""
+    from monai_groupdistil.data import make_synthetic_waterbirds
+
+    bundle = Bundle("waterbirds_groupdistil")
+    root = Path(make_synthetic_waterbirds(tmp_path / "wb", n_images=8, seed=1, image_size=40))
+    images = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    assert len(images) == 8
+    data = Path(images[0]).read_bytes()
+    (tmp_path / ("broken" + Path(images[0]).suffix)).write_bytes(data[: len(data) // 3])
+    bad = {"broken": str(tmp_path / ("broken" + Path(images[0]).suffix)), "missing": str(tmp_path / "missing.jpg")}
+    good = [{"image": f, "img_id": f"good{i}"} for i, f in enumerate(images)]
+    mixed = [
+        *good[:3],
+        {"image": bad["broken"], "img_id": "broken"},
+        *good[3:6],
+        {"image": bad["missing"], "img_id": "missing"},
+    ]
+    mixed += good[6:]
+    for name, entries in (("good", good), ("mixed", mixed)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(entries))
+    torch.save({"model": network_state(bundle.name)}, tmp_path / "model.pt")
+    common = {"bundle_root": str(bundle.root), "ckpt_dir": str(tmp_path), "device": "cpu", "batch_size": 4}
+    common.update(spatial_size=[32, 32], resize=[36, 36])
+    runs = {}
+    for name in ("good", "mixed"):
+        overrides = {
+            **common,
+            "dataset_dir": str(tmp_path / f"{name}.json"),
+            "output_file": str(tmp_path / name / "p.csv"),
+        }
+        wf = bundle.workflow(bundle.configs("inference"), overrides, "infer")
+        if name == "good":
+            wf.run()
+        else:
+            with pytest.raises(RuntimeError) as err:
+                wf.run()
+            failed = root_error(err.value)
+            assert isinstance(failed, InferenceFailedError), error_chain(err.value)
+            assert "inference failed for 2 of 10 studies (the other 8 were predicted" in str(failed)
+        runs[name] = read_rows(tmp_path / name / "p.csv")
+    assert [r["img_id"] for r in runs["mixed"]] == [g["img_id"] for g in good]
+    columns = ["prob_landbird", "prob_waterbird"]
+    got = torch.tensor([[float(r[c]) for c in columns] for r in runs["mixed"]])
+    want = torch.tensor([[float(r[c]) for c in columns] for r in runs["good"]])
+    assert torch.allclose(got, want, atol=2e-6, rtol=0) and len({r[columns[0]] for r in runs["good"]}) > 1
+    rows = read_rows(tmp_path / "mixed" / "failures.csv")
+    assert [(r["img_id"], r["file"]) for r in rows] == list(bad.items())
+    # LoadImage's message (its first line: it appends every reader's traceback), not MONAI's "applying transform"
+    assert rows[0]["reason"] == f"RuntimeError: LoadImage cannot find a suitable reader for file: {bad['broken']}."
+    assert rows[1]["reason"] == f"FileNotFoundError: '{bad['missing']}' does not exist"

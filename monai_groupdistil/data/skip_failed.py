@@ -12,6 +12,7 @@ file and ends the run with an error naming them, after the outputs of the other 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -37,15 +38,17 @@ item that :class:`SkipNonFinited` set aside, the reason."""
 logger = logging.getLogger(__name__)
 
 
-def failure_reason(error: BaseException) -> str:
-    """``"<type>: <message>"`` of the innermost cause of ``error`` (MONAI wraps a transform's error in
-    ``RuntimeError("applying transform ...")``, whose message does not say what went wrong)."""
+def failure_reason(error: BaseException, max_length: int = 300) -> str:
+    """``"<type>: <message>"`` of the innermost cause of ``error``, the message's first line only, at most
+    ``max_length`` characters (MONAI wraps a transform's error in ``RuntimeError("applying transform ...")``, which
+    does not say what went wrong, and ``LoadImage`` appends every reader's traceback to its message)."""
     seen = {id(error)}
     while error.__cause__ is not None and id(error.__cause__) not in seen:
         error = error.__cause__
         seen.add(id(error))
-    message = str(error).strip().replace("\n", " ")
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
+    return reason if len(reason) <= max_length else reason[: max_length - 3] + "..."
 
 
 def non_finite_reason(value: Any, what: str) -> str | None:
@@ -64,8 +67,9 @@ class SkipFailedDataset(Dataset):
     An item whose ``transform`` raises (a missing or corrupt file, a frame out of range, ...) or whose
     ``finite_keys`` hold a NaN or infinite value after the transform is returned as
     ``{FAILURE_KEY: {"id": <id_key of the entry>, "file": <file_key of the entry>, "reason": "..."}}``; the reason of
-    an error is ``"<type>: <message>"`` of its innermost cause. Batch it with :class:`SkipFailedLoader` (or
-    :func:`skip_failed_collate`), which keeps the good items and collects the records.
+    an error is ``"FileNotFoundError: '<file>' does not exist"`` when the entry's file does not exist, otherwise
+    :func:`failure_reason` of it. Batch it with :class:`SkipFailedLoader` (or :func:`skip_failed_collate`), which
+    keeps the good items and collects the records.
 
     Args:
         data: the datalist.
@@ -102,7 +106,11 @@ class SkipFailedDataset(Dataset):
                 (r for k in self.finite_keys if (r := non_finite_reason(item[k], f"input '{k}'")) is not None), None
             )
         except Exception as error:  # noqa: BLE001 (any error of one item is that item's failure)
-            reason = failure_reason(error)
+            file = entry.get(self.file_key) if isinstance(entry, Mapping) else None
+            if isinstance(file, (str, os.PathLike)) and not os.path.exists(file):
+                reason = f"FileNotFoundError: '{file}' does not exist"  # clearer than a reader's error
+            else:
+                reason = failure_reason(error)
         if reason is None:
             return item
         found = isinstance(entry, Mapping)
