@@ -105,11 +105,17 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(cardiac):
     assert c["returncode"] == -signal.SIGKILL  # killed, not finished
     assert "groupdistil_epoch=3.pt" not in c["killed_at"] and "groupdistil_epoch=1.pt" in c["killed_at"]
     assert "resuming from" in c["log"] and "groupdistil_epoch=" in c["log"]
-    for name in ("groupdistil_epoch=3.pt", "model.pt"):  # the last epoch, and the best model the run selected
+    # the last epoch, and the best model the run selected (the network alone, its DRO state beside it)
+    for name in ("groupdistil_epoch=3.pt", "model_dro_state.pt"):
         resumed, uninterrupted = _load(c["overrides"]["ckpt_dir"], name), _load(a["overrides"]["ckpt_dir"], name)
-        _assert_same_tensors(resumed["model"], uninterrupted["model"])
         _assert_same_tensors(resumed["loss"], uninterrupted["loss"])  # DRO weights, running losses
         assert torch.equal(resumed["dro"]["weight_history"], uninterrupted["dro"]["weight_history"])
+    last_c, last_a = (
+        _load(c["overrides"]["ckpt_dir"], "groupdistil_epoch=3.pt"),
+        _load(a["overrides"]["ckpt_dir"], "groupdistil_epoch=3.pt"),
+    )
+    _assert_same_tensors(last_c["model"], last_a["model"])
+    _assert_same_tensors(_load(c["overrides"]["ckpt_dir"], "model.pt"), _load(a["overrides"]["ckpt_dir"], "model.pt"))
     last = _load(c["overrides"]["ckpt_dir"], "groupdistil_epoch=3.pt")
     assert last["trainer"]["iteration"] == 3 * last["trainer"]["epoch_length"]
     assert not torch.allclose(last["loss"]["group_weights"], torch.full((4,), 0.25))  # the weights moved
@@ -124,10 +130,12 @@ def test_the_same_command_gives_the_same_report_twice(cardiac):
     metrics_b = json.loads((b["report"] / "metrics.json").read_text())
     assert metrics_a == metrics_b and metrics_a["samples"] > 0
     assert report_rows(a["report"]) == report_rows(b["report"])
-    for name in ("model.pt", "groupdistil_epoch=3.pt"):
+    for name in ("model_dro_state.pt", "groupdistil_epoch=3.pt"):
         ckpt_a, ckpt_b = _load(a["overrides"]["ckpt_dir"], name), _load(b["overrides"]["ckpt_dir"], name)
         assert torch.equal(ckpt_a["loss"]["group_weights"], ckpt_b["loss"]["group_weights"])
-        _assert_same_tensors(ckpt_a["model"], ckpt_b["model"])
+    _assert_same_tensors(_load(a["overrides"]["ckpt_dir"], "model.pt"), _load(b["overrides"]["ckpt_dir"], "model.pt"))
+    last_a = _load(a["overrides"]["ckpt_dir"], "groupdistil_epoch=3.pt")
+    _assert_same_tensors(last_a["model"], _load(b["overrides"]["ckpt_dir"], "groupdistil_epoch=3.pt")["model"])
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -179,7 +187,7 @@ def test_resume_without_a_checkpoint_starts_from_epoch_zero_and_a_fresh_run_repl
     wf.run()
     wf.finalize()
     names = sorted(p.name for p in Path(ov["ckpt_dir"]).iterdir())
-    assert names == ["groupdistil_epoch=1.pt", "kd_epoch=7.pt", "model.pt", "teacher.pt"]
+    assert names == ["groupdistil_epoch=1.pt", "kd_epoch=7.pt", "model.pt", "model_dro_state.pt", "teacher.pt"]
     empty = _folder(tmp_path, "empty", cardiac["teacher"])
     wf = CARDIAC.workflow(CARDIAC.configs("train"), {**ov, "ckpt_dir": str(empty), "resume": True})
     wf.run()
@@ -218,10 +226,12 @@ def test_resumes_exactly_in_process(tmp_path, name, method, extra):
         wf.run()
         wf.finalize()
     last, best = f"{method}_epoch=2.pt", "model.pt" if method == "groupdistil" else f"{method}.pt"
-    for file in (last, best):
+    _assert_same_tensors(_load(whole["ckpt_dir"], best), _load(parts["ckpt_dir"], best))  # the network alone
+    for file in (last, best.replace(".pt", "_dro_state.pt")) if method != "erm" else (last,):
         a, b = _load(whole["ckpt_dir"], file), _load(parts["ckpt_dir"], file)
-        _assert_same_tensors(a["model"], b["model"])
         _assert_same_tensors(a["loss"], b["loss"])  # the DRO state of groupdistil and group_dro
+    a, b = _load(whole["ckpt_dir"], last), _load(parts["ckpt_dir"], last)
+    _assert_same_tensors(a["model"], b["model"])
     a, b = _load(whole["ckpt_dir"], last), _load(parts["ckpt_dir"], last)
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
     assert ("dro" in a) == (method != "erm") and a["trainer"]["iteration"] == 2 * a["trainer"]["epoch_length"]

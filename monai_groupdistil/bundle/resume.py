@@ -171,7 +171,7 @@ def _checkpoint_problems(path: Path, load_dict: Mapping[str, Any]) -> tuple[str,
 
 def _refusal(path: Path, what: str, problems: list[str]) -> str:
     if what == "the file is damaged":
-        return f"cannot resume from '{path}': {problems[0]}"
+        return problems[0]  # read_checkpoint's message, which names the file
     lines = "\n".join(f"  - {p}" for p in problems)
     return f"cannot resume from '{path}': {what}:\n{lines}"
 
@@ -222,7 +222,7 @@ def usable_checkpoint(save_dir: str | os.PathLike, prefix: str, load_dict: Mappi
         if not problems:
             return path
         refused.append(_refusal(path, what, problems))
-        logger.warning("skipping %s for the resume: %s", path, refused[-1])
+        logger.warning("skipping a checkpoint for the resume: %s", refused[-1])
     if not files:
         return None
     raise ValueError(
