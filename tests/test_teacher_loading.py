@@ -54,3 +54,35 @@ def test_errors_name_the_file_and_what_to_do(tmp_path):
     message = str(info.value)
     assert f"teacher checkpoint '{tmp_path / 'missing.pt'}' not found: train the teacher first" in message
     assert "CheckpointSaver" in message and "monai.bundle" not in message
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not_a_checkpoint"])
+def test_a_damaged_teacher_file_is_named_with_what_to_do(tmp_path, damage):
+    """A teacher file cut short by a killed write (or not a checkpoint at all) is refused naming the file, saying it
+    is damaged and what to do; the bundle's loader adds the command that trains the teacher again."""
+    from monai_groupdistil.bundle import load_teacher as bundle_load_teacher
+
+    path = tmp_path / "teacher.pt"
+    torch.save(_net().state_dict(), path)
+    content = {"empty": b"", "truncated": path.read_bytes()[:300], "not_a_checkpoint": b"teacher weights"}[damage]
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_teacher(_net(), path)
+    message = str(info.value)
+    assert f"teacher checkpoint '{path}' cannot be read: the file is damaged ({len(content)} bytes" in message
+    assert "train again, or copy the file again" in message
+    with pytest.raises(ValueError) as info:
+        bundle_load_teacher(_net(), path, bundle_root="bundles/b", teacher_method="group_dro")
+    message = str(info.value)
+    assert f"teacher checkpoint '{path}' cannot be read: the file is damaged" in message
+    assert "configs/train_teacher.json" in message and "--teacher_method group_dro" in message
+
+
+def test_bare_and_earlier_best_model_files_both_load(tmp_path):
+    """The bundles' best-model files hold the network alone; those of earlier versions ``{"model", "loss", "dro"}``."""
+    trained = _net()
+    torch.save(trained.state_dict(), tmp_path / "bare.pt")
+    torch.save({"model": trained.state_dict(), "loss": {}, "dro": {"iterations": 3}}, tmp_path / "earlier.pt")
+    for name in ("bare.pt", "earlier.pt"):
+        assert _same_weights(load_network(_net(), tmp_path / name), trained)
+        assert _same_weights(load_teacher(_net(), tmp_path / name, num_classes=3), trained)
