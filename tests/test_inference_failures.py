@@ -364,3 +364,16 @@ def test_waterbirds_keeps_the_readable_images(tmp_path):
     # LoadImage's message (its first line: it appends every reader's traceback), not MONAI's "applying transform"
     assert rows[0]["reason"] == f"RuntimeError: LoadImage cannot find a suitable reader for file: {bad['broken']}."
     assert rows[1]["reason"] == f"FileNotFoundError: '{bad['missing']}' does not exist"
+
+
+def test_every_pass_runs_to_the_loaders_end(tmp_path):
+    """ignite keeps the first pass's batch count for the next run of an evaluator; the handler makes a later pass
+    over a loader of more batches (here: studies added to the datalist) predict all of them."""
+    logits = torch.eye(3)
+    evaluator = _evaluator(tmp_path, logits[:2], ["s0", "s1"], batch_size=1)
+    evaluator.run()
+    assert [r["subject"] for r in read_rows(tmp_path / "predictions.csv")] == ["s0", "s1"]
+    dataset = evaluator.data_loader.loader.dataset
+    dataset.data.append({"image": logits[2], "label": 0, "subject": "s2", "path": "/data/s2.nii.gz"})
+    evaluator.run()
+    assert [r["subject"] for r in read_rows(tmp_path / "predictions.csv")] == ["s0", "s1", "s2"]

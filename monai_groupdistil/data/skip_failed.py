@@ -137,7 +137,8 @@ class SkipFailedLoader:
 
     The failure records of the current (or last) pass are in ``failures``, each logged as a WARNING that names the
     item, its file and the reason. A batch whose items all failed is not yielded, so the loader has no length: an
-    evaluator run on it learns the number of iterations at the end of its epoch.
+    evaluator run on it learns the number of iterations at the end of its epoch (and keeps it for a later run:
+    ``InferenceFailureHandler`` forgets it at every epoch start, so that each pass runs to the loader's end).
 
     Args:
         dataset: a :class:`SkipFailedDataset`.

@@ -185,7 +185,8 @@ class InferenceFailureHandler:
     predictions; when no study at all was predicted it raises :class:`InferenceFailedError` there, before the savers
     run, which leaves the earlier predictions as they were. Otherwise, at the end of the run (``Events.COMPLETED``,
     after the savers wrote the other studies' outputs) it raises :class:`InferenceFailedError` naming every failed
-    study. One process: the records of other ranks are not gathered.
+    study. One process: the records of other ranks are not gathered. With a ``SkipFailedLoader``, whose number of
+    batches can change from one pass to the next, it makes every pass run to the loader's end.
 
     Give it to the evaluator before the savers (``val_handlers=[..., handler, saver]``): its end-of-epoch check must
     come before theirs. The evaluator must decollate (MONAI's default).
@@ -229,6 +230,8 @@ class InferenceFailureHandler:
 
     def _started(self, engine: Engine) -> None:
         self.failures, self._output_failures, self.predicted = [], [], 0
+        if hasattr(engine.data_loader, "failures"):  # a SkipFailedLoader: its batch count can change between passes,
+            engine.state.epoch_length = None  # and ignite would otherwise stop a later pass at the first one's count
 
     def _file_of(self, item: dict) -> str:
         value = item.get(self.file_key, "")
