@@ -212,6 +212,9 @@ def usable_checkpoint(save_dir: str | os.PathLike, prefix: str, load_dict: Mappi
         prefix: the files' prefix (the bundles' ``method``).
         load_dict: the objects the checkpoint will be loaded into (see :py:func:`check_resume_checkpoint`).
 
+    Returns:
+        the file to resume from, or None when ``save_dir`` holds no ``<prefix>_epoch=<N>.pt``.
+
     Raises:
         ValueError: when there are such files but none is usable, naming every file and why; nothing is changed.
     """
