@@ -39,7 +39,6 @@ from tests.test_inference_configs import network_state
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")
 CLASSIFIER, SEGMENTER = "cardiac_mri_groupdistil", "cardiac_mri_seg_groupdistil"
 SMALL = {CLASSIFIER: {"spatial_size": [32, 32], "pixdim": [4.0, 4.0]}, SEGMENTER: {"spatial_size": [32, 32]}}
-PROB = r"[0-9.]+"
 
 
 def read_rows(path: Path) -> list[dict]:
