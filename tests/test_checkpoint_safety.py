@@ -475,3 +475,6 @@ def test_evaluation_reads_a_best_model_file_of_the_earlier_layout(cardiac, tmp_p
     (folder / "model.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"model_dro_state.pt' not found: the DRO state"):
         dro_state_file(folder / "model.pt")
+    (folder / "model_dro_state.pt").write_bytes(b"cut")
+    with pytest.raises(ValueError, match=r"DRO-state file '.*model_dro_state.pt' cannot be read: the file is damaged"):
+        dro_state_file(folder / "model.pt")

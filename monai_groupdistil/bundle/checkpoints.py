@@ -98,10 +98,12 @@ def dro_state_file(model_path: str | os.PathLike) -> str:
 
     Raises:
         FileNotFoundError: when neither the DRO-state file nor a model file holding the DRO state exists.
+        ValueError: when the DRO-state file is damaged (named, with what to do).
     """
     path = Path(model_path)
     companion = path.with_name(dro_state_filename(path.name))
     if companion.is_file():
+        engines.read_checkpoint(companion, "DRO-state file")  # a damaged file is named here, not by torch.load
         return str(companion)
     if path.is_file():
         try:
