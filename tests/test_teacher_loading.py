@@ -86,3 +86,14 @@ def test_bare_and_earlier_best_model_files_both_load(tmp_path):
     for name in ("bare.pt", "earlier.pt"):
         assert _same_weights(load_network(_net(), tmp_path / name), trained)
         assert _same_weights(load_teacher(_net(), tmp_path / name, num_classes=3), trained)
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_without_running_them(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run",))
+
+    path = tmp_path / "teacher.pt"
+    torch.save({"model": _net().state_dict(), "extra": Payload()}, path)
+    with pytest.raises(ValueError, match=r"teacher checkpoint '.*teacher.pt' holds Python objects other than tensors"):
+        load_teacher(_net(), path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,18 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint", map_locat
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch reports damage as EOFError, RuntimeError, UnpicklingError, IndexError...
-        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+        refused = isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower()
+        if refused and zipfile.is_zipfile(path):  # a complete checkpoint (torch's zip format) holding objects
             raise ValueError(
                 f"{what} '{path}' holds Python objects other than tensors, numbers, strings and containers of them, "
                 "so it is not loaded (torch.load with weights_only=True never runs code from a file). Save the "
                 "state dicts (network.state_dict()) rather than objects."
             ) from err
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
         raise ValueError(
             f"{what} '{path}' cannot be read: the file is damaged ({path.stat().st_size} bytes; e.g. truncated by a "
-            f"run killed while writing it) or is not a PyTorch checkpoint ({type(err).__name__}: {err}). Replace it: "
-            "train again, or copy the file again from where it came from."
+            f"run killed while writing it) or is not a PyTorch checkpoint ({type(err).__name__}: {detail}). "
+            "Replace it: train again, or copy the file again from where it came from."
         ) from err
 
 
