@@ -136,11 +136,11 @@ def test_classification_keeps_the_good_studies_and_exits_non_zero(studies, tmp_p
     assert sorted(p.name for p in out.iterdir()) == ["failures.csv", "predictions.csv"]  # no temporary file left
 
 
-@pytest.mark.parametrize("checkpoint", ["missing", "another_network"])
+@pytest.mark.parametrize("checkpoint", ["missing", "damaged", "another_network"])
 def test_a_run_that_fails_before_writing_leaves_the_earlier_outputs(studies, tmp_path, checkpoint):
-    """No checkpoint (the run stops while the handlers are built), or one that does not fit the network (it stops
-    when the evaluator starts, after the prediction saver was built): the earlier predictions.csv and failures.csv
-    are untouched (MONAI's CSVSaver deleted predictions.csv when it was built)."""
+    """No checkpoint or a damaged one (the run stops while the handlers are built, naming the file), or one that
+    does not fit the network (it stops when the evaluator starts, after the prediction saver was built): the earlier
+    predictions.csv and failures.csv are untouched (MONAI's CSVSaver deleted predictions.csv when it was built)."""
     bundle = Bundle(CLASSIFIER)
     out = tmp_path / "out"
     out.mkdir()
@@ -151,6 +151,9 @@ def test_a_run_that_fails_before_writing_leaves_the_earlier_outputs(studies, tmp
     models.mkdir()
     if checkpoint == "another_network":
         torch.save({"model": {"fc.weight": torch.zeros(3, 8)}}, models / "model.pt")
+    if checkpoint == "damaged":  # a write killed half-way, by an older version that wrote in place
+        torch.save({"fc.weight": torch.zeros(300, 80)}, models / "model.pt")
+        (models / "model.pt").write_bytes((models / "model.pt").read_bytes()[:5000])
     overrides = {
         "bundle_root": str(bundle.root),
         "ckpt_dir": str(models),
@@ -165,6 +168,9 @@ def test_a_run_that_fails_before_writing_leaves_the_earlier_outputs(studies, tmp
     if checkpoint == "missing":
         assert isinstance(root_error(err.value), FileNotFoundError)
         assert f"'{models / 'model.pt'}' not found: the trained student" in error_chain(err.value)
+    elif checkpoint == "damaged":
+        named = [e for e in error_chain(err.value).split("\n") if str(models / "model.pt") in e]
+        assert named and "damaged" in named[0], error_chain(err.value)
     else:
         assert "Missing key(s) in state_dict" in error_chain(err.value)
     assert {p.name: p.read_text() for p in out.iterdir()} == earlier

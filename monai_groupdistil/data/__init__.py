@@ -1,6 +1,7 @@
 """Data layer: M&Ms / M&Ms-2 datalists with vendor and centre groups, a synthetic multi-vendor cine generator in
 the M&Ms layout, ED/ES segmentation frames and slices, cardiac preprocessing transforms, group-balanced sampling,
-and the Waterbirds datalist, its synthetic stand-in and ImageNet-style preprocessing for natural images.
+the Waterbirds datalist, its synthetic stand-in and ImageNet-style preprocessing for natural images, and a dataset
+and loader that set failing items aside (inference that keeps what it can).
 
 Log messages (counts of left-out or skipped subjects, group sizes) go to the ``monai_groupdistil.data`` logger.
 """
@@ -36,6 +37,7 @@ from monai_groupdistil.data.segmentation import (
     segmentation_preprocessing,
     volume_slices,
 )
+from monai_groupdistil.data.skip_failed import FAILURE_KEY, SkipFailedDataset, SkipFailedLoader, SkipNonFinited
 from monai_groupdistil.data.splits import split_by_group
 from monai_groupdistil.data.synthetic import VENDOR_PROFILES, make_synthetic_mnms
 from monai_groupdistil.data.transforms import (
@@ -78,6 +80,10 @@ __all__ = [
     "segmentation_preprocessing",
     "volume_slices",
     "split_by_group",
+    "FAILURE_KEY",
+    "SkipFailedDataset",
+    "SkipFailedLoader",
+    "SkipNonFinited",
     "GroupBalancedSampler",
     "LoadCardiacImaged",
     "SelectFramed",

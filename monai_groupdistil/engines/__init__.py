@@ -10,7 +10,14 @@ from monai_groupdistil.engines.checkpoint_saver import (
 from monai_groupdistil.engines.checkpoints import load_network, load_teacher, output_classes, read_checkpoint
 from monai_groupdistil.engines.resume_state import BestMetricState, RandomStates
 from monai_groupdistil.engines.teacher_cache import TeacherOutputCache, has_random_transforms, run_teacher
-from monai_groupdistil.engines.trainer import GROUP, TEACHER_PRED, DistillationTrainer, loss_keywords
+from monai_groupdistil.engines.trainer import (
+    GROUP,
+    SUBJECT_KEYS,
+    TEACHER_PRED,
+    DistillationTrainer,
+    loss_keywords,
+    sample_names,
+)
 
 __all__ = [
     "AtomicDiskSaver",
@@ -29,6 +36,8 @@ __all__ = [
     "remove_temporary_files",
     "loss_keywords",
     "run_teacher",
+    "sample_names",
     "GROUP",
+    "SUBJECT_KEYS",
     "TEACHER_PRED",
 ]
