@@ -11,13 +11,12 @@ printed, and written to TensorBoard) with the per-group metrics. Nothing here im
 MLflow waits 120 s for each request and retries it 7 times by default, so a tracking server that accepts connections
 but never answers would hold a run for about 16 minutes. :py:func:`track_run` bounds the waiting: it sets MLflow's
 request timeout and retries (``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``) from the bundle
-ids ``mlflow_request_timeout`` and ``mlflow_max_retries`` unless they are exported in the environment, and turns a
-request that still fails into a :py:class:`TrackingUnavailableError` naming the tracking URI and those ids.
+ids ``mlflow_request_timeout`` and ``mlflow_max_retries`` unless they are exported in the environment, and logs
+the values in effect with the ids that change them; MLflow's own error then names the URI it could not reach.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import math
@@ -36,7 +35,7 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["TrackingUnavailableError", "WorstGroupHandler", "mlflow_request_settings", "run_parameters", "track_run"]
+__all__ = ["WorstGroupHandler", "mlflow_request_settings", "run_parameters", "track_run"]
 
 logger = logging.getLogger("monai_groupdistil.bundle")
 
@@ -109,10 +108,6 @@ def run_parameters(loss: Any, settings: Mapping[str, Any], splits: Mapping[str, 
     return params
 
 
-class TrackingUnavailableError(RuntimeError):
-    """The MLflow tracking server did not answer within the bounded waiting; the message names the URI and the ids."""
-
-
 def _check_request_setting(name: str, value: Any, lowest: int, highest: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
         raise ValueError(f"{name} must be a whole number >= {lowest}, got {value!r}.")
@@ -160,65 +155,6 @@ def mlflow_request_settings(request_timeout: int | None = None, max_retries: int
     return in_effect
 
 
-def _is_transport_error(err: BaseException) -> bool:
-    """A request that got no usable answer: MLflow's "API request to ... failed", or a connection error or timeout."""
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    if any(cls.__module__.split(".")[0] in ("requests", "urllib3") for cls in type(err).__mro__):
-        return True
-    is_mlflow = any(cls.__name__ == "MlflowException" for cls in type(err).__mro__)
-    return is_mlflow and str(getattr(err, "message", err)).startswith("API request to")
-
-
-class _ExplainedClient:
-    """Forwards to an ``MlflowClient``; a request that fails for want of an answer raises TrackingUnavailableError."""
-
-    def __init__(self, client: Any, explain: Callable[[BaseException], str]) -> None:
-        self._client = client
-        self._explain = explain
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("_client", "_explain"):  # not set yet (a copy being built): no recursion
-            raise AttributeError(name)
-        value = getattr(self._client, name)
-        if not callable(value):
-            return value
-
-        @functools.wraps(value)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return value(*args, **kwargs)
-            except TrackingUnavailableError:
-                raise
-            except Exception as err:
-                if _is_transport_error(err):
-                    raise TrackingUnavailableError(self._explain(err)) from err
-                raise
-
-        return call
-
-
-def _explanation(uri: str) -> Callable[[BaseException], str]:
-    def explain(err: BaseException) -> str:
-        settings = []
-        for bundle_id, variable in MLFLOW_REQUEST_IDS.items():
-            value = os.environ.get(variable)
-            if value is None:
-                settings.append(f"{variable} unset (MLflow's default)")
-            elif _SET_HERE.get(variable) == value:
-                settings.append(f"{bundle_id}={value}")
-            else:
-                settings.append(f"{variable}={value} (exported in the environment; it wins over {bundle_id})")
-        return (
-            f"the MLflow tracking server at '{uri}' did not answer ({', '.join(settings)}): {err}\n"
-            "Check that the server at that URI is running and reachable (or set --tracking_uri / MLFLOW_TRACKING_URI "
-            "to the right one), give a slow server more time with the bundle ids --mlflow_request_timeout "
-            "(seconds per request) and --mlflow_max_retries, or run without --tracking."
-        )
-
-    return explain
-
-
 def _is_mlflow_handler(handler: Any) -> bool:
     return any(cls.__name__ == "MLFlowHandler" and cls.__module__.startswith("monai.") for cls in type(handler).__mro__)
 
@@ -249,8 +185,8 @@ def track_run(
     When there is an MLflow handler, MLflow's request timeout and retries are set from ``request_timeout`` and
     ``max_retries`` (:py:func:`mlflow_request_settings`; values exported in the environment win), so that a
     tracking server that does not answer fails the run within about a minute with the bundles' defaults (15 s,
-    2 retries: 3 x 15 s plus about 5 s of backoff) instead of about 16 minutes; a request that still gets no answer
-    raises :py:class:`TrackingUnavailableError`, naming the tracking URI and the ids to change.
+    2 retries: 3 x 15 s plus about 5 s of backoff) instead of about 16 minutes, with MLflow's error naming the URI;
+    the values in effect are logged (INFO) with the ids that change them.
 
     Args:
         handlers: an engine's handler list (``@train#handlers``, ``@handlers``...).
@@ -272,13 +208,15 @@ def track_run(
     """
     mlflow_handlers = [handler for handler in handlers or () if _is_mlflow_handler(handler)]
     if mlflow_handlers:
-        mlflow_request_settings(request_timeout, max_retries)
+        in_effect = mlflow_request_settings(request_timeout, max_retries)
+        logger.info(
+            "MLflow requests wait at most %s s and are retried %s times (bundle ids mlflow_request_timeout, "
+            "mlflow_max_retries; exported variables win)",
+            in_effect.get("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")),
+            in_effect.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")),
+        )
     count = 0
     for handler in mlflow_handlers:
-        client = getattr(handler, "client", None)
-        if client is not None and not isinstance(client, _ExplainedClient):
-            uri = str(getattr(client, "tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI", ""))
-            handler.client = _ExplainedClient(client, _explanation(uri))
         if params:
             handler.experiment_param = {**(handler.experiment_param or {}), **params}
         fixed = []
