@@ -1360,8 +1360,14 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict]
         f"Seeds {', '.join(map(str, seeds))}; settings {', '.join(s['name'] for s in settings)}; "
         f"methods {', '.join(sorted({r['method'] for r in rows}))} (KD, GroupDistil: teachers "
         f"{', '.join(teachers) or 'erm'}); AdamW lr {args.lr:g}; "
-        f"epochs: teacher {args.teacher_epochs}, students {args.epochs}; temperature {TEMPERATURE}. Wall time "
-        f"{wall / 60:.1f} min with {torch.get_num_threads()} thread(s). Epoch selected on {select}. Score: "
+        f"epochs: teacher {args.teacher_epochs}, students {args.epochs}; temperature {TEMPERATURE}. "
+        + (
+            f"Merged from {', '.join(args.merge_from)}; student trainings: "
+            f"{sum(float(r.get('wall_s') or 0) for r in rows) / 60:.1f} min in all (teachers not counted). "
+            if args.merge_from
+            else f"Wall time {wall / 60:.1f} min with {torch.get_num_threads()} thread(s). "
+        )
+        + f"Epoch selected on {select}. Score: "
         "worst-group validation accuracy of the epoch it selects, mean over settings and seeds (ties: mean average "
         "validation accuracy).",
         "",
