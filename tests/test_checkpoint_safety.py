@@ -1,9 +1,10 @@
 """Checkpoints that survive a kill at any instant, resume from the newest usable file, one run per checkpoint folder.
 
 The bundle runs are the cardiac bundle's GroupDistil student on tiny data (32 x 32 slices, a frozen random teacher).
-The kill test forks training processes from this (already warmed-up) process, so that a dozen kills and resumes
-take seconds rather than a dozen interpreter and MONAI start-ups: each child is killed with SIGKILL at a random
-instant 0-80 ms after its validation (around the best-model and per-epoch writes), and the next one resumes.
+The kill test starts its training processes from a fork server that has imported this module once (a fork of this
+threaded test process itself can crash), so that a dozen kills and resumes do not pay a dozen imports of MONAI:
+each child is killed with SIGKILL at a random instant 0-80 ms after its validation (around the best-model and
+per-epoch writes), and the next one resumes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import random
-import select
 import signal
 import socket
 import subprocess
@@ -21,6 +21,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -113,20 +114,21 @@ def _same(a: dict, b: dict) -> bool:
 # ------------------------------------------------------------------ kills at random instants
 
 
-def _child(overrides: dict, fd: int, error_file: str) -> None:
-    """A training run that writes to ``fd``: ``v`` when a validation has seen its last batch (its metrics and the
-    best-model files come next), ``e`` at the end of an epoch just before the per-epoch checkpoint is written."""
+def _child(overrides: dict, conn: Any, error_file: str) -> None:
+    """A training run that sends to the pipe end ``conn``: ``v`` when a validation has seen its last batch (its
+    metrics and the best-model files come next), ``e`` at the end of an epoch just before the per-epoch checkpoint
+    is written."""
     try:
         wf = CARDIAC.workflow(CARDIAC.configs("train"), overrides)
 
         def validated(engine: Engine) -> None:
             if engine.state.iteration == engine.state.epoch_length:
-                os.write(fd, b"v")
+                conn.send_bytes(b"v")
 
         wf.parser.get_parsed_content("validate#evaluator").add_event_handler(Events.ITERATION_COMPLETED, validated)
         # after the validation handler, before the per-epoch checkpoint (attach_resume adds it when the run starts)
         wf.parser.get_parsed_content("train#trainer").add_event_handler(
-            Events.EPOCH_COMPLETED, lambda e: os.write(fd, b"e")
+            Events.EPOCH_COMPLETED, lambda e: conn.send_bytes(b"e")
         )
         wf.run()
         wf.finalize()
@@ -135,13 +137,14 @@ def _child(overrides: dict, fd: int, error_file: str) -> None:
         os._exit(1)
 
 
-def _wait_for(read: int, signal_byte: bytes) -> bool:
-    while select.select([read], [], [], 300)[0]:
-        got = os.read(read, 1)
+def _wait_for(conn: Any, signal_byte: bytes) -> bool:
+    while conn.poll(300):
+        try:
+            got = conn.recv_bytes()
+        except EOFError:  # the child ended
+            return False
         if got == signal_byte:
             return True
-        if not got:
-            return False
     return False
 
 
@@ -154,22 +157,23 @@ def test_training_killed_at_random_instants_around_the_writes_always_resumes(car
     folder = tmp_path / "ckpt"
     epochs = 2 * KILLS + 2  # more than the kills can reach: no killed run completes
     ov = _overrides(cardiac, folder, epochs=epochs)
-    context = multiprocessing.get_context("fork")  # the warmed-up test process: no interpreter start per kill
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # imported once by the server, not by every child
     rng = random.Random(24)
     error_file = str(tmp_path / "child_error.txt")
     kills, partial_writes, progress = 0, 0, []
     for attempt in range(KILLS):
-        read, write = os.pipe()
+        read, write = context.Pipe(duplex=False)
         child = context.Process(target=_child, args=({**ov, "resume": attempt > 0}, write, error_file))
         child.start()
-        os.close(write)
+        write.close()
         anchor = rng.choice([b"v", b"e"])
         reached = all(_wait_for(read, anchor) for _ in range(rng.randint(1, 2)))
         if reached:
             time.sleep(rng.uniform(0.0, 0.06))
             os.kill(child.pid, signal.SIGKILL)
         child.join(60)
-        os.close(read)
+        read.close()
         error = Path(error_file).read_text() if Path(error_file).exists() else ""
         assert reached, f"run {attempt} ended before its kill (exit code {child.exitcode}):\n{error}"
         kills += child.exitcode == -signal.SIGKILL
