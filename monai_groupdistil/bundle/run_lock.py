@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from monai_groupdistil.engines.checkpoint_saver import _process_alive
+from monai_groupdistil.engines.checkpoint_saver import process_alive
 
 __all__ = ["LOCK_NAME", "RunLock"]
 
@@ -89,7 +89,7 @@ class RunLock:
         pid = int(owner["pid"])
         if pid == os.getpid():  # this process: a run that ended by an exception without releasing it
             return "it was taken by an earlier run of this process, which ended without releasing it"
-        if not _process_alive(pid):
+        if not process_alive(pid):
             return f"its process {pid} is not running (killed?)"
         return None
 

@@ -46,6 +46,7 @@ __all__ = [
     "BestModelSaver",
     "atomic_save",
     "dro_state_filename",
+    "process_alive",
     "remove_temporary_files",
     "temporary_name",
 ]
@@ -116,7 +117,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (this process included; one of another user counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -151,7 +153,7 @@ def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
         if match is None or not path.is_file():
             continue
         pid = int(match.group("pid"))
-        if match.group("host") == host and pid != os.getpid() and _process_alive(pid):
+        if match.group("host") == host and pid != os.getpid() and process_alive(pid):
             continue  # a write in progress, by another process of this host
         path.unlink(missing_ok=True)
         removed.append(path)
