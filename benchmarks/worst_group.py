@@ -123,24 +123,22 @@ from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "shared"))  # the bundles' scripts
 from worst_group_stats import paired_bootstrap_ci, paired_difference, sweep_winners  # noqa: E402
 
-from monai_groupdistil.data import (  # noqa: E402
+from monai_groupdistil.data import (
     MNMS_VENDORS,
     WATERBIRDS_GROUP_NAMES,
     GroupBalancedSampler,
-    cardiac_preprocessing,
     load_mnms_datalist,
     load_waterbirds_datalist,
-    make_synthetic_mnms,
-    make_synthetic_waterbirds,
     mnms_group_names,
-    natural_image_preprocessing,
 )
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
 from monai_groupdistil.handlers import HeldOutGroupDROHandler  # noqa: E402
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss  # noqa: E402
 from monai_groupdistil.metrics import compute_group_accuracy  # noqa: E402
+from scripts import cardiac_preprocessing, make_synthetic_mnms, make_synthetic_waterbirds, natural_image_preprocessing
 
 CLASSES = ("NOR", "HCM", "DCM")
 METHODS = ("erm", "group_dro", "kd", "groupdistil")

@@ -70,17 +70,10 @@ from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "shared"))  # the bundles' scripts
 from worst_group_stats import paired_bootstrap_ci, paired_difference  # noqa: E402
 
-from monai_groupdistil.data import (  # noqa: E402
-    MNMS_VENDORS,
-    GroupBalancedSampler,
-    load_mnms_datalist,
-    make_synthetic_mnms,
-    segmentation_frames,
-    segmentation_preprocessing,
-    volume_slices,
-)
+from monai_groupdistil.data import MNMS_VENDORS, GroupBalancedSampler, load_mnms_datalist
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
 from monai_groupdistil.losses import (  # noqa: E402
     DistillationLoss,
@@ -89,6 +82,7 @@ from monai_groupdistil.losses import (  # noqa: E402
     PerSampleDiceCELoss,
 )
 from monai_groupdistil.metrics import summarise_group_values  # noqa: E402
+from scripts import make_synthetic_mnms, segmentation_frames, segmentation_preprocessing, volume_slices
 
 METHODS = ("erm", "group_dro", "kd", "groupdistil")
 ARMS = ("teacher", *METHODS)

@@ -9,6 +9,7 @@ Usage: python docs/make_figures.py [--seed 0]
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,16 +18,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from monai_groupdistil.data import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "shared"))  # the bundles' scripts
+
+from monai_groupdistil.data import (
     MNMS_VENDOR_NAMES,
     MNMS_VENDORS,
     WATERBIRDS_GROUP_NAMES,
-    cardiac_preprocessing,
     load_mnms_datalist,
     load_waterbirds_datalist,
-    make_synthetic_mnms,
-    make_synthetic_waterbirds,
 )
+from scripts import cardiac_preprocessing, make_synthetic_mnms, make_synthetic_waterbirds
 
 CLASSES = ("NOR", "HCM", "DCM")
 OUTPUT = Path(__file__).resolve().parent / "figures" / "synthetic_examples.png"

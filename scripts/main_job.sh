@@ -21,14 +21,16 @@ BUNDLE=bundles/$NAME
 WORK=${1:-runs/$NAME}
 bash scripts/setup_env.sh
 mkdir -p "$WORK"
-COMMON=(--meta_file "$BUNDLE/configs/metadata.json" --logging_file "$BUNDLE/configs/logging.conf"
-        --bundle_root "$BUNDLE" --dataset_dir "$WORK/data" --ckpt_dir "$WORK/models" --output_dir "$WORK/eval"
-        --log_dir "$WORK/logs" --progress_bar False)
-run() { .venv/bin/python -m monai.bundle run --config_file "$1" "${COMMON[@]}"; }
+PYTHON=$PWD/.venv/bin/python
+WORK_DIR=$(cd "$WORK" && pwd)
+COMMON=(--meta_file configs/metadata.json --logging_file configs/logging.conf --dataset_dir "$WORK_DIR/data"
+        --ckpt_dir "$WORK_DIR/models" --output_dir "$WORK_DIR/eval" --log_dir "$WORK_DIR/logs" --progress_bar False)
+# from the bundle folder, as in the model zoo: the configs import the bundle's scripts/ from there
+run() { (cd "$BUNDLE" && "$PYTHON" -m monai.bundle run --config_file "$1" "${COMMON[@]}"); }
 start=$(date +%s)
-run "['$BUNDLE/configs/train.json','$BUNDLE/configs/train_teacher.json']"
-run "$BUNDLE/configs/train.json"
-run "['$BUNDLE/configs/train.json','$BUNDLE/configs/evaluate.json']"
+run "['configs/train.json','configs/train_teacher.json']"
+run "configs/train.json"
+run "['configs/train.json','configs/evaluate.json']"
 echo
 echo "$NAME job finished in $(( $(date +%s) - start )) s (after installation)"
 echo "per-group report: $WORK/eval/groupdistil/group_report.csv and metrics.json; plots: $WORK/eval/groupdistil/*.png"

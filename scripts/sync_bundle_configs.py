@@ -1,12 +1,9 @@
-"""Copy the configs the bundles share, ``bundles/shared/<layer>/``, into every bundle of the layer.
+"""Copy what the bundles share, ``bundles/shared/``, into every bundle (a MONAI bundle is self-contained).
 
-A MONAI bundle is self-contained (``monai.bundle run`` and the model zoo read one folder; MONAI's config has no
-include). ``bundles/shared/<layer>/<config>`` holds what the bundles of a layer (``LAYERS``) share: its ids (keys,
-or keys inside a section: a dict without ``_target_``) are set in each bundle's ``configs/<config>``, whose other
-ids are the bundle's own; a file that is not JSON is copied whole. Edit the shared file, never a copy, then::
-
-    python scripts/sync_bundle_configs.py           # write the bundles' configs
-    python scripts/sync_bundle_configs.py --check   # exit 1 naming every bundle file that differs; write nothing
+``bundles/shared/<layer>/<config>``: its ids (keys, or keys inside a section: a dict without ``_target_``) are set in
+``configs/<config>`` of each bundle of the layer (``LAYERS``); a file that is not JSON is copied whole, as is
+``bundles/shared/scripts/`` into every bundle's ``scripts/``. Edit the shared file, never a copy, then run this
+(``--check``: exit 1 naming every bundle file that differs; write nothing).
 """
 
 import argparse
@@ -56,6 +53,9 @@ def expected(root: Path) -> dict[Path, str]:
                     continue
                 current = texts.get(target) or (target.read_text() if target.is_file() else "{}")
                 texts[target] = dump(merge(json.loads(current), json.loads(source.read_text()))) + "\n"
+    for source in sorted((root / "bundles" / "shared" / "scripts").glob("*.py")):
+        for bundle in LAYERS["every_bundle"]:
+            texts[root / "bundles" / bundle / "scripts" / source.name] = source.read_text()
     return texts
 
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in stale:
         print(f"{'differs from bundles/shared' if args.check else 'updated'}: {path.relative_to(args.root)}")
         if not args.check:
+            path.parent.mkdir(exist_ok=True)
             path.write_text(texts[path])
     if args.check and stale:
         print("edit bundles/shared, not the copies, then run: python scripts/sync_bundle_configs.py")

@@ -78,7 +78,7 @@ def one_thread():
 def make_tiny_data(name: str, folder: Path) -> None:
     """The tiny dataset of bundle ``name`` in ``folder``: an M&Ms-layout one for the cardiac bundles; nothing for
     Waterbirds, whose bundle generates its synthetic stand-in (``synthetic_images``) in the empty folder itself."""
-    from monai_groupdistil.data import make_synthetic_mnms
+    from scripts import make_synthetic_mnms
 
     if name == "cardiac_mri_groupdistil":
         make_synthetic_mnms(folder, n_subjects=24, seed=1, matrix_scale=0.5, n_frames=4)
@@ -121,7 +121,8 @@ class Bundle:
     def run_cli(self, configs: list[str], overrides: dict, runner: list[str] | None = None, check: bool = True):
         cmd = (runner or [sys.executable, "-m", "monai.bundle"]) + ["run", "--config_file", json.dumps(configs)]
         cmd += ["--meta_file", self.meta, *cli_args(overrides)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+        # run from the bundle folder, as a user does: its scripts/ is imported from there, as in the model zoo
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV, cwd=self.root)
         if check:
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
         return out

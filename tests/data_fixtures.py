@@ -35,7 +35,7 @@ _CACHE: dict[str, str] = {}
 def tiny_mnms(tmp_path_factory) -> str:
     """``OpenDataset`` path of the tiny synthetic dataset (``TINY_KWARGS``), generated once per session."""
     if "tiny" not in _CACHE:
-        from monai_groupdistil.data import make_synthetic_mnms
+        from scripts import make_synthetic_mnms
 
         _CACHE["tiny"] = make_synthetic_mnms(tmp_path_factory.mktemp("tiny_mnms"), **TINY_KWARGS)
     return _CACHE["tiny"]

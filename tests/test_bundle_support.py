@@ -10,20 +10,20 @@ import re
 import pytest
 import torch
 
-from monai_groupdistil.bundle import (
+from scripts import (
     check_booleans,
     find_mnms_root,
     group_counts,
     inference_datalist,
     load_network,
     load_teacher,
+    make_synthetic_mnms,
     mnms_splits,
     output_classes,
     prepare_mnms_dataset,
     require_file,
     teacher_loss,
 )
-from monai_groupdistil.data import make_synthetic_mnms
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +107,13 @@ def test_load_network_and_teacher(tmp_path):
         load_teacher(fresh, tmp_path / "missing.pt", bundle_root="/b")
     message = str(info.value)
     assert f"teacher checkpoint '{tmp_path / 'missing.pt'}' not found. Train the teacher first" in message
-    files = "['/b/configs/train.json','/b/configs/train_teacher.json']"
-    command = f'python -m monai.bundle run --config_file "{files}" --bundle_root /b --ckpt_dir {tmp_path}'
+    files = "['configs/train.json','configs/train_teacher.json']"  # from the bundle folder, which imports scripts/
+    command = f'cd /b && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path}'
     assert f"\n\n    {command}\n\n" in message and "this run's other overrides" in message
     with pytest.raises(FileNotFoundError) as info:
         load_teacher(fresh, tmp_path / "teacher_group_dro.pt", teacher_method="group_dro")
-    assert "--bundle_root . --ckpt_dir" in str(info.value) and str(info.value).count("--teacher_method group_dro") == 1
+    assert "\n\n    python -m monai.bundle run" in str(info.value)  # from the bundle folder: no cd
+    assert str(info.value).count("--teacher_method group_dro") == 1
     with pytest.raises(FileNotFoundError, match="the trained model; run"):
         require_file(tmp_path / "none.pt", "the trained model; run the training config first")
 
@@ -146,8 +147,8 @@ def test_teacher_loss_of_each_method_and_a_custom_supervised_loss():
 def test_a_missing_or_empty_dataset_dir_gets_synthetic_data_with_a_warning_naming_it(tmp_path, caplog):
     """A misspelled dataset_dir does not train on synthetic data unnoticed: a WARNING names the folder, says the data
     are synthetic and where to point at a real release; a folder that already holds the data is used quietly."""
-    from monai_groupdistil.bundle import prepare_waterbirds_dataset
-    from monai_groupdistil.bundle.segmentation import prepare_seg_dataset
+    from scripts import prepare_waterbirds_dataset
+    from scripts.segmentation_datasets import prepare_seg_dataset
 
     small = {"matrix_scale": 0.3, "n_frames": 4}
     cases = [
@@ -159,7 +160,7 @@ def test_a_missing_or_empty_dataset_dir_gets_synthetic_data_with_a_warning_namin
         folder = tmp_path / f"dataset_typo{index}"
         if index == 2:
             folder.mkdir()  # an empty folder: the same, said so
-        with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+        with caplog.at_level(logging.INFO, logger="scripts"):
             caplog.clear()
             prepare(folder)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -168,7 +169,7 @@ def test_a_missing_or_empty_dataset_dir_gets_synthetic_data_with_a_warning_namin
         state = "is empty" if index == 2 else "does not exist"
         assert f"dataset_dir '{folder}' {state}: generating {generated} there" in message
         assert "SYNTHETIC data" in message and "point --dataset_dir at" in message and hint in message
-        with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+        with caplog.at_level(logging.INFO, logger="scripts"):
             caplog.clear()
             prepare(folder)  # the second run finds the generated data
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -150,7 +150,7 @@ def _dice(pred: np.ndarray, label: np.ndarray, c: int) -> float:
 @pytest.mark.parametrize("work", [SEG], indirect=True)
 def test_segmentation_report_against_an_independent_dice(trained):
     """The saved student segments every test volume slice by slice; Dice per volume and vendor with numpy."""
-    from monai_groupdistil.data import segmentation_preprocessing
+    from scripts import segmentation_preprocessing
 
     b, ov = trained["bundle"], trained["overrides"]
     rows = report_rows(Path(ov["output_dir"]) / "groupdistil")
@@ -312,7 +312,7 @@ def test_conformance_commands(trained, tmp_path):
     base = [sys.executable, "-m", "monai.bundle"]
 
     def command(*args: str) -> str:
-        out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300, env=ENV)
+        out = subprocess.run([*base, *args], capture_output=True, text=True, timeout=300, env=ENV, cwd=b.root)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout + out.stderr
 
@@ -473,8 +473,8 @@ def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp
         message = error_chain(info.value)
     assert not any((tmp_path / "ckpt").iterdir())  # no checkpoint: nothing was trained
     assert f"teacher checkpoint '{tmp_path}/ckpt/teacher.pt' not found. Train the teacher first" in message
-    files = f"['{b.root}/configs/train.json','{b.root}/configs/train_teacher.json']"
-    command = f'python -m monai.bundle run --config_file "{files}" --bundle_root {b.root} --ckpt_dir {tmp_path}/ckpt'
+    files = "['configs/train.json','configs/train_teacher.json']"
+    command = f'cd {b.root} && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path}/ckpt'
     assert f"\n\n    {command}\n\n" in message
     others = {k: v for k, v in ov.items() if k not in ("bundle_root", "ckpt_dir")}
     path = os.pathsep.join([str(Path(sys.executable).parent), ENV.get("PATH", "")])  # "python" is this Python

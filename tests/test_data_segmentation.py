@@ -12,14 +12,9 @@ import pytest
 import torch
 from monai.transforms import Invertd
 
-from monai_groupdistil.bundle.segmentation import prepare_seg_dataset, seg_inference_datalist, seg_splits
-from monai_groupdistil.data import (
-    SegmentationSliceDataset,
-    load_mnms_datalist,
-    make_synthetic_mnms,
-    segmentation_frames,
-    segmentation_preprocessing,
-)
+from monai_groupdistil.data import load_mnms_datalist
+from scripts import SegmentationSliceDataset, make_synthetic_mnms, segmentation_frames, segmentation_preprocessing
+from scripts.segmentation_datasets import prepare_seg_dataset, seg_inference_datalist, seg_splits
 
 SIZE, PIXDIM = (24, 24), (8.0, 8.0)
 
@@ -185,7 +180,7 @@ def test_dataset_dir_that_is_neither_release_nor_empty(tmp_path):
 def test_docstring_examples_run():
     import doctest
 
-    from monai_groupdistil.data import segmentation
+    from scripts import segmentation
 
     result = doctest.testmod(segmentation)
     assert result.attempted > 0 and result.failed == 0, result

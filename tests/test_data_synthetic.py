@@ -14,8 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from monai_groupdistil.data import make_synthetic_mnms
-from monai_groupdistil.data.synthetic import PATHOLOGY_PROFILES, VENDOR_PROFILES
+from scripts import make_synthetic_mnms
+from scripts.synthetic import PATHOLOGY_PROFILES, VENDOR_PROFILES
 from tests.data_fixtures import CSV_NAME, REAL_HEADER, TINY_KWARGS, tiny_mnms
 
 SPLIT_DIRS = {"train": "Training/Labeled", "val": "Validation", "test": "Testing", "unlabeled": "Training/Unlabeled"}
@@ -267,20 +267,25 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 def test_command_line(tmp_path):
-    cmd = [sys.executable, "-m", "monai_groupdistil.data", "synthetic", "--root", str(tmp_path), "--n-subjects", "4",
+    cmd = [sys.executable, "-m", "scripts", "synthetic", "--root", str(tmp_path), "--n-subjects", "4",
            "--n-frames", "4", "--matrix-scale", "0.25", "--seed", "5", "--vendor-fractions", "A=1,D=1",
            "--num-workers", "0"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    shared = Path(__file__).resolve().parents[1] / "bundles" / "shared"  # python -m scripts, from a bundle folder
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=shared)
     assert res.returncode == 0, res.stderr
     out = tmp_path / "OpenDataset"
     assert res.stdout.strip().splitlines()[-1] == str(out)
     with open(out / CSV_NAME, newline="") as f:
         vendors = Counter(r["Vendor"] for r in csv.DictReader(f))
     assert set(vendors) == {"A", "D"} and sum(vendors.values()) == 4
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # exists: clean error, exit code 2
+    again = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, cwd=shared
+    )  # exists: clean error, exit code 2
     assert again.returncode == 2 and "already exists" in again.stderr
-    bad = subprocess.run([*cmd[:5], str(tmp_path / "x"), "--vendor-fractions", "A"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [*cmd[:5], str(tmp_path / "x"), "--vendor-fractions", "A"], capture_output=True, text=True, cwd=shared
+    )
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     assert "RuntimeWarning" not in res.stderr + bad.stderr  # the package's __main__, not a submodule run as a script
-    unknown = subprocess.run([*cmd[:3], "nothing"], capture_output=True, text=True)
+    unknown = subprocess.run([*cmd[:3], "nothing"], capture_output=True, text=True, cwd=shared)
     assert unknown.returncode == 2 and "{synthetic,waterbirds}" in unknown.stderr

@@ -13,15 +13,14 @@ import pytest
 import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 
-from monai_groupdistil.data import (
+from monai_groupdistil.data import load_mnms2_datalist, load_mnms_datalist
+from scripts import (
     CropAroundHeartd,
     LoadCardiacImaged,
     SelectFramed,
     SelectMidVentricularSliced,
     cardiac_augmentation,
     cardiac_preprocessing,
-    load_mnms2_datalist,
-    load_mnms_datalist,
     slice_affine_2d,
 )
 from tests.data_fixtures import build_mnms2_layout, build_real_layout, heart_phantom, save_nifti, tiny_mnms
@@ -373,8 +372,8 @@ def test_transforms_from_config(entries):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser({
-        "pre": {"_target_": "monai_groupdistil.data.transforms.cardiac_preprocessing", "spatial_size": [48, 48]},
-        "crop": {"_target_": "monai_groupdistil.data.transforms.CropAroundHeartd", "keys": ["image"],
+        "pre": {"_target_": "scripts.cardiac_transforms.cardiac_preprocessing", "spatial_size": [48, 48]},
+        "crop": {"_target_": "scripts.cardiac_transforms.CropAroundHeartd", "keys": ["image"],
                  "spatial_size": [8, 8]},
     })  # fmt: skip
     out = parser.get_parsed_content("pre")(dict(entries[0]))
@@ -386,7 +385,7 @@ def test_transforms_from_config(entries):
 def test_docstring_examples_run():
     import doctest
 
-    from monai_groupdistil.data import transforms
+    from scripts import cardiac_transforms as transforms
 
     result = doctest.testmod(transforms)
     assert result.attempted > 0 and result.failed == 0, result

@@ -10,12 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monai_groupdistil.data.waterbirds import (
-    WATERBIRDS_COLUMNS,
-    _render,
-    load_waterbirds_datalist,
-    make_synthetic_waterbirds,
-)
+from monai_groupdistil.data.waterbirds import WATERBIRDS_COLUMNS, load_waterbirds_datalist
+from scripts.synthetic_waterbirds import _render, make_synthetic_waterbirds
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import ClassificationSaver, from_engine
 from monai.transforms import Activationsd
 
-from monai_groupdistil.data import make_synthetic_mnms, make_synthetic_waterbirds
 from monai_groupdistil.handlers import ClassProbabilitySaver
+from scripts import make_synthetic_mnms, make_synthetic_waterbirds
 
 ROOT = Path(__file__).resolve().parents[1] / "bundles"
 BUNDLES = ["cardiac_mri_groupdistil", "waterbirds_groupdistil", "cardiac_mri_seg_groupdistil"]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +22,6 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import ClassificationSaver
 from monai.transforms import Activationsd
 
-from monai_groupdistil.data import make_synthetic_mnms
 from monai_groupdistil.data.skip_failed import (
     FAILURE_KEY,
     SkipFailedDataset,
@@ -27,12 +29,14 @@ from monai_groupdistil.data.skip_failed import (
     SkipNonFinited,
     skip_failed_collate,
 )
+from monai_groupdistil.engines import remove_temporary_files
 from monai_groupdistil.handlers import (
     AtomicNibabelWriter,
     ClassProbabilitySaver,
     InferenceFailedError,
     InferenceFailureHandler,
 )
+from scripts import make_synthetic_mnms
 from tests.bundle_helpers import Bundle, error_chain, one_thread, root_error  # noqa: F401 (one_thread: autouse)
 from tests.test_inference_configs import network_state
 
@@ -317,10 +321,30 @@ def test_atomic_nibabel_writer_keeps_the_earlier_file_when_a_write_fails(tmp_pat
     assert issubclass(AtomicNibabelWriter, NibabelWriter)
 
 
+def test_a_killed_writer_s_temporary_mask_is_removed_as_a_checkpoint_s(tmp_path, monkeypatch):
+    """A mask's temporary file ends with ``.nii.gz`` (nibabel chooses the format by it) and is named as a
+    checkpoint's is, so ``remove_temporary_files`` removes the one a killed run left, and no other file."""
+    target, saved, save = tmp_path / "case_seg.nii.gz", [], nib.save
+    monkeypatch.setattr(nib, "save", lambda img, filename: (saved.append(Path(filename)), save(img, filename)))
+    writer = AtomicNibabelWriter()
+    writer.set_data_array(np.ones((4, 4, 2), np.uint8), channel_dim=None)
+    writer.write(target)
+    assert saved[0].parent == tmp_path and saved[0].name.startswith(".case_seg.nii.gz~groupdistil-tmp~")
+    assert saved[0].name.endswith(f"~{os.getpid()}.nii.gz") and target.read_bytes()[:2] == b"\x1f\x8b"  # gzip
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / saved[0].name.replace(f"~{os.getpid()}.", f"~{dead.pid}.")
+    earlier_version = tmp_path / saved[0].name.replace(f"~{os.getpid()}.nii.gz", f"~{dead.pid}")  # no suffix
+    for path in (stale, earlier_version, tmp_path / ".case_seg.nii.gz.tmp", tmp_path / "notes.nii.gz"):
+        path.write_bytes(b"half a mask")
+    assert sorted(remove_temporary_files(tmp_path)) == sorted([stale, earlier_version])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".case_seg.nii.gz.tmp", target.name, "notes.nii.gz"]
+
+
 def test_waterbirds_keeps_the_readable_images(tmp_path):
     """The Waterbirds bundle's inference, batches of 4: a truncated image and a missing one among eight good ones
     are listed under their ``img_id``; the good ones are predicted as in a run without them."""
-    from monai_groupdistil.data import make_synthetic_waterbirds
+    from scripts import make_synthetic_waterbirds
 
     bundle = Bundle("waterbirds_groupdistil")
     root = Path(make_synthetic_waterbirds(tmp_path / "wb", n_images=8, seed=1, image_size=40))

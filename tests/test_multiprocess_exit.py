@@ -28,7 +28,7 @@ def test_two_process_training_exits_three_times_in_a_row(tmp_path):
         cmd[cmd.index("--epochs") + 1] = str(attempt)
         start = time.monotonic()
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=ENV)
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=ENV, cwd=CARDIAC.root)
         except subprocess.TimeoutExpired as err:
             pytest.fail(f"run {attempt} did not exit within {TIMEOUT_S} s:\n{(err.stderr or b'')[-3000:]!r}")
         assert out.returncode == 0, f"run {attempt}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"

@@ -11,14 +11,15 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 from PIL import Image
 
-from monai_groupdistil.data.natural_transforms import (
+from monai_groupdistil.data.waterbirds import load_waterbirds_datalist
+from scripts.natural_transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     natural_image_augmentation,
     natural_image_datalist,
     natural_image_preprocessing,
 )
-from monai_groupdistil.data.waterbirds import load_waterbirds_datalist, make_synthetic_waterbirds
+from scripts.synthetic_waterbirds import make_synthetic_waterbirds
 
 # MONAI tries its other readers (ITK) on a file PIL cannot read; itk warns when it is imported lazily
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module__ attribute:DeprecationWarning")

@@ -1,4 +1,4 @@
-"""Optional initialisation of bundle networks from local pretrained weights (monai_groupdistil.bundle.pretrained)."""
+"""Optional initialisation of bundle networks from local pretrained weights (scripts.pretrained)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks.nets import ResNet
 
-from monai_groupdistil.bundle.pretrained import load_pretrained
+from scripts.pretrained import load_pretrained
 
 
 def _resnet(num_classes: int = 2, inplanes=(16, 32, 64, 128)) -> ResNet:
@@ -38,7 +38,7 @@ def test_loads_everything_but_the_classifier_of_another_class_count(source, capl
     torch.manual_seed(2)
     net = _resnet(num_classes=2)
     fc_before = net.fc.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+    with caplog.at_level(logging.INFO, logger="scripts"):
         assert load_pretrained(net, path) is net
     ref = pretrained.state_dict()
     for key, value in net.state_dict().items():

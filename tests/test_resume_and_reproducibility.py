@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_groupdistil.bundle import RandomStates, RunSettings, check_resume_checkpoint, latest_checkpoint
-from monai_groupdistil.data import make_synthetic_mnms
 from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES
+from monai_groupdistil.engines.resume_state import RandomStates
+from scripts import RunSettings, check_resume_checkpoint, latest_checkpoint, make_synthetic_mnms
 from tests.bundle_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     ENV,
     TINY,
@@ -69,13 +69,13 @@ def cardiac(tmp_path_factory):
     runs = {}
     for name in ("A", "B"):
         ov = {**common, "ckpt_dir": str(_folder(base, name, teacher)), "output_dir": str(base / f"eval_{name}")}
-        out = subprocess.run(_train_command(ov), capture_output=True, text=True, timeout=600, env=ENV)
+        out = subprocess.run(_train_command(ov), capture_output=True, text=True, timeout=600, env=ENV, cwd=CARDIAC.root)
         assert out.returncode == 0, out.stderr[-3000:]
         runs[name] = {"overrides": ov, "report": _evaluate(CARDIAC, ov)}
     ov = {**common, "ckpt_dir": str(_folder(base, "C", teacher)), "output_dir": str(base / "eval_C")}
     first = Path(ov["ckpt_dir"]) / "groupdistil_epoch=1.pt"
     with open(base / "C.log", "w") as log:
-        proc = subprocess.Popen(_train_command(ov), stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        proc = subprocess.Popen(_train_command(ov), stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=CARDIAC.root)
         deadline = time.monotonic() + 600
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -83,7 +83,7 @@ def cardiac(tmp_path_factory):
         proc.wait(timeout=60)
     killed_at = sorted(p.name for p in Path(ov["ckpt_dir"]).glob("groupdistil_epoch=*.pt"))
     resumed = subprocess.run(
-        _train_command({**ov, "resume": True}), capture_output=True, text=True, timeout=600, env=ENV
+        _train_command({**ov, "resume": True}), capture_output=True, text=True, timeout=600, env=ENV, cwd=CARDIAC.root
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     runs["C"] = {"overrides": ov, "returncode": proc.returncode, "killed_at": killed_at, "log": resumed.stdout}
@@ -285,7 +285,7 @@ def test_best_metric_state_keeps_a_resumed_run_from_replacing_a_better_best_mode
     from ignite.engine import Engine, Events
     from monai.handlers import CheckpointSaver
 
-    from monai_groupdistil.bundle import BestMetricState
+    from monai_groupdistil.engines.resume_state import BestMetricState
 
     def evaluator_with(score: float):
         engine = Engine(lambda e, b: None)

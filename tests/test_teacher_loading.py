@@ -60,7 +60,7 @@ def test_errors_name_the_file_and_what_to_do(tmp_path):
 def test_a_damaged_teacher_file_is_named_with_what_to_do(tmp_path, damage):
     """A teacher file cut short by a killed write (or not a checkpoint at all) is refused naming the file, saying it
     is damaged and what to do; the bundle's loader adds the command that trains the teacher again."""
-    from monai_groupdistil.bundle import load_teacher as bundle_load_teacher
+    from scripts import load_teacher as bundle_load_teacher
 
     path = tmp_path / "teacher.pt"
     torch.save(_net().state_dict(), path)

@@ -19,8 +19,8 @@ import mlflow  # the mlflow extra, installed by the test command (scripts/setup_
 import pytest
 import torch
 
-from monai_groupdistil.bundle import WorstGroupHandler, run_parameters, track_run
-from monai_groupdistil.bundle.tracking import mlflow_request_settings
+from scripts import WorstGroupHandler, run_parameters, track_run
+from scripts.tracking import mlflow_request_settings
 from tests.bundle_helpers import BUNDLES, TINY, Bundle, error_chain, make_tiny_data, one_thread, random_teacher  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
@@ -240,11 +240,11 @@ def test_a_tracking_server_that_never_answers_fails_the_run_within_the_bounded_w
     )
     wf.initialize()
     wf.parser.get_parsed_content("train#trainer")  # the data are cached here, outside the timed part
-    bundle_logger = logging.getLogger("monai_groupdistil.bundle")
+    bundle_logger = logging.getLogger("scripts")
     bundle_logger.addHandler(caplog.handler)  # the bundle's logging.conf replaced the root logger's handlers
     start = time.monotonic()
     try:
-        with pytest.raises(Exception) as info, caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+        with pytest.raises(Exception) as info, caplog.at_level(logging.INFO, logger="scripts"):
             wf.run()
     finally:
         bundle_logger.removeHandler(caplog.handler)

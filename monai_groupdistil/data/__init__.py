@@ -1,7 +1,7 @@
-"""Data layer: M&Ms / M&Ms-2 datalists with vendor and centre groups, a synthetic multi-vendor cine generator in
-the M&Ms layout, ED/ES segmentation frames and slices, cardiac preprocessing transforms, group-balanced sampling,
-the Waterbirds datalist, its synthetic stand-in and ImageNet-style preprocessing for natural images, and a dataset
-and loader that set failing items aside (inference that keeps what it can).
+"""Data: the M&Ms / M&Ms-2 and Waterbirds datalists with their groups, group-balanced sampling, group names, a
+group-stratified split, and a dataset and loader that set failing items aside (inference that keeps what it can).
+
+The bundles' transforms and synthetic data generators are bundle code, in ``bundles/shared/scripts/``.
 
 Log messages (counts of left-out or skipped subjects, group sizes) go to the ``monai_groupdistil.data`` logger.
 """
@@ -21,40 +21,14 @@ from monai_groupdistil.data.mnms import (
     mnms2_group_names,
     mnms_group_names,
 )
-from monai_groupdistil.data.natural_transforms import (
-    natural_image_augmentation,
-    natural_image_datalist,
-    natural_image_preprocessing,
-)
 from monai_groupdistil.data.samplers import GroupBalancedSampler
-from monai_groupdistil.data.segmentation import (
-    SEG_LABELS,
-    SEG_STRUCTURES,
-    CheckSegmentationd,
-    SegmentationSliceDataset,
-    segmentation_augmentation,
-    segmentation_frames,
-    segmentation_preprocessing,
-    volume_slices,
-)
 from monai_groupdistil.data.skip_failed import FAILURE_KEY, SkipFailedDataset, SkipFailedLoader, SkipNonFinited
 from monai_groupdistil.data.splits import split_by_group
-from monai_groupdistil.data.synthetic import VENDOR_PROFILES, make_synthetic_mnms
-from monai_groupdistil.data.transforms import (
-    CropAroundHeartd,
-    LoadCardiacImaged,
-    SelectFramed,
-    SelectMidVentricularSliced,
-    cardiac_augmentation,
-    cardiac_preprocessing,
-    slice_affine_2d,
-)
 from monai_groupdistil.data.waterbirds import (
     WATERBIRDS_COLUMNS,
     WATERBIRDS_GROUP_NAMES,
     WATERBIRDS_SPLITS,
     load_waterbirds_datalist,
-    make_synthetic_waterbirds,
 )
 
 __all__ = [
@@ -69,35 +43,14 @@ __all__ = [
     "load_mnms2_datalist",
     "mnms_group_names",
     "mnms2_group_names",
-    "VENDOR_PROFILES",
-    "make_synthetic_mnms",
-    "SEG_LABELS",
-    "SEG_STRUCTURES",
-    "CheckSegmentationd",
-    "SegmentationSliceDataset",
-    "segmentation_augmentation",
-    "segmentation_frames",
-    "segmentation_preprocessing",
-    "volume_slices",
     "split_by_group",
     "FAILURE_KEY",
     "SkipFailedDataset",
     "SkipFailedLoader",
     "SkipNonFinited",
     "GroupBalancedSampler",
-    "LoadCardiacImaged",
-    "SelectFramed",
-    "SelectMidVentricularSliced",
-    "CropAroundHeartd",
-    "cardiac_preprocessing",
-    "cardiac_augmentation",
-    "slice_affine_2d",
     "WATERBIRDS_COLUMNS",
     "WATERBIRDS_GROUP_NAMES",
     "WATERBIRDS_SPLITS",
     "load_waterbirds_datalist",
-    "make_synthetic_waterbirds",
-    "natural_image_preprocessing",
-    "natural_image_augmentation",
-    "natural_image_datalist",
 ]

@@ -564,7 +564,7 @@ def load_mnms2_datalist(
         ``ed``, ``es`` and ``split``. The extra path keys are named ``<frame>_image``/``<frame>_seg`` rather than
         ``image_<frame>``: MONAI dictionary transforms such as ``Spacingd`` treat every key starting with
         ``image_`` or ``seg_`` as a metadata dict of ``image``/``seg``, so the entries go through
-        :func:`~monai_groupdistil.data.transforms.cardiac_preprocessing` as they are.
+        the bundles' ``cardiac_preprocessing`` as they are.
 
     Raises:
         FileNotFoundError: missing root, CSV or (``on_missing="error"``) image, naming the path.

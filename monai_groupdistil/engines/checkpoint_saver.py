@@ -5,9 +5,9 @@ saving leaves a truncated file, and the write goes through every hard link of th
 ``DiskSaver`` writes a ``tmp*`` file first, but ``Checkpoint`` removes the oldest file *before* writing the new one,
 so a kill in between leaves fewer files than the saved state lists. Here:
 
-- :py:func:`atomic_save`: ``torch.save`` into a temporary file of the same folder, named
-  ``.<file>~groupdistil-tmp~<host>~<pid>`` (so it is never mistaken for anyone else's file), flushed to disk, then
-  renamed over the target (``os.replace``): a kill leaves either the old complete file or the new one.
+- :py:func:`atomic_write` (checkpoints through :py:func:`atomic_save`, inference outputs): a temporary file of the
+  same folder, ``.<file>~groupdistil-tmp~<host>~<pid><suffixes>`` (never mistaken for anyone else's file), renamed
+  over the target (``os.replace``): a kill leaves either the old complete file or the new one.
   :py:func:`remove_temporary_files` removes those a killed write left.
 - :py:class:`AtomicDiskSaver`: ignite's ``DiskSaver`` writing through :py:func:`atomic_save`, and removing a file
   that ``Checkpoint`` drops only *after* the next file has been written (a file that is already gone is no error).
@@ -24,7 +24,8 @@ import math
 import os
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "AtomicDiskSaver",
     "BestModelSaver",
     "atomic_save",
+    "atomic_write",
     "dro_state_filename",
     "process_alive",
     "remove_temporary_files",
@@ -54,15 +56,41 @@ __all__ = [
 logger = logging.getLogger("monai_groupdistil.engines")
 
 TEMP_TAG = "groupdistil-tmp"
-_TEMP_PATTERN = re.compile(r"\.(?P<target>.+)~" + re.escape(TEMP_TAG) + r"~(?P<host>[^~/]+)~(?P<pid>\d+)")
+# the suffixes are optional: files of earlier versions lack them
+_TEMP_PATTERN = re.compile(r"\.(?P<target>.+)~" + re.escape(TEMP_TAG) + r"~(?P<host>[^~/]+)~(?P<pid>\d+)(\..*)?")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("~", "-").replace("/", "-") or "host"
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
-    """The temporary file :py:func:`atomic_save` writes before renaming it to ``path``:
-    ``<folder>/.<name>~groupdistil-tmp~<host>~<pid>``."""
+    """The temporary file :py:func:`atomic_write` writes before renaming it to ``path``; it names its writer (for
+    :py:func:`remove_temporary_files`) and ends with the suffixes of ``path``, by which writers such as nibabel
+    choose the format: ``masks/A1.nii.gz`` -> ``masks/.A1.nii.gz~groupdistil-tmp~<host>~<pid>.nii.gz``."""
     path = Path(path)
-    host = socket.gethostname().replace("~", "-").replace("/", "-") or "host"
-    return path.with_name(f".{path.name}~{TEMP_TAG}~{host}~{os.getpid()}")
+    return path.with_name(f".{path.name}~{TEMP_TAG}~{_host()}~{os.getpid()}{''.join(path.suffixes)}")
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Replace ``path`` only by a complete new file: the ``with`` block writes the :py:func:`temporary_name` it is
+    given, which is then renamed over ``path`` (``os.replace``, atomic on POSIX and Windows). When the block raises,
+    ``path`` is left as it was and the temporary file is removed. The folder of ``path`` must exist.
+
+    Example::
+
+        with atomic_write("eval/predictions.csv") as temporary:
+            temporary.write_text("subject,predicted_class\n")
+    """
+    path = Path(path)
+    temporary = temporary_name(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -81,10 +109,10 @@ def _fsync_folder(folder: Path) -> None:
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` so that a kill at any instant leaves the old complete file or the new one.
 
-    The object is written to :py:func:`temporary_name` in the same folder, flushed and synced to disk, then renamed
-    over ``path`` (``os.replace``, atomic on POSIX and Windows). The rename gives ``path`` a new inode: a hard link
-    to the old file keeps the old content, and a symbolic link at ``path`` is replaced, not written through. The file
-    gets the usual permissions of a new file (the process umask), as ``torch.save`` would give it.
+    The object is written by :py:func:`atomic_write`, flushed and synced to disk before the rename. The rename gives
+    ``path`` a new inode: a hard link to the old file keeps the old content, and a symbolic link at ``path`` is
+    replaced, not written through. The file gets the usual permissions of a new file (the process umask), as
+    ``torch.save`` would give it.
 
     Args:
         obj: what to save (a state dict or a dict of them).
@@ -98,21 +126,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             unchanged and the temporary file removed.
     """
     path = Path(path)
-    temporary = temporary_name(path)
     try:
-        with open(temporary, "wb") as file:
+        with atomic_write(path) as temporary, open(temporary, "wb") as file:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as err:
-        temporary.unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
-            raise OSError(
-                f"could not write checkpoint '{path}' ({type(err).__name__}: {err}); the previous file, "
-                "if any, is unchanged."
-            ) from err
-        raise
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        raise OSError(
+            f"could not write checkpoint '{path}' ({type(err).__name__}: {err}); the previous file, if any, is "
+            "unchanged."
+        ) from err
     _fsync_folder(path.parent)
     return path
 
@@ -131,7 +154,8 @@ def process_alive(pid: int) -> bool:
 
 
 def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files that writes of :py:func:`atomic_save` killed before their rename left in ``folder``.
+    """Remove the temporary files that writes of :py:func:`atomic_write` (checkpoints, inference outputs) killed
+    before their rename left in ``folder``.
 
     Only files named as :py:func:`temporary_name` names them are considered (nothing else is ever removed), and of
     those only the ones whose writer is not a live process of this host other than this one; a file of another host
@@ -147,7 +171,7 @@ def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed, host = [], temporary_name(folder / "x").name.split("~")[2]
+    removed, host = [], _host()
     for path in sorted(folder.iterdir()):
         match = _TEMP_PATTERN.fullmatch(path.name)
         if match is None or not path.is_file():

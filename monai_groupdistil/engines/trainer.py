@@ -79,20 +79,6 @@ def _per_sample(value: Any, batch_size: int) -> list | None:
     return None
 
 
-def _filenames(batchdata: Any, inputs: Any, batch_size: int, image_key: str = Keys.IMAGE) -> list | None:
-    """The ``filename_or_obj`` meta data of the image: of the prepared ``inputs`` (a ``MetaTensor``), else of the
-    batch's ``image_key`` (a ``MetaTensor``) or of its ``<image_key>_meta_dict``; ``None`` when none is found."""
-    sources = [getattr(inputs, "meta", None)]
-    if isinstance(batchdata, Mapping):
-        sources += [getattr(batchdata.get(image_key), "meta", None), batchdata.get(f"{image_key}_meta_dict")]
-    for meta in sources:
-        if isinstance(meta, Mapping) and meta.get("filename_or_obj") is not None:
-            files = _per_sample(meta["filename_or_obj"], batch_size)
-            if files is not None:
-                return files
-    return None
-
-
 def sample_names(
     batchdata: Any,
     batch_size: int,
@@ -126,14 +112,16 @@ def sample_names(
         >>> sample_names({"image": torch.zeros(2, 1, 4, 4)}, 2)
         ['batch position 0', 'batch position 1']
     """
-    keys = [subject_key] if isinstance(subject_key, str) else list(subject_key or ())
-    key, subjects = None, None
-    if isinstance(batchdata, Mapping):
-        for key in keys:
-            subjects = _per_sample(batchdata.get(key), batch_size) if key in batchdata else None
-            if subjects is not None:
-                break
-    files = _filenames(batchdata, inputs, batch_size, image_key)
+    batch = batchdata if isinstance(batchdata, Mapping) else {}
+    key, subjects, files = None, None, None
+    for key in [subject_key] if isinstance(subject_key, str) else list(subject_key or ()):
+        subjects = _per_sample(batch.get(key), batch_size)
+        if subjects is not None:
+            break
+    metas = [getattr(inputs, "meta", None), getattr(batch.get(image_key), "meta", None)]
+    for meta in [*metas, batch.get(f"{image_key}_meta_dict")]:
+        if files is None and isinstance(meta, Mapping):
+            files = _per_sample(meta.get("filename_or_obj"), batch_size)
     names = []
     for i in range(batch_size):
         subject, file = (None if subjects is None else subjects[i]), (None if files is None else str(files[i]))
@@ -154,30 +142,37 @@ def _float_tensors(value: Any) -> list[torch.Tensor]:
     return [t.as_subclass(torch.Tensor) for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of ``tensors`` is finite: one ``isfinite().all()`` per tensor, one host synchronisation."""
-    if not tensors:
-        return True
-    flag = torch.isfinite(tensors[0]).all()
-    for t in tensors[1:]:
-        flag = flag & torch.isfinite(t).all().to(flag.device)
-    return bool(flag)
-
-
-def _non_finite_rows(tensors: list[torch.Tensor], batch_size: int) -> list[int]:
-    """The batch positions whose values are not all finite in one of ``tensors`` (``[B, ...]``); every position when
-    none of them has the batch dimension."""
+def _non_finite_rows(value: Any, batch_size: int) -> list[int] | None:
+    """The batch positions at which a floating-point tensor of ``value`` with the batch dimension (``[B, ...]``) is
+    not finite; ``None`` when ``value`` has no such tensor (a reduced loss, for instance)."""
+    batched = [t for t in _float_tensors(value) if t.ndim >= 1 and t.shape[0] == batch_size]
     bad: set[int] = set()
-    batched = [t for t in tensors if t.ndim >= 1 and t.shape[0] == batch_size]
     for t in batched:
-        rows = ~torch.isfinite(t.reshape(batch_size, -1)).all(dim=1)
-        bad.update(torch.nonzero(rows).flatten().tolist())
-    return sorted(bad) if batched else list(range(batch_size))
+        bad.update(torch.nonzero(~torch.isfinite(t.reshape(batch_size, -1)).all(dim=1)).flatten().tolist())
+    return sorted(bad) if batched else None
 
 
-def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_NAMED])
-    return shown if len(names) <= _MAX_NAMED else f"{shown} and {len(names) - _MAX_NAMED} more"
+# what DistillationTrainer checks: its name in the messages, and what to check when the inputs are finite
+_NON_FINITE = {
+    "prediction": (
+        "the student's prediction",
+        "Their input images are finite: the student has diverged. Lower the learning rate (or clip the gradients) "
+        "and train again, or resume from a checkpoint written before this point; if it happens from the first "
+        "iterations, check these samples' image files for extreme values.",
+    ),
+    "teacher": (
+        "the teacher's output",
+        "Their input images and the student's prediction are finite: check the teacher checkpoint (its weights may "
+        "not be finite, e.g. a teacher trained to NaN). With a teacher_cache the output may be a stored one: use a "
+        "fresh cache folder once the teacher is fixed (stored outputs are never replaced).",
+    ),
+    "loss": (
+        "the loss",
+        "The predictions (and teacher outputs) and the labels are finite: the logits are large enough to overflow "
+        "the loss. Lower the learning rate (or clip the gradients), and check the loss's settings and these "
+        "samples' labels.",
+    ),
+}
 
 
 class DistillationTrainer(SupervisedTrainer):
@@ -199,16 +194,15 @@ class DistillationTrainer(SupervisedTrainer):
     batch has no group key); the user's loss is ``self.student_loss``.
 
     Non-finite values stop training (``check_finite``, on by default): the student's prediction is checked right
-    after the forward pass, the teacher's output after the teacher, the loss value after the loss, each with one
-    ``torch.isfinite(...).all()`` (the per-sample detail is computed only on failure); a NaN or infinite value raises
-    a ``FloatingPointError`` *before* the backward pass and the optimizer step, so the network's parameters (and a
-    DRO loss's weights) stay those from before the batch and no checkpoint written afterwards holds NaN weights from
-    it. The message names the iteration, the epoch and the samples at fault: those whose input image (for the loss:
-    whose label) is not finite when there are any (a NaN voxel in one study; batch normalisation spreads it to the
-    whole batch's prediction), otherwise those whose output (or per-sample loss) is not finite, or every sample of
-    the batch for a reduced loss; then what to check (the files; with finite inputs, the learning rate or the
-    teacher checkpoint). A sample is named by its subject (the first of ``subject_key`` the batch holds, e.g.
-    ``subject 'A1B2C3'``) and its image file (MONAI's ``filename_or_obj`` meta data, e.g.
+    after the forward pass, the teacher's output after the teacher, the loss value after the loss; a NaN or infinite
+    value raises a ``FloatingPointError`` *before* the backward pass and the optimizer step, so the network's
+    parameters (and a DRO loss's weights) stay those from before the batch and no checkpoint written afterwards
+    holds NaN weights from it. The message names the iteration, the epoch and the samples at fault: those whose
+    input image (for the loss: whose label) is not finite when there are any (a NaN voxel in one study; batch
+    normalisation spreads it to the whole batch's prediction), otherwise those whose output (or per-sample loss) is
+    not finite, or every sample of the batch for a reduced loss; then what to check (the files; with finite inputs,
+    the learning rate or the teacher checkpoint). A sample is named by its subject (the first of ``subject_key`` the
+    batch holds, e.g. ``subject 'A1B2C3'``) and its image file (MONAI's ``filename_or_obj`` meta data, e.g.
     ``(file /data/A1B2C3_sa.nii.gz)``), or else by its position in the batch (see :py:func:`sample_names`). The
     forward pass has run when the error is raised, so buffers it updates (batch-norm running statistics) may hold
     NaN: reload the last checkpoint rather than saving the network after the error.
@@ -349,8 +343,7 @@ class DistillationTrainer(SupervisedTrainer):
         """
         output, extras = self.state.output, {}
         output[TEACHER_PRED] = output[GROUP] = None
-        if self.check_finite:
-            self._check_outputs(pred, "prediction")
+        self._check_finite("prediction", pred, pred)
         if self.teacher is not None:
             output[TEACHER_PRED] = run_teacher(
                 self.teacher,
@@ -360,8 +353,7 @@ class DistillationTrainer(SupervisedTrainer):
                 self.state.batch,
                 expected_shape=pred.shape,  # checked before anything is cached
             )
-            if self.check_finite:
-                self._check_outputs(output[TEACHER_PRED], "teacher")
+            self._check_finite("teacher", output[TEACHER_PRED], pred)
         if "teacher_logits" in self.loss_keywords:
             extras["teacher_logits"] = output[TEACHER_PRED]
         batch = self.state.batch
@@ -369,101 +361,69 @@ class DistillationTrainer(SupervisedTrainer):
             output[GROUP] = torch.as_tensor(batch[self.group_key]).to(self.state.device, non_blocking=self.non_blocking)
         if "groups" in self.loss_keywords:
             extras["groups"] = output[GROUP]
-        if not self.check_finite:
-            return self.student_loss(pred, target=label, **extras)
         try:
             loss = self.student_loss(pred, target=label, **extras)
         except NonFiniteValueError as err:
-            raise FloatingPointError(self._loss_message(pred, None, str(err))) from err
-        if isinstance(loss, torch.Tensor) and loss.is_floating_point():
-            values = loss.as_subclass(torch.Tensor)
-            if not _all_finite([values]):
-                raise FloatingPointError(self._loss_message(pred, values))
+            if not self.check_finite:
+                raise
+            raise FloatingPointError(self._non_finite_message("loss", None, pred, str(err))) from err
+        self._check_finite("loss", loss, pred)
         return loss
 
-    def _batch_size(self, value: Any) -> int:
-        tensors = _float_tensors(value) or [t for t in [value] if isinstance(t, torch.Tensor)]
-        return int(tensors[0].shape[0]) if tensors and tensors[0].ndim >= 1 else 1
+    def _check_finite(self, quantity: str, value: Any, pred: Any) -> None:
+        """With ``check_finite``, raise a ``FloatingPointError`` (message: :py:meth:`_non_finite_message`) when
+        ``value``, the ``quantity`` computed for the batch of ``pred``, holds a NaN or infinite value."""
+        if not self.check_finite:
+            return
+        tensors = _float_tensors(value)
+        # one isfinite().all() per tensor and one host synchronisation: the per-sample detail only on failure
+        if tensors and not bool(torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors]).all()):
+            raise FloatingPointError(self._non_finite_message(quantity, value, pred))
 
-    def _names(self, batch_size: int) -> list[str]:
-        return sample_names(self.state.batch, batch_size, self.subject_key, self.state.output.get(Keys.IMAGE))
+    def _non_finite_message(self, quantity: str, value: Any, pred: Any, refusal: str = "") -> str:
+        """The message for a non-finite ``quantity`` (a key of :py:data:`_NON_FINITE`) ``value`` of the batch of
+        ``pred`` (``value`` is ``None`` for a loss's ``refusal``).
 
-    def _where(self) -> str:
-        return f"iteration {self.state.iteration} (epoch {self.state.epoch})"
-
-    def _non_finite_rows_of(self, key: str, batch_size: int) -> list[int]:
-        """The batch positions whose ``engine.state.output[key]`` (the input image or the label) is not finite;
-        empty when it is finite or not a floating-point tensor with the batch dimension."""
-        tensors = [t for t in _float_tensors(self.state.output.get(key)) if t.ndim >= 1 and t.shape[0] == batch_size]
-        return [] if _all_finite(tensors) else _non_finite_rows(tensors, batch_size)
-
-    def _message(self, what: str, rows: list[int] | None, batch_size: int, cause_key: str, advice: str) -> str:
-        """The ``FloatingPointError`` message: ``what`` is not finite for the samples at ``rows`` (``None``: the
-        whole batch). When ``engine.state.output[cause_key]`` is not finite for some samples, those are the ones
-        named, as the cause; otherwise the samples at ``rows`` are, followed by ``advice``."""
-        names = self._names(batch_size)
-        causes = self._non_finite_rows_of(cause_key, batch_size)
-        cause = "input image" if cause_key == Keys.IMAGE else cause_key
+        It names the samples at fault: those whose input image (for the loss: whose label) is not finite when there
+        are any, as the cause; otherwise those at which ``value`` is not finite (the whole batch when it has no
+        batch dimension), followed by the advice of :py:data:`_NON_FINITE`.
+        """
+        what, advice = _NON_FINITE[quantity]
+        if quantity == "loss" and isinstance(value, torch.Tensor) and value.numel() == 1:
+            what += f" ({float(value.detach())})"
+        if refusal:
+            advice = f"The loss refused the batch: {refusal} {advice}"
+        cause_key, cause = (Keys.LABEL, "label") if quantity == "loss" else (Keys.IMAGE, "input image")
+        first = (_float_tensors(pred) or [pred])[0]
+        batch_size = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.ndim >= 1 else 1
+        names = sample_names(self.state.batch, batch_size, self.subject_key, self.state.output.get(Keys.IMAGE))
+        rows = _non_finite_rows(value, batch_size)
+        causes = _non_finite_rows(self.state.output.get(cause_key), batch_size) or []
+        where = f"iteration {self.state.iteration} (epoch {self.state.epoch})"
         if rows is None:
-            head = f"DistillationTrainer: {what} is NaN or infinite for the batch of {self._where()}"
+            head = f"{what} is NaN or infinite for the batch of {where}"
         else:
-            head = (
-                f"DistillationTrainer: {what} holds NaN or infinite values for {len(rows)} of the {batch_size} "
-                f"samples of {self._where()}"
-            )
-        stopped = "Training was stopped before the backward pass, so no optimizer step was taken with this batch."
+            head = f"{what} holds NaN or infinite values for {len(rows)} of the {batch_size} samples of {where}"
+        spread = ""
         if causes:
-            spread = ""
+            head += f", and the {cause} holds NaN or infinite values for {len(causes)} of the batch's samples"
+            named = causes
             if rows is not None and len(rows) > len(causes):
                 spread = (
-                    " (a layer that mixes the samples of a batch, such as batch normalisation in training, spreads "
-                    "a sample's NaN to the others)"
+                    " (a layer that mixes the samples of a batch, such as batch normalisation in training, spreads a "
+                    "sample's NaN to the others)"
                 )
-            return (
-                f"{head}, and the {cause} holds NaN or infinite values for {len(causes)} of the batch's samples: "
-                f"{_listing([names[i] for i in causes])}{spread}. {stopped} Check these samples' {cause}s (and the "
-                "files they are read from) for NaN or infinite values, e.g. numpy.isfinite(data).all() after "
-                "loading, and fix or exclude them."
-            )
-        named = names if rows is None else [names[i] for i in rows]
-        samples = f", whose {batch_size} samples are" if rows is None else ""
-        return f"{head}{samples}: {_listing(named)}. {stopped} {advice}"
-
-    def _check_outputs(self, value: Any, source: str) -> None:
-        """Raise the ``FloatingPointError`` naming the samples when the network output ``value`` (the student's
-        ``"prediction"`` or the ``"teacher"``'s) holds non-finite values."""
-        tensors = _float_tensors(value)
-        if _all_finite(tensors):
-            return
-        batch_size = self._batch_size(value)
-        rows = _non_finite_rows(tensors, batch_size)
-        if source == "prediction":
-            what = "the student's prediction"
             advice = (
-                "Their input images are finite: the student has diverged. Lower the learning rate (or clip the "
-                "gradients) and train again, or resume from a checkpoint written before this point; if it happens "
-                "from the first iterations, check these samples' image files for extreme values."
+                f"Check these samples' {cause}s (and the files they are read from) for NaN or infinite values, e.g. "
+                "numpy.isfinite(data).all() after loading, and fix or exclude them."
             )
+        elif rows is None:
+            head += f", whose {batch_size} samples are"
+            named = list(range(batch_size))
         else:
-            what = "the teacher's output"
-            advice = (
-                "Their input images and the student's prediction are finite: check the teacher checkpoint (its "
-                "weights may not be finite, e.g. a teacher trained to NaN). With a teacher_cache the output may be a "
-                "stored one: use a fresh cache folder once the teacher is fixed (stored outputs are never replaced)."
-            )
-        raise FloatingPointError(self._message(what, rows, batch_size, Keys.IMAGE, advice))
-
-    def _loss_message(self, pred: Any, loss: torch.Tensor | None, reason: str = "") -> str:
-        """The message for a non-finite loss value ``loss`` (or a loss's refusal ``reason``) with finite inputs."""
-        batch_size = self._batch_size(pred)
-        rows = None
-        if loss is not None and loss.ndim >= 1 and loss.shape[0] == batch_size:
-            rows = _non_finite_rows([loss], batch_size)
-        value = "" if loss is None or loss.numel() != 1 else f" ({float(loss.detach())})"
-        refused = f"The loss refused the batch: {reason} " if reason else ""
-        advice = refused + (
-            "The predictions (and teacher outputs) and the labels are finite: the logits are large enough to "
-            "overflow the loss. Lower the learning rate (or clip the gradients), and check the loss's settings and "
-            "these samples' labels."
-        )
-        return self._message(f"the loss{value}", rows, batch_size, Keys.LABEL, advice)
+            named = rows
+        listing = ", ".join(names[i] for i in named[:_MAX_NAMED])
+        if len(named) > _MAX_NAMED:
+            listing += f" and {len(named) - _MAX_NAMED} more"
+        stopped = "Training was stopped before the backward pass, so no optimizer step was taken with this batch."
+        return f"DistillationTrainer: {head}: {listing}{spread}. {stopped} {advice}"

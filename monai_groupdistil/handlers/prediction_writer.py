@@ -6,8 +6,9 @@ studies set aside and reported.
 - :class:`InferenceFailureHandler`: records the studies that failed (with ``monai_groupdistil.data.skip_failed``),
   writes them to ``failures.csv`` and ends the run with :class:`InferenceFailedError` after the others are written.
 
-Every file is written to a temporary file in its folder (``.tmp<pid>-<name>``) and renamed into place, so an earlier
-file is replaced only by a complete new one; a run that stops before writing leaves it as it was.
+Every file is written with :py:func:`monai_groupdistil.engines.checkpoint_saver.atomic_write` (a temporary file in its
+folder, renamed into place), so an earlier file is replaced only by a complete new one; a run that stops before
+writing leaves it as it was.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from monai.data import CSVSaver, NibabelWriter
 from monai.engines.utils import IterationEvents
 
 from monai_groupdistil.data.skip_failed import FAILURE_KEY
+from monai_groupdistil.engines.checkpoint_saver import atomic_write
 
 __all__ = [
     "AtomicNibabelWriter",
@@ -36,16 +38,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _temporary_path(path: Path) -> Path:
-    """A file next to ``path`` with the same suffixes (writers choose the format by them), owned by this process."""
-    return path.with_name(f".tmp{os.getpid()}-{path.name}")
-
-
 def write_csv_atomically(
     path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]], delimiter: str = ","
 ) -> Path:
-    """Write ``header`` and ``rows`` to a temporary file in the folder of ``path`` (created), then rename it to
-    ``path``: an earlier ``path`` is replaced only by the complete new file, never left truncated or deleted.
+    """Write ``header`` and ``rows`` to the CSV file ``path`` (its folder created) with :py:func:`atomic_write`: an
+    earlier ``path`` is replaced only by the complete new file, never left truncated or deleted.
 
     Args:
         path: the CSV file.
@@ -62,16 +59,10 @@ def write_csv_atomically(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(path)
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, delimiter=delimiter)
-            writer.writerow(header)
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
     return path
 
 
@@ -149,16 +140,10 @@ class AtomicNibabelWriter(NibabelWriter):
     """
 
     def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs: Any) -> None:
-        """Write the image to ``.tmp<pid>-<name>`` next to ``filename`` (the same suffixes, so the same format),
-        then rename it to ``filename``. Arguments as ``NibabelWriter.write``."""
-        path = Path(filename)
-        tmp = _temporary_path(path)
-        try:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        """Write the image to ``filename`` with :py:func:`atomic_write` (the temporary file keeps the suffixes, so
+        the format). Arguments as ``NibabelWriter.write``."""
+        with atomic_write(filename) as temporary:
+            super().write(temporary, verbose=verbose, **obj_kwargs)
 
 
 class InferenceFailedError(RuntimeError):

@@ -118,7 +118,7 @@ def natural_image_preprocessing(
     Example::
 
         from monai.data import DataLoader, Dataset
-        from monai_groupdistil.data.natural_transforms import natural_image_preprocessing
+        from scripts.natural_transforms import natural_image_preprocessing
         from monai_groupdistil.data.waterbirds import load_waterbirds_datalist
 
         ds = Dataset(load_waterbirds_datalist(root, "val"), transform=natural_image_preprocessing(224, 256))

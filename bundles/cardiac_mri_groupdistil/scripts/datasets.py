@@ -12,20 +12,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from monai_groupdistil.data import (
-    MNMS_CLASSES,
-    MNMS_CSV_NAME,
-    load_mnms_datalist,
-    make_synthetic_mnms,
-    mnms_group_names,
-    split_by_group,
-)
+from monai_groupdistil.data import MNMS_CLASSES, MNMS_CSV_NAME, load_mnms_datalist, mnms_group_names, split_by_group
 from monai_groupdistil.data.json_datalist import load_json_datalist
-from monai_groupdistil.data.waterbirds import (
-    WATERBIRDS_GROUP_NAMES,
-    load_waterbirds_datalist,
-    make_synthetic_waterbirds,
-)
+from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES, load_waterbirds_datalist
+
+from .synthetic import make_synthetic_mnms
+from .synthetic_waterbirds import make_synthetic_waterbirds
 
 __all__ = [
     "find_mnms_root",
@@ -37,7 +29,7 @@ __all__ = [
     "group_counts",
 ]
 
-logger = logging.getLogger("monai_groupdistil.bundle")
+logger = logging.getLogger("scripts")
 
 
 def _on_rank_zero_then_wait(fn, *args, **kwargs):
@@ -108,7 +100,7 @@ def prepare_mnms_dataset(
 
     - ``dataset_dir`` holds an M&Ms release (the metadata CSV in it or in its ``OpenDataset/``): it is used as is.
     - ``dataset_dir`` is missing or empty: the synthetic multi-vendor dataset is generated there
-      (:py:func:`monai_groupdistil.data.make_synthetic_mnms`) with ``synthetic_subjects`` subjects, with a WARNING
+      (:py:func:`scripts.make_synthetic_mnms`) with ``synthetic_subjects`` subjects, with a WARNING
       naming the folder (a misspelled path would otherwise train on synthetic data without notice).
     - anything else is an error, so that a wrong path never trains on the wrong data.
 
@@ -222,7 +214,7 @@ def prepare_waterbirds_dataset(
     """Return the Waterbirds folder to train on, generating the synthetic stand-in in an empty ``dataset_dir``.
 
     A missing or empty ``dataset_dir`` gets the synthetic stand-in
-    (:py:func:`monai_groupdistil.data.make_synthetic_waterbirds`, ``synthetic_images`` images), with a WARNING naming
+    (:py:func:`scripts.make_synthetic_waterbirds`, ``synthetic_images`` images), with a WARNING naming
     the folder (a misspelled path would otherwise train on synthetic data without notice). In a multi-process run
     only rank 0 generates; the other ranks wait for it.
 

@@ -14,7 +14,7 @@ from monai_groupdistil.engines.checkpoints import shape_mismatches
 
 __all__ = ["load_pretrained"]
 
-logger = logging.getLogger("monai_groupdistil.bundle")
+logger = logging.getLogger("scripts")
 
 _WRAPPER_KEYS = ("model", "state_dict", "network", "net")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -63,7 +63,7 @@ def load_pretrained(
     With ``strict=False`` every tensor whose name and shape match is loaded; tensors with another shape (the
     classifier ``fc`` of a model trained on other classes, typically) and names the network lacks are skipped, and
     the network's own initialisation is kept for what the file lacks. What was loaded and skipped is logged to the
-    ``monai_groupdistil.bundle`` logger. Nothing is ever downloaded.
+    ``scripts`` logger. Nothing is ever downloaded.
 
     Args:
         network: the network to initialise (a wrapper such as ``DistributedDataParallel`` is looked through).
@@ -82,7 +82,7 @@ def load_pretrained(
     Example::
 
         from monai.networks.nets import ResNet
-        from monai_groupdistil.bundle.pretrained import load_pretrained
+        from scripts.pretrained import load_pretrained
 
         net = ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], spatial_dims=2, n_input_channels=3, num_classes=2)
         load_pretrained(net, "/models/resnet18_imagenet.pt")  # all but the 1000-class fc layer

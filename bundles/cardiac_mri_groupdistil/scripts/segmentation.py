@@ -33,7 +33,7 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple
 
-from monai_groupdistil.data.transforms import (
+from .cardiac_transforms import (
     _filename,
     _intensity_augmentation,
     _interpolation_modes,
@@ -123,7 +123,7 @@ class CheckSegmentationd(MapTransform):
     """Refuse bad masks, naming the file: labels outside ``0 .. num_classes - 1``, a spatial shape other than the
     image's, and (``require_foreground``) a mask without any labelled voxel.
 
-    Run it after :class:`~monai_groupdistil.data.SelectFramed` (so the foreground check is the frame's); a missing
+    Run it after :class:`~scripts.SelectFramed` (so the foreground check is the frame's); a missing
     mask key is skipped.
 
     Args:
@@ -226,7 +226,7 @@ def segmentation_preprocessing(
         require_foreground: refuse a mask without labelled voxels.
         lower: lower intensity percentile mapped to 0.
         upper: upper intensity percentile mapped to 1.
-        reader: image reader of :class:`~monai_groupdistil.data.LoadCardiacImaged`.
+        reader: image reader of :class:`~scripts.LoadCardiacImaged`.
 
     Returns:
         a :class:`monai.transforms.Compose`.
@@ -318,7 +318,7 @@ def segmentation_augmentation(
     image, nearest for the mask), gamma contrast (``RandAdjustContrastd``), Gaussian noise (``RandGaussianNoised``),
     then clipping to [0, 1]. Sizes are kept; the outputs are float32 tensors without metadata (a training slice
     needs none). Rotation and scaling are one affine resampling, unlike the separate rotation and zoom of
-    :func:`~monai_groupdistil.data.cardiac_augmentation`, because resampling dominates the cost of a slice.
+    :func:`~scripts.cardiac_augmentation`, because resampling dominates the cost of a slice.
 
     Args:
         keys: keys transformed spatially (the image first, then masks).

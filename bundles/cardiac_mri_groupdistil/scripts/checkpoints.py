@@ -48,8 +48,9 @@ def load_teacher(
     """
     path = Path(checkpoint)
     root = "." if bundle_root is None else os.fspath(bundle_root)
-    configs = f"['{root}/configs/train.json','{root}/configs/train_teacher.json']"
-    command = f'python -m monai.bundle run --config_file "{configs}" --bundle_root {root} --ckpt_dir {path.parent}'
+    configs = "['configs/train.json','configs/train_teacher.json']"  # run from the bundle folder, as in the zoo
+    command = "" if root == "." else f"cd {root} && "
+    command += f'python -m monai.bundle run --config_file "{configs}" --ckpt_dir {path.parent}'
     command += f" --teacher_method {teacher_method}" if teacher_method != "erm" else ""
     if not path.is_file():
         raise FileNotFoundError(

@@ -64,7 +64,7 @@ Splits, vendors and pathologies
 
 Command line::
 
-    python -m monai_groupdistil.data synthetic --root DIR [--n-subjects 60] [--seed 0] \\
+    python -m scripts synthetic --root DIR [--n-subjects 60] [--seed 0] \\
         [--vendor-fractions A=0.4,B=0.35,C=0.2,D=0.05] [--test-vendor-fractions A=.25,B=.25,C=.25,D=.25] \\
         [--correlation 0.8] [--n-unlabeled 0] [--n-frames 10] [--matrix-scale 1.0] [--overwrite]
 """
@@ -655,9 +655,9 @@ def _parse_mapping(text: str) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Command-line entry point: ``python -m monai_groupdistil.data synthetic --root DIR [options]``."""
+    """Command-line entry point: ``python -m scripts synthetic --root DIR [options]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m monai_groupdistil.data synthetic",
+        prog="python -m scripts synthetic",
         description="Write a synthetic multi-vendor cardiac cine dataset in the M&Ms OpenDataset layout.",
     )
     parser.add_argument("--root", required=True, help="folder under which OpenDataset/ is written")

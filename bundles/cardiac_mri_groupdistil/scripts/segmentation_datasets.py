@@ -10,15 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monai_groupdistil.bundle.datasets import (
-    _generate_mnms,
-    _is_empty_or_missing,
-    _stem,
-    find_mnms_root,
-    group_counts,
-    mnms_splits,
-    official_or_resplit,
-)
 from monai_groupdistil.data.json_datalist import load_json_datalist
 from monai_groupdistil.data.mnms import (
     MNMS2_CLASSES,
@@ -28,7 +19,17 @@ from monai_groupdistil.data.mnms import (
     load_mnms_datalist,
     mnms2_group_names,
 )
-from monai_groupdistil.data.segmentation import segmentation_frames
+
+from .datasets import (
+    _generate_mnms,
+    _is_empty_or_missing,
+    _stem,
+    find_mnms_root,
+    group_counts,
+    mnms_splits,
+    official_or_resplit,
+)
+from .segmentation import segmentation_frames
 
 __all__ = [
     "SEG_PATHOLOGIES",
@@ -38,7 +39,7 @@ __all__ = [
     "seg_inference_datalist",
 ]
 
-logger = logging.getLogger("monai_groupdistil.bundle")
+logger = logging.getLogger("scripts")
 
 SEG_PATHOLOGIES = ("NOR", "HCM", "DCM", "HHD", "ARV", "AHS", "IHD", "LVNC", "Other")
 """M&Ms pathology codes kept for segmentation (every subject is segmented, whatever its pathology)."""
@@ -64,7 +65,7 @@ def prepare_seg_dataset(
             with a WARNING naming the folder (a misspelled path would otherwise train on synthetic data unnoticed).
         synthetic_subjects: labelled subjects of the synthetic data.
         seed: seed of the synthetic data.
-        synthetic_kwargs: further arguments of :func:`~monai_groupdistil.data.make_synthetic_mnms`.
+        synthetic_kwargs: further arguments of :func:`~scripts.make_synthetic_mnms`.
 
     Returns:
         the ``MnM2`` or ``OpenDataset`` folder.
@@ -109,7 +110,7 @@ def seg_splits(
 
     The split is by subject: both frames of a subject are in the same split. M&Ms: the official splits, or, when the
     training split lacks a group (the real release has no vendor D there), all splits pooled and re-split stratified
-    by group (:py:func:`~monai_groupdistil.bundle.mnms_splits`, every pathology kept). M&Ms-2: subjects 1-160 /
+    by group (:py:func:`~scripts.mnms_splits`, every pathology kept). M&Ms-2: subjects 1-160 /
     161-200 / 201-360, re-split in the same way when needed.
 
     Args:

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_groupdistil.bundle.run_lock import RunLock
 from monai_groupdistil.engines.checkpoint_saver import remove_temporary_files
 from monai_groupdistil.engines.checkpoints import read_checkpoint, shape_mismatches
 from monai_groupdistil.engines.resume_state import BestMetricState, RandomStates
+
+from .run_lock import RunLock
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, Events
@@ -48,7 +49,7 @@ __all__ = [
     "usable_checkpoint",
 ]
 
-logger = logging.getLogger("monai_groupdistil.bundle")
+logger = logging.getLogger("scripts")
 
 
 class RunSettings:
@@ -264,7 +265,7 @@ def attach_resume(
     added when the trainer uses AMP. After each save, ``<prefix>_epoch=<N>.pt`` files it does not keep (older ones,
     an earlier run's) are removed.
 
-    With ``lock`` (rank 0 of a multi-process run) the folder's :py:class:`~monai_groupdistil.bundle.run_lock.RunLock`
+    With ``lock`` (rank 0 of a multi-process run) the folder's :py:class:`~scripts.run_lock.RunLock`
     is taken first: a folder in use by a live run is refused (every rank raises), a stale lock replaced with a
     WARNING; it is released when the trainer completes, at exit, or when this call fails. Then the temporary files
     of writes killed before their rename are removed.

@@ -1,9 +1,9 @@
-"""Command line of the data generators: ``python -m monai_groupdistil.data {synthetic,waterbirds} [options]``.
+"""Command line of the data generators: ``python -m scripts {synthetic,waterbirds} [options]``.
 
 - ``synthetic``: a synthetic multi-vendor cardiac cine dataset in the M&Ms layout (:py:func:`make_synthetic_mnms`);
 - ``waterbirds``: a synthetic Waterbirds stand-in in the release's layout (:py:func:`make_synthetic_waterbirds`).
 
-``python -m monai_groupdistil.data synthetic --help`` lists the options. Bad arguments, or an output that already
+``python -m scripts synthetic --help`` lists the options. Bad arguments, or an output that already
 exists, end with a one-line ``error: ...`` and exit status 2.
 """
 
@@ -12,15 +12,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from monai_groupdistil.data import synthetic, waterbirds
+from . import synthetic, synthetic_waterbirds
 
-COMMANDS = {"synthetic": synthetic.main, "waterbirds": waterbirds.main}
+COMMANDS = {"synthetic": synthetic.main, "waterbirds": synthetic_waterbirds.main}
 
 
 def run(argv: Sequence[str]) -> int:
     """Run the command named by ``argv[0]`` with the remaining arguments; returns the exit status."""
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m monai_groupdistil.data {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
+        print(f"usage: python -m scripts {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
         return 2
     try:
         COMMANDS[argv[0]](list(argv[1:]))

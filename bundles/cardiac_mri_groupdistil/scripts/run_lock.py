@@ -5,7 +5,7 @@ model. :py:class:`RunLock` is a file ``<ckpt_dir>/groupdistil.lock``, created wi
 runs starting together exactly one gets it) and holding the owner's pid, host, start time and command. A run that
 finds the lock of a live process refuses to start, naming the folder and that process; the lock of a process that
 is gone (same host, pid not alive; e.g. a run killed with SIGKILL) is replaced with a WARNING. The bundles take it in
-:py:func:`monai_groupdistil.bundle.attach_resume` (rank 0 only in a multi-process run) and release it when the
+:py:func:`scripts.attach_resume` (rank 0 only in a multi-process run) and release it when the
 trainer completes, at interpreter exit, or when the attach fails.
 """
 
@@ -26,7 +26,7 @@ from monai_groupdistil.engines.checkpoint_saver import process_alive
 
 __all__ = ["LOCK_NAME", "RunLock"]
 
-logger = logging.getLogger("monai_groupdistil.bundle")
+logger = logging.getLogger("scripts")
 
 LOCK_NAME = "groupdistil.lock"
 _UNREADABLE_GRACE_S = 30.0  # a lock file that cannot be parsed is being written, unless older than this
