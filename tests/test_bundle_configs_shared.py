@@ -69,7 +69,8 @@ def test_what_the_classification_bundles_set_alike_is_shared_or_a_parameter():
 
 
 def drift(bundles: Path) -> Path:
-    """Change a shared id and an own id of the cardiac train.json, a whole-copied file, and remove a copy."""
+    """Change a shared id and an own id of the cardiac train.json and whole-copied files (a config, a module of the
+    bundles' scripts/), and remove copies."""
     train = bundles / CARDIAC / "configs" / "train.json"
     config = read(train)
     config["train"]["trainer"]["max_epochs"] = 3  # a shared id changed in one copy
@@ -77,6 +78,9 @@ def drift(bundles: Path) -> Path:
     train.write_text(json.dumps(config))
     (bundles / WATERBIRDS / "configs" / "logging.conf").write_text("[loggers]\nkeys=root\n")
     (bundles / WATERBIRDS / "configs" / "erm.json").unlink()
+    config_py = bundles / WATERBIRDS / "scripts" / "config.py"  # the bundles' code, copied whole
+    config_py.write_text(config_py.read_text() + "\nEDITED_IN_A_COPY = True\n")
+    (bundles / CARDIAC / "scripts" / "tracking.py").unlink()
     return train
 
 
@@ -90,6 +94,8 @@ def test_check_names_each_drifted_copy_and_writes_nothing(repo: Path):
         f"{CARDIAC}/configs/train.json",
         f"{WATERBIRDS}/configs/logging.conf",
         f"{WATERBIRDS}/configs/erm.json",
+        f"{WATERBIRDS}/scripts/config.py",
+        f"{CARDIAC}/scripts/tracking.py",
     ):
         assert f"bundles/{name}" in result.stdout
     assert f"{SEG}/" not in result.stdout
