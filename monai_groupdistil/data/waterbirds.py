@@ -50,12 +50,17 @@ def load_waterbirds_datalist(
 
     Example::
 
-        >>> from monai_groupdistil.data import load_waterbirds_datalist
-        >>> from scripts.synthetic_waterbirds import make_synthetic_waterbirds  # a bundle's scripts
         >>> import tempfile
-        >>> root = make_synthetic_waterbirds(tempfile.mkdtemp(), n_images=16, image_size=32)
-        >>> sorted(load_waterbirds_datalist(root, "train")[0])
-        ['group', 'group_name', 'image', 'img_id', 'label', 'place', 'split']
+        >>> from pathlib import Path
+        >>> from monai_groupdistil.data import load_waterbirds_datalist
+        >>> root = Path(tempfile.mkdtemp())
+        >>> _ = (root / "metadata.csv").write_text(
+        ...     "img_id,img_filename,y,split,place,place_filename\\n"
+        ...     "1,001.Bird/a.jpg,1,0,0,/b/bamboo_forest/a.jpg\\n"
+        ... )
+        >>> item = load_waterbirds_datalist(root, "train", check_files=False)[0]
+        >>> item["group"], item["group_name"], item["label"]
+        (2, 'waterbird/land', 1)
     """
     if split != "all" and split not in WATERBIRDS_SPLITS:
         raise ValueError(f"split must be one of {sorted(WATERBIRDS_SPLITS)} or 'all', got {split!r}.")
