@@ -160,7 +160,7 @@ def test_a_missing_or_empty_dataset_dir_gets_synthetic_data_with_a_warning_namin
         folder = tmp_path / f"dataset_typo{index}"
         if index == 2:
             folder.mkdir()  # an empty folder: the same, said so
-        with caplog.at_level(logging.INFO, logger="scripts"):
+        with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
             caplog.clear()
             prepare(folder)
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -169,7 +169,7 @@ def test_a_missing_or_empty_dataset_dir_gets_synthetic_data_with_a_warning_namin
         state = "is empty" if index == 2 else "does not exist"
         assert f"dataset_dir '{folder}' {state}: generating {generated} there" in message
         assert "SYNTHETIC data" in message and "point --dataset_dir at" in message and hint in message
-        with caplog.at_level(logging.INFO, logger="scripts"):
+        with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
             caplog.clear()
             prepare(folder)  # the second run finds the generated data
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -231,7 +231,7 @@ def test_a_truncated_latest_checkpoint_is_skipped_with_a_warning_and_the_previou
     _train(ov)
     latest = folder / "groupdistil_epoch=3.pt"
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a write cut short
-    with _Records("scripts") as log:
+    with _Records("monai_groupdistil.bundle") as log:
         wf = _train({**ov, "epochs": 4, "resume": True})
     skipped = [m for m in log.messages if "skipping" in m]
     assert len(skipped) == 1, log.messages
@@ -324,7 +324,7 @@ def test_a_stale_lock_of_a_killed_run_is_replaced_with_a_warning_and_released_at
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (folder / "groupdistil.lock").write_text(_lock_text(dead.pid))
-    with _Records("scripts") as log:
+    with _Records("monai_groupdistil.bundle") as log:
         _train(ov)
     warnings = [m for m in log.messages if "replacing the lock" in m]
     assert len(warnings) == 1 and f"pid {dead.pid}" in warnings[0] and "is not running" in warnings[0]

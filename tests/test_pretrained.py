@@ -38,7 +38,7 @@ def test_loads_everything_but_the_classifier_of_another_class_count(source, capl
     torch.manual_seed(2)
     net = _resnet(num_classes=2)
     fc_before = net.fc.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="scripts"):
+    with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
         assert load_pretrained(net, path) is net
     ref = pretrained.state_dict()
     for key, value in net.state_dict().items():

@@ -240,11 +240,11 @@ def test_a_tracking_server_that_never_answers_fails_the_run_within_the_bounded_w
     )
     wf.initialize()
     wf.parser.get_parsed_content("train#trainer")  # the data are cached here, outside the timed part
-    bundle_logger = logging.getLogger("scripts")
+    bundle_logger = logging.getLogger("monai_groupdistil.bundle")
     bundle_logger.addHandler(caplog.handler)  # the bundle's logging.conf replaced the root logger's handlers
     start = time.monotonic()
     try:
-        with pytest.raises(Exception) as info, caplog.at_level(logging.INFO, logger="scripts"):
+        with pytest.raises(Exception) as info, caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
             wf.run()
     finally:
         bundle_logger.removeHandler(caplog.handler)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 __all__ = ["close_process_group"]
 
-logger = logging.getLogger("scripts")
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 
 def close_process_group(timeout_s: float = 600.0) -> None:

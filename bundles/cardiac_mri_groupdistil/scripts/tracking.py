@@ -37,7 +37,7 @@ else:
 
 __all__ = ["WorstGroupHandler", "mlflow_request_settings", "run_parameters", "track_run"]
 
-logger = logging.getLogger("scripts")
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 # bundle id -> MLflow's environment variable (read by MLflow at every request)
 MLFLOW_REQUEST_IDS = {

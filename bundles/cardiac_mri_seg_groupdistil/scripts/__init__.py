@@ -3,8 +3,8 @@
 
 Edit ``bundles/shared/scripts/``; ``python scripts/sync_bundle_configs.py`` copies it whole into every bundle's
 ``scripts/``, so each bundle folder is self-contained, as a zoo bundle is. The configs call it as
-``"$scripts.mnms_splits(...)"``: ``monai.bundle run`` puts the bundle folder on ``sys.path`` before it runs. This is
-bundle plumbing, not API: a pipeline of your own imports ``monai_groupdistil`` instead.
+``"$scripts.mnms_splits(...)"`` and import it from the working directory, so run the commands from the bundle
+folder. This is bundle plumbing, not API: a pipeline of your own imports ``monai_groupdistil`` instead.
 """
 
 from monai_groupdistil.engines.checkpoints import load_network, output_classes

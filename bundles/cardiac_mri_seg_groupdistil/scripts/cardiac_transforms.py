@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-def _filename(img: Any, data: Mapping, key: Hashable) -> str:
+def source_filename(img: Any, data: Mapping, key: Hashable) -> str:
     """Best-effort source file name of ``data[key]`` for error messages."""
     if isinstance(img, MetaTensor) and img.meta.get("filename_or_obj"):
         return str(img.meta["filename_or_obj"])
@@ -162,13 +162,13 @@ class SelectFramed(MapTransform):
             frames = img.shape[3] if img.ndim == 4 else 1 if img.ndim == 3 else None
             if frames is None:
                 raise ValueError(
-                    f"SelectFramed: {_filename(img, d, key)} must be 3-D or 4-D (x, y, z[, t]), got shape "
+                    f"SelectFramed: {source_filename(img, d, key)} must be 3-D or 4-D (x, y, z[, t]), got shape "
                     f"{tuple(img.shape)}."
                 )
             if not 0 <= index < frames:
                 raise ValueError(
                     f"SelectFramed: frame {self.frame!r}={index} is outside the {frames} frame(s) of "
-                    f"{_filename(img, d, key)}."
+                    f"{source_filename(img, d, key)}."
                 )
             d[key] = img[..., index][None] if img.ndim == 4 else img[None]
         return d
@@ -272,7 +272,7 @@ class SelectMidVentricularSliced(MapTransform):
         for key in keys:
             if d[key].ndim != 4 or d[key].shape[0] != 1:
                 raise ValueError(
-                    f"SelectMidVentricularSliced: {_filename(d[key], d, key)} must be (1, x, y, z), got shape "
+                    f"SelectMidVentricularSliced: {source_filename(d[key], d, key)} must be (1, x, y, z), got shape "
                     f"{tuple(d[key].shape)}."
                 )
         n = {int(d[k].shape[3]) for k in keys}
@@ -360,7 +360,7 @@ class CropAroundHeartd(MapTransform):
         if len(shape) != len(self.spatial_size):
             raise ValueError(
                 f"CropAroundHeartd: spatial_size {self.spatial_size} does not match the {len(shape)}-D input "
-                f"{_filename(d[keys[0]], d, keys[0])} of shape {tuple(d[keys[0]].shape)}."
+                f"{source_filename(d[keys[0]], d, keys[0])} of shape {tuple(d[keys[0]].shape)}."
             )
         centre = self.centre(d, shape)
         border = [s // 2 + 1 for s in self.spatial_size]
@@ -379,7 +379,7 @@ class CropAroundHeartd(MapTransform):
 # The steps that cardiac_preprocessing / cardiac_augmentation share with segmentation_preprocessing /
 # segmentation_augmentation (data/segmentation.py): one definition, so the two pipelines load, normalise, resample
 # and augment intensities the same way.
-def _load_frame(
+def load_frame(
     image_key: str, mask_key: str, frame: str | int, reader: Any, image_only: bool = True
 ) -> list[MapTransform]:
     """Load the image and its (optional) mask and select one frame of both -> ``(1, x, y, z)``."""
@@ -390,7 +390,7 @@ def _load_frame(
     ]
 
 
-def _normalise_and_resample(
+def normalise_and_resample(
     image_key: str, mask_key: str, lower: float, upper: float, pixdim: Sequence[float]
 ) -> list[MapTransform]:
     """Intensity percentiles ``lower``-``upper`` -> [0, 1], then resampling to ``pixdim`` (bilinear / nearest)."""
@@ -401,12 +401,12 @@ def _normalise_and_resample(
     ]  # fmt: skip
 
 
-def _interpolation_modes(keys: KeysCollection, image_key: str) -> tuple[str, ...]:
+def interpolation_modes(keys: KeysCollection, image_key: str) -> tuple[str, ...]:
     """Interpolation of every key in a spatial step: bilinear for the image, nearest for the masks."""
     return tuple("bilinear" if k == image_key else "nearest" for k in ensure_tuple(keys))
 
 
-def _intensity_augmentation(image_key: str, prob: float, gamma: Sequence[float], noise_std: float) -> list[Any]:
+def intensity_augmentation(image_key: str, prob: float, gamma: Sequence[float], noise_std: float) -> list[Any]:
     """Random gamma contrast and Gaussian noise, then clipping to [0, 1]."""
     return [
         RandAdjustContrastd(image_key, prob=prob, gamma=tuple(gamma)),
@@ -456,9 +456,9 @@ def cardiac_preprocessing(
     """
     keys = (image_key, seg_key)
     return Compose([
-        *_load_frame(image_key, seg_key, frame, reader, image_only),
+        *load_frame(image_key, seg_key, frame, reader, image_only),
         SelectMidVentricularSliced(keys, seg_key=seg_key, labels=slice_labels, allow_missing_keys=True),
-        *_normalise_and_resample(image_key, seg_key, lower, upper, pixdim),
+        *normalise_and_resample(image_key, seg_key, lower, upper, pixdim),
         CropAroundHeartd(keys, spatial_size=spatial_size, source_key=seg_key, labels=heart_labels,
                          allow_missing_keys=True),
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
@@ -499,12 +499,12 @@ def cardiac_augmentation(
 
         train = Dataset(datalist, transform=Compose([cardiac_preprocessing((128, 128)), cardiac_augmentation()]))
     """
-    modes = _interpolation_modes(keys, image_key)
+    modes = interpolation_modes(keys, image_key)
     return Compose([
         RandRotated(keys, range_x=rotate_range, prob=prob, mode=modes, padding_mode="zeros", keep_size=True,
                     allow_missing_keys=True),
         RandZoomd(keys, prob=prob, min_zoom=zoom_range[0], max_zoom=zoom_range[1], mode=modes,
                   padding_mode="constant", keep_size=True, allow_missing_keys=True),
         RandFlipd(keys, prob=flip_prob, spatial_axis=0, allow_missing_keys=True),
-        *_intensity_augmentation(image_key, prob, gamma, noise_std),
+        *intensity_augmentation(image_key, prob, gamma, noise_std),
     ])  # fmt: skip

@@ -49,7 +49,7 @@ __all__ = [
     "usable_checkpoint",
 ]
 
-logger = logging.getLogger("scripts")
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 
 class RunSettings:

@@ -26,7 +26,7 @@ from monai_groupdistil.engines.checkpoint_saver import process_alive
 
 __all__ = ["LOCK_NAME", "RunLock"]
 
-logger = logging.getLogger("scripts")
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 LOCK_NAME = "groupdistil.lock"
 _UNREADABLE_GRACE_S = 30.0  # a lock file that cannot be parsed is being written, unless older than this

@@ -34,11 +34,11 @@ from monai.transforms import (
 from monai.utils import ensure_tuple
 
 from .cardiac_transforms import (
-    _filename,
-    _intensity_augmentation,
-    _interpolation_modes,
-    _load_frame,
-    _normalise_and_resample,
+    intensity_augmentation,
+    interpolation_modes,
+    load_frame,
+    normalise_and_resample,
+    source_filename,
 )
 
 __all__ = [
@@ -166,11 +166,11 @@ class CheckSegmentationd(MapTransform):
         frame = f" (frame {d['frame_index']})" if "frame_index" in d else ""
         for key in self.key_iterator(d):
             mask = d[key]
-            name = _filename(mask, d, key)
+            name = source_filename(mask, d, key)
             if image is not None and tuple(mask.shape[1:]) != tuple(image.shape[1:]):
                 raise ValueError(
                     f"mask {name} has spatial shape {tuple(mask.shape[1:])}{frame}, its image "
-                    f"{_filename(image, d, self.image_key)} has {tuple(image.shape[1:])}; a mask must have its "
+                    f"{source_filename(image, d, self.image_key)} has {tuple(image.shape[1:])}; a mask must have its "
                     "image's shape."
                 )
             values = torch.unique(torch.as_tensor(mask))
@@ -245,10 +245,10 @@ def segmentation_preprocessing(
         raise ValueError(f"spatial_size and pixdim must have 2 values (in-plane), got {spatial_size} and {pixdim}.")
     keys = (image_key, label_key)
     return Compose([
-        *_load_frame(image_key, label_key, frame, reader),
+        *load_frame(image_key, label_key, frame, reader),
         CheckSegmentationd(label_key, image_key=image_key, num_classes=num_classes,
                            require_foreground=require_foreground),
-        *_normalise_and_resample(image_key, label_key, lower, upper, (*spacing, -1.0)),
+        *normalise_and_resample(image_key, label_key, lower, upper, (*spacing, -1.0)),
         ResizeWithPadOrCropd(keys, spatial_size=(*size, -1), allow_missing_keys=True),
         EnsureTyped(keys, dtype=torch.float32, allow_missing_keys=True),
     ])  # fmt: skip
@@ -341,8 +341,8 @@ def segmentation_augmentation(
     # collate faster than MetaTensors
     return Compose([
         RandAffined(keys, prob=prob, rotate_range=rotate_range, scale_range=scale_range,
-                    mode=_interpolation_modes(keys, image_key), padding_mode="zeros", allow_missing_keys=True),
-        *_intensity_augmentation(image_key, prob, gamma, noise_std),
+                    mode=interpolation_modes(keys, image_key), padding_mode="zeros", allow_missing_keys=True),
+        *intensity_augmentation(image_key, prob, gamma, noise_std),
         EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False, allow_missing_keys=True),
     ])  # fmt: skip
 

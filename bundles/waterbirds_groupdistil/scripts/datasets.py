@@ -29,7 +29,7 @@ __all__ = [
     "group_counts",
 ]
 
-logger = logging.getLogger("scripts")
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 
 def _on_rank_zero_then_wait(fn, *args, **kwargs):
@@ -51,7 +51,7 @@ def _on_rank_zero_then_wait(fn, *args, **kwargs):
     return result
 
 
-def _is_empty_or_missing(path: Path) -> bool:
+def is_empty_or_missing(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
@@ -69,7 +69,7 @@ def _warn_synthetic(path: Path, generated: str, release: str, real_folder: str) 
     )
 
 
-def _generate_mnms(
+def generate_mnms(
     path: Path, synthetic_subjects: int, seed: int, release: str, real_folder: str, **synthetic_kwargs: Any
 ) -> str:
     """Generate the synthetic M&Ms-layout data in ``path`` (rank 0 only, the others wait); its OpenDataset folder."""
@@ -119,14 +119,14 @@ def prepare_mnms_dataset(
     if found is not None:
         return found
     path = Path(dataset_dir)
-    if not _is_empty_or_missing(path):
+    if not is_empty_or_missing(path):
         raise ValueError(
             f"dataset_dir '{path}' is neither empty nor an M&Ms release: no '{MNMS_CSV_NAME}' in it or in its "
             "'OpenDataset' folder. Point dataset_dir at the release's OpenDataset folder (or its parent), or at a "
             "new or empty folder to generate the synthetic dataset there."
         )
     release, real_folder = "M&Ms release", "the release's OpenDataset folder (or its parent)"
-    return _generate_mnms(path, synthetic_subjects, seed, release, real_folder, **synthetic_kwargs)
+    return generate_mnms(path, synthetic_subjects, seed, release, real_folder, **synthetic_kwargs)
 
 
 def group_counts(datalist: Sequence[dict], num_groups: int, group_key: str = "group") -> list[int]:
@@ -234,7 +234,7 @@ def prepare_waterbirds_dataset(
     path = Path(dataset_dir)
     if (path / "metadata.csv").is_file():
         return str(path)
-    if not _is_empty_or_missing(path):
+    if not is_empty_or_missing(path):
         raise ValueError(
             f"dataset_dir '{path}' is neither empty nor a Waterbirds release (no 'metadata.csv' in it). Point "
             "dataset_dir at the release folder (e.g. waterbird_complete95_forest2water2), or at a new or empty "
@@ -298,18 +298,18 @@ def inference_datalist(input_path: str | os.PathLike, frame: int = 0) -> list[di
         out = []
         for item in load_json_datalist(path):
             ed = int(item.get("ed", frame))
-            subject = str(item.get("subject", _stem(Path(item["image"]))))
+            subject = str(item.get("subject", path_stem(Path(item["image"]))))
             out.append({"image": item["image"], "ed": ed, "es": ed, "subject": subject})
         return out
     files = sorted(
-        f for f in glob.glob(str(path / "**" / "*.nii*"), recursive=True) if not _stem(Path(f)).endswith("_gt")
+        f for f in glob.glob(str(path / "**" / "*.nii*"), recursive=True) if not path_stem(Path(f)).endswith("_gt")
     )
     if not files:
         raise FileNotFoundError(f"no NIfTI study (*.nii, *.nii.gz) found under '{path}'.")
-    return [{"image": f, "ed": frame, "es": frame, "subject": _stem(Path(f))} for f in files]
+    return [{"image": f, "ed": frame, "es": frame, "subject": path_stem(Path(f))} for f in files]
 
 
-def _stem(path: Path) -> str:
+def path_stem(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii"):
         if name.endswith(suffix):

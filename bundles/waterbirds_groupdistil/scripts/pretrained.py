@@ -14,7 +14,7 @@ from monai_groupdistil.engines.checkpoints import shape_mismatches
 
 __all__ = ["load_pretrained"]
 
-logger = logging.getLogger("scripts")
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 _WRAPPER_KEYS = ("model", "state_dict", "network", "net")
 _PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -63,7 +63,7 @@ def load_pretrained(
     With ``strict=False`` every tensor whose name and shape match is loaded; tensors with another shape (the
     classifier ``fc`` of a model trained on other classes, typically) and names the network lacks are skipped, and
     the network's own initialisation is kept for what the file lacks. What was loaded and skipped is logged to the
-    ``scripts`` logger. Nothing is ever downloaded.
+    ``monai_groupdistil.bundle`` logger. Nothing is ever downloaded.
 
     Args:
         network: the network to initialise (a wrapper such as ``DistributedDataParallel`` is looked through).

@@ -21,13 +21,13 @@ from monai_groupdistil.data.mnms import (
 )
 
 from .datasets import (
-    _generate_mnms,
-    _is_empty_or_missing,
-    _stem,
     find_mnms_root,
+    generate_mnms,
     group_counts,
+    is_empty_or_missing,
     mnms_splits,
     official_or_resplit,
+    path_stem,
 )
 from .segmentation import segmentation_frames
 
@@ -39,7 +39,7 @@ __all__ = [
     "seg_inference_datalist",
 ]
 
-logger = logging.getLogger("scripts")
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 SEG_PATHOLOGIES = ("NOR", "HCM", "DCM", "HHD", "ARV", "AHS", "IHD", "LVNC", "Other")
 """M&Ms pathology codes kept for segmentation (every subject is segmented, whatever its pathology)."""
@@ -76,7 +76,7 @@ def prepare_seg_dataset(
     found = find_mnms2_root(dataset_dir) or find_mnms_root(dataset_dir)
     if found is not None:
         return found
-    if not _is_empty_or_missing(Path(dataset_dir)):
+    if not is_empty_or_missing(Path(dataset_dir)):
         raise ValueError(
             f"dataset_dir '{dataset_dir}' is neither empty nor an M&Ms or M&Ms-2 release: no '{MNMS_CSV_NAME}' in it "
             f"or in its 'OpenDataset' folder, and no '{MNMS2_CSV_NAME}' with a 'dataset' folder in it or in its "
@@ -85,7 +85,7 @@ def prepare_seg_dataset(
         )
     release = "M&Ms-2 or M&Ms release"
     real_folder = "the M&Ms-2 'MnM2' folder or the M&Ms 'OpenDataset' folder (or its parent)"
-    return _generate_mnms(Path(dataset_dir), synthetic_subjects, seed, release, real_folder, **synthetic_kwargs)
+    return generate_mnms(Path(dataset_dir), synthetic_subjects, seed, release, real_folder, **synthetic_kwargs)
 
 
 def _mnms2_subjects(root: str, group_by: str | Sequence[str], fractions, seed: int, resplit: bool | None):
@@ -189,18 +189,18 @@ def seg_inference_datalist(input_path: str | os.PathLike, frame: int = 0) -> lis
             {
                 "image": item["image"],
                 "frame_index": int(item.get("frame", frame)),
-                "subject": str(item.get("subject", _stem(Path(item["image"])))),
+                "subject": str(item.get("subject", path_stem(Path(item["image"])))),
             }
             for item in load_json_datalist(path)
         ]
     files = sorted(
         f
         for f in glob.glob(str(path / "**" / "*.nii*"), recursive=True)
-        if not _stem(Path(f)).endswith(("_gt", "_seg"))
+        if not path_stem(Path(f)).endswith(("_gt", "_seg"))
     )
     if not files:
         raise FileNotFoundError(f"no NIfTI image (*.nii, *.nii.gz) found under '{path}'.")
-    return [{"image": f, "frame_index": int(frame), "subject": _stem(Path(f))} for f in files]
+    return [{"image": f, "frame_index": int(frame), "subject": path_stem(Path(f))} for f in files]
 
 
 def _frames_to_infer(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
