@@ -85,7 +85,8 @@ weights at the selected epoch.
 ``--sweep-teachers``) on ``--sweep-seeds`` seeds from 1000 and scores it on validation data only; it writes
 ``worst_group_sweep.csv`` and ``worst_group_sweep.md`` (the winners, which are the values of ``HYPER``; with two
 teachers, the winners overall, the teacher a key of the configuration, and per teacher). ``--sweep-grid`` replaces
-values of the grid and may add keys (``weight_by``, ``update``, ``held_out_step_size``, ``held_out_every``); a
+values of the grid and may add keys (``weight_by``, ``update``, ``held_out_step_size``, ``held_out_every``, and
+``width``, the student's first-stage width: 8 by default, a smaller one a student of less capacity); a
 batch-update configuration drops the held-out keys and a held-out one ``step_size``. ``--history`` also writes every
 epoch of every configuration to ``<stem>_sweep_history.csv``. Settings other than the default write
 ``worst_group_<settings>...`` files instead.
@@ -211,6 +212,7 @@ SWEEP_KEYS = (
     "update",
     "held_out_step_size",
     "held_out_every",
+    "width",
 )
 # the DRO weight update (``update`` of GroupDROLoss / GroupDistillationLoss): "batch", every training batch with
 # ``step_size``; "held_out", a step of ``held_out_step_size`` on the per-group losses of the held-out half of the
@@ -234,8 +236,9 @@ def resnet(width: int, layers: list[int], channels: int, classes: int) -> ResNet
     )
 
 
-def student(channels: int = 1, classes: int = len(CLASSES)) -> ResNet:
-    return resnet(STUDENT_WIDTH, [1, 1, 1, 1], channels, classes)
+def student(channels: int = 1, classes: int = len(CLASSES), width: int = STUDENT_WIDTH) -> ResNet:
+    """The student network: widths ``width`` to ``8 * width`` (default 8-64), one basic block per stage."""
+    return resnet(width, [1, 1, 1, 1], channels, classes)
 
 
 def teacher_net(channels: int = 1, classes: int = len(CLASSES)) -> ResNet:
@@ -615,7 +618,10 @@ def train(
     half = not is_teacher and (held_out or select_on == "half")
     val = data["val_select"] if half else data["val"]
     set_determinism(seed)
-    network = (teacher_net if is_teacher else student)(data["channels"], data["classes"])
+    if is_teacher:
+        network = teacher_net(data["channels"], data["classes"])
+    else:  # a configuration's "width" key narrows or widens the student (a smaller student: less capacity)
+        network = student(data["channels"], data["classes"], int(hyper.get("width", STUDENT_WIDTH)))
     loss = make_loss(method, hyper, data)
     split = data["train"]
     items = [

@@ -430,6 +430,22 @@ def test_held_out_update_moves_the_weights_only_at_its_steps(monkeypatch, every)
     assert run["select_n"] == 12
 
 
+def test_a_configurations_width_sets_the_students_width_only():
+    """``"width"`` (a sweep key) narrows the student: its first convolution has that many channels and every stage
+    doubles it; the default student is 8 wide and the teacher ignores the key."""
+    data = _tiny_data(n_train=16, n_val=8)
+    hyper = {"sampler": "natural", "width": 2}
+    narrow = worst_group.train("erm", data, 1, 0, hyper, eval_test=False)["network"]
+    default = worst_group.train("erm", data, 1, 0, {"sampler": "natural"}, eval_test=False)["network"]
+    teacher = worst_group.train("erm", data, 1, 0, hyper, eval_test=False, is_teacher=True)["network"]
+    assert narrow.conv1.out_channels == 2 and narrow.fc.in_features == 16
+    assert default.conv1.out_channels == 8 and default.fc.in_features == 64
+    assert teacher.conv1.out_channels == 16
+    count = sum(p.numel() for p in narrow.parameters())
+    assert count < sum(p.numel() for p in default.parameters()) / 10
+    assert "width" in worst_group.SWEEP_KEYS
+
+
 def test_sweep_configs_keep_only_the_step_of_their_update(monkeypatch):
     grid = {"groupdistil": {"update": ["batch", "held_out"], "step_size": [0.01, 0.1], "held_out_step_size": [1.0]}}
     monkeypatch.setattr(worst_group, "SWEEP_OVERRIDE", grid)
