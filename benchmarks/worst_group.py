@@ -25,7 +25,8 @@ Settings (``--settings``, default both):
   ``--waterbirds-correlation`` of them) and, shared by every seed, a group-balanced evaluation pool of
   ``--wb-val-per-group`` validation and ``--wb-test-per-group`` test images per group (generator seed
   ``--eval-seed``; the generator draws the place independently of the label outside training). Generator knobs:
-  ``--colour-cue``, ``--bird-scale``, ``--waterbirds-image-size``; the setting's name holds them all
+  ``--colour-cue`` (``--landbird-colour-cue`` for the landbirds alone), ``--bird-scale``,
+  ``--waterbirds-image-size``; the setting's name holds them all
   (``waterbirds_c0.95_cue0.8_s1_px32_n4000``), and so do the cache keys. Groups are the 4 label x place cells.
 
 Per setting and seed (``--arms all``, the default): two teachers (a wider, deeper 2-D ResNet, widths 16-128, two
@@ -265,16 +266,26 @@ def settings_of(args: argparse.Namespace) -> list[dict]:
                     args.bird_scale,
                     args.waterbirds_image_size,
                     args.images,
+                    args.landbird_colour_cue,
                 )
             )
     return out
 
 
-def waterbirds_setting(correlation: float, colour_cue: float, bird_scale: float, image_size: int, images: int) -> dict:
+def waterbirds_setting(
+    correlation: float,
+    colour_cue: float,
+    bird_scale: float,
+    image_size: int,
+    images: int,
+    landbird_colour_cue: float | None = None,
+) -> dict:
     """A synthetic Waterbirds setting; its name holds every generator knob (``waterbirds_c0.95_cue0.7_s1_px32_n3000``:
-    correlation, colour cue, bird scale, image size, training images)."""
-    return {
-        "name": f"waterbirds_c{correlation:g}_cue{colour_cue:g}_s{bird_scale:g}_px{image_size}_n{images}",
+    correlation, colour cue, bird scale, image size, training images; ``..._cue0.9_land0.3_...`` with a landbird
+    colour cue of its own)."""
+    land = "" if landbird_colour_cue is None else f"_land{landbird_colour_cue:g}"
+    setting = {
+        "name": f"waterbirds_c{correlation:g}_cue{colour_cue:g}{land}_s{bird_scale:g}_px{image_size}_n{images}",
         "kind": "waterbirds",
         "correlation": float(correlation),
         "colour_cue": float(colour_cue),
@@ -282,6 +293,9 @@ def waterbirds_setting(correlation: float, colour_cue: float, bird_scale: float,
         "image_size": int(image_size),
         "images": int(images),
     }
+    if landbird_colour_cue is not None:  # absent otherwise, so the settings (and cache keys) of before stay the same
+        setting["landbird_colour_cue"] = float(landbird_colour_cue)
+    return setting
 
 
 def _plain(image) -> torch.Tensor:
@@ -427,12 +441,15 @@ def _waterbirds_tensors(args: argparse.Namespace, spec: dict, splits: tuple[str,
     return data
 
 
+WATERBIRDS_KNOBS = ("colour_cue", "landbird_colour_cue", "bird_scale", "image_size")  # passed to the generator
+
+
 def waterbirds_eval_pool(args: argparse.Namespace, setting: dict) -> dict:
     """Group-balanced validation and test splits of a Waterbirds setting: the first ``--wb-val-per-group`` /
     ``--wb-test-per-group`` images of every group of one generator call (seed ``--eval-seed``, shared by every
     training seed and correlation; the generator draws the place independently of the label outside training)."""
     v, t = args.wb_val_per_group, args.wb_test_per_group
-    knobs = {k: setting[k] for k in ("colour_cue", "bird_scale", "image_size")}
+    knobs = {k: setting[k] for k in WATERBIRDS_KNOBS if k in setting}
     n = math.ceil(4 * (v + t) * 1.3) + 40  # spare images so that every group of each split gets its quota
     while True:  # deterministic: the same arguments give the same pool
         make = {"n_images": n, "seed": args.eval_seed, "correlation": 0.5, "split_fractions": (0.0, v, t), **knobs}
@@ -452,7 +469,7 @@ def build_waterbirds(args: argparse.Namespace, setting: dict, seed: int) -> dict
     """The synthetic Waterbirds stand-in: a training split of ``setting["images"]`` images (generator seed = the
     seed, place = label in a fraction ``setting["correlation"]``) and the group-balanced evaluation pool of
     :func:`waterbirds_eval_pool`; groups ``2 * y + place``."""
-    knobs = {k: setting[k] for k in ("colour_cue", "bird_scale", "image_size")}
+    knobs = {k: setting[k] for k in WATERBIRDS_KNOBS if k in setting}
     make = {"n_images": setting["images"], "seed": seed, "correlation": setting["correlation"]}
     make.update(split_fractions=(1.0, 0.0, 0.0), **knobs)
     train_split = _waterbirds_tensors(args, {"what": "waterbirds_train", "make": make}, ("train",))["train"]
@@ -1636,6 +1653,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     wb.add_argument("--images", type=int, default=1000, help="Waterbirds training images per seed")
     wb.add_argument("--waterbirds-correlation", type=float, default=0.95, help="P(place = label) in training")
     wb.add_argument("--colour-cue", type=float, default=1.0, help="P(the bird's colour comes from its class palette)")
+    wb.add_argument(
+        "--landbird-colour-cue",
+        type=float,
+        default=None,
+        help="the landbirds' own colour cue (default: --colour-cue for both); lower makes landbirds the harder class",
+    )
     wb.add_argument("--bird-scale", type=float, default=1.0, help="bird size, in (0, 1.5]")
     wb.add_argument("--waterbirds-image-size", type=int, default=64, help="generated image side (pixels, >= 16)")
     wb.add_argument("--wb-val-per-group", type=int, default=100, help="validation images per group (balanced)")
@@ -1755,6 +1778,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         high = 1.0 if name == "colour_cue" else 1.5
         if not all(low <= v <= high for v in values):
             parser.error(f"--{name.replace('_', '-')} values must be in [{low:g}, {high:g}], got {values}")
+    if args.landbird_colour_cue is not None and not 0.0 <= args.landbird_colour_cue <= 1.0:
+        parser.error(f"--landbird-colour-cue must be in [0, 1], got {args.landbird_colour_cue}")
     if args.waterbirds_image_size < 16:
         parser.error(f"--waterbirds-image-size must be >= 16, got {args.waterbirds_image_size}")
     unknown = set(args.hyper or {}) - {*METHODS, "erm_natural"}

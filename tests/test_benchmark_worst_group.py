@@ -176,6 +176,9 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         worst_group.parse_args(["--hyper", '{"ermm": {"weight_decay": 1}}'])
     assert "--hyper: unknown method(s) ['ermm']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--landbird-colour-cue", "-0.1"])
+    assert "--landbird-colour-cue must be in [0, 1], got -0.1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------- Waterbirds
@@ -240,6 +243,18 @@ def test_waterbirds_setting_names_and_cache_keys_hold_every_knob(tmp_path):
         assert torch.bincount(data["test"]["group"], minlength=4).tolist() == [5] * 4
         assert len(data["train"]["label"]) == 24 and sum(data["group_counts"]) == 24
         assert torch.equal(data["val"]["group"] // 2, data["val"]["label"])  # g = 2 * y + place
+    # a landbird colour cue of its own is in the name and the cache key; without it the setting is as before
+    land = worst_group.waterbirds_setting(0.9, 1.0, 1.0, 16, 24, landbird_colour_cue=0.0)
+    assert land["name"] == "waterbirds_c0.9_cue1_land0_s1_px16_n24"
+    assert worst_group.waterbirds_setting(0.9, 1.0, 1.0, 16, 24) == {
+        k: v for k, v in land.items() if k != "landbird_colour_cue"
+    } | {"name": "waterbirds_c0.9_cue1_s1_px16_n24"}
+    landbirds = worst_group.build_waterbirds(args, land, seed=0)
+    assert len(list(tmp_path.iterdir())) == 6  # its own training split and evaluation pool
+    assert len(landbirds["train"]["label"]) == 24
+    assert not torch.equal(landbirds["train"]["image"], tensors[1.0]["train"]["image"])
+    args = worst_group.parse_args(["--settings", "waterbirds", "--landbird-colour-cue", "0.3", "--colour-cue", "0.9"])
+    assert worst_group.settings_of(args)[0]["name"] == "waterbirds_c0.95_cue0.9_land0.3_s1_px64_n1000"
 
 
 def _cal_row(cue, arm, worst, average, seed=0, wd=0.0):

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from monai_groupdistil.data.waterbirds import WATERBIRDS_COLUMNS, load_waterbirds_datalist
+from scripts import synthetic_waterbirds
 from scripts.synthetic_waterbirds import _render, make_synthetic_waterbirds
 
 
@@ -85,6 +86,31 @@ def test_synthetic_colour_cue():
     assert warm(with_cue[0]) - warm(with_cue[1]) > 0.3  # warm landbirds; pale, dark and slate waterbirds
     without = {y: _bird_colour(_birds(y, n=200, noise=0.0, colour_cue=0.0)) for y in (0, 1)}
     assert np.abs(without[0] - without[1]).max() < 0.08  # same palette for both classes
+
+
+def test_synthetic_landbird_colour_cue_applies_to_landbirds_only(tmp_path, monkeypatch):
+    """``landbird_colour_cue`` is the landbirds' colour cue (what ``_render`` does with a cue:
+    ``test_synthetic_colour_cue``), ``colour_cue`` stays the waterbirds'; equal to ``colour_cue`` it changes nothing."""
+    base = dict(n_images=40, seed=2, image_size=16)
+    a = make_synthetic_waterbirds(tmp_path / "a", colour_cue=0.9, **base)
+    b = make_synthetic_waterbirds(tmp_path / "b", colour_cue=0.9, landbird_colour_cue=0.9, **base)
+    pixels = lambda root: [np.asarray(Image.open(d["image"])) for d in load_waterbirds_datalist(root, "all")]  # noqa: E731
+    assert _rows(a) == _rows(b) and all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
+
+    cues = []
+    original = synthetic_waterbirds._render
+
+    def recording(rng, y, place, size, bird_scale, noise, colour_cue):
+        cues.append((y, colour_cue))
+        return original(rng, y, place, size, bird_scale, noise, colour_cue)
+
+    monkeypatch.setattr(synthetic_waterbirds, "_render", recording)
+    make_synthetic_waterbirds(tmp_path / "c", colour_cue=0.9, landbird_colour_cue=0.2, **base)
+    assert {c for y, c in cues if y == 0} == {0.2} and {c for y, c in cues if y == 1} == {0.9}
+    assert len(cues) == 40
+    with pytest.raises(ValueError, match=r"landbird_colour_cue must lie in \[0, 1\] or be None, got 1.5"):
+        make_synthetic_waterbirds(tmp_path / "d", n_images=10, landbird_colour_cue=1.5)
+    assert not (tmp_path / "d" / "metadata.csv").exists()
 
 
 def test_synthetic_is_deterministic(tmp_path):

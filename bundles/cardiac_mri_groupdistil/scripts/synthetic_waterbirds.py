@@ -35,6 +35,7 @@ def make_synthetic_waterbirds(
     bird_scale: float = 1.0,
     noise: float = 0.05,
     colour_cue: float = 1.0,
+    landbird_colour_cue: float | None = None,
 ) -> str:
     """Write a synthetic stand-in of Waterbirds (RGB JPEGs and ``metadata.csv``) under ``root``.
 
@@ -58,6 +59,9 @@ def make_synthetic_waterbirds(
         noise: standard deviation of the Gaussian pixel noise (intensities in ``[0, 1]``), ``>= 0``.
         colour_cue: probability in ``[0, 1]`` that the bird's colour comes from its own class's palette; 0 leaves
             only the shape to tell the classes apart.
+        landbird_colour_cue: the same probability for landbirds only (``colour_cue`` then applies to waterbirds);
+            ``None`` (default) uses ``colour_cue`` for both. A lower value makes landbirds harder to recognise than
+            waterbirds, so the groups differ in difficulty as well as in size.
 
     Returns:
         the dataset folder (``root``) as a string.
@@ -77,6 +81,9 @@ def make_synthetic_waterbirds(
         raise ValueError(f"noise must be >= 0, got {noise}.")
     if not 0.0 <= colour_cue <= 1.0:
         raise ValueError(f"colour_cue must lie in [0, 1], got {colour_cue}.")
+    if landbird_colour_cue is not None and not 0.0 <= landbird_colour_cue <= 1.0:
+        raise ValueError(f"landbird_colour_cue must lie in [0, 1] or be None, got {landbird_colour_cue}.")
+    cues = (colour_cue if landbird_colour_cue is None else landbird_colour_cue, colour_cue)  # by label y
     fractions = np.asarray(split_fractions, dtype=float)
     if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
         raise ValueError(f"split_fractions must be three non-negative numbers, got {split_fractions}.")
@@ -98,7 +105,7 @@ def make_synthetic_waterbirds(
         folder, species = _SPECIES[y]
         filename = f"{folder}/{species}_{index + 1:04d}_{seed}.jpg"
         (root / folder).mkdir(exist_ok=True)
-        image, _ = _render(rng, y, place, image_size, bird_scale, noise, colour_cue)
+        image, _ = _render(rng, y, place, image_size, bird_scale, noise, cues[y])
         Image.fromarray(image).save(root / filename, quality=92)
         rows.append([index + 1, filename, y, int(split), place, _PLACE_FILES[place].format(index + 1)])
     with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
@@ -169,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--bird-scale", type=float, default=1.0)
     parser.add_argument("--noise", type=float, default=0.05)
     parser.add_argument("--colour-cue", type=float, default=1.0)
+    parser.add_argument("--landbird-colour-cue", type=float, default=None)
     args = parser.parse_args(argv)
     path = make_synthetic_waterbirds(
         args.root,
@@ -179,5 +187,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         bird_scale=args.bird_scale,
         noise=args.noise,
         colour_cue=args.colour_cue,
+        landbird_colour_cue=args.landbird_colour_cue,
     )
     print(path)
