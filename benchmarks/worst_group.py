@@ -137,6 +137,7 @@ from monai_groupdistil.data import (
     mnms_group_names,
 )
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
+from monai_groupdistil.engines.checkpoint_saver import atomic_write  # noqa: E402
 from monai_groupdistil.handlers import HeldOutGroupDROHandler  # noqa: E402
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss  # noqa: E402
 from monai_groupdistil.metrics import compute_group_accuracy  # noqa: E402
@@ -332,8 +333,8 @@ def _cardiac_tensors(args: argparse.Namespace, splits: tuple[str, ...], make: di
                 "cell": torch.tensor([int(i["group"]) for i in items]),
             }
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(out[split], path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
+            with atomic_write(path) as temporary:  # per-process name: parallel runs may fill the same cache
+                torch.save(out[split], temporary)
     return out
 
 
@@ -436,8 +437,8 @@ def _waterbirds_tensors(args: argparse.Namespace, spec: dict, splits: tuple[str,
                 "group": torch.tensor([int(i["group"]) for i in items]),
             }
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_write(path) as temporary:  # per-process name: parallel runs may fill the same cache
+        torch.save(data, temporary)
     return data
 
 
