@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES, load_waterbirds_datalist
+from monai_groupdistil.engines.checkpoint_saver import temporary_name
 from monai_groupdistil.losses import GroupDROLoss
 from tests.bundle_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     BOOLEAN_USES,
@@ -437,9 +438,13 @@ def test_segmentation_inference_writes_masks_with_the_shape_and_affine_of_the_in
     oblique[:3, :3] = oblique[:3, :3] @ np.array([[0.8, -0.6, 0], [0.6, 0.8, 0], [0, 0, 1]])  # rotated in-plane
     nib.save(nib.Nifti1Image(np.asarray(cine.dataobj)[..., 1], oblique), str(folder / "volume3d.nii.gz"))
     overrides = {k: ov[k] for k in ("bundle_root", "ckpt_dir", "spatial_size", "pixdim")}
+    (tmp_path / "masks").mkdir()
+    stale = temporary_name(tmp_path / "masks" / "killed_seg.nii.gz")  # a killed run's partial mask: removed at start
+    stale.write_bytes(b"partial")
     wf = b.workflow(
         b.configs("inference"), {**overrides, "dataset_dir": str(folder), "mask_dir": str(tmp_path / "masks")}, "infer"
     )
+    assert not stale.exists()
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()

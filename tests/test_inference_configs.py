@@ -14,6 +14,7 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import ClassificationSaver, from_engine
 from monai.transforms import Activationsd
 
+from monai_groupdistil.engines.checkpoint_saver import temporary_name
 from monai_groupdistil.handlers import ClassProbabilitySaver
 from scripts import make_synthetic_mnms, make_synthetic_waterbirds
 
@@ -86,8 +87,14 @@ def test_predictions_csv_matches_the_network(bundle, tmp_path):
     state = network_state(bundle)
     torch.save({"model": state}, tmp_path / "model.pt")
     out_file = tmp_path / "out" / "pred.csv"
+    # what a killed earlier run left in the output folder: its partial write is removed at start, nothing else is
+    out_file.parent.mkdir()
+    stale, other = temporary_name(out_file), out_file.parent / "notes.txt"
+    stale.write_text("subject,predicted_cl")
+    other.write_text("mine")
     overrides = {"ckpt_dir": str(tmp_path), "dataset_dir": _dataset(bundle, tmp_path / "data"), **SMALL[bundle]}
     wf = inference_workflow(bundle, output_file=str(out_file), **overrides)
+    assert not stale.exists() and other.read_text() == "mine"
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
