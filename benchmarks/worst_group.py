@@ -136,7 +136,7 @@ from monai_groupdistil.data import (
     load_waterbirds_datalist,
     mnms_group_names,
 )
-from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache, run_teacher  # noqa: E402
 from monai_groupdistil.engines.checkpoint_saver import atomic_write  # noqa: E402
 from monai_groupdistil.handlers import HeldOutGroupDROHandler  # noqa: E402
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss  # noqa: E402
@@ -700,6 +700,21 @@ def train(
     return {"network": network, "history": history, "selected": selected, "select_n": len(val["label"])}
 
 
+def filled_teacher_cache(teacher: torch.nn.Module, data: dict, batch_size: int = 64) -> TeacherOutputCache:
+    """A teacher-output cache holding the teacher's outputs for every training sample, computed in one pass in index
+    order. Filled on demand instead, the cache would compute the missing samples of each training batch, so its
+    values would depend on which student filled it: a convolution's last bits change with the batch size, and a
+    change of a few 1e-6 in the teacher's logits is enough to send a student's training elsewhere (the sweep's
+    scores moved by up to 3 points). Filled up front, every student of a teacher sees the same outputs, whatever
+    trained before it."""
+    cache = TeacherOutputCache(id_key="id")
+    images = data["train"]["image"]
+    for start in range(0, len(images), batch_size):
+        ids = torch.arange(start, min(start + batch_size, len(images)))
+        run_teacher(teacher, images[ids], cache=cache, batchdata={"id": ids})
+    return cache
+
+
 def make_optimizer(network: torch.nn.Module, lr: float, hyper: dict) -> torch.optim.Optimizer:
     """AdamW with the method's ``weight_decay`` (0 by default, which is exactly Adam)."""
     return torch.optim.AdamW(network.parameters(), lr, weight_decay=float(hyper.get("weight_decay", 0.0)))
@@ -767,7 +782,7 @@ def run_setting(args: argparse.Namespace, setting: dict, seed: int, pool: dict |
         model, method, teacher = arm
         if model == "teacher":
             run = train(method, data, args.teacher_epochs, seed, teacher_hyper(method), is_teacher=True, lr=args.lr)
-            teachers[method] = (run["network"], TeacherOutputCache(id_key="id"))
+            teachers[method] = (run["network"], filled_teacher_cache(run["network"], data))
         else:
             net, cache = teachers[teacher] if teacher else (None, None)
             hyper = method_hyper(method)
@@ -1314,7 +1329,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
                 for t in args.sweep_teachers:
                     hyper = teacher_hyper(t)
                     run = train(t, data, args.teacher_epochs, seed, hyper, is_teacher=True, eval_test=False, lr=args.lr)
-                    teachers[t] = (run["network"], TeacherOutputCache(id_key="id"))
+                    teachers[t] = (run["network"], filled_teacher_cache(run["network"], data))
             for method in args.methods:
                 for teacher in sweep_teachers(args, method):
                     net, cache = teachers.get(teacher, (None, None))

@@ -445,6 +445,27 @@ def test_held_out_update_moves_the_weights_only_at_its_steps(monkeypatch, every)
     assert run["select_n"] == 12
 
 
+def test_students_of_a_teacher_see_its_outputs_of_one_pass_whatever_trained_before():
+    """The teacher-output cache is filled for every training sample before any student trains (in index order),
+    so no student makes the teacher run again: the teacher's outputs, down to the last bit, do not depend on the
+    batches of the student that would otherwise have filled the cache."""
+    data = _tiny_data(n_train=40)
+    torch.manual_seed(0)
+    teacher = worst_group.student(3, 2, width=4).eval()
+    cache = worst_group.filled_teacher_cache(teacher, data, batch_size=16)
+    assert cache.misses == 40 and cache.hits == 0
+    with torch.no_grad():
+        expected = torch.cat([teacher(data["train"]["image"][i : i + 16]) for i in range(0, 40, 16)])
+    never = lambda x: pytest.fail("the teacher ran for a sample the cache should hold")  # noqa: E731
+    stored = cache.lookup({"id": torch.arange(40)}, data["train"]["image"], never)
+    assert torch.equal(stored, expected) and cache.hits == 40
+    for sampler in ("natural", "balanced"):
+        hyper = {**worst_group.HYPER["groupdistil"], "sampler": sampler}
+        worst_group.train("groupdistil", data, 2, 0, hyper, teacher=teacher, cache=cache, eval_test=False)
+        assert cache.misses == 40  # every batch was served from the cache
+    assert cache.hits > 0
+
+
 def test_a_configurations_width_sets_the_students_width_only():
     """``"width"`` (a sweep key) narrows the student: its first convolution has that many channels and every stage
     doubles it; the default student is 8 wide and the teacher ignores the key."""
