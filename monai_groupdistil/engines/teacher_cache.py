@@ -47,6 +47,11 @@ class TeacherOutputCache:
     Use a fresh ``cache_dir`` whenever the teacher, its weights or the preprocessing change: stored values are never
     invalidated. A teacher output of the wrong shape (``expected_shape``) is refused before anything is stored.
 
+    Only the samples missing from a batch go through the teacher, so the batch sizes of the first epoch decide
+    how the stored values were computed, and a convolution's last bits can depend on the batch size (about 1e-6
+    on CPU). Two runs that must be bit-identical whatever their sampler should fill the cache the same way first,
+    e.g. by calling :py:meth:`lookup` on the whole training set in a fixed order and batch size.
+
     The sample id is read from ``batch[id_key]`` (a list of strings, e.g. file names or subject codes, or an
     integer tensor of indices). In memory the values live on ``storage_device`` (CPU by default); on disk every
     sample is one ``<sha1(id)>.pt`` file written atomically, so several processes may share the folder.
