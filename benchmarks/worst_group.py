@@ -702,11 +702,13 @@ def train(
 
 def filled_teacher_cache(teacher: torch.nn.Module, data: dict, batch_size: int = 16) -> TeacherOutputCache:
     """A teacher-output cache holding the teacher's outputs for every training sample, computed in one pass in index
-    order, in batches of the training batch size. Filled on demand instead, the cache would compute the missing samples of each training batch, so its
-    values would depend on which student filled it: a convolution's last bits change with the batch size, and a
-    change of a few 1e-6 in the teacher's logits is enough to send a student's training elsewhere (the sweep's
-    scores moved by up to 3 points). Filled up front, every student of a teacher sees the same outputs, whatever
-    trained before it."""
+    order, in batches of the training batch size.
+
+    Filled on demand instead, the cache would compute the missing samples of each training batch, so its values
+    would depend on which student filled it: a convolution's last bits change with the batch size, and a change of
+    a few 1e-6 in the teacher's logits is enough to send a student's training elsewhere (the sweep's scores moved
+    by up to 3 points). Filled up front, every student of a teacher sees the same outputs, whatever trained before
+    it."""
     cache = TeacherOutputCache(id_key="id")
     images = data["train"]["image"]
     for start in range(0, len(images), batch_size):
