@@ -172,6 +172,7 @@ ARMS_BASELINES = (("student", "erm", ""), ("student", "erm_natural", ""), ("stud
 ALL_ARMS = ARMS + tuple(a for a in ARMS_DISTIL + ARMS_BASELINES if a not in ARMS)
 DEFAULT_SETTINGS = ["minority", "correlation"]
 TEMPERATURE = 4.0
+BATCH_SIZE = 16  # every network's training batch (and the batches that fill a teacher's output cache)
 # Each method's hyper-parameters: the winners of `--sweep` (validation data only; docs/results.md, "Sweep").
 # ``weight_decay`` is AdamW's (0: exactly Adam, the optimiser of the sweep that chose these values).
 HYPER: dict[str, dict] = {
@@ -647,9 +648,9 @@ def train(
         for i in range(len(split["label"]))
     ]
     if hyper.get("sampler", "natural") == "balanced":  # a DistributedSampler: the trainer sets its epoch
-        loader = DataLoader(items, batch_size=16, sampler=GroupBalancedSampler(split["group"], seed=seed))
+        loader = DataLoader(items, batch_size=BATCH_SIZE, sampler=GroupBalancedSampler(split["group"], seed=seed))
     else:
-        loader = DataLoader(items, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        loader = DataLoader(items, batch_size=BATCH_SIZE, shuffle=True, generator=torch.Generator().manual_seed(seed))
     use_teacher = uses_teacher(method)
     if use_teacher and teacher is None:
         raise ValueError(f"method {method!r} needs a teacher.")
@@ -700,7 +701,7 @@ def train(
     return {"network": network, "history": history, "selected": selected, "select_n": len(val["label"])}
 
 
-def filled_teacher_cache(teacher: torch.nn.Module, data: dict, batch_size: int = 16) -> TeacherOutputCache:
+def filled_teacher_cache(teacher: torch.nn.Module, data: dict, batch_size: int = BATCH_SIZE) -> TeacherOutputCache:
     """A teacher-output cache holding the teacher's outputs for every training sample, computed in one pass in index
     order, in batches of the training batch size.
 
