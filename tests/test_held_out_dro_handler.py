@@ -132,7 +132,7 @@ def test_bad_construction():
 def test_bad_held_out_data_raises_and_leaves_the_weights_untouched():
     no_group = [{k: v for k, v in d.items() if k != "group"} for d in make_data(10, 1)]
     trainer, _, loss = build("ce", epochs=1, loader=DataLoader(no_group, batch_size=5))
-    with pytest.raises(KeyError, match="the batch has no 'group' key"):
+    with pytest.raises(KeyError, match="the batch has no 'group' key; .* Pass group_key="):
         trainer.run()
     assert torch.equal(loss.group_weights, torch.full((G,), 1.0 / G))
     bad_ids = [dict(d, group=torch.tensor(G + 2)) for d in make_data(10, 1)]

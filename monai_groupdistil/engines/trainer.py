@@ -53,8 +53,8 @@ def loss_keywords(loss: Callable) -> set[str]:
     return set(LOSS_KEYWORDS) & set(inspect.signature(target).parameters)
 
 
-def check_batch_keys(batchdata: Any, keys: Sequence[str]) -> None:
-    """Raise a ``KeyError`` naming the first missing key and the keys present.
+def check_batch_keys(batchdata: Any, keys: Sequence[str], hint: str = "") -> None:
+    """Raise a ``KeyError`` naming the first missing key and the keys present, followed by ``hint`` (what to do).
 
     Raises:
         KeyError: when ``batchdata`` is a dictionary lacking one of ``keys``.
@@ -65,7 +65,8 @@ def check_batch_keys(batchdata: Any, keys: Sequence[str]) -> None:
         raise TypeError(f"a dictionary batch with keys {names} is expected, got {type(batchdata).__name__}.")
     for key in keys:
         if key not in batchdata:
-            raise KeyError(f"the batch has no '{key}' key; keys present: {sorted(map(str, batchdata.keys()))}.")
+            present = sorted(map(str, batchdata.keys()))
+            raise KeyError(f"the batch has no '{key}' key; keys present: {present}." + (f" {hint}" if hint else ""))
 
 
 def _per_sample(value: Any, batch_size: int) -> list | None:
@@ -325,7 +326,7 @@ class DistillationTrainer(SupervisedTrainer):
         """``SupervisedTrainer._iteration``, after a check that names a missing batch key (tuple batches of a plain
         loss go through unchecked, as in ``SupervisedTrainer``)."""
         if batchdata is not None and self.required_keys and (isinstance(batchdata, Mapping) or self.group_key_needed):
-            check_batch_keys(batchdata, self.required_keys)
+            check_batch_keys(batchdata, self.required_keys, hint="Pass group_key=<the key of the group ids>.")
         return super()._iteration(engine, batchdata)
 
     def compute_loss(self, pred: Any, label: torch.Tensor) -> torch.Tensor:

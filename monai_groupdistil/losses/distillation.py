@@ -152,7 +152,10 @@ class DistillationLoss(_Loss):
             )
         if teacher_logits is None and (alpha > 0 or term == "kd"):
             need = f"alpha > 0 (alpha={alpha})" if alpha > 0 else "the distillation term drives the weights"
-            raise ValueError(f"teacher_logits are required when {need}.")
+            raise ValueError(
+                f"teacher_logits are required when {need}; with DistillationTrainer, pass the teacher network as "
+                "teacher=."
+            )
         check_logits(input, teacher_logits)
         if dice_weight > 0 and input.ndim < 3:
             raise ValueError(f"dice_weight > 0 needs dense logits [B, C, *spatial], got shape {tuple(input.shape)}.")

@@ -44,15 +44,17 @@ class GroupDistillationLoss(GroupDROLoss):
     ``"ce"`` measures what the student gets wrong against the labels.
 
     Shapes: ``input`` and ``teacher_logits`` ``[B, C]`` (classification) or ``[B, C, *spatial]`` (dense); ``target``
-    ``[B]``/``[B, 1]`` or ``[B, *spatial]``/``[B, 1, *spatial]`` class indices; ``groups`` an integer tensor ``[B]``.
+    ``[B]``/``[B, 1]`` or ``[B, *spatial]``/``[B, 1, *spatial]`` class indices, or one-hot ``[B, C, *spatial]``;
+    ``groups`` an integer tensor ``[B]``.
 
     Args:
         num_groups: number of groups ``G >= 1``; the ids of ``groups`` lie in ``[0, G)``.
         temperature: softmax temperature ``T > 0`` of the distillation term. Defaults to 4.0.
         alpha: weight of the distillation term in ``[0, 1]``; ``1 - alpha`` weights the cross entropy with the
             labels. Defaults to 0.5.
-        step_size: robust step size ``eta >= 0`` of the exponentiated-gradient update (a plain attribute, so
-            handlers may schedule it). Defaults to 0.01; see docs/method.md for how to choose it.
+        step_size: robust step size ``eta >= 0`` of the exponentiated-gradient update (a settable attribute,
+            checked to be ``>= 0``, so handlers may schedule it). Defaults to 0.01; docs/method.md says how to
+            choose it.
         adjustment: ``C`` of the generalisation adjustment ``C_g / sqrt(N_g)``, a float or one value per group,
             ``>= 0``. Defaults to 0.
         group_counts: training-set size ``N_g`` of every group; required when ``adjustment`` is non-zero.

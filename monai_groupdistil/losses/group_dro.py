@@ -54,7 +54,8 @@ class GroupDROLoss(_Loss):
         loss_fn: callable ``loss_fn(input, target)`` returning per-sample losses ``[B]`` (or ``[B, *spatial]``,
             averaged over the non-batch dimensions), e.g. ``torch.nn.CrossEntropyLoss(reduction="none")``.
         num_groups: number of groups ``G >= 1``.
-        step_size: robust step size ``eta >= 0`` (a plain attribute, so handlers may schedule it). Defaults to 0.01.
+        step_size: robust step size ``eta >= 0`` (a settable attribute, checked to be ``>= 0``, so handlers may
+            schedule it). Defaults to 0.01.
         adjustment: ``C`` of the generalisation adjustment, a float or one value per group, ``>= 0``.
         group_counts: training-set size ``N_g`` of every group; required when ``adjustment`` is non-zero.
         normalize_loss: divide the adjusted group losses by their sum before the update.
