@@ -111,12 +111,15 @@ import itertools
 import json
 import logging
 import math
+import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import monai
+import numpy
 import torch
 from ignite.engine import Events
 from monai.data import partition_dataset_classes
@@ -225,6 +228,22 @@ HELD_OUT_KEYS = ("held_out_step_size", "held_out_every")
 # ``--students``: {label: (base method, teacher, hyper-parameters)} of the student arms of one run
 CUSTOM_STUDENTS: dict[str, tuple[str, str, dict]] = {}
 STUDENT_WIDTH = 8
+
+
+def environment() -> str:
+    """The software and CPU the numbers came from: CPU training is bitwise reproducible on one machine, not across
+    machines (the kernels differ with the CPU's instruction set), so the tables name both."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, MONAI {monai.__version__}, numpy "
+        f"{numpy.__version__}; CPU {cpu} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} "
+        "torch thread(s)"
+    )
 
 
 def resnet(width: int, layers: list[int], channels: int, classes: int) -> ResNet:
@@ -1189,6 +1208,8 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
             else "."
         ),
         "",
+        f"Environment: {environment()}.",
+        "",
         "Test accuracy (%) with the mean's 95 % bootstrap interval over seeds; differences in points: mean "
         "[paired 95 % bootstrap interval] and the number of seeds where the difference is positive. KD is the KD "
         "student of the ERM teacher; ERM the ERM student.",
@@ -1407,6 +1428,7 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict]
             if args.merge_from
             else f"Wall time {wall / 60:.1f} min with {torch.get_num_threads()} thread(s). "
         )
+        + f"Environment: {environment()}. "
         + f"Epoch selected on {select}. Score: "
         "worst-group validation accuracy of the epoch it selects, mean over settings and seeds (ties: mean average "
         "validation accuracy).",
