@@ -25,8 +25,8 @@ Settings (``--settings``, default both):
   ``--waterbirds-correlation`` of them) and, shared by every seed, a group-balanced evaluation pool of
   ``--wb-val-per-group`` validation and ``--wb-test-per-group`` test images per group (generator seed
   ``--eval-seed``; the generator draws the place independently of the label outside training). Generator knobs:
-  ``--colour-cue`` (``--landbird-colour-cue`` for the landbirds alone), ``--bird-scale``,
-  ``--waterbirds-image-size``; the setting's name holds them all
+  ``--colour-cue`` (``--landbird-colour-cue`` for the landbirds alone), ``--bird-scale`` (``--group-bird-scale``
+  for some groups), ``--waterbirds-image-size``; the setting's name holds them all
   (``waterbirds_c0.95_cue0.8_s1_px32_n4000``), and so do the cache keys. Groups are the 4 label x place cells.
 
 Per setting and seed (``--arms all``, the default): two teachers (a wider, deeper 2-D ResNet, widths 16-128, two
@@ -288,6 +288,7 @@ def settings_of(args: argparse.Namespace) -> list[dict]:
                     args.waterbirds_image_size,
                     args.images,
                     args.landbird_colour_cue,
+                    args.group_bird_scale,
                 )
             )
     return out
@@ -300,13 +301,15 @@ def waterbirds_setting(
     image_size: int,
     images: int,
     landbird_colour_cue: float | None = None,
+    group_bird_scale: dict[str, float] | None = None,
 ) -> dict:
     """A synthetic Waterbirds setting; its name holds every generator knob (``waterbirds_c0.95_cue0.7_s1_px32_n3000``:
     correlation, colour cue, bird scale, image size, training images; ``..._cue0.9_land0.3_...`` with a landbird
-    colour cue of its own)."""
+    colour cue of its own; ``..._s1_ll0.5_...`` with landbird/land's birds at half the bird scale)."""
     land = "" if landbird_colour_cue is None else f"_land{landbird_colour_cue:g}"
+    scales = "".join(f"_{short_group(g)}{f:g}" for g, f in sorted((group_bird_scale or {}).items()))
     setting = {
-        "name": f"waterbirds_c{correlation:g}_cue{colour_cue:g}{land}_s{bird_scale:g}_px{image_size}_n{images}",
+        "name": f"waterbirds_c{correlation:g}_cue{colour_cue:g}{land}_s{bird_scale:g}{scales}_px{image_size}_n{images}",
         "kind": "waterbirds",
         "correlation": float(correlation),
         "colour_cue": float(colour_cue),
@@ -316,7 +319,28 @@ def waterbirds_setting(
     }
     if landbird_colour_cue is not None:  # absent otherwise, so the settings (and cache keys) of before stay the same
         setting["landbird_colour_cue"] = float(landbird_colour_cue)
+    if group_bird_scale:  # the same
+        setting["group_bird_scale"] = {g: float(f) for g, f in sorted(group_bird_scale.items())}
     return setting
+
+
+def short_group(name: str) -> str:
+    """``"landbird/land"`` -> ``"ll"`` (the initials of label and place), for setting names."""
+    label, place = name.split("/")
+    return label[0] + place[0]
+
+
+def parse_group_scale(text: str) -> tuple[str, float]:
+    """``--group-bird-scale`` item ``GROUP=FACTOR`` (``landbird/land=0.5``) -> ``("landbird/land", 0.5)``."""
+    group, sep, factor = text.partition("=")
+    if not sep or group not in WATERBIRDS_GROUP_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"expected GROUP=FACTOR with GROUP in {list(WATERBIRDS_GROUP_NAMES)}, got {text!r}"
+        )
+    try:
+        return group, float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"FACTOR must be a number, got {factor!r} in {text!r}") from None
 
 
 def _plain(image) -> torch.Tensor:
@@ -462,7 +486,8 @@ def _waterbirds_tensors(args: argparse.Namespace, spec: dict, splits: tuple[str,
     return data
 
 
-WATERBIRDS_KNOBS = ("colour_cue", "landbird_colour_cue", "bird_scale", "image_size")  # passed to the generator
+# passed to the generator
+WATERBIRDS_KNOBS = ("colour_cue", "landbird_colour_cue", "bird_scale", "group_bird_scale", "image_size")
 
 
 def waterbirds_eval_pool(args: argparse.Namespace, setting: dict) -> dict:
@@ -1701,6 +1726,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the landbirds' own colour cue (default: --colour-cue for both); lower makes landbirds the harder class",
     )
     wb.add_argument("--bird-scale", type=float, default=1.0, help="bird size, in (0, 1.5]")
+    wb.add_argument(
+        "--group-bird-scale",
+        type=parse_group_scale,
+        nargs="+",
+        default=None,
+        metavar="GROUP=FACTOR",
+        help="a factor on --bird-scale for some groups (landbird/land=0.5: that group's birds at half the size), "
+        "so that one group is harder than the others",
+    )
     wb.add_argument("--waterbirds-image-size", type=int, default=64, help="generated image side (pixels, >= 16)")
     wb.add_argument("--wb-val-per-group", type=int, default=100, help="validation images per group (balanced)")
     wb.add_argument(
@@ -1821,6 +1855,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} values must be in [{low:g}, {high:g}], got {values}")
     if args.landbird_colour_cue is not None and not 0.0 <= args.landbird_colour_cue <= 1.0:
         parser.error(f"--landbird-colour-cue must be in [0, 1], got {args.landbird_colour_cue}")
+    args.group_bird_scale = dict(args.group_bird_scale) if args.group_bird_scale else None
+    for group, factor in (args.group_bird_scale or {}).items():
+        if not 0.0 < factor * args.bird_scale <= 1.5:
+            parser.error(f"--group-bird-scale {group}={factor:g}: times --bird-scale must be in (0, 1.5]")
     if args.waterbirds_image_size < 16:
         parser.error(f"--waterbirds-image-size must be >= 16, got {args.waterbirds_image_size}")
     unknown = set(args.hyper or {}) - {*METHODS, "erm_natural"}

@@ -183,6 +183,15 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         worst_group.parse_args(["--landbird-colour-cue", "-0.1"])
     assert "--landbird-colour-cue must be in [0, 1], got -0.1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--group-bird-scale", "bird/land=0.5"])
+    assert "expected GROUP=FACTOR with GROUP in ['landbird/land'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--group-bird-scale", "landbird/land=half"])
+    assert "FACTOR must be a number, got 'half'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--bird-scale", "1.0", "--group-bird-scale", "landbird/land=2"])
+    assert "--group-bird-scale landbird/land=2: times --bird-scale must be in (0, 1.5]" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------- Waterbirds
@@ -259,6 +268,11 @@ def test_waterbirds_setting_names_and_cache_keys_hold_every_knob(tmp_path):
     assert not torch.equal(landbirds["train"]["image"], tensors[1.0]["train"]["image"])
     args = worst_group.parse_args(["--settings", "waterbirds", "--landbird-colour-cue", "0.3", "--colour-cue", "0.9"])
     assert worst_group.settings_of(args)[0]["name"] == "waterbirds_c0.95_cue0.9_land0.3_s1_px64_n1000"
+    # a group's own bird scale: in the name (initials of label and place) and the generator's arguments
+    args = worst_group.parse_args(["--settings", "waterbirds", "--group-bird-scale", "landbird/land=0.5"])
+    setting = worst_group.settings_of(args)[0]
+    assert setting["name"] == "waterbirds_c0.95_cue1_s1_ll0.5_px64_n1000"
+    assert setting["group_bird_scale"] == {"landbird/land": 0.5}
 
 
 def _cal_row(cue, arm, worst, average, seed=0, wd=0.0):

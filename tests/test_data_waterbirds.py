@@ -113,6 +113,34 @@ def test_synthetic_landbird_colour_cue_applies_to_landbirds_only(tmp_path, monke
     assert not (tmp_path / "d" / "metadata.csv").exists()
 
 
+def test_synthetic_group_bird_scale_scales_one_group_only(tmp_path, monkeypatch):
+    """``group_bird_scale`` multiplies the bird scale of the named groups (group = 2 * y + place) and no other's; a
+    factor of 1 changes nothing, image for image."""
+    base = dict(n_images=40, seed=3, image_size=16, bird_scale=0.8)
+    pixels = lambda root: [np.asarray(Image.open(d["image"])) for d in load_waterbirds_datalist(root, "all")]  # noqa: E731
+    a = make_synthetic_waterbirds(tmp_path / "a", **base)
+    b = make_synthetic_waterbirds(tmp_path / "b", group_bird_scale={"landbird/land": 1.0}, **base)
+    assert _rows(a) == _rows(b) and all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
+
+    scales = []
+    original = synthetic_waterbirds._render
+
+    def recording(rng, y, place, size, bird_scale, noise, colour_cue):
+        scales.append((2 * y + place, bird_scale))
+        return original(rng, y, place, size, bird_scale, noise, colour_cue)
+
+    monkeypatch.setattr(synthetic_waterbirds, "_render", recording)
+    c = make_synthetic_waterbirds(tmp_path / "c", group_bird_scale={"landbird/land": 0.5}, **base)
+    assert {s for g, s in scales if g == 0} == {0.4} and {s for g, s in scales if g != 0} == {0.8}
+    groups = [d["group"] for d in load_waterbirds_datalist(c, "all")]
+    assert len(scales) == 40 and [g for g, _ in scales] == groups  # every image, in the datalist's order
+    with pytest.raises(ValueError, match=r"group_bird_scale has unknown groups \['bird/land'\]; the groups are"):
+        make_synthetic_waterbirds(tmp_path / "d", n_images=10, group_bird_scale={"bird/land": 0.5})
+    with pytest.raises(ValueError, match=r"group_bird_scale\['waterbird/water'\] \* bird_scale must lie in \(0, 1.5\]"):
+        make_synthetic_waterbirds(tmp_path / "d", n_images=10, group_bird_scale={"waterbird/water": 2.0})
+    assert not (tmp_path / "d" / "metadata.csv").exists()
+
+
 def test_synthetic_is_deterministic(tmp_path):
     a = make_synthetic_waterbirds(tmp_path / "a", n_images=12, seed=5, image_size=16)
     b = make_synthetic_waterbirds(tmp_path / "b", n_images=12, seed=5, image_size=16)

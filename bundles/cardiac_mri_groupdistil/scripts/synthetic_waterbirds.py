@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from monai_groupdistil.data.waterbirds import WATERBIRDS_COLUMNS
+from monai_groupdistil.data.waterbirds import WATERBIRDS_COLUMNS, WATERBIRDS_GROUP_NAMES
 
 _SPECIES = {0: ("014.Indigo_Bunting", "Indigo_Bunting"), 1: ("045.Northern_Fulmar", "Northern_Fulmar")}
 _PLACE_FILES = {0: "/b/bamboo_forest/{:08d}.jpg", 1: "/o/ocean/{:08d}.jpg"}
@@ -36,6 +36,7 @@ def make_synthetic_waterbirds(
     noise: float = 0.05,
     colour_cue: float = 1.0,
     landbird_colour_cue: float | None = None,
+    group_bird_scale: Mapping[str, float] | None = None,
 ) -> str:
     """Write a synthetic stand-in of Waterbirds (RGB JPEGs and ``metadata.csv``) under ``root``.
 
@@ -62,6 +63,11 @@ def make_synthetic_waterbirds(
         landbird_colour_cue: the same probability for landbirds only (``colour_cue`` then applies to waterbirds);
             ``None`` (default) uses ``colour_cue`` for both. A lower value makes landbirds harder to recognise than
             waterbirds, so the groups differ in difficulty as well as in size.
+        group_bird_scale: a factor on ``bird_scale`` for the images of some groups, keyed by group name
+            (``"landbird/land"``, ``"landbird/water"``, ``"waterbird/land"``, ``"waterbird/water"``), e.g.
+            ``{"landbird/land": 0.5}``: that group's birds are half as large, so one group (here a common one) is
+            harder than the others whatever its size. ``None`` (default) leaves every group at ``bird_scale``
+            (so does a factor of 1, image for image).
 
     Returns:
         the dataset folder (``root``) as a string.
@@ -84,6 +90,16 @@ def make_synthetic_waterbirds(
     if landbird_colour_cue is not None and not 0.0 <= landbird_colour_cue <= 1.0:
         raise ValueError(f"landbird_colour_cue must lie in [0, 1] or be None, got {landbird_colour_cue}.")
     cues = (colour_cue if landbird_colour_cue is None else landbird_colour_cue, colour_cue)  # by label y
+    factors = dict(group_bird_scale or {})
+    unknown = sorted(set(factors) - set(WATERBIRDS_GROUP_NAMES))
+    if unknown:
+        raise ValueError(f"group_bird_scale has unknown groups {unknown}; the groups are {WATERBIRDS_GROUP_NAMES}.")
+    for name, factor in factors.items():
+        if not 0.0 < bird_scale * factor <= 1.5:
+            raise ValueError(
+                f"group_bird_scale[{name!r}] * bird_scale must lie in (0, 1.5], got {factor} * {bird_scale}."
+            )
+    scales = [bird_scale * factors.get(name, 1.0) for name in WATERBIRDS_GROUP_NAMES]  # by group 2 * y + place
     fractions = np.asarray(split_fractions, dtype=float)
     if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
         raise ValueError(f"split_fractions must be three non-negative numbers, got {split_fractions}.")
@@ -105,7 +121,7 @@ def make_synthetic_waterbirds(
         folder, species = _SPECIES[y]
         filename = f"{folder}/{species}_{index + 1:04d}_{seed}.jpg"
         (root / folder).mkdir(exist_ok=True)
-        image, _ = _render(rng, y, place, image_size, bird_scale, noise, cues[y])
+        image, _ = _render(rng, y, place, image_size, scales[2 * y + place], noise, cues[y])
         Image.fromarray(image).save(root / filename, quality=92)
         rows.append([index + 1, filename, y, int(split), place, _PLACE_FILES[place].format(index + 1)])
     with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
