@@ -289,6 +289,7 @@ def settings_of(args: argparse.Namespace) -> list[dict]:
                     args.images,
                     args.landbird_colour_cue,
                     args.group_bird_scale,
+                    args.place_noise,
                 )
             )
     return out
@@ -302,12 +303,14 @@ def waterbirds_setting(
     images: int,
     landbird_colour_cue: float | None = None,
     group_bird_scale: dict[str, float] | None = None,
+    place_noise: dict[str, float] | None = None,
 ) -> dict:
     """A synthetic Waterbirds setting; its name holds every generator knob (``waterbirds_c0.95_cue0.7_s1_px32_n3000``:
     correlation, colour cue, bird scale, image size, training images; ``..._cue0.9_land0.3_...`` with a landbird
     colour cue of its own; ``..._s1_ll0.5_...`` with landbird/land's birds at half the bird scale)."""
     land = "" if landbird_colour_cue is None else f"_land{landbird_colour_cue:g}"
     scales = "".join(f"_{short_group(g)}{f:g}" for g, f in sorted((group_bird_scale or {}).items()))
+    scales += "".join(f"_{p}noise{v:g}" for p, v in sorted((place_noise or {}).items()))
     setting = {
         "name": f"waterbirds_c{correlation:g}_cue{colour_cue:g}{land}_s{bird_scale:g}{scales}_px{image_size}_n{images}",
         "kind": "waterbirds",
@@ -321,6 +324,8 @@ def waterbirds_setting(
         setting["landbird_colour_cue"] = float(landbird_colour_cue)
     if group_bird_scale:  # the same
         setting["group_bird_scale"] = {g: float(f) for g, f in sorted(group_bird_scale.items())}
+    if place_noise:  # the same
+        setting["place_noise"] = {p: float(v) for p, v in sorted(place_noise.items())}
     return setting
 
 
@@ -328,6 +333,20 @@ def short_group(name: str) -> str:
     """``"landbird/land"`` -> ``"ll"`` (the initials of label and place), for setting names."""
     label, place = name.split("/")
     return label[0] + place[0]
+
+
+def parse_place_noise(text: str) -> tuple[str, float]:
+    """``--place-noise`` item ``PLACE=NOISE`` (``land=0.3``) -> ``("land", 0.3)``."""
+    place, sep, noise = text.partition("=")
+    if not sep or place not in ("land", "water"):
+        raise argparse.ArgumentTypeError(f"expected PLACE=NOISE with PLACE land or water, got {text!r}")
+    try:
+        value = float(noise)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"NOISE must be a number, got {noise!r} in {text!r}") from None
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"NOISE must be >= 0, got {text!r}")
+    return place, value
 
 
 def parse_group_scale(text: str) -> tuple[str, float]:
@@ -487,7 +506,7 @@ def _waterbirds_tensors(args: argparse.Namespace, spec: dict, splits: tuple[str,
 
 
 # passed to the generator
-WATERBIRDS_KNOBS = ("colour_cue", "landbird_colour_cue", "bird_scale", "group_bird_scale", "image_size")
+WATERBIRDS_KNOBS = ("colour_cue", "landbird_colour_cue", "bird_scale", "group_bird_scale", "place_noise", "image_size")
 
 
 def waterbirds_eval_pool(args: argparse.Namespace, setting: dict) -> dict:
@@ -1735,6 +1754,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a factor on --bird-scale for some groups (landbird/land=0.5: that group's birds at half the size), "
         "so that one group is harder than the others",
     )
+    wb.add_argument(
+        "--place-noise",
+        type=parse_place_noise,
+        nargs="+",
+        default=None,
+        metavar="PLACE=NOISE",
+        help="the pixel noise of every image of a place (land=0.3; default 0.05 everywhere): a site with poorer "
+        "images, harder for both of its groups",
+    )
     wb.add_argument("--waterbirds-image-size", type=int, default=64, help="generated image side (pixels, >= 16)")
     wb.add_argument("--wb-val-per-group", type=int, default=100, help="validation images per group (balanced)")
     wb.add_argument(
@@ -1856,6 +1884,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.landbird_colour_cue is not None and not 0.0 <= args.landbird_colour_cue <= 1.0:
         parser.error(f"--landbird-colour-cue must be in [0, 1], got {args.landbird_colour_cue}")
     args.group_bird_scale = dict(args.group_bird_scale) if args.group_bird_scale else None
+    args.place_noise = dict(args.place_noise) if args.place_noise else None
     for group, factor in (args.group_bird_scale or {}).items():
         if not 0.0 < factor * args.bird_scale <= 1.5:
             parser.error(f"--group-bird-scale {group}={factor:g}: times --bird-scale must be in (0, 1.5]")

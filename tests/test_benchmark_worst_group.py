@@ -192,6 +192,12 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         worst_group.parse_args(["--bird-scale", "1.0", "--group-bird-scale", "landbird/land=2"])
     assert "--group-bird-scale landbird/land=2: times --bird-scale must be in (0, 1.5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--place-noise", "forest=0.3"])
+    assert "expected PLACE=NOISE with PLACE land or water, got 'forest=0.3'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--place-noise", "land=-1"])
+    assert "NOISE must be >= 0, got 'land=-1'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------- Waterbirds
@@ -273,6 +279,10 @@ def test_waterbirds_setting_names_and_cache_keys_hold_every_knob(tmp_path):
     setting = worst_group.settings_of(args)[0]
     assert setting["name"] == "waterbirds_c0.95_cue1_s1_ll0.5_px64_n1000"
     assert setting["group_bird_scale"] == {"landbird/land": 0.5}
+    args = worst_group.parse_args(["--settings", "waterbirds", "--place-noise", "land=0.3"])
+    setting = worst_group.settings_of(args)[0]
+    assert setting["name"] == "waterbirds_c0.95_cue1_s1_landnoise0.3_px64_n1000"
+    assert setting["place_noise"] == {"land": 0.3}
 
 
 def _cal_row(cue, arm, worst, average, seed=0, wd=0.0):

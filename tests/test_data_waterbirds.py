@@ -113,7 +113,7 @@ def test_synthetic_landbird_colour_cue_applies_to_landbirds_only(tmp_path, monke
     assert not (tmp_path / "d" / "metadata.csv").exists()
 
 
-def test_synthetic_group_bird_scale_scales_one_group_only(tmp_path, monkeypatch):
+def test_synthetic_group_bird_scale_and_place_noise(tmp_path, monkeypatch):
     """``group_bird_scale`` multiplies the bird scale of the named groups (group = 2 * y + place) and no other's; a
     factor of 1 changes nothing, image for image."""
     base = dict(n_images=40, seed=3, image_size=16, bird_scale=0.8)
@@ -134,6 +134,18 @@ def test_synthetic_group_bird_scale_scales_one_group_only(tmp_path, monkeypatch)
     assert {s for g, s in scales if g == 0} == {0.4} and {s for g, s in scales if g != 0} == {0.8}
     groups = [d["group"] for d in load_waterbirds_datalist(c, "all")]
     assert len(scales) == 40 and [g for g, _ in scales] == groups  # every image, in the datalist's order
+    # place_noise: the noise level of every image of a place, either class; the other place keeps ``noise``
+    noises = []
+
+    def recording_noise(rng, y, place, size, bird_scale, noise, colour_cue):
+        noises.append((place, noise))
+        return original(rng, y, place, size, bird_scale, noise, colour_cue)
+
+    monkeypatch.setattr(synthetic_waterbirds, "_render", recording_noise)
+    make_synthetic_waterbirds(tmp_path / "e", place_noise={"land": 0.3}, noise=0.02, **base)
+    assert {n for p, n in noises if p == 0} == {0.3} and {n for p, n in noises if p == 1} == {0.02}
+    with pytest.raises(ValueError, match=r"place_noise must map 'land' and/or 'water' to a noise level >= 0"):
+        make_synthetic_waterbirds(tmp_path / "d", n_images=10, place_noise={"forest": 0.3})
     with pytest.raises(ValueError, match=r"group_bird_scale has unknown groups \['bird/land'\]; the groups are"):
         make_synthetic_waterbirds(tmp_path / "d", n_images=10, group_bird_scale={"bird/land": 0.5})
     with pytest.raises(ValueError, match=r"group_bird_scale\['waterbird/water'\] \* bird_scale must lie in \(0, 1.5\]"):

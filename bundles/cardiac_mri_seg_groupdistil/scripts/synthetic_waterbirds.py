@@ -37,6 +37,7 @@ def make_synthetic_waterbirds(
     colour_cue: float = 1.0,
     landbird_colour_cue: float | None = None,
     group_bird_scale: Mapping[str, float] | None = None,
+    place_noise: Mapping[str, float] | None = None,
 ) -> str:
     """Write a synthetic stand-in of Waterbirds (RGB JPEGs and ``metadata.csv``) under ``root``.
 
@@ -67,7 +68,12 @@ def make_synthetic_waterbirds(
             (``"landbird/land"``, ``"landbird/water"``, ``"waterbird/land"``, ``"waterbird/water"``), e.g.
             ``{"landbird/land": 0.5}``: that group's birds are half as large, so one group (here a common one) is
             harder than the others whatever its size. ``None`` (default) leaves every group at ``bird_scale``
-            (so does a factor of 1, image for image).
+            (so does a factor of 1, image for image). A change that only one group has is also a feature of
+            that group: within a place it tells the label (smaller landbirds on land make landbirds easier to
+            tell from waterbirds on land).
+        place_noise: the pixel noise of the images of a place, replacing ``noise`` there, keyed by ``"land"`` or
+            ``"water"``, e.g. ``{"land": 0.3}``: every image of that place, of either class, is noisier (a site
+            with poorer images), so the groups of that place are harder without the change telling the label.
 
     Returns:
         the dataset folder (``root``) as a string.
@@ -100,6 +106,10 @@ def make_synthetic_waterbirds(
                 f"group_bird_scale[{name!r}] * bird_scale must lie in (0, 1.5], got {factor} * {bird_scale}."
             )
     scales = [bird_scale * factors.get(name, 1.0) for name in WATERBIRDS_GROUP_NAMES]  # by group 2 * y + place
+    noises = dict(place_noise or {})
+    if set(noises) - {"land", "water"} or not all(v >= 0.0 for v in noises.values()):
+        raise ValueError(f"place_noise must map 'land' and/or 'water' to a noise level >= 0, got {place_noise}.")
+    noise_by_place = [noises.get("land", noise), noises.get("water", noise)]
     fractions = np.asarray(split_fractions, dtype=float)
     if fractions.shape != (3,) or (fractions < 0).any() or fractions.sum() <= 0:
         raise ValueError(f"split_fractions must be three non-negative numbers, got {split_fractions}.")
@@ -121,7 +131,7 @@ def make_synthetic_waterbirds(
         folder, species = _SPECIES[y]
         filename = f"{folder}/{species}_{index + 1:04d}_{seed}.jpg"
         (root / folder).mkdir(exist_ok=True)
-        image, _ = _render(rng, y, place, image_size, scales[2 * y + place], noise, cues[y])
+        image, _ = _render(rng, y, place, image_size, scales[2 * y + place], noise_by_place[place], cues[y])
         Image.fromarray(image).save(root / filename, quality=92)
         rows.append([index + 1, filename, y, int(split), place, _PLACE_FILES[place].format(index + 1)])
     with open(root / "metadata.csv", "w", newline="", encoding="utf-8") as f:
