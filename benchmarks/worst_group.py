@@ -26,7 +26,8 @@ Settings (``--settings``, default both):
   ``--wb-val-per-group`` validation and ``--wb-test-per-group`` test images per group (generator seed
   ``--eval-seed``; the generator draws the place independently of the label outside training). Generator knobs:
   ``--colour-cue`` (``--landbird-colour-cue`` for the landbirds alone), ``--bird-scale`` (``--group-bird-scale``
-  for some groups), ``--waterbirds-image-size``; the setting's name holds them all
+  for some groups), ``--place-noise`` (the pixel noise of one place), ``--waterbirds-image-size``; the setting's
+  name holds them all
   (``waterbirds_c0.95_cue0.8_s1_px32_n4000``), and so do the cache keys. Groups are the 4 label x place cells.
 
 Per setting and seed (``--arms all``, the default): two teachers (a wider, deeper 2-D ResNet, widths 16-128, two
@@ -307,7 +308,8 @@ def waterbirds_setting(
 ) -> dict:
     """A synthetic Waterbirds setting; its name holds every generator knob (``waterbirds_c0.95_cue0.7_s1_px32_n3000``:
     correlation, colour cue, bird scale, image size, training images; ``..._cue0.9_land0.3_...`` with a landbird
-    colour cue of its own; ``..._s1_ll0.5_...`` with landbird/land's birds at half the bird scale)."""
+    colour cue of its own; ``..._s1_ll0.5_...`` with landbird/land's birds at half the bird scale;
+    ``..._s1_landnoise0.4_...`` with the land images at pixel noise 0.4)."""
     land = "" if landbird_colour_cue is None else f"_land{landbird_colour_cue:g}"
     scales = "".join(f"_{short_group(g)}{f:g}" for g, f in sorted((group_bird_scale or {}).items()))
     scales += "".join(f"_{p}noise{v:g}" for p, v in sorted((place_noise or {}).items()))
@@ -344,8 +346,8 @@ def parse_place_noise(text: str) -> tuple[str, float]:
         value = float(noise)
     except ValueError:
         raise argparse.ArgumentTypeError(f"NOISE must be a number, got {noise!r} in {text!r}") from None
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"NOISE must be >= 0, got {text!r}")
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"NOISE must be a finite number >= 0, got {text!r}")
     return place, value
 
 
@@ -1883,8 +1885,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} values must be in [{low:g}, {high:g}], got {values}")
     if args.landbird_colour_cue is not None and not 0.0 <= args.landbird_colour_cue <= 1.0:
         parser.error(f"--landbird-colour-cue must be in [0, 1], got {args.landbird_colour_cue}")
-    args.group_bird_scale = dict(args.group_bird_scale) if args.group_bird_scale else None
-    args.place_noise = dict(args.place_noise) if args.place_noise else None
+    for name in ("group_bird_scale", "place_noise"):
+        items = getattr(args, name) or []
+        keys = [k for k, _ in items]
+        if len(set(keys)) < len(keys):
+            parser.error(f"--{name.replace('_', '-')}: each key at most once, got {keys}")
+        setattr(args, name, dict(items) or None)
+    knobs = [k for k in ("landbird_colour_cue", "group_bird_scale", "place_noise") if getattr(args, k) is not None]
+    if args.calibrate and knobs:
+        parser.error(f"--calibrate does not take {', '.join('--' + k.replace('_', '-') for k in knobs)}")
     for group, factor in (args.group_bird_scale or {}).items():
         if not 0.0 < factor * args.bird_scale <= 1.5:
             parser.error(f"--group-bird-scale {group}={factor:g}: times --bird-scale must be in (0, 1.5]")

@@ -197,7 +197,19 @@ def test_bad_arguments_are_refused(capsys):
     assert "expected PLACE=NOISE with PLACE land or water, got 'forest=0.3'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         worst_group.parse_args(["--place-noise", "land=-1"])
-    assert "NOISE must be >= 0, got 'land=-1'" in capsys.readouterr().err
+    assert "NOISE must be a finite number >= 0, got 'land=-1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--place-noise", "land=inf"])
+    assert "NOISE must be a finite number >= 0, got 'land=inf'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--place-noise", "land=x"])
+    assert "NOISE must be a number, got 'x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--place-noise", "land=0.2", "land=0.4"])
+    assert "--place-noise: each key at most once, got ['land', 'land']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        worst_group.parse_args(["--calibrate", "--place-noise", "land=0.2"])
+    assert "--calibrate does not take --place-noise" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------- Waterbirds
@@ -272,6 +284,13 @@ def test_waterbirds_setting_names_and_cache_keys_hold_every_knob(tmp_path):
     assert len(list(tmp_path.iterdir())) == 6  # its own training split and evaluation pool
     assert len(landbirds["train"]["label"]) == 24
     assert not torch.equal(landbirds["train"]["image"], tensors[1.0]["train"]["image"])
+    # the group bird scale and the place noise reach the generator and the cache key
+    for knob in ({"group_bird_scale": {"landbird/land": 0.5}}, {"place_noise": {"land": 0.4}}):
+        changed = worst_group.build_waterbirds(
+            args, {**worst_group.waterbirds_setting(0.9, 1.0, 1.0, 16, 24), **knob}, 0
+        )
+        assert not torch.equal(changed["train"]["image"], tensors[1.0]["train"]["image"])
+    assert len(list(tmp_path.iterdir())) == 10  # a training split and an evaluation pool each
     args = worst_group.parse_args(["--settings", "waterbirds", "--landbird-colour-cue", "0.3", "--colour-cue", "0.9"])
     assert worst_group.settings_of(args)[0]["name"] == "waterbirds_c0.95_cue0.9_land0.3_s1_px64_n1000"
     # a group's own bird scale: in the name (initials of label and place) and the generator's arguments

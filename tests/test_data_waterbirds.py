@@ -144,8 +144,9 @@ def test_synthetic_group_bird_scale_and_place_noise(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic_waterbirds, "_render", recording_noise)
     make_synthetic_waterbirds(tmp_path / "e", place_noise={"land": 0.3}, noise=0.02, **base)
     assert {n for p, n in noises if p == 0} == {0.3} and {n for p, n in noises if p == 1} == {0.02}
-    with pytest.raises(ValueError, match=r"place_noise must map 'land' and/or 'water' to a noise level >= 0"):
-        make_synthetic_waterbirds(tmp_path / "d", n_images=10, place_noise={"forest": 0.3})
+    for bad in ({"forest": 0.3}, {"land": -0.1}, {"water": float("inf")}):
+        with pytest.raises(ValueError, match=r"place_noise must map 'land' and/or 'water' to a noise level >= 0"):
+            make_synthetic_waterbirds(tmp_path / "d", n_images=10, place_noise=bad)
     with pytest.raises(ValueError, match=r"group_bird_scale has unknown groups \['bird/land'\]; the groups are"):
         make_synthetic_waterbirds(tmp_path / "d", n_images=10, group_bird_scale={"bird/land": 0.5})
     with pytest.raises(ValueError, match=r"group_bird_scale\['waterbird/water'\] \* bird_scale must lie in \(0, 1.5\]"):

@@ -53,8 +53,9 @@ def loss_keywords(loss: Callable) -> set[str]:
     return set(LOSS_KEYWORDS) & set(inspect.signature(target).parameters)
 
 
-def check_batch_keys(batchdata: Any, keys: Sequence[str], hint: str = "") -> None:
-    """Raise a ``KeyError`` naming the first missing key and the keys present, followed by ``hint`` (what to do).
+def check_batch_keys(batchdata: Any, keys: Sequence[str], hints: Mapping[str, str] | None = None) -> None:
+    """Raise a ``KeyError`` naming the first missing key and the keys present, followed by ``hints[key]`` (what to
+    do) when ``hints`` has one for that key.
 
     Raises:
         KeyError: when ``batchdata`` is a dictionary lacking one of ``keys``.
@@ -66,6 +67,7 @@ def check_batch_keys(batchdata: Any, keys: Sequence[str], hint: str = "") -> Non
     for key in keys:
         if key not in batchdata:
             present = sorted(map(str, batchdata.keys()))
+            hint = (hints or {}).get(key)
             raise KeyError(f"the batch has no '{key}' key; keys present: {present}." + (f" {hint}" if hint else ""))
 
 
@@ -326,7 +328,9 @@ class DistillationTrainer(SupervisedTrainer):
         """``SupervisedTrainer._iteration``, after a check that names a missing batch key (tuple batches of a plain
         loss go through unchecked, as in ``SupervisedTrainer``)."""
         if batchdata is not None and self.required_keys and (isinstance(batchdata, Mapping) or self.group_key_needed):
-            check_batch_keys(batchdata, self.required_keys, hint="Pass group_key=<the key of the group ids>.")
+            check_batch_keys(
+                batchdata, self.required_keys, hints={self.group_key: "Pass group_key=<the key of the group ids>."}
+            )
         return super()._iteration(engine, batchdata)
 
     def compute_loss(self, pred: Any, label: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,9 @@ class HeldOutGroupDROHandler:
         try:
             with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=bool(engine.amp)):
                 for batch in self.data_loader:
-                    check_batch_keys(batch, [self.group_key], hint="Pass group_key=<the key of the group ids>.")
+                    check_batch_keys(
+                        batch, [self.group_key], hints={self.group_key: "Pass group_key=<the key of the group ids>."}
+                    )
                     image, label = prepare_batch(batch, device, engine.non_blocking)[:2]
                     pred = engine.inferer(image, network)
                     teacher_logits = None if teacher is None else engine.inferer(image, teacher)

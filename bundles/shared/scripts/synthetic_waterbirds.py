@@ -107,7 +107,7 @@ def make_synthetic_waterbirds(
             )
     scales = [bird_scale * factors.get(name, 1.0) for name in WATERBIRDS_GROUP_NAMES]  # by group 2 * y + place
     noises = dict(place_noise or {})
-    if set(noises) - {"land", "water"} or not all(v >= 0.0 for v in noises.values()):
+    if set(noises) - {"land", "water"} or not all(np.isfinite(v) and v >= 0.0 for v in noises.values()):
         raise ValueError(f"place_noise must map 'land' and/or 'water' to a noise level >= 0, got {place_noise}.")
     noise_by_place = [noises.get("land", noise), noises.get("water", noise)]
     fractions = np.asarray(split_fractions, dtype=float)
