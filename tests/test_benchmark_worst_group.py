@@ -167,49 +167,32 @@ def test_sweep_grid_covers_the_issue_options():
         assert {k: v for k, v in worst_group.HYPER[method].items()} in worst_group.sweep_configs(method)
 
 
-def test_bad_arguments_are_refused(capsys):
+BAD_ARGUMENTS = [
+    (["--fractions", "1.5"], "a fraction in (0, 1) is expected, got '1.5'"),
+    (["--correlation", "1.2"], "--correlation must be in [0, 1], got 1.2"),
+    (["--cal-colour-cue", "0.5", "1.5"], "--colour-cue values must be in [0, 1], got [1.0, 0.5, 1.5]"),
+    (["--hyper", '{"ermm": {"weight_decay": 1}}'], "--hyper: unknown method(s) ['ermm']"),
+    (["--landbird-colour-cue", "-0.1"], "--landbird-colour-cue must be in [0, 1], got -0.1"),
+    (["--group-bird-scale", "bird/land=0.5"], "expected GROUP=FACTOR with GROUP in ['landbird/land'"),
+    (["--group-bird-scale", "landbird/land=half"], "FACTOR must be a number, got 'half'"),
+    (
+        ["--bird-scale", "1.0", "--group-bird-scale", "landbird/land=2"],
+        "--group-bird-scale landbird/land=2: times --bird-scale must be in (0, 1.5]",
+    ),
+    (["--place-noise", "forest=0.3"], "expected PLACE=NOISE with PLACE land or water, got 'forest=0.3'"),
+    (["--place-noise", "land=-1"], "NOISE must be a finite number >= 0, got 'land=-1'"),
+    (["--place-noise", "land=inf"], "NOISE must be a finite number >= 0, got 'land=inf'"),
+    (["--place-noise", "land=x"], "NOISE must be a number, got 'x'"),
+    (["--place-noise", "land=0.2", "land=0.4"], "--place-noise: each key at most once, got ['land', 'land']"),
+    (["--calibrate", "--place-noise", "land=0.2"], "--calibrate does not take --place-noise"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS)
+def test_bad_arguments_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit):
-        worst_group.parse_args(["--fractions", "1.5"])
-    assert "a fraction in (0, 1) is expected, got '1.5'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--correlation", "1.2"])
-    assert "--correlation must be in [0, 1], got 1.2" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--cal-colour-cue", "0.5", "1.5"])
-    assert "--colour-cue values must be in [0, 1], got [1.0, 0.5, 1.5]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--hyper", '{"ermm": {"weight_decay": 1}}'])
-    assert "--hyper: unknown method(s) ['ermm']" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--landbird-colour-cue", "-0.1"])
-    assert "--landbird-colour-cue must be in [0, 1], got -0.1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--group-bird-scale", "bird/land=0.5"])
-    assert "expected GROUP=FACTOR with GROUP in ['landbird/land'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--group-bird-scale", "landbird/land=half"])
-    assert "FACTOR must be a number, got 'half'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--bird-scale", "1.0", "--group-bird-scale", "landbird/land=2"])
-    assert "--group-bird-scale landbird/land=2: times --bird-scale must be in (0, 1.5]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--place-noise", "forest=0.3"])
-    assert "expected PLACE=NOISE with PLACE land or water, got 'forest=0.3'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--place-noise", "land=-1"])
-    assert "NOISE must be a finite number >= 0, got 'land=-1'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--place-noise", "land=inf"])
-    assert "NOISE must be a finite number >= 0, got 'land=inf'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--place-noise", "land=x"])
-    assert "NOISE must be a number, got 'x'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--place-noise", "land=0.2", "land=0.4"])
-    assert "--place-noise: each key at most once, got ['land', 'land']" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        worst_group.parse_args(["--calibrate", "--place-noise", "land=0.2"])
-    assert "--calibrate does not take --place-noise" in capsys.readouterr().err
+        worst_group.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------- Waterbirds
