@@ -114,36 +114,30 @@ def test_synthetic_landbird_colour_cue_applies_to_landbirds_only(tmp_path, monke
 
 
 def test_synthetic_group_bird_scale_and_place_noise(tmp_path, monkeypatch):
-    """``group_bird_scale`` multiplies the bird scale of the named groups (group = 2 * y + place) and no other's; a
-    factor of 1 changes nothing, image for image."""
+    """``group_bird_scale`` multiplies the bird scale of the named groups (group = 2 * y + place) and no other's (a
+    factor of 1 changes nothing, image for image); ``place_noise`` sets the noise of every image of a place."""
     base = dict(n_images=40, seed=3, image_size=16, bird_scale=0.8)
     pixels = lambda root: [np.asarray(Image.open(d["image"])) for d in load_waterbirds_datalist(root, "all")]  # noqa: E731
     a = make_synthetic_waterbirds(tmp_path / "a", **base)
     b = make_synthetic_waterbirds(tmp_path / "b", group_bird_scale={"landbird/land": 1.0}, **base)
     assert _rows(a) == _rows(b) and all(np.array_equal(x, y) for x, y in zip(pixels(a), pixels(b)))
 
-    scales = []
+    calls = []  # (group, place, bird scale, noise) of every image _render draws
     original = synthetic_waterbirds._render
 
     def recording(rng, y, place, size, bird_scale, noise, colour_cue):
-        scales.append((2 * y + place, bird_scale))
+        calls.append((2 * y + place, place, bird_scale, noise))
         return original(rng, y, place, size, bird_scale, noise, colour_cue)
 
     monkeypatch.setattr(synthetic_waterbirds, "_render", recording)
     c = make_synthetic_waterbirds(tmp_path / "c", group_bird_scale={"landbird/land": 0.5}, **base)
-    assert {s for g, s in scales if g == 0} == {0.4} and {s for g, s in scales if g != 0} == {0.8}
+    assert {s for g, _, s, _ in calls if g == 0} == {0.4} and {s for g, _, s, _ in calls if g != 0} == {0.8}
     groups = [d["group"] for d in load_waterbirds_datalist(c, "all")]
-    assert len(scales) == 40 and [g for g, _ in scales] == groups  # every image, in the datalist's order
+    assert len(calls) == 40 and [g for g, *_ in calls] == groups  # every image, in the datalist's order
     # place_noise: the noise level of every image of a place, either class; the other place keeps ``noise``
-    noises = []
-
-    def recording_noise(rng, y, place, size, bird_scale, noise, colour_cue):
-        noises.append((place, noise))
-        return original(rng, y, place, size, bird_scale, noise, colour_cue)
-
-    monkeypatch.setattr(synthetic_waterbirds, "_render", recording_noise)
+    calls.clear()
     make_synthetic_waterbirds(tmp_path / "e", place_noise={"land": 0.3}, noise=0.02, **base)
-    assert {n for p, n in noises if p == 0} == {0.3} and {n for p, n in noises if p == 1} == {0.02}
+    assert {n for _, p, _, n in calls if p == 0} == {0.3} and {n for _, p, _, n in calls if p == 1} == {0.02}
     for bad in ({"forest": 0.3}, {"land": -0.1}, {"water": float("inf")}):
         with pytest.raises(ValueError, match=r"place_noise must map 'land' and/or 'water' to a noise level >= 0"):
             make_synthetic_waterbirds(tmp_path / "d", n_images=10, place_noise=bad)

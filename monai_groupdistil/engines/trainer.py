@@ -53,6 +53,10 @@ def loss_keywords(loss: Callable) -> set[str]:
     return set(LOSS_KEYWORDS) & set(inspect.signature(target).parameters)
 
 
+# what to do when the batch lacks the group ids (DistillationTrainer and HeldOutGroupDROHandler both take group_key)
+GROUP_KEY_HINT = "Pass group_key=<the key of the group ids>."
+
+
 def check_batch_keys(batchdata: Any, keys: Sequence[str], hints: Mapping[str, str] | None = None) -> None:
     """Raise a ``KeyError`` naming the first missing key and the keys present, followed by ``hints[key]`` (what to
     do) when ``hints`` has one for that key.
@@ -328,9 +332,7 @@ class DistillationTrainer(SupervisedTrainer):
         """``SupervisedTrainer._iteration``, after a check that names a missing batch key (tuple batches of a plain
         loss go through unchecked, as in ``SupervisedTrainer``)."""
         if batchdata is not None and self.required_keys and (isinstance(batchdata, Mapping) or self.group_key_needed):
-            check_batch_keys(
-                batchdata, self.required_keys, hints={self.group_key: "Pass group_key=<the key of the group ids>."}
-            )
+            check_batch_keys(batchdata, self.required_keys, hints={self.group_key: GROUP_KEY_HINT})
         return super()._iteration(engine, batchdata)
 
     def compute_loss(self, pred: Any, label: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_groupdistil.engines.trainer import GROUP, check_batch_keys
+from monai_groupdistil.engines.trainer import GROUP, GROUP_KEY_HINT, check_batch_keys
 from monai_groupdistil.losses import GroupDROLoss
 
 if TYPE_CHECKING:
@@ -105,9 +105,7 @@ class HeldOutGroupDROHandler:
         try:
             with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=bool(engine.amp)):
                 for batch in self.data_loader:
-                    check_batch_keys(
-                        batch, [self.group_key], hints={self.group_key: "Pass group_key=<the key of the group ids>."}
-                    )
+                    check_batch_keys(batch, [self.group_key], hints={self.group_key: GROUP_KEY_HINT})
                     image, label = prepare_batch(batch, device, engine.non_blocking)[:2]
                     pred = engine.inferer(image, network)
                     teacher_logits = None if teacher is None else engine.inferer(image, teacher)
