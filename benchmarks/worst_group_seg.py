@@ -22,7 +22,9 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
   The teacher's outputs on the training slices are computed once per seed (``TeacherOutputCache``) and shared by KD
   and GroupDistil.
 - **Hyper-parameters**: every method's (sampler, alpha, step size, ``absent_groups``, adjustment) are the validation
-  winners of the classification benchmark's sweep (``HYPER`` there and here; not tuned for segmentation). Common to
+  winners of the classification benchmark's sweep (``HYPER`` there and here; not tuned for segmentation;
+  ``--hyper '{"groupdistil": {"weight_by": "ce"}}'`` updates them for one run, ``--methods`` trains some students
+  only). Common to
   every network: Adam, lr ``--lr`` annealed to 0 along a cosine over every iteration of ``--epochs`` epochs (teacher:
   ``--teacher-epochs``), batch 16, temperature 4, soft-Dice weight 1, no augmentation. Every student has the same
   number of epochs and iterations per epoch (``GroupBalancedSampler`` draws as many slices as the training split
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import logging
 import os
 import platform
@@ -231,6 +234,7 @@ def make_loss(method: str, num_groups: int) -> torch.nn.Module:
             adjustment=h["adjustment"],
             absent_groups=h["absent_groups"],
             dice_weight=DICE_WEIGHT,
+            weight_by=h.get("weight_by", "loss"),
         )
     raise AssertionError(f"HYPER has {method!r} but make_loss does not build it.")
 
@@ -411,7 +415,7 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
         f"{'/'.join(map(str, meta['eval_volumes']['val']))}, test {'/'.join(map(str, meta['eval_volumes']['test']))}). "
         f"{args.size} x {args.size} pixels over {FOV_MM:g} mm; {students}; Adam lr {args.lr} annealed to 0 along a "
         f"cosine, batch {BATCH_SIZE}, temperature {TEMPERATURE}, soft-Dice weight {DICE_WEIGHT}. Method "
-        f"hyper-parameters (the classification benchmark's validation winners, not tuned for segmentation): {hyper}. "
+        f"hyper-parameters (the classification benchmark's validation winners unless `--hyper` changed them): {hyper}. "
         "Model selection: best worst-vendor validation Dice.",
         "",
         "## Test Dice (%), mean over seeds [95 % bootstrap interval of the mean]",
@@ -483,7 +487,8 @@ def write_outputs(rows: Sequence[dict], history: Sequence[dict], args: argparse.
 
 
 def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
-    """The rows of the seeds that an earlier run under ``args.out`` completed (every network of ``ARMS``), for
+    """The rows of the seeds that an earlier run under ``args.out`` completed (the teacher and every student of
+    ``args.methods``), for
     ``--resume``; incomplete seeds and seeds outside the planned range are dropped.
 
     Returns:
@@ -504,7 +509,8 @@ def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict
         with open(history_path, newline="") as f:
             history = list(csv.DictReader(f))
     planned = set(range(args.first_seed, args.first_seed + args.seeds))
-    complete = {s for s in planned if {r["method"] for r in runs if int(r["seed"]) == s} >= set(ARMS)}
+    needed = {"teacher", *args.methods}
+    complete = {s for s in planned if {r["method"] for r in runs if int(r["seed"]) == s} >= needed}
     runs = [r for r in runs if int(r["seed"]) in complete]
     for r in runs:
         want = args.teacher_epochs if r["method"] == "teacher" else args.epochs
@@ -534,12 +540,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=48, help="pixels of the 192 mm field of view")
     parser.add_argument("--matrix-scale", type=float, default=0.6, help="matrix_scale of the generated images")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="students to train (default: all four)"
+    )
+    parser.add_argument(
+        "--hyper",
+        type=json.loads,
+        default=None,
+        help='JSON {method: {key: value}} updating HYPER for this run, e.g. \'{"groupdistil": {"weight_by": "ce"}}\'',
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 16 subjects, 2 epochs, 2 + 2 per vendor")
     parser.add_argument(
         "--resume", action="store_true", help="keep the complete seeds of the CSVs under --out and train the others"
     )
     args = parser.parse_args(argv)
+    unknown = set(args.hyper or {}) - set(ARMS)
+    if unknown:
+        parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(ARMS)}")
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs, args.train_subjects = 1, 2, 2, 16
         args.val_per_vendor, args.test_per_vendor = 2, 2
@@ -548,6 +566,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    for method, update in (args.hyper or {}).items():
+        HYPER[method] = {**HYPER[method], **update}
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
@@ -579,7 +599,7 @@ def main() -> None:
         print(f"seed {seed}: {len(data['train'])} training slices ({time.perf_counter() - t0:.0f} s)", flush=True)
         cache = TeacherOutputCache(id_key="id")  # in memory; one teacher for KD and GroupDistil
         teacher = None
-        for method in ARMS:
+        for method in ("teacher", *args.methods):
             t1 = time.perf_counter()
             epochs = args.teacher_epochs if method == "teacher" else args.epochs
             r = train(method, data, epochs, args.lr, seed, teacher=teacher, cache=cache)

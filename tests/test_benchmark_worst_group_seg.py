@@ -269,3 +269,30 @@ def test_resume_keeps_only_complete_planned_seeds(tmp_path):
     assert seg.load_complete_seeds(_args(tmp_path / "empty")) == ([], [])
     with pytest.raises(ValueError, match="trained for 12 epochs, the command asks for 30; use another --out"):
         seg.load_complete_seeds(_args(tmp_path, ["--epochs", "30"]))
+    # a run of some students only: seed 2 is complete for them (teacher and kd rows present)
+    runs, _ = seg.load_complete_seeds(_args(tmp_path, ["--methods", "kd", "erm"]))
+    assert sorted({int(r["seed"]) for r in runs}) == [0, 1, 2]
+
+
+def test_hyper_and_methods_arguments(monkeypatch):
+    args = _args(None, ["--methods", "groupdistil", "--hyper", '{"groupdistil": {"weight_by": "ce"}}'])
+    assert args.methods == ["groupdistil"] and args.hyper == {"groupdistil": {"weight_by": "ce"}}
+    assert seg.parse_args([]).methods == list(seg.METHODS)
+    # make_loss passes weight_by through (absent from HYPER: "loss", the loss's default)
+    assert seg.make_loss("groupdistil", 4).weight_by == "loss"
+    monkeypatch.setitem(seg.HYPER, "groupdistil", {**seg.HYPER["groupdistil"], "weight_by": "ce"})
+    assert seg.make_loss("groupdistil", 4).weight_by == "ce"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hyper", '{"jtt": {"alpha": 0.1}}'], "--hyper: unknown method(s) ['jtt']"),
+        (["--methods", "jtt"], "argument --methods: invalid choice: 'jtt'"),
+        (["--hyper", "{not json"], "argument --hyper: invalid loads value"),
+    ],
+)
+def test_bad_hyper_or_methods_is_refused_with_the_argument_named(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        seg.parse_args(argv)
+    assert message in capsys.readouterr().err
