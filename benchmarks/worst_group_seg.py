@@ -558,6 +558,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.hyper or {}) - set(ARMS)
     if unknown:
         parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(ARMS)}")
+    for method, update in (args.hyper or {}).items():
+        known = {*HYPER[method], *(["weight_by"] if method == "groupdistil" else [])}  # make_loss reads these
+        if set(update) - known:
+            parser.error(
+                f"--hyper: {method} has no key(s) {sorted(set(update) - known)}; expected some of {sorted(known)}"
+            )
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs, args.train_subjects = 1, 2, 2, 16
         args.val_per_vendor, args.test_per_vendor = 2, 2

@@ -288,6 +288,8 @@ def test_hyper_and_methods_arguments(monkeypatch):
     "argv, message",
     [
         (["--hyper", '{"jtt": {"alpha": 0.1}}'], "--hyper: unknown method(s) ['jtt']"),
+        (["--hyper", '{"groupdistil": {"weight_byy": "ce"}}'], "--hyper: groupdistil has no key(s) ['weight_byy']"),
+        (["--hyper", '{"kd": {"weight_by": "ce"}}'], "--hyper: kd has no key(s) ['weight_by']"),
         (["--methods", "jtt"], "argument --methods: invalid choice: 'jtt'"),
         (["--hyper", "{not json"], "argument --hyper: invalid loads value"),
     ],
