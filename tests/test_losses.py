@@ -289,6 +289,24 @@ def test_a_group_missing_from_most_batches_is_not_down_weighted_for_its_absence(
     assert weights["zero"][3] < 0.05 and weights["zero"][:3].min() > 0.3, weights["zero"]
 
 
+def test_a_weight_that_underflows_stays_positive_and_recovers_when_its_group_is_worst():
+    """A large step drives group 1's weight below what float32 can hold; in exact arithmetic it stays positive, so
+    it must not be rounded to 0 for good: it is floored at finfo.tiny and rises again once group 1 is the worst."""
+    loss = GroupDROLoss(lambda x, y: x.sum(1), 2, step_size=50.0)
+    groups = torch.tensor([0, 1])
+    for _ in range(3):  # group 0 is worse by 1: log q_1 - log q_0 falls by 50 per step (to -150 in exact arithmetic)
+        loss(torch.tensor([[1.0], [0.0]]), None, groups)
+    tiny = torch.finfo(torch.float32).tiny
+    assert loss.group_weights[1] == tiny and loss.group_weights[0] == 1.0  # exp(-150) < tiny: floored, not 0
+    # now group 1 is the worst by 1: its log-weight rises by 50 per step from log(tiny), as computed independently
+    log_ratio = math.log(tiny)  # log q_1 - log q_0 (q_0 = 1)
+    for _ in range(2):
+        loss(torch.tensor([[0.0], [1.0]]), None, groups)
+        log_ratio += 50.0
+    expected = 1.0 / (1.0 + math.exp(-log_ratio))  # q_1 = sigmoid(log q_1 - log q_0)
+    assert loss.group_weights[1] == pytest.approx(expected, rel=1e-4) and expected > 0.99
+
+
 def test_absent_rule_uses_the_mean_of_present_groups_before_a_group_was_seen():
     loss = GroupDROLoss(lambda x, y: x.sum(1), 3, step_size=1.0)
     loss(torch.tensor([[1.0], [3.0]]), None, torch.tensor([0, 1]))  # group 2 never seen: it enters with (1 + 3) / 2

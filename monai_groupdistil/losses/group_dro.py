@@ -28,7 +28,10 @@ class GroupDROLoss(_Loss):
        ``ema_group_losses`` (or, before it was ever seen, the mean of the present groups' losses) with
        ``absent_groups="ema"``, and ``0`` with ``"zero"``, the reference rule.
     3. if ``normalize_loss``: ``A <- A / sum(A)`` (a zero sum leaves ``A`` as it is).
-    4. in training mode: ``q_g <- q_g * exp(step_size * A_g)``, then ``q <- q / sum(q)`` (on detached values).
+    4. in training mode: ``q_g <- q_g * exp(step_size * A_g)``, then ``q <- q / sum(q)`` (on detached values). A
+       weight is kept at least the smallest positive normal number of its dtype (``torch.finfo(dtype).tiny``, about
+       1e-38 in float32): in floating point a large step can round a weight to 0, after which no loss could raise
+       it again (the reference code lets that happen); floored, the group recovers once its loss is the largest.
     5. robust loss ``sum_g q_g * (L_g + C_g / sqrt(N_g))`` with the weights just updated.
 
     Why ``"ema"``: under natural sampling a rare group misses most batches, and with ``S_g = 0`` each such batch
@@ -276,6 +279,9 @@ class GroupDROLoss(_Loss):
             total = scores.sum()
             scores = torch.where(total != 0, scores / total, scores)
         weights = torch.softmax(self.group_weights.to(dtype).log() + self.step_size * scores, dim=0)  # q exp(eta A)
+        # a weight rounded to 0 would stay 0 for good (0 * exp(.) = 0): keep it a positive number of the buffer's dtype
+        weights = weights.clamp_min(torch.finfo(self.group_weights.dtype).tiny)
+        weights = weights / weights.sum()
         ema = self.ema_group_losses.to(dtype)
         ema = torch.where(self.ema_initialized, ema + self.gamma * (group_losses - ema), group_losses)
         self.group_weights.copy_(weights)
