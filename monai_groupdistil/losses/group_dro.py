@@ -279,9 +279,9 @@ class GroupDROLoss(_Loss):
             total = scores.sum()
             scores = torch.where(total != 0, scores / total, scores)
         weights = torch.softmax(self.group_weights.to(dtype).log() + self.step_size * scores, dim=0)  # q exp(eta A)
-        # a weight rounded to 0 would stay 0 for good (0 * exp(.) = 0): keep it a positive number of the buffer's dtype
+        # a weight rounded to 0 would stay 0 for good (0 * exp(.) = 0): keep it a positive number of the buffer's dtype.
+        # No renormalisation: it would move every weight by rounding; the floor adds at most G * tiny to the sum.
         weights = weights.clamp_min(torch.finfo(self.group_weights.dtype).tiny)
-        weights = weights / weights.sum()
         ema = self.ema_group_losses.to(dtype)
         ema = torch.where(self.ema_initialized, ema + self.gamma * (group_losses - ema), group_losses)
         self.group_weights.copy_(weights)
