@@ -1902,6 +1902,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.hyper or {}) - {*METHODS, "erm_natural"}
     if unknown:
         parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(METHODS)}")
+    for method, update in (args.hyper or {}).items():
+        if set(update) - set(SWEEP_KEYS):  # the keys a method's configuration may hold (a typo would be ignored)
+            parser.error(
+                f"--hyper: {method} has no key(s) {sorted(set(update) - set(SWEEP_KEYS))}; expected some of "
+                f"{list(SWEEP_KEYS)}"
+            )
     for label, spec in (args.students or {}).items():
         method, teacher = spec.get("method"), spec.get("teacher", "")
         if label in METHODS or label in ("erm_natural", "kd_balanced", *GROUPDISTIL_WEIGHT_BY):

@@ -172,6 +172,7 @@ BAD_ARGUMENTS = [
     (["--correlation", "1.2"], "--correlation must be in [0, 1], got 1.2"),
     (["--cal-colour-cue", "0.5", "1.5"], "--colour-cue values must be in [0, 1], got [1.0, 0.5, 1.5]"),
     (["--hyper", '{"ermm": {"weight_decay": 1}}'], "--hyper: unknown method(s) ['ermm']"),
+    (["--hyper", '{"groupdistil": {"weight_byy": "ce"}}'], "--hyper: groupdistil has no key(s) ['weight_byy']"),
     (["--landbird-colour-cue", "-0.1"], "--landbird-colour-cue must be in [0, 1], got -0.1"),
     (["--group-bird-scale", "bird/land=0.5"], "expected GROUP=FACTOR with GROUP in ['landbird/land'"),
     (["--group-bird-scale", "landbird/land=half"], "FACTOR must be a number, got 'half'"),
