@@ -174,7 +174,6 @@ ARMS_DISTIL = (
 # ERM of the literature, whatever sampler the ``erm`` arm uses)
 ARMS_BASELINES = (("student", "erm", ""), ("student", "erm_natural", ""), ("student", "group_dro", ""))
 ALL_ARMS = ARMS + tuple(a for a in ARMS_DISTIL + ARMS_BASELINES if a not in ARMS)
-DEFAULT_SETTINGS = ["minority", "correlation"]
 TEMPERATURE = 4.0
 BATCH_SIZE = 16  # every network's training batch (and the batches that fill a teacher's output cache)
 # Each method's hyper-parameters: the winners of `--sweep` (validation data only; docs/results.md, "Sweep").
@@ -229,6 +228,79 @@ HELD_OUT_KEYS = ("held_out_step_size", "held_out_every")
 # ``--students``: {label: (base method, teacher, hyper-parameters)} of the student arms of one run
 CUSTOM_STUDENTS: dict[str, tuple[str, str, dict]] = {}
 STUDENT_WIDTH = 8
+
+# The default run (issue 21): three setting families, each with the hyper-parameters its own sweep chose on
+# validation data (docs/results.md names the sweep of every value) and the arms that answer its question. A family
+# is the command-line arguments of its settings, the ``--hyper`` of its GroupDRO teacher and its ``--students``
+# (labels shared by the families); the arguments given on the command line come after them (``--seeds``, ``--out``,
+# ``--quick``, ...). ``comparisons``: the paired differences the summary leads with, (arm, reference arm).
+_WATERBIRDS = {"sampler": "balanced", "weight_decay": 1.0}  # the waterbirds sweeps' winners, every student method
+FAMILIES: dict[str, dict] = {
+    # three rare-vendor settings (issue 13), minority_options_sweep (vendor D 5 %, seeds 1000-1004); HYPER holds
+    # this family's GroupDRO winner, the GroupDRO teacher's recipe
+    "minority": {
+        "argv": ["--settings", "minority", "--fractions", "0.02", "0.05", "0.1", "--select-on", "half"],
+        "hyper": {},
+        "students": {
+            "erm_nat": {"method": "erm", "sampler": "natural", "weight_decay": 0.0},
+            "erm_win": {"method": "erm", "sampler": "balanced", "weight_decay": 0.1},
+            "group_dro_win": {"method": "group_dro", "step_size": 1.0, "adjustment": 0.0, "sampler": "balanced",
+                              "weight_decay": 0.0},
+            "kd_erm": {"method": "kd", "teacher": "erm", "alpha": 0.9, "sampler": "natural", "weight_decay": 1.0},
+            "gd_erm": {"method": "groupdistil", "teacher": "erm", "alpha": 0.5, "step_size": 0.1,
+                       "absent_groups": "zero", "adjustment": 0.0, "sampler": "balanced", "weight_decay": 0.0,
+                       "weight_by": "ce", "update": "batch"},
+            "kd_dro": {"method": "kd", "teacher": "group_dro", "alpha": 0.5, "sampler": "balanced",
+                       "weight_decay": 0.0},
+            "gd_dro": {"method": "groupdistil", "teacher": "group_dro", "alpha": 0.1, "absent_groups": "zero",
+                       "adjustment": 0.0, "sampler": "balanced", "weight_decay": 0.0, "weight_by": "loss",
+                       "update": "held_out", "held_out_step_size": 1.0, "held_out_every": 0},
+        },
+        "comparisons": [("group_dro_win", "erm_nat"), ("group_dro_win", "erm_win"), ("gd_erm", "kd_erm"),
+                        ("gd_dro", "kd_dro"), ("gd_erm", "erm_win")],
+    },
+    # the calibrated vendor x pathology correlation (correlation 0.9, 300 subjects), correlation_base_sweep: GroupDRO
+    # did not beat ERM there (the anchor failed), so no distillation arms (issue 21: find out why first)
+    "correlation": {
+        "argv": ["--settings", "correlation", "--correlation", "0.9", "--train-subjects", "300", "--select-on",
+                 "half"],
+        "hyper": {},
+        "students": {
+            "erm_nat": {"method": "erm", "sampler": "natural", "weight_decay": 1.0},
+            "erm_win": {"method": "erm", "sampler": "balanced", "weight_decay": 0.1},
+            "group_dro_win": {"method": "group_dro", "step_size": 0.01, "adjustment": 0.0, "sampler": "balanced",
+                              "weight_decay": 1.0},
+            "group_dro_nat": {"method": "group_dro", "step_size": 0.1, "adjustment": 0.0, "sampler": "natural",
+                              "weight_decay": 0.1},
+        },
+        "comparisons": [("group_dro_win", "erm_nat"), ("group_dro_win", "erm_win"), ("group_dro_nat", "erm_nat")],
+    },
+    # the calibrated synthetic Waterbirds (waterbirds_calibration), waterbirds_sweep (ERM, GroupDRO) and
+    # waterbirds_distil_resweep (KD and GroupDistil from each teacher); kd_erm_nat: plain KD, sampling naturally
+    "waterbirds": {
+        "argv": ["--settings", "waterbirds", "--size", "32", "--waterbirds-image-size", "32", "--colour-cue", "0.9",
+                 "--images", "4000", "--epochs", "10", "--teacher-epochs", "10", "--train-eval-per-group", "250",
+                 "--select-on", "half"],
+        "hyper": {"group_dro": {"step_size": 0.1, "adjustment": 0.0, **_WATERBIRDS}},
+        "students": {
+            "erm_nat": {"method": "erm", "sampler": "natural", "weight_decay": 0.1},
+            "erm_win": {"method": "erm", **_WATERBIRDS},
+            "group_dro_win": {"method": "group_dro", "step_size": 0.1, "adjustment": 0.0, **_WATERBIRDS},
+            "kd_erm_nat": {"method": "kd", "teacher": "erm", "alpha": 0.5, "sampler": "natural", "weight_decay": 1.0},
+            "kd_erm": {"method": "kd", "teacher": "erm", "alpha": 0.5, **_WATERBIRDS},
+            "gd_erm": {"method": "groupdistil", "teacher": "erm", "alpha": 0.5, "step_size": 0.1,
+                       "absent_groups": "zero", "adjustment": 0.0, **_WATERBIRDS, "weight_by": "loss",
+                       "update": "batch"},
+            "kd_dro": {"method": "kd", "teacher": "group_dro", "alpha": 0.9, **_WATERBIRDS},
+            "gd_dro": {"method": "groupdistil", "teacher": "group_dro", "alpha": 0.5, "step_size": 0.1,
+                       "absent_groups": "zero", "adjustment": 0.0, **_WATERBIRDS, "weight_by": "ce",
+                       "update": "batch"},
+        },
+        "comparisons": [("group_dro_win", "erm_nat"), ("group_dro_win", "erm_win"), ("gd_erm", "kd_erm_nat"),
+                        ("gd_erm", "kd_erm"), ("gd_dro", "kd_dro"), ("gd_erm", "kd_dro")],
+    },
+}  # fmt: skip
+BASE_HYPER = json.loads(json.dumps(HYPER))  # HYPER before a family's or --hyper's update
 
 
 def environment() -> str:
@@ -926,30 +998,43 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def run_benchmark(args: argparse.Namespace) -> list[dict]:
+def run_benchmark(
+    args: argparse.Namespace, rows: list[dict] | None = None, history: list[dict] | None = None, write=None
+) -> list[dict]:
+    """Train every seed of every setting of ``args`` and write the outputs after each; the runs' rows.
+
+    ``rows`` / ``history``: rows already done (a family's run carries the other families' rows; with ``--resume``
+    the rows of the existing runs CSV are read here when ``rows`` is None), extended in place; a (setting, seed)
+    with rows is skipped. ``write(rows, wall, timings)`` writes the outputs (default: ``write_outputs`` of ``args``).
+    """
     out, stem = Path(args.out), output_stem(args)
-    rows: list[dict] = []
-    if args.merge_from:  # the runs CSVs of earlier invocations (e.g. one process per block of seeds), no training
+    settings = settings_of(args)
+    if write is None:
+
+        def write(rows, wall, timings):
+            write_outputs(rows, args, settings, wall, timings)
+
+    if rows is None:
+        rows = _read_rows(out / f"{stem}_runs.csv") if args.resume and (out / f"{stem}_runs.csv").exists() else []
+    if history is None:
         history = []
+        if args.history and args.resume and (out / f"{stem}_history.csv").exists():
+            history = _read_rows(out / f"{stem}_history.csv")
+    done = {(r["setting"], r["seed"]) for r in rows}
+    history[:] = [r for r in history if (r["setting"], r["seed"]) in done]
+    if args.merge_from:  # the runs CSVs of earlier invocations (e.g. one process per block of seeds), no training
         for path in map(Path, args.merge_from):
             rows += _read_rows(path)
             if path.with_name(path.name.replace("_runs.csv", "_history.csv")).exists():
                 history += _read_rows(path.with_name(path.name.replace("_runs.csv", "_history.csv")))
-        write_outputs(rows, args, settings_of(args), 0.0, [])  # wall times: in the logs of the merged runs
+        write(rows, 0.0, [])  # wall times: in the logs of the merged runs
         if history:
             _write_csv(out / f"{stem}_history.csv", history)
         return rows
-    if args.resume and (out / f"{stem}_runs.csv").exists():
-        rows = _read_rows(out / f"{stem}_runs.csv")
-    done = {(r["setting"], r["seed"]) for r in rows}
-    settings = settings_of(args)
     begin = time.time()
     pool = eval_pool(args) if any(s["kind"] != "waterbirds" for s in settings) else None
     print(f"evaluation pool ready in {time.time() - begin:.0f} s", flush=True)
     timings: list[float] = []
-    history: list[dict] = []
-    if args.history and args.resume and (out / f"{stem}_history.csv").exists():
-        history = [r for r in _read_rows(out / f"{stem}_history.csv") if (r["setting"], r["seed"]) in done]
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for setting in settings:
             if (setting["name"], seed) in done:
@@ -961,10 +1046,56 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
             history += new_history
             print(f"[{setting['name']} seed {seed}] {timings[-1]:.0f} s, {summary}", flush=True)
             # rewritten after every setting of every seed: an interrupted run leaves complete seeds behind
-            write_outputs(rows, args, settings, time.time() - begin, timings)
+            write(rows, time.time() - begin, timings)
             if args.history:
                 _write_csv(out / f"{stem}_history.csv", history)
-    write_outputs(rows, args, settings, time.time() - begin, timings)
+    write(rows, time.time() - begin, timings)
+    return rows
+
+
+def family_args(args: argparse.Namespace, argv: list[str], family: str) -> argparse.Namespace:
+    """The arguments of one family of the default run: its own (``FAMILIES``), then the command line's ``argv``,
+    the outputs named by the default run's stem."""
+    spec = FAMILIES[family]
+    own = [*spec["argv"], "--students", json.dumps(spec["students"]), "--hyper", json.dumps(spec["hyper"])]
+    return parse_args([*own, *argv, "--stem", output_stem(args)], family=True)
+
+
+def enter_family(family: str) -> None:
+    """Set ``HYPER`` (the GroupDRO teacher's recipe) and the student arms to those of ``family``."""
+    HYPER.clear()
+    HYPER.update(json.loads(json.dumps(BASE_HYPER)))
+    for method, update in FAMILIES[family]["hyper"].items():
+        HYPER[method] = {**HYPER[method], **update}
+    CUSTOM_STUDENTS.clear()
+    register_students(FAMILIES[family]["students"])
+
+
+def run_families(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+    """The default run: every family of ``args.families`` in turn, its settings and seeds, into one runs CSV (one
+    ``setting`` value per setting) and one summary, rewritten after every setting of every seed."""
+    out, stem = Path(args.out), output_stem(args)
+    runs = {name: family_args(args, argv, name) for name in args.families}
+    protocols = {}
+    for name, fargs in runs.items():
+        enter_family(name)
+        protocols[name] = (fargs, settings_of(fargs), json.loads(json.dumps(HYPER)), dict(CUSTOM_STUDENTS))
+    rows = _read_rows(out / f"{stem}_runs.csv") if args.resume and (out / f"{stem}_runs.csv").exists() else []
+    history = _read_rows(out / f"{stem}_history.csv") if args.resume and (out / f"{stem}_history.csv").exists() else []
+    if args.merge_from:  # merged once, with every family's settings in the tables
+        runs = dict(list(runs.items())[:1])
+    begin = time.time()
+    timings: dict[str, list[float]] = {}  # per family: seconds per setting and seed
+
+    for name, fargs in runs.items():
+
+        def write(rows, wall, family_timings, name=name):
+            timings[name] = family_timings
+            every = [t for ts in timings.values() for t in ts]
+            write_family_outputs(rows, args, protocols, 0.0 if args.merge_from else time.time() - begin, every)
+
+        enter_family(name)
+        run_benchmark(fargs, rows, history, write)
     return rows
 
 
@@ -984,12 +1115,13 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def output_stem(args: argparse.Namespace) -> str:
-    """File name stem: ``worst_group`` for the default settings (``--sweep``: ``minority``), else with the settings
-    appended."""
+    """File name stem: ``worst_group`` for the default run (``--sweep``: the minority setting), else with the
+    settings appended."""
     if args.stem:
         return args.stem
-    default = ["minority"] if args.sweep else DEFAULT_SETTINGS
-    return "worst_group" if list(args.settings) == default else "_".join(["worst_group", *args.settings])
+    if getattr(args, "families", None) or (args.sweep and list(args.settings) == ["minority"]):
+        return "worst_group"
+    return "_".join(["worst_group", *args.settings])
 
 
 def _arms_in(rows: list[dict]) -> list[tuple]:
@@ -1025,11 +1157,18 @@ KD_ERM = ("student", "kd", "erm")
 ERM = ("student", "erm", "")
 
 
-def summary_lines(rows: list[dict], setting_names: list[str], rule: str) -> list[str]:
-    """Markdown table of one selection rule: means with bootstrap intervals and paired differences."""
+def summary_lines(
+    rows: list[dict], setting_names: list[str], rule: str, refs: tuple[tuple, ...] = (KD_ERM, ERM)
+) -> list[str]:
+    """Markdown table of one selection rule: means with bootstrap intervals and paired differences to each arm of
+    ``refs`` (default: KD from the ERM teacher, and ERM)."""
+    titles = {KD_ERM: "KD", ERM: "ERM"}
+    head = "".join(
+        f" worst - {titles.get(r, arm_label(*r))} | average - {titles.get(r, arm_label(*r))} |" for r in refs
+    )
     lines = [
-        "| setting | arm | seeds | average | worst group | worst - KD | average - KD | worst - ERM | average - ERM |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | arm | seeds | average | worst group |" + head,
+        "|---|---|---|---|---|" + "---|---|" * len(refs),
     ]
     for name in setting_names:
         for arm in _arms_in([r for r in rows if r["setting"] == name]):
@@ -1037,7 +1176,7 @@ def summary_lines(rows: list[dict], setting_names: list[str], rule: str) -> list
             for key in ("test_average", "test_worst"):
                 mean, low, high = _mean_ci(_values(rows, name, arm, key, rule))
                 cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
-            for ref in (KD_ERM, ERM):
+            for ref in refs:
                 for key in ("test_worst", "test_average"):
                     if arm == ref:
                         cells.append("")
@@ -1180,44 +1319,10 @@ def arm_group_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
     return lines
 
 
-def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float, timings) -> None:
-    stem = output_stem(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = [
-        "setting",
-        "seed",
-        "model",
-        "method",
-        "teacher",
-        "selection",
-        "epoch",
-        "test_average",
-        "test_worst",
-        "test_min_group_n",
-        "test_worst_group",
-        "val_average",
-        "val_worst",
-        "train_acc_test_worst_group",
-        "dro_weight_test_worst_group",
-        "hyper",
-    ]
-    extra = sorted({k for r in rows for k in r} - set(base), key=lambda k: (not k.startswith("test_acc/"), k))
-    names = [s["name"] for s in settings]
-    order = {name: i for i, name in enumerate(names)}
-    rows = sorted(rows, key=lambda r: (r["seed"], order.get(r["setting"], len(order))))
-    with open(out / f"{stem}_runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=base + extra)
-        writer.writeheader()
-        writer.writerows(rows)
-    seeds = sorted({r["seed"] for r in rows})
-    lines = [
-        "# Worst-group benchmark",
-        "",
-        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
-        "",
-        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}; "
-        f"settings: {', '.join(names)}; "
+def protocol_text(args: argparse.Namespace, settings: list[dict]) -> str:
+    """The data, budget, model selection and hyper-parameters of a run's settings, in one sentence."""
+    return (
+        f"settings: {', '.join(s['name'] for s in settings)}; "
         + (
             f"Waterbirds: training split of the setting's images (generator seed = the seed), validation "
             f"{args.wb_val_per_group} and test {args.wb_test_per_group} images per group (group-balanced, place "
@@ -1241,18 +1346,153 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
             "first half, the second driving the update); "
         )
         + f"validation halves: seed {args.val_split_seed}; "
-        f"AdamW lr {args.lr:g}; temperature {TEMPERATURE}; hyper-parameters {json.dumps(HYPER)}.",
+        f"AdamW lr {args.lr:g}; temperature {TEMPERATURE}; hyper-parameters {json.dumps(HYPER)}."
+    )
+
+
+def wall_text(args: argparse.Namespace, wall: float, timings: list[float]) -> str:
+    return (
+        f"Merged from {', '.join(args.merge_from)} (wall times: in the logs of those runs)"
+        if args.merge_from
+        else f"Wall time of this invocation: {wall / 60:.1f} min with {torch.get_num_threads()} thread(s)"
+    ) + (
+        f"; per setting and seed {min(timings):.0f}-{max(timings):.0f} s (median {statistics.median(timings):.0f})."
+        if timings
+        else "."
+    )
+
+
+def comparison_lines(rows: list[dict], comparisons: list[tuple[str, list[str], list[tuple[str, str]]]]) -> list[str]:
+    """The declared comparisons of the default run: per family, setting and (arm, reference) student labels, the
+    paired differences of test worst-group and average accuracy (worst-group selection), and whether the
+    worst-group difference is at least 5 points with its 95 % interval above 0 (issue 21's target)."""
+    lines = [
+        "| family | setting | arm - reference | worst: difference [95 % CI] positive | average: difference | "
+        "worst >= 5 points, CI > 0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    arms = {a[1]: a for a in _arms_in(rows) if a[0] == "student"}
+    for family, names, pairs in comparisons:
+        for name, (label, ref) in itertools.product(names, pairs):
+            if label not in arms or ref not in arms:
+                continue
+            a, b = arms[label], arms[ref]
+            dw = paired_difference(_values(rows, name, a, "test_worst"), _values(rows, name, b, "test_worst"))
+            da = paired_difference(_values(rows, name, a, "test_average"), _values(rows, name, b, "test_average"))
+            if dw["n"]:
+                met = dw["mean"] >= 0.05 and dw["low"] > 0
+                lines.append(
+                    f"| {family} | {name} | {label} - {ref} | {_fmt_diff(dw)} | {_fmt_diff(da)} | "
+                    f"{'yes' if met else 'no'} |"
+                )
+    return lines
+
+
+def write_family_outputs(rows: list[dict], args: argparse.Namespace, protocols: dict, wall: float, timings) -> None:
+    """The default run's outputs: ``<stem>_runs.csv`` (every family's settings), ``<stem>.md`` (each family's
+    protocol, the declared comparisons, every arm's means, every GroupDistil arm against every KD arm, per-group
+    accuracies and DRO weights) and ``<stem>.png``."""
+    stem, out = output_stem(args), Path(args.out)
+    settings = [s for _, family_settings, _, _ in protocols.values() for s in family_settings]
+    names = [s["name"] for s in settings]
+    write_runs_csv(rows, out / f"{stem}_runs.csv", names)
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        "# Worst-group benchmark: the default run",
         "",
-        (
-            f"Merged from {', '.join(args.merge_from)} (wall times: in the logs of those runs)"
-            if args.merge_from
-            else f"Wall time of this invocation: {wall / 60:.1f} min with {torch.get_num_threads()} thread(s)"
-        )
-        + (
-            f"; per setting and seed {min(timings):.0f}-{max(timings):.0f} s (median {statistics.median(timings):.0f})."
-            if timings
-            else "."
+        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        "",
+        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}. "
+        "Each setting family runs with the hyper-parameters its own sweep chose on validation data "
+        "(`FAMILIES` in the script):",
+        "",
+    ]
+    for family, (fargs, family_settings, hyper, students) in protocols.items():
+        arms = {label: {"method": m, "teacher": t, **h} for label, (m, t, h) in students.items()}
+        text = protocol_text(fargs, family_settings).replace(f"; hyper-parameters {json.dumps(HYPER)}.", ".")
+        if any(t == "group_dro" for _, t, _ in students.values()):
+            text += f" GroupDRO teacher {json.dumps(hyper['group_dro'])}."
+        lines.append(f"- **{family}**: {text} Student arms: `{json.dumps(arms)}`.")
+    lines += [
+        "",
+        wall_text(args, wall, timings),
+        "",
+        f"Environment: {environment()}.",
+        "",
+        "Test accuracy (%) with the mean's 95 % bootstrap interval over seeds; differences in points: mean "
+        "[paired 95 % bootstrap interval] and the number of seeds where the difference is positive; every student "
+        "selected by worst-group validation accuracy.",
+        "",
+        "## Declared comparisons",
+        "",
+        *comparison_lines(
+            rows, [(f, [s["name"] for s in p[1]], FAMILIES[f]["comparisons"]) for f, p in protocols.items()]
         ),
+        "",
+        "## Every arm",
+        "",
+        *summary_lines(rows, names, "worst", refs=()),
+        "",
+        "## Every GroupDistil arm - every KD arm",
+        "",
+        *student_pair_lines(rows, names),
+        "",
+        "## Per group at the selected epoch (means over seeds)",
+        "",
+        *arm_group_lines(rows, names),
+        "",
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, settings, out / f"{stem}.png")
+
+
+def write_runs_csv(rows: list[dict], path: Path, setting_names: list[str]) -> None:
+    """The runs CSV: the fixed columns, then the others (per-group test accuracies first); rows by seed, then in the
+    order of ``setting_names``."""
+    base = [
+        "setting",
+        "seed",
+        "model",
+        "method",
+        "teacher",
+        "selection",
+        "epoch",
+        "test_average",
+        "test_worst",
+        "test_min_group_n",
+        "test_worst_group",
+        "val_average",
+        "val_worst",
+        "train_acc_test_worst_group",
+        "dro_weight_test_worst_group",
+        "hyper",
+    ]
+    extra = sorted({k for r in rows for k in r} - set(base), key=lambda k: (not k.startswith("test_acc/"), k))
+    order = {name: i for i, name in enumerate(setting_names)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=base + extra)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: (r["seed"], order.get(r["setting"], len(order)))))
+
+
+def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float, timings) -> None:
+    stem = output_stem(args)
+    out = Path(args.out)
+    names = [s["name"] for s in settings]
+    write_runs_csv(rows, out / f"{stem}_runs.csv", names)
+    order = {name: i for i, name in enumerate(names)}
+    rows = sorted(rows, key=lambda r: (r["seed"], order.get(r["setting"], len(order))))
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        "# Worst-group benchmark",
+        "",
+        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        "",
+        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}; "
+        + protocol_text(args, settings),
+        "",
+        wall_text(args, wall, timings),
         "",
         f"Environment: {environment()}.",
         "",
@@ -1715,7 +1955,8 @@ def _fraction(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, family: bool = False) -> argparse.Namespace:
+    """The command line; ``family``: the arguments of one family of the default run (``family_args``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 10; sweep 3)")
     parser.add_argument("--first-seed", type=int, default=None, help="first seed (default 0; sweep 1000)")
@@ -1779,7 +2020,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         choices=["minority", "correlation", "waterbirds"],
-        help="default: minority correlation; sweep: minority",
+        help="run these settings with the arms of --arms / --students and HYPER (updated by --hyper) instead of the "
+        "default run (sweep: default minority)",
+    )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        choices=list(FAMILIES),
+        help="the default run's setting families, each with its own arms and hyper-parameters (default: all)",
     )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results"))
     parser.add_argument(
@@ -1869,8 +2118,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.epochs, args.teacher_epochs, args.size, args.fractions, args.images = 2, 2, 32, [0.05], 120
         args.wb_val_per_group, args.wb_test_per_group, args.waterbirds_image_size = 6, 6, 32
         args.cal_colour_cue, args.cal_images, args.cal_weight_decay, args.cal_epochs = [1.0], [120], [0.0, 0.1], [1, 2]
+    if args.families and (args.settings or args.sweep or args.calibrate) and not family:
+        parser.error("--families selects families of the default run; it does not go with --settings, --sweep or "
+                     "--calibrate")  # fmt: skip
+    if args.settings is None and not (args.sweep or args.calibrate):  # the default run: its families
+        chosen = [f"--{k}" for k in ("students", "hyper") if getattr(args, k)] + (["--arms"] * (args.arms != "all"))
+        if chosen:
+            parser.error(f"{' and '.join(chosen)} need --settings: the default run's families have their own arms and "
+                         "hyper-parameters (FAMILIES)")  # fmt: skip
+        args.families = args.families or list(FAMILIES)
     if args.settings is None:
-        args.settings = ["minority"] if args.sweep else list(DEFAULT_SETTINGS)
+        args.settings = ["minority"]
+    if family:
+        args.families = None
     if args.fractions is None:
         args.fractions = [0.05] if args.sweep else [0.02, 0.05, 0.10]
     if args.seeds is None:
@@ -1943,6 +2203,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.sweep:
         winners = run_sweep(args)
         print("winners:", json.dumps({m: w["config"] for m, w in winners.items()}))
+    elif args.families:
+        run_families(args, sys.argv[1:] if argv is None else argv)
     else:
         run_benchmark(args)
     print(f"done in {(time.time() - start) / 60:.1f} min; outputs in {args.out}")
