@@ -1,4 +1,23 @@
-"""Worst-group benchmark: GroupDistil against KD, ERM and GroupDRO students on synthetic multi-vendor cardiac MRI.
+"""Worst-group benchmark: GroupDistil against KD, ERM and GroupDRO students on synthetic multi-vendor cardiac MRI
+and a synthetic Waterbirds stand-in.
+
+The default run (``python benchmarks/worst_group.py``; ``--families`` picks some) trains three setting families,
+each with the arms and hyper-parameters its own sweep chose on validation data (``FAMILIES``: the arguments of its
+settings, the recipe of its GroupDRO teacher and its ``--students``; arguments given on the command line, such as
+``--seeds``, ``--out`` or ``--quick``, are applied after a family's own):
+
+- ``minority``: vendor D at 2, 5 and 10 % of 150 training subjects (the issue-13 settings), ERM, GroupDRO, and KD
+  and GroupDistil from each teacher;
+- ``correlation``: the calibrated vendor x pathology correlation (0.9, 300 training subjects), ERM and GroupDRO
+  only (GroupDRO did not beat ERM there, so the distillation methods are not compared);
+- ``waterbirds``: the calibrated synthetic Waterbirds (colour cue 0.9, 4,000 images at 32 px, 10 epochs), ERM,
+  GroupDRO, KD sampling naturally, and KD and GroupDistil from each teacher.
+
+Every student selects its epoch on the first half of the validation split. The outputs (``worst_group_runs.csv``,
+one ``setting`` value per setting; ``worst_group.md``, led by each family's declared comparisons;
+``worst_group.png``) are rewritten after every setting of every seed. ``--settings`` instead runs the settings
+below with one set of arms (``--arms`` / ``--students``) and ``HYPER`` (``--hyper``), as the per-study commands of
+docs/results.md do.
 
 Data (``make_synthetic_mnms``, 4 frames, ``matrix_scale`` 0.5, read with the package's loader and
 ``cardiac_preprocessing``: ED mid-ventricular slice, ``--size`` pixels over a 128 mm field of view):
@@ -11,7 +30,7 @@ Data (``make_synthetic_mnms``, 4 frames, ``matrix_scale`` 0.5, read with the pac
 Preprocessed tensors are cached under ``--cache`` (keyed by every generator and preprocessing argument), so a
 rerun or the sweep does not generate the data again; the cache does not change any number.
 
-Settings (``--settings``, default both):
+Settings (``--settings``; their knobs are arguments):
 
 - ``minority``: one setting per ``--fractions`` value f (default 2 %, 5 %, 10 %): ``--minority-vendor`` (default D,
   the noisiest, lowest-contrast vendor) is a fraction f of the training split, the other three vendors share the
@@ -20,7 +39,7 @@ Settings (``--settings``, default both):
 - ``correlation``: vendors balanced, but a fraction ``--correlation`` of every vendor's training subjects has that
   vendor's "correlated" pathology (A NOR, B HCM, C DCM, D NOR); groups are the 12 vendor x pathology cells
   (validation and test uncorrelated: the whole pool).
-- ``waterbirds`` (not in the default run): the synthetic Waterbirds stand-in (``make_synthetic_waterbirds``):
+- ``waterbirds``: the synthetic Waterbirds stand-in (``make_synthetic_waterbirds``):
   a training split of ``--images`` images per seed (generator seed = the seed; place = label in
   ``--waterbirds-correlation`` of them) and, shared by every seed, a group-balanced evaluation pool of
   ``--wb-val-per-group`` validation and ``--wb-test-per-group`` test images per group (generator seed
@@ -30,15 +49,14 @@ Settings (``--settings``, default both):
   name holds them all
   (``waterbirds_c0.95_cue0.8_s1_px32_n4000``), and so do the cache keys. Groups are the 4 label x place cells.
 
-Per setting and seed (``--arms all``, the default): two teachers (a wider, deeper 2-D ResNet, widths 16-128, two
-blocks per stage), one trained with cross entropy (``erm``) and one with ``GroupDROLoss`` (``group_dro``, the
-GroupDRO winner's step size, adjustment and sampling), then six students of one architecture and budget (ResNet
-widths 8-64, one block per stage) with ``DistillationTrainer``: ``erm`` and ``group_dro`` without a teacher, ``kd``
-(``DistillationLoss``) and ``groupdistil`` (``GroupDistillationLoss``) from each teacher. Every network is
-initialised right after ``set_determinism(seed)`` and every data order comes from a generator seeded with the seed
-(natural sampling: a shuffling ``DataLoader``; ``balanced``: ``GroupBalancedSampler``), so the same command gives
-the same numbers (with the same
-thread count, ``--threads``, default 1).
+With ``--settings``, per setting and seed (``--arms all``, the default): two teachers (a wider, deeper 2-D ResNet,
+widths 16-128, two blocks per stage), one trained with cross entropy (``erm``) and one with ``GroupDROLoss``
+(``group_dro``, the GroupDRO winner's step size, adjustment and sampling), then six students of one architecture
+and budget (ResNet widths 8-64, one block per stage) with ``DistillationTrainer``: ``erm`` and ``group_dro``
+without a teacher, ``kd`` (``DistillationLoss``) and ``groupdistil`` (``GroupDistillationLoss``) from each teacher.
+Every network is initialised right after ``set_determinism(seed)`` and every data order comes from a generator
+seeded with the seed (natural sampling: a shuffling ``DataLoader``; ``balanced``: ``GroupBalancedSampler``), so the
+same command gives the same numbers (with the same thread count, ``--threads``, default 1).
 
 After every epoch a network is evaluated on the validation split; the epoch is selected by the worst-group
 validation accuracy (ties: average validation accuracy, then the later epoch) and, as a second rule, by the
@@ -94,8 +112,9 @@ epoch of every configuration to ``<stem>_sweep_history.csv``. Settings other tha
 ``worst_group_<settings>...`` files instead.
 
 Usage:
-    python benchmarks/worst_group.py                 # the default benchmark (10 seeds)
+    python benchmarks/worst_group.py                 # the default run: every family, 10 seeds
     python benchmarks/worst_group.py --resume        # complete an interrupted default run (skips finished seeds)
+    python benchmarks/worst_group.py --families waterbirds --seeds 3 --out /tmp/wb   # one family, 3 seeds
     python benchmarks/worst_group.py --sweep         # the hyper-parameter sweep (validation data only)
     python benchmarks/worst_group.py --quick --out /tmp/wg   # the whole pipeline on a tiny configuration
     python benchmarks/worst_group.py --calibrate --quick --out /tmp/wg   # the calibration on a tiny configuration
@@ -2121,12 +2140,7 @@ def parse_args(argv: list[str] | None = None, family: bool = False) -> argparse.
     if args.families and (args.settings or args.sweep or args.calibrate) and not family:
         parser.error("--families selects families of the default run; it does not go with --settings, --sweep or "
                      "--calibrate")  # fmt: skip
-    if args.settings is None and not (args.sweep or args.calibrate):  # the default run: its families
-        chosen = [f"--{k}" for k in ("students", "hyper") if getattr(args, k)] + (["--arms"] * (args.arms != "all"))
-        if chosen:
-            parser.error(f"{' and '.join(chosen)} need --settings: the default run's families have their own arms and "
-                         "hyper-parameters (FAMILIES)")  # fmt: skip
-        args.families = args.families or list(FAMILIES)
+    default_run = args.settings is None and not (args.sweep or args.calibrate)
     if args.settings is None:
         args.settings = ["minority"]
     if family:
@@ -2185,6 +2199,12 @@ def parse_args(argv: list[str] | None = None, family: bool = False) -> argparse.
         parser.error(f"--correlation must be in [0, 1], got {args.correlation}")
     if args.seeds < 1 or args.train_subjects < 1 or args.val_per_cell < 1 or args.test_per_cell < 1:
         parser.error("--seeds, --train-subjects, --val-per-cell and --test-per-cell must be positive")
+    if default_run:  # the default run: its families, each with its own arms and hyper-parameters
+        chosen = [f"--{k}" for k in ("students", "hyper") if getattr(args, k)] + (["--arms"] * (args.arms != "all"))
+        if chosen:
+            parser.error(f"{' and '.join(chosen)} need --settings: the default run's families have their own arms and "
+                         "hyper-parameters (FAMILIES in the script)")  # fmt: skip
+        args.families = args.families or list(FAMILIES)
     return args
 
 

@@ -34,8 +34,13 @@ def _run_quick(out: Path, cache: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _arm(r: dict) -> tuple:
+    return r["model"], r["method"], r["teacher"]
+
+
 def test_quick_run_twice_gives_the_same_rows(tmp_path):
-    """Two processes (torch's initial seed differs between them) give identical CSV rows; the second reads the
+    """The default run (``--quick``): every family's settings with its own arms and hyper-parameters, in one runs
+    CSV; two processes (torch's initial seed differs between them) give identical rows, the second reading the
     evaluation pool and training splits from the cache the first wrote."""
     cache = tmp_path / "cache"
     first = _run_quick(tmp_path / "a", cache)
@@ -48,26 +53,40 @@ def test_quick_run_twice_gives_the_same_rows(tmp_path):
 
     rows = first
     assert set(REQUIRED) <= set(rows[0])
-    # --quick: one seed, the 5 % minority setting and the correlation setting; 8 networks x 2 selection rules
-    assert {r["setting"] for r in rows} == {"minority_D_5pct", "correlation_0.8"}
+    # --quick: one seed; the 5 % minority setting, the calibrated correlation (0.9) and the Waterbirds stand-in
+    # (colour cue 0.9, 32 px; --quick: 120 images)
+    family_of = {"minority_D_5pct": "minority", "correlation_0.9": "correlation"}
+    family_of["waterbirds_c0.95_cue0.9_s1_px32_n120"] = "waterbirds"
+    assert {r["setting"] for r in rows} == set(family_of)
     assert {r["seed"] for r in rows} == {"0"}
-    for setting in ("minority_D_5pct", "correlation_0.8"):
-        arms = sorted((r["model"], r["method"], r["teacher"], r["selection"]) for r in rows if r["setting"] == setting)
-        expected = sorted(
-            (model, method, teacher, rule)
-            for model, method, teacher in worst_group.ARMS
-            for rule in ("worst", "average")
+    for setting, family in family_of.items():
+        students = worst_group.FAMILIES[family]["students"]
+        teachers = {spec.get("teacher", "") for spec in students.values()} - {""}
+        expected = {("teacher", t, "") for t in teachers} | {
+            ("student", label, spec.get("teacher", "")) for label, spec in students.items()
+        }
+        setting_rows = [r for r in rows if r["setting"] == setting]
+        assert sorted((*_arm(r), r["selection"]) for r in setting_rows) == sorted(
+            (*arm, rule) for arm in expected for rule in ("worst", "average")
         )
-        assert arms == expected
+        for r in setting_rows:
+            if r["model"] == "student":  # each arm trained with its family's hyper-parameters
+                spec = {k: v for k, v in students[r["method"]].items() if k not in ("method", "teacher")}
+                assert json.loads(r["hyper"]) == spec
+                assert r["base_method"] == students[r["method"]]["method"]
+                if spec.get("weight_by"):
+                    assert (r["weight_by"], r["update"]) == (spec["weight_by"], spec["update"])
+            elif r["method"] == "group_dro":  # the GroupDRO teacher: the family's GroupDRO recipe
+                expected_hyper = {**worst_group.BASE_HYPER["group_dro"], **worst_group.FAMILIES[family]["hyper"].get(
+                    "group_dro", {})}  # fmt: skip
+                assert json.loads(r["hyper"]) == expected_hyper
     for r in rows:
-        assert r["method"] in {"erm", "group_dro", "kd", "groupdistil"}
-        assert r["teacher"] in ({"erm", "group_dro"} if r["method"] in ("kd", "groupdistil") else {""})
         assert r["selection"] in {"worst", "average"}
-        # --quick: 6 test subjects per vendor x pathology cell -> 18 per vendor, 6 per cell
+        # --quick: 6 test subjects per vendor x pathology cell -> 18 per vendor, 6 per cell; 6 images per group
         n = 18 if r["setting"].startswith("minority") else 6
         assert int(r["test_min_group_n"]) == n
         group_cols = [k for k in r if k.startswith("test_acc/") and r[k] != ""]
-        assert len(group_cols) == (4 if n == 18 else 12)
+        assert len(group_cols) == {"minority": 4, "correlation": 12, "waterbirds": 4}[family_of[r["setting"]]]
         per_group = [float(r[k]) for k in group_cols]
         assert float(r["test_worst"]) == min(per_group)
         assert r[f"test_acc/{r['test_worst_group']}"] == r["test_worst"]
@@ -80,13 +99,65 @@ def test_quick_run_twice_gives_the_same_rows(tmp_path):
     # the rows are bitwise reproducible on one machine only, so the summary names the software and the CPU
     assert f"torch {torch.__version__}, MONAI {monai.__version__}" in summary
     assert f"({torch.backends.cpu.get_cpu_capability()}), 1 torch thread(s)" in summary
-    for r in rows:
-        if r["selection"] == "worst" and r["model"] == "student" and r["method"] == "groupdistil":
-            label = f"groupdistil <- {r['teacher']} teacher"
-            line = next(x for x in summary.splitlines() if x.startswith(f"| {r['setting']} | {label} |"))
-            worst = 100 * float(r["test_worst"])
-            assert f"| {worst:.1f} [{worst:.1f}, {worst:.1f}] |" in line
+    selected = {(r["setting"], r["method"]): r for r in rows if r["selection"] == "worst" and r["model"] == "student"}
+    for setting, family in family_of.items():
+        for label, ref in worst_group.FAMILIES[family]["comparisons"]:
+            a, b = selected[setting, label], selected[setting, ref]
+            worst = 100 * (float(a["test_worst"]) - float(b["test_worst"]))
+            average = 100 * (float(a["test_average"]) - float(b["test_average"]))
+            interval = f"{worst:+.1f} [{worst:+.1f}, {worst:+.1f}] {int(worst > 0)}/1"
+            assert f"| {family} | {setting} | {label} - {ref} | {interval} | {average:+.1f} [" in summary
+    for (setting, label), r in selected.items():
+        worst = 100 * float(r["test_worst"])
+        teacher = f" <- {r['teacher']} teacher" if r["teacher"] else ""
+        assert f"| {setting} | {label}{teacher} | 1 | " in summary
+        line = next(x for x in summary.splitlines() if x.startswith(f"| {setting} | {label}{teacher} | 1 | "))
+        assert line.endswith(f"| {worst:.1f} [{worst:.1f}, {worst:.1f}] |")
     assert (tmp_path / "a" / "worst_group.png").stat().st_size > 0
+
+    # --resume: a second seed added to the first run's outputs; seed 0's rows are kept as they are
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(BENCH / "worst_group.py"), "--quick", "--seeds", "2", "--resume"]
+    proc = subprocess.run(cmd + ["--out", str(tmp_path / "a"), "--cache", str(cache)], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "a" / "worst_group_runs.csv", newline="") as f:
+        resumed = list(csv.DictReader(f))
+    assert [r for r in resumed if r["seed"] == "0"] == rows
+    assert sorted((r["setting"], *_arm(r), r["selection"]) for r in resumed if r["seed"] == "1") == sorted(
+        (r["setting"], *_arm(r), r["selection"]) for r in rows
+    )
+    assert "Seeds done: 2 (0, 1) of 2 from 0." in (tmp_path / "a" / "worst_group.md").read_text()
+
+
+def test_the_default_runs_families_are_refused_arms_of_their_own(capsys):
+    """The default run's families set their own arms and hyper-parameters: --students, --hyper and --arms need
+    --settings (the single-setting mode), and --families does not go with --settings."""
+    args = worst_group.parse_args([])
+    assert args.families == list(worst_group.FAMILIES)
+    assert worst_group.parse_args(["--families", "waterbirds"]).families == ["waterbirds"]
+    assert worst_group.parse_args(["--settings", "minority"]).families is None
+    for argv, message in (
+        (["--students", '{"a": {"method": "erm"}}'], "--students need --settings"),
+        (["--hyper", '{"erm": {"weight_decay": 1.0}}'], "--hyper need --settings"),
+        (["--arms", "baselines"], "--arms need --settings"),
+        (["--families", "minority", "--settings", "minority"], "--families selects families of the default run"),
+        (["--families", "minorities"], "invalid choice: 'minorities'"),
+    ):
+        with pytest.raises(SystemExit):
+            worst_group.parse_args(argv)
+        assert message in capsys.readouterr().err
+    # a family's arguments: its own, then the command line's (which win), its students and the default run's stem
+    fargs = worst_group.family_args(worst_group.parse_args(["--epochs", "3"]), ["--epochs", "3"], "waterbirds")
+    assert (fargs.settings, fargs.images, fargs.colour_cue, fargs.epochs, fargs.teacher_epochs) == (
+        ["waterbirds"],
+        4000,
+        0.9,
+        3,
+        10,
+    )
+    assert fargs.select_on == "half" and fargs.stem == "worst_group" and fargs.families is None
+    assert fargs.students == worst_group.FAMILIES["waterbirds"]["students"]
 
 
 def test_paired_bootstrap_ci_two_values():
@@ -357,11 +428,11 @@ def test_quick_calibration_writes_validation_rows(tmp_path):
 def test_baseline_and_distillation_arms():
     """``--arms``: the baselines add ERM with natural sampling; the distillation arms train GroupDistil with each
     ``weight_by`` (the loss receives it when GroupDistillationLoss has the option); GroupDRO - ERM table."""
-    args = worst_group.parse_args(["--arms", "baselines", "--hyper", '{"erm_natural": {"weight_decay": 0.1}}'])
-    assert worst_group.arms_of(args) == worst_group.ARMS_BASELINES
-    assert worst_group.arms_of(worst_group.parse_args([])) == worst_group.ARMS
+    argv = ["--settings", "minority", "--arms", "baselines", "--hyper", '{"erm_natural": {"weight_decay": 0.1}}']
+    assert worst_group.arms_of(worst_group.parse_args(argv)) == worst_group.ARMS_BASELINES
+    assert worst_group.arms_of(worst_group.parse_args(["--settings", "minority"])) == worst_group.ARMS
     assert worst_group.method_hyper("erm_natural") == {**worst_group.HYPER["erm"], "sampler": "natural"}
-    distil = worst_group.arms_of(worst_group.parse_args(["--arms", "distil"]))
+    distil = worst_group.arms_of(worst_group.parse_args(["--settings", "minority", "--arms", "distil"]))
     students = {a[1] for a in distil if a[0] == "student"}
     assert students == {"kd", "kd_balanced", "groupdistil", "groupdistil_ce", "groupdistil_kd"}
     assert worst_group.method_hyper("kd_balanced")["sampler"] == "balanced"
