@@ -160,6 +160,58 @@ def test_the_default_runs_families_are_refused_arms_of_their_own(capsys):
     assert fargs.students == worst_group.FAMILIES["waterbirds"]["students"]
 
 
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+# each default-run arm whose recipe a committed sweep chose: (family, arm) -> (sweep CSV, method, teacher, sampler
+# filter: None for the sweep's overall winner, "natural" for the best configuration that samples naturally)
+WINNERS = {
+    ("minority", "erm_nat"): ("minority_options_sweep.csv", "erm", "", "natural"),
+    ("minority", "erm_win"): ("minority_options_sweep.csv", "erm", "", None),
+    ("minority", "group_dro_win"): ("minority_options_sweep.csv", "group_dro", "", None),
+    ("minority", "kd_erm"): ("minority_options_sweep.csv", "kd", "erm", None),
+    ("minority", "gd_erm"): ("minority_options_sweep.csv", "groupdistil", "erm", None),
+    ("minority", "kd_dro"): ("minority_options_sweep.csv", "kd", "group_dro", None),
+    ("minority", "gd_dro"): ("minority_options_sweep.csv", "groupdistil", "group_dro", None),
+    ("correlation", "erm_nat"): ("correlation_base_sweep.csv", "erm", "", "natural"),
+    ("correlation", "erm_win"): ("correlation_base_sweep.csv", "erm", "", None),
+    ("correlation", "group_dro_win"): ("correlation_base_sweep.csv", "group_dro", "", None),
+    ("correlation", "group_dro_nat"): ("correlation_base_sweep.csv", "group_dro", "", "natural"),
+    ("waterbirds", "erm_nat"): ("waterbirds_sweep.csv", "erm", "", "natural"),
+    ("waterbirds", "erm_win"): ("waterbirds_sweep.csv", "erm", "", None),
+    ("waterbirds", "group_dro_win"): ("waterbirds_sweep.csv", "group_dro", "", None),
+    ("waterbirds", "kd_erm"): ("waterbirds_distil_resweep.csv", "kd", "erm", None),
+    ("waterbirds", "gd_erm"): ("waterbirds_distil_resweep.csv", "groupdistil", "erm", None),
+    ("waterbirds", "kd_dro"): ("waterbirds_distil_resweep.csv", "kd", "group_dro", None),
+    ("waterbirds", "gd_dro"): ("waterbirds_distil_resweep.csv", "groupdistil", "group_dro", None),
+}
+
+
+def _number_or_text(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+@pytest.mark.parametrize("family, arm", sorted(WINNERS))
+def test_the_default_runs_recipes_are_the_winners_of_the_committed_sweeps(family, arm):
+    """Every recipe of the default run that a sweep chose is the winner, on validation data, of that sweep's committed
+    rows (and the GroupDRO teacher of a family trains with that family's GroupDRO winner)."""
+    path, method, teacher, sampler = WINNERS[family, arm]
+    with open(RESULTS / path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == method and r.get("teacher", "") == teacher]
+    if sampler:
+        rows = [r for r in rows if r["sampler"] == sampler]
+    winner = sweep_winners(rows, worst_group.SWEEP_KEYS)[method]["config"]
+    spec = worst_group.FAMILIES[family]["students"][arm]
+    assert (spec["method"], spec.get("teacher", "")) == (method, teacher)
+    recipe = {k: _number_or_text(v) for k, v in spec.items() if k not in ("method", "teacher")}
+    assert recipe == {k: _number_or_text(v) for k, v in winner.items()}
+    if arm == "group_dro_win" and family != "correlation":  # correlation trains no teacher
+        teacher_recipe = {**worst_group.BASE_HYPER["group_dro"], **worst_group.FAMILIES[family]["hyper"].get(
+            "group_dro", {})}  # fmt: skip
+        assert teacher_recipe == recipe
+
+
 def test_paired_bootstrap_ci_two_values():
     # resampled means of [0, 1] are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the 95 % interval is [0, 1]
     assert paired_bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
