@@ -1018,13 +1018,18 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def run_benchmark(
-    args: argparse.Namespace, rows: list[dict] | None = None, history: list[dict] | None = None, write=None
+    args: argparse.Namespace,
+    rows: list[dict] | None = None,
+    history: list[dict] | None = None,
+    write=None,
+    timings: list[float] | None = None,
 ) -> list[dict]:
     """Train every seed of every setting of ``args`` and write the outputs after each; the runs' rows.
 
     ``rows`` / ``history``: rows already done (a family's run carries the other families' rows; with ``--resume``
     the rows of the existing runs CSV are read here when ``rows`` is None), extended in place; a (setting, seed)
-    with rows is skipped. ``write(rows, wall, timings)`` writes the outputs (default: ``write_outputs`` of ``args``).
+    with rows is skipped. ``timings``: seconds per setting and seed, extended in place. ``write(rows, wall,
+    timings)`` writes the outputs (default: ``write_outputs`` of ``args``).
     """
     out, stem = Path(args.out), output_stem(args)
     settings = settings_of(args)
@@ -1033,11 +1038,12 @@ def run_benchmark(
         def write(rows, wall, timings):
             write_outputs(rows, args, settings, wall, timings)
 
+    resume = args.resume and not args.merge_from  # a merge rewrites the outputs from the merged files alone
     if rows is None:
-        rows = _read_rows(out / f"{stem}_runs.csv") if args.resume and (out / f"{stem}_runs.csv").exists() else []
+        rows = _read_rows(out / f"{stem}_runs.csv") if resume and (out / f"{stem}_runs.csv").exists() else []
     if history is None:
         history = []
-        if args.history and args.resume and (out / f"{stem}_history.csv").exists():
+        if args.history and resume and (out / f"{stem}_history.csv").exists():
             history = _read_rows(out / f"{stem}_history.csv")
     done = {(r["setting"], r["seed"]) for r in rows}
     history[:] = [r for r in history if (r["setting"], r["seed"]) in done]
@@ -1053,7 +1059,7 @@ def run_benchmark(
     begin = time.time()
     pool = eval_pool(args) if any(s["kind"] != "waterbirds" for s in settings) else None
     print(f"evaluation pool ready in {time.time() - begin:.0f} s", flush=True)
-    timings: list[float] = []
+    timings = [] if timings is None else timings
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for setting in settings:
             if (setting["name"], seed) in done:
@@ -1091,30 +1097,34 @@ def enter_family(family: str) -> None:
 
 
 def run_families(args: argparse.Namespace, argv: list[str]) -> list[dict]:
-    """The default run: every family of ``args.families`` in turn, its settings and seeds, into one runs CSV (one
-    ``setting`` value per setting) and one summary, rewritten after every setting of every seed."""
+    """The default run: seed by seed, every setting of every family of ``args.families``, into one runs CSV (one
+    ``setting`` value per setting) and one summary, rewritten after every setting of every seed (an interrupted
+    run leaves complete seeds behind, and ``--resume`` completes it)."""
     out, stem = Path(args.out), output_stem(args)
     runs = {name: family_args(args, argv, name) for name in args.families}
     protocols = {}
     for name, fargs in runs.items():
         enter_family(name)
         protocols[name] = (fargs, settings_of(fargs), json.loads(json.dumps(HYPER)), dict(CUSTOM_STUDENTS))
-    rows = _read_rows(out / f"{stem}_runs.csv") if args.resume and (out / f"{stem}_runs.csv").exists() else []
-    history = _read_rows(out / f"{stem}_history.csv") if args.resume and (out / f"{stem}_history.csv").exists() else []
-    if args.merge_from:  # merged once, with every family's settings in the tables
-        runs = dict(list(runs.items())[:1])
+    resume = args.resume and not args.merge_from
+    rows = _read_rows(out / f"{stem}_runs.csv") if resume and (out / f"{stem}_runs.csv").exists() else []
+    history = []
+    if args.history and resume and (out / f"{stem}_history.csv").exists():
+        history = _read_rows(out / f"{stem}_history.csv")
     begin = time.time()
-    timings: dict[str, list[float]] = {}  # per family: seconds per setting and seed
+    timings: list[float] = []  # seconds per setting and seed, every family
 
-    for name, fargs in runs.items():
+    def write(rows, wall, timings):
+        write_family_outputs(rows, args, protocols, 0.0 if args.merge_from else time.time() - begin, timings)
 
-        def write(rows, wall, family_timings, name=name):
-            timings[name] = family_timings
-            every = [t for ts in timings.values() for t in ts]
-            write_family_outputs(rows, args, protocols, 0.0 if args.merge_from else time.time() - begin, every)
-
-        enter_family(name)
-        run_benchmark(fargs, rows, history, write)
+    if args.merge_from:  # merged once, with every family's settings in the tables
+        enter_family(args.families[0])
+        return run_benchmark(runs[args.families[0]], rows, history, write)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for name, fargs in runs.items():
+            enter_family(name)
+            one_seed = argparse.Namespace(**{**vars(fargs), "first_seed": seed, "seeds": 1})
+            run_benchmark(one_seed, rows, history, write, timings)
     return rows
 
 
@@ -1325,7 +1335,12 @@ def arm_group_lines(rows: list[dict], setting_names: list[str]) -> list[str]:
     ]
     for name in setting_names:
         sel = [r for r in rows if r["setting"] == name and r["selection"] == "worst"]
-        groups = [k.split("/", 1)[1] for k in (sel[0] if sel else {}) if k.startswith("test_acc/")]
+        # the setting's groups (rows read back from a runs CSV hold every setting's columns, empty for the others)
+        groups = [
+            k.split("/", 1)[1]
+            for k in (sel[0] if sel else {})
+            if k.startswith("test_acc/") and any(r.get(k, "") != "" for r in sel)
+        ]
         for arm in _arms_in(sel):
             arm_rows = [r for r in sel if (r["model"], r["method"], r["teacher"]) == arm]
             for g in groups:
@@ -1421,7 +1436,8 @@ def write_family_outputs(rows: list[dict], args: argparse.Namespace, protocols: 
         "",
         f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
         "",
-        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}. "
+        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}; per "
+        "setting: " + ", ".join(f"{n} {len({r['seed'] for r in rows if r['setting'] == n})}" for n in names) + ". "
         "Each setting family runs with the hyper-parameters its own sweep chose on validation data "
         "(`FAMILIES` in the script):",
         "",

@@ -121,13 +121,32 @@ def test_quick_run_twice_gives_the_same_rows(tmp_path):
     proc = subprocess.run(cmd + ["--out", str(tmp_path / "a"), "--cache", str(cache)], capture_output=True, text=True,
                           env=env, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert " seed 0]" not in proc.stdout and proc.stdout.count(" seed 1]") == 3  # seed 0 skipped, not trained again
     with open(tmp_path / "a" / "worst_group_runs.csv", newline="") as f:
         resumed = list(csv.DictReader(f))
     assert [r for r in resumed if r["seed"] == "0"] == rows
     assert sorted((r["setting"], *_arm(r), r["selection"]) for r in resumed if r["seed"] == "1") == sorted(
         (r["setting"], *_arm(r), r["selection"]) for r in rows
     )
-    assert "Seeds done: 2 (0, 1) of 2 from 0." in (tmp_path / "a" / "worst_group.md").read_text()
+    summary = (tmp_path / "a" / "worst_group.md").read_text()
+    assert "Seeds done: 2 (0, 1) of 2 from 0; per setting: minority_D_5pct 2, correlation_0.9 2, " in summary
+    # the per-group table lists each setting's own groups only (the CSV read back holds every setting's columns)
+    assert (
+        "| minority_D_5pct | erm_nat | A |" in summary
+        and "| minority_D_5pct | erm_nat | landbird/land |" not in summary
+    )
+
+    # --merge-from: the tables rewritten from runs CSVs alone (with --resume too: the merged rows, once)
+    merged = tmp_path / "m"
+    cmd = [sys.executable, str(BENCH / "worst_group.py"), "--quick", "--seeds", "2", "--resume", "--out", str(merged)]
+    proc = subprocess.run(cmd + ["--merge-from", str(tmp_path / "a" / "worst_group_runs.csv")], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(cmd + ["--merge-from", str(tmp_path / "a" / "worst_group_runs.csv")], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (merged / "worst_group_runs.csv").read_text() == (tmp_path / "a" / "worst_group_runs.csv").read_text()
+    assert "## Declared comparisons" in (merged / "worst_group.md").read_text()
 
 
 def test_the_default_runs_families_are_refused_arms_of_their_own(capsys):
