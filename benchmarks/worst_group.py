@@ -64,10 +64,13 @@ average validation accuracy; only the selected epochs are evaluated on test. "Av
 group's accuracy by its share of the training split (Sagawa et al.); the worst-group accuracy is the minimum over
 the groups.
 
-Outputs (``--out``, default ``docs/results``; rewritten after every setting of every seed):
-``worst_group_runs.csv`` (one row per setting, seed, model, method, teacher and selection rule),
-``worst_group.md`` (means, paired 95 % bootstrap intervals over seeds of the differences to KD and to ERM, the
-number of positive seeds) and ``worst_group.png`` (worst-group accuracy against the minority fraction).
+Outputs (``--out``, default ``docs/results``; rewritten after every setting of every seed): ``<stem>_runs.csv``
+(one row per setting, seed, model, method, teacher and selection rule), ``<stem>.md`` and ``<stem>.png``
+(worst-group accuracy of every arm: against the minority fraction, and per other setting). The stem is
+``worst_group`` for the default run, ``worst_group_<settings>`` for ``--settings`` (or ``--stem``). The default
+run's summary gives each family's protocol, its declared comparisons (paired 95 % bootstrap intervals over seeds of
+the differences, the number of positive seeds), every arm's means, every GroupDistil arm against every KD arm and
+the per-group accuracies and DRO weights; with ``--settings``, the differences to KD and to ERM.
 ``--arms baselines`` trains the ERM and GroupDRO students only; ``--arms distil`` both teachers and, from each, KD
 and GroupDistil with ``weight_by`` "loss", "ce" and "kd" (``groupdistil``, ``groupdistil_ce``, ``groupdistil_kd``;
 the runs CSV has a ``weight_by`` column). Every network is trained with AdamW (``--lr``, default 1e-3) and its
@@ -108,8 +111,8 @@ teachers, the winners overall, the teacher a key of the configuration, and per t
 values of the grid and may add keys (``weight_by``, ``update``, ``held_out_step_size``, ``held_out_every``, and
 ``width``, the student's first-stage width: 8 by default, a smaller one a student of less capacity); a
 batch-update configuration drops the held-out keys and a held-out one ``step_size``. ``--history`` also writes every
-epoch of every configuration to ``<stem>_sweep_history.csv``. Settings other than the default write
-``worst_group_<settings>...`` files instead.
+epoch of every configuration to ``<stem>_sweep_history.csv``. A sweep of settings other than the minority ones
+writes ``worst_group_<settings>...`` files instead.
 
 Usage:
     python benchmarks/worst_group.py                 # the default run: every family, 10 seeds
