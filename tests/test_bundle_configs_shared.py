@@ -16,7 +16,7 @@ SCRIPT = ROOT / "scripts" / "sync_bundle_configs.py"
 CARDIAC, SEG, WATERBIRDS = "cardiac_mri_groupdistil", "cardiac_mri_seg_groupdistil", "waterbirds_groupdistil"
 # ids the two classification bundles happen to set alike but own: each bundle tunes its training
 OWN_PARAMETERS = {
-    "augment", "temperature", "alpha", "weight_by", "dro_warmup", "teacher_step_size", "learning_rate",
+    "augment", "temperature", "alpha", "weight_by", "dro_warmup", "group_dro_step_size", "learning_rate",
     "balanced_sampling", "step_size", "absent_groups",
 }  # fmt: skip
 

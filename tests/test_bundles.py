@@ -251,6 +251,24 @@ def test_dro_warmup_is_a_param_scheduler_on_the_losss_step_size(work, tmp_path):
     assert steps == [0.0, 0.0] + [0.5] * (len(steps) - 2) and loss.step_size == 0.5
 
 
+def test_the_group_dro_baseline_takes_the_group_dro_step_size(work):
+    """group_dro.json trains with GroupDRO's own step size (``group_dro_step_size``, that of the GroupDRO teacher),
+    not GroupDistil's ``step_size``; ``--step_size`` given for the run still sets it."""
+    b, ov = work["bundle"], {**work["overrides"], "num_groups": 4}
+    train = b.raw_config("train")
+    configs = b.configs("train", "group_dro")
+    loss = b.workflow(configs, ov, initialize=False).parser.get_parsed_content("loss")
+    assert loss.step_size == train["group_dro_step_size"]
+    assert (
+        b.workflow(b.configs("train"), ov, initialize=False).parser.get_parsed_content("loss").step_size
+        == (train["step_size"])
+    )
+    wf = b.workflow(configs, {**ov, "group_dro_step_size": 0.3}, initialize=False)
+    assert wf.parser.get_parsed_content("loss").step_size == 0.3
+    wf = b.workflow(configs, {**ov, "step_size": 0.7}, initialize=False)
+    assert wf.parser.get_parsed_content("loss").step_size == 0.7
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -499,7 +517,7 @@ def test_group_dro_teacher_is_configured_and_saved_apart(work):
     assert not isinstance(erm.parser.get_parsed_content("loss"), GroupDROLoss)
     assert erm.parser.get_parsed_content("ckpt_name") == "teacher.pt" and not erm.parser.get_parsed_content("use_dro")
     robust = b.workflow(
-        b.configs("train", "train_teacher"), {**ov, "teacher_method": "group_dro", "teacher_step_size": 0.3}
+        b.configs("train", "train_teacher"), {**ov, "teacher_method": "group_dro", "group_dro_step_size": 0.3}
     )
     loss = robust.parser.get_parsed_content("loss")
     assert isinstance(loss, GroupDROLoss) and loss.step_size == 0.3 and robust.parser.get_parsed_content("use_dro")
@@ -531,7 +549,7 @@ def test_student_distils_from_the_group_dro_teacher(work, tmp_path):
     """A GroupDRO teacher trained by train_teacher.json is the one the GroupDistil student loads (nothing else is)."""
     b = work["bundle"]
     robust = {**own_folders(work["overrides"], tmp_path), "teacher_method": "group_dro", "step_size": 0.5}
-    teacher_run = b.workflow(b.configs("train", "train_teacher"), {**robust, "teacher_step_size": 5.0})
+    teacher_run = b.workflow(b.configs("train", "train_teacher"), {**robust, "group_dro_step_size": 5.0})
     teacher_run.run()
     teacher_run.finalize()
     saved = torch.load(tmp_path / "ckpt" / "teacher_group_dro.pt", map_location="cpu", weights_only=True)
@@ -563,7 +581,7 @@ def test_ids_shared_by_every_bundle():
     shared = ["bundle_root", "dataset_dir", "ckpt_dir", "output_dir", "log_dir", "device", "epochs", "teacher_epochs"]
     shared += ["num_workers", "temperature", "alpha", "step_size", "seed", "batch_size", "learning_rate", "augment"]
     shared += ["balanced_sampling", "use_dro", "resume", "experiment_name", "run_name", "teacher_method"]
-    shared += ["teacher_step_size", "dro_warmup", "absent_groups", "spatial_size", "method", "ckpt_name"]
+    shared += ["group_dro_step_size", "dro_warmup", "absent_groups", "spatial_size", "method", "ckpt_name"]
     shared += ["resume_dict", "tracking_params", "save_dict", "preprocessing", "augmentation"]
     configs = {name: Bundle(name).raw_config("train") for name in BUNDLES}
     for key in shared:
@@ -575,7 +593,8 @@ def test_ids_shared_by_every_bundle():
     for name, config in configs.items():  # the overlays set only what differs
         b = Bundle(name)
         for overlay in ("erm", "kd", "group_dro"):
-            assert set(b.raw_config(overlay)) <= {"method", "teacher", "loss"}, (name, overlay)
+            own = {"method", "teacher", "loss"} | ({"step_size"} if overlay == "group_dro" else set())
+            assert set(b.raw_config(overlay)) <= own, (name, overlay)
         assert not {"ckpt_name", "save_dict", "use_dro"} & set(b.raw_config("train_teacher")), name
         assert not [k for k in config if "teacher_overrides" in k or "train_teacher_" in k], name
     # the segmentation student has at most one eighth of the teacher's parameters

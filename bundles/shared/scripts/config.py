@@ -59,7 +59,7 @@ def teacher_loss(
 
     ``"erm"``: ``loss_fn()``. ``"group_dro"``: ``GroupDROLoss`` around the per-sample ``loss_fn(reduction="none")``
     (a robust teacher, whose soft targets are not tuned to the majority groups), with ``step_size`` (the id
-    ``teacher_step_size``) and ``absent_groups``.
+    ``group_dro_step_size``, also the step of the ``group_dro.json`` baseline) and ``absent_groups``.
 
     Args:
         method: ``"erm"`` or ``"group_dro"``.
