@@ -546,19 +546,29 @@ def test_unknown_teacher_method_is_named(work):
 
 
 def test_student_distils_from_the_group_dro_teacher(work, tmp_path):
-    """A GroupDRO teacher trained by train_teacher.json is the one the GroupDistil student loads (nothing else is)."""
+    """A GroupDRO teacher trained by train_teacher.json is the one the GroupDistil student loads (nothing else is); it
+    trains with ``group_dro_step_size`` to the end (the DRO warm-up's scheduler sets the loss's step size at every
+    iteration, to the run's ``step_size``, which train_teacher.json sets to ``group_dro_step_size``)."""
+    from ignite.engine import Events
+
     b = work["bundle"]
-    robust = {**own_folders(work["overrides"], tmp_path), "teacher_method": "group_dro", "step_size": 0.5}
+    robust = {**own_folders(work["overrides"], tmp_path), "teacher_method": "group_dro"}
     teacher_run = b.workflow(b.configs("train", "train_teacher"), {**robust, "group_dro_step_size": 5.0})
+    steps = []
+    teacher_run.parser.get_parsed_content("train#trainer").add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: steps.append(e.state.output[0]["dro_step_size"])
+    )
     teacher_run.run()
     teacher_run.finalize()
+    assert steps and set(steps) == {5.0} and teacher_run.parser.get_parsed_content("loss").step_size == 5.0
     saved = torch.load(tmp_path / "ckpt" / "teacher_group_dro.pt", map_location="cpu", weights_only=True)
     dro_state = torch.load(tmp_path / "ckpt" / "teacher_group_dro_dro_state.pt", map_location="cpu", weights_only=True)
     weights = dro_state["loss"]["group_weights"]
     assert not torch.equal(weights, torch.full_like(weights, 1 / len(weights)))  # the teacher's DRO weights moved
     assert "dro" in dro_state and not (tmp_path / "ckpt" / "teacher.pt").exists()
     assert (tmp_path / "ckpt" / "teacher_group_dro_epoch=1.pt").is_file()  # its own resume prefix
-    student = b.workflow(b.configs("train"), robust)
+    student = b.workflow(b.configs("train"), {**robust, "step_size": 0.5})
+    assert student.parser.get_parsed_content("loss").step_size == 0.5
     teacher = student.parser.get_parsed_content("teacher")
     for name, value in teacher.state_dict().items():
         assert torch.equal(value.cpu(), saved[name]), name
