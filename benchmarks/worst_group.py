@@ -2221,8 +2221,9 @@ def parse_args(argv: list[str] | None = None, family: bool = False) -> argparse.
     if default_run:  # the default run: its families, each with its own arms and hyper-parameters
         chosen = [f"--{k}" for k in ("students", "hyper") if getattr(args, k)] + (["--arms"] * (args.arms != "all"))
         if chosen:
-            parser.error(f"{' and '.join(chosen)} need --settings: the default run's families have their own arms and "
-                         "hyper-parameters (FAMILIES in the script)")  # fmt: skip
+            verb = "needs" if len(chosen) == 1 else "need"
+            parser.error(f"{' and '.join(chosen)} {verb} --settings: the default run's families have their own arms "
+                         "and hyper-parameters (FAMILIES in the script)")  # fmt: skip
         args.families = args.families or list(FAMILIES)
     return args
 

@@ -157,9 +157,10 @@ def test_the_default_runs_families_are_refused_arms_of_their_own(capsys):
     assert worst_group.parse_args(["--families", "waterbirds"]).families == ["waterbirds"]
     assert worst_group.parse_args(["--settings", "minority"]).families is None
     for argv, message in (
-        (["--students", '{"a": {"method": "erm"}}'], "--students need --settings"),
-        (["--hyper", '{"erm": {"weight_decay": 1.0}}'], "--hyper need --settings"),
-        (["--arms", "baselines"], "--arms need --settings"),
+        (["--students", '{"a": {"method": "erm"}}'], "--students needs --settings"),
+        (["--hyper", '{"erm": {"weight_decay": 1.0}}'], "--hyper needs --settings"),
+        (["--arms", "baselines"], "--arms needs --settings"),
+        (["--students", '{"a": {"method": "erm"}}', "--arms", "distil"], "--students and --arms need --settings"),
         (["--families", "minority", "--settings", "minority"], "--families selects families of the default run"),
         (["--families", "minorities"], "invalid choice: 'minorities'"),
     ):
