@@ -127,6 +127,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import hashlib
 import inspect
@@ -322,7 +323,7 @@ FAMILIES: dict[str, dict] = {
                         ("gd_erm", "kd_erm"), ("gd_dro", "kd_dro"), ("gd_erm", "kd_dro")],
     },
 }  # fmt: skip
-BASE_HYPER = json.loads(json.dumps(HYPER))  # HYPER before a family's or --hyper's update
+BASE_HYPER = copy.deepcopy(HYPER)  # HYPER before a family's or --hyper's update
 
 
 def environment() -> str:
@@ -1029,10 +1030,10 @@ def run_benchmark(
 ) -> list[dict]:
     """Train every seed of every setting of ``args`` and write the outputs after each; the runs' rows.
 
-    ``rows`` / ``history``: rows already done (a family's run carries the other families' rows; with ``--resume``
-    the rows of the existing runs CSV are read here when ``rows`` is None), extended in place; a (setting, seed)
-    with rows is skipped. ``timings``: seconds per setting and seed, extended in place. ``write(rows, wall,
-    timings)`` writes the outputs (default: ``write_outputs`` of ``args``).
+    ``rows`` / ``history``: rows already done (a family's run carries the other families' rows; when ``rows`` is
+    None, ``resumed_rows``), extended in place; a (setting, seed) with rows is skipped. ``timings``: seconds per
+    setting and seed, extended in place. ``write(rows, wall, timings)`` writes the outputs (default:
+    ``write_outputs`` of ``args``).
     """
     out, stem = Path(args.out), output_stem(args)
     settings = settings_of(args)
@@ -1041,13 +1042,8 @@ def run_benchmark(
         def write(rows, wall, timings):
             write_outputs(rows, args, settings, wall, timings)
 
-    resume = args.resume and not args.merge_from  # a merge rewrites the outputs from the merged files alone
     if rows is None:
-        rows = _read_rows(out / f"{stem}_runs.csv") if resume and (out / f"{stem}_runs.csv").exists() else []
-    if history is None:
-        history = []
-        if args.history and resume and (out / f"{stem}_history.csv").exists():
-            history = _read_rows(out / f"{stem}_history.csv")
+        rows, history = resumed_rows(args, out, stem)
     done = {(r["setting"], r["seed"]) for r in rows}
     history[:] = [r for r in history if (r["setting"], r["seed"]) in done]
     if args.merge_from:  # the runs CSVs of earlier invocations (e.g. one process per block of seeds), no training
@@ -1081,6 +1077,17 @@ def run_benchmark(
     return rows
 
 
+def resumed_rows(args: argparse.Namespace, out: Path, stem: str) -> tuple[list[dict], list[dict]]:
+    """With ``--resume``: the rows of the existing runs CSV and (``--history``) of its history CSV; otherwise, and
+    for a merge (which rewrites the outputs from the merged files alone), none."""
+    resume = args.resume and not args.merge_from
+    runs, history = out / f"{stem}_runs.csv", out / f"{stem}_history.csv"
+    return (
+        _read_rows(runs) if resume and runs.exists() else [],
+        _read_rows(history) if resume and args.history and history.exists() else [],
+    )
+
+
 def family_args(args: argparse.Namespace, argv: list[str], family: str) -> argparse.Namespace:
     """The arguments of one family of the default run: its own (``FAMILIES``), then the command line's ``argv``,
     the outputs named by the default run's stem."""
@@ -1092,7 +1099,7 @@ def family_args(args: argparse.Namespace, argv: list[str], family: str) -> argpa
 def enter_family(family: str) -> None:
     """Set ``HYPER`` (the GroupDRO teacher's recipe) and the student arms to those of ``family``."""
     HYPER.clear()
-    HYPER.update(json.loads(json.dumps(BASE_HYPER)))
+    HYPER.update(copy.deepcopy(BASE_HYPER))
     for method, update in FAMILIES[family]["hyper"].items():
         HYPER[method] = {**HYPER[method], **update}
     CUSTOM_STUDENTS.clear()
@@ -1108,12 +1115,8 @@ def run_families(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     protocols = {}
     for name, fargs in runs.items():
         enter_family(name)
-        protocols[name] = (fargs, settings_of(fargs), json.loads(json.dumps(HYPER)), dict(CUSTOM_STUDENTS))
-    resume = args.resume and not args.merge_from
-    rows = _read_rows(out / f"{stem}_runs.csv") if resume and (out / f"{stem}_runs.csv").exists() else []
-    history = []
-    if args.history and resume and (out / f"{stem}_history.csv").exists():
-        history = _read_rows(out / f"{stem}_history.csv")
+        protocols[name] = (fargs, settings_of(fargs), copy.deepcopy(HYPER), dict(CUSTOM_STUDENTS))
+    rows, history = resumed_rows(args, out, stem)
     begin = time.time()
     timings: list[float] = []  # seconds per setting and seed, every family
 
@@ -1151,7 +1154,7 @@ def output_stem(args: argparse.Namespace) -> str:
     settings appended."""
     if args.stem:
         return args.stem
-    if getattr(args, "families", None) or (args.sweep and list(args.settings) == ["minority"]):
+    if args.families or (args.sweep and list(args.settings) == ["minority"]):
         return "worst_group"
     return "_".join(["worst_group", *args.settings])
 
