@@ -1134,14 +1134,14 @@ def run_families(args: argparse.Namespace, argv: list[str]) -> list[dict]:
     return rows
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows (dicts, the columns in order of first appearance) to ``path``, written whole."""
-    fields: dict = {}
-    for r in rows:
-        fields.update(dict.fromkeys(r))
+def _write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Rows (dicts) to ``path``, written whole and atomically (a run killed while writing leaves the previous file,
+    which ``--resume`` reads); the columns ``fieldnames``, default in order of first appearance."""
+    if fieldnames is None:
+        fieldnames = list({k: None for r in rows for k in r})
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields))
+    with atomic_write(path) as temporary, open(temporary, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -1510,11 +1510,7 @@ def write_runs_csv(rows: list[dict], path: Path, setting_names: list[str]) -> No
     ]
     extra = sorted({k for r in rows for k in r} - set(base), key=lambda k: (not k.startswith("test_acc/"), k))
     order = {name: i for i, name in enumerate(setting_names)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=base + extra)
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: (r["seed"], order.get(r["setting"], len(order)))))
+    _write_csv(path, sorted(rows, key=lambda r: (r["seed"], order.get(r["setting"], len(order)))), base + extra)
 
 
 def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dict], wall: float, timings) -> None:

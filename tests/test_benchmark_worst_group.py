@@ -725,3 +725,14 @@ def test_bad_student_arms_are_refused(capsys):
         with pytest.raises(SystemExit):
             worst_group.parse_args(["--students", json.dumps(spec)])
         assert message in capsys.readouterr().err
+
+
+def test_a_csv_write_that_fails_leaves_the_previous_file(tmp_path):
+    """The runs and history CSVs, which --resume reads, are replaced only by a complete new file."""
+    path = tmp_path / "runs.csv"
+    worst_group._write_csv(path, [{"setting": "s", "seed": 0}])
+    assert path.read_bytes() == b"setting,seed\r\ns,0\r\n"
+    with pytest.raises(ValueError, match="dict contains fields not in fieldnames"):  # fails after the header
+        worst_group._write_csv(path, [{"setting": "s", "seed": 1}, {"other": 2}], ["setting", "seed"])
+    assert path.read_bytes() == b"setting,seed\r\ns,0\r\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left behind
