@@ -1146,6 +1146,22 @@ def _write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None
         writer.writerows(rows)
 
 
+def _write_lines(path: Path, lines: list[str]) -> None:
+    """A Markdown summary to ``path``, one line per item, written whole and atomically like the CSVs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as temporary:
+        temporary.write_text("\n".join(lines) + "\n")
+
+
+def _command_line() -> str:
+    return f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`"
+
+
+def _seeds_done(rows: list[dict], args: argparse.Namespace) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    return f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}"
+
+
 # ----------------------------------------------------------------------------------------------------- outputs
 
 
@@ -1436,15 +1452,14 @@ def write_family_outputs(rows: list[dict], args: argparse.Namespace, protocols: 
     settings = [s for _, family_settings, _, _ in protocols.values() for s in family_settings]
     names = [s["name"] for s in settings]
     write_runs_csv(rows, out / f"{stem}_runs.csv", names)
-    seeds = sorted({r["seed"] for r in rows})
+    per_setting = ", ".join(f"{n} {len({r['seed'] for r in rows if r['setting'] == n})}" for n in names)
     lines = [
         "# Worst-group benchmark: the default run",
         "",
-        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        _command_line(),
         "",
-        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}; per "
-        "setting: " + ", ".join(f"{n} {len({r['seed'] for r in rows if r['setting'] == n})}" for n in names) + ". "
-        "Each setting family runs with the hyper-parameters its own sweep chose on validation data "
+        _seeds_done(rows, args) + f"; per setting: {per_setting}. Each setting family runs with the hyper-parameters "
+        "its own sweep chose on validation data "
         "(`FAMILIES` in the script):",
         "",
     ]
@@ -1483,7 +1498,7 @@ def write_family_outputs(rows: list[dict], args: argparse.Namespace, protocols: 
         *arm_group_lines(rows, names),
         "",
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _write_lines(out / f"{stem}.md", lines)
     plot(rows, settings, out / f"{stem}.png")
 
 
@@ -1520,14 +1535,12 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
     write_runs_csv(rows, out / f"{stem}_runs.csv", names)
     order = {name: i for i, name in enumerate(names)}
     rows = sorted(rows, key=lambda r: (r["seed"], order.get(r["setting"], len(order))))
-    seeds = sorted({r["seed"] for r in rows})
     lines = [
         "# Worst-group benchmark",
         "",
-        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        _command_line(),
         "",
-        f"Seeds done: {len(seeds)} ({', '.join(map(str, seeds))}) of {args.seeds} from {args.first_seed}; "
-        + protocol_text(args, settings),
+        _seeds_done(rows, args) + "; " + protocol_text(args, settings),
         "",
         wall_text(args, wall, timings),
         "",
@@ -1567,7 +1580,7 @@ def write_outputs(rows: list[dict], args: argparse.Namespace, settings: list[dic
         *diagnostics_lines(rows, names),
         "",
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _write_lines(out / f"{stem}.md", lines)
     plot(rows, settings, out / f"{stem}.png")
 
 
@@ -1739,7 +1752,7 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict]
     lines = [
         "# Worst-group benchmark: hyper-parameter sweep (validation data only)",
         "",
-        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        _command_line(),
         "",
         f"Seeds {', '.join(map(str, seeds))}; settings {', '.join(s['name'] for s in settings)}; "
         f"methods {', '.join(sorted({r['method'] for r in rows}))} (KD, GroupDistil: teachers "
@@ -1790,7 +1803,7 @@ def write_sweep(rows: list[dict], args: argparse.Namespace, settings: list[dict]
             + f" | {100 * statistics.fmean(float(r['val_worst']) for r in group):.2f} | "
             f"{100 * statistics.fmean(float(r['val_average']) for r in group):.2f} | " + " | ".join(per_setting) + " |"
         )
-    (out / f"{stem}_sweep.md").write_text("\n".join(lines) + "\n")
+    _write_lines(out / f"{stem}_sweep.md", lines)
     return winners
 
 
@@ -1935,7 +1948,7 @@ def write_calibration(rows: list[dict], args: argparse.Namespace, path: Path, wa
     lines = [
         "# Synthetic Waterbirds calibration (baselines only, validation data only)",
         "",
-        f"Command: `{' '.join(['python benchmarks/worst_group.py', *sys.argv[1:]])}`",
+        _command_line(),
         "",
         f"Seeds done: {', '.join(map(str, seeds))} ({args.seeds} asked from {args.first_seed}); validation "
         f"{args.wb_val_per_group} images per group (test pool {args.wb_test_per_group} per group, not used here), "
@@ -1977,8 +1990,7 @@ def write_calibration(rows: list[dict], args: argparse.Namespace, path: Path, wa
             f"{get('erm_natural/worst')} | {pct(c['erm_gap'])} | {c.get('erm_natural/epoch', float('nan')):.1f} | "
             f"{get('erm_balanced/average')} | {get('erm_balanced/worst')} | {get('group_dro/worst')} | {mark} |"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    _write_lines(path, lines)
     return chosen
 
 

@@ -736,3 +736,23 @@ def test_a_csv_write_that_fails_leaves_the_previous_file(tmp_path):
         worst_group._write_csv(path, [{"setting": "s", "seed": 1}, {"other": 2}], ["setting", "seed"])
     assert path.read_bytes() == b"setting,seed\r\ns,0\r\n"
     assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left behind
+
+
+def test_a_summary_write_that_fails_leaves_the_previous_file(tmp_path, monkeypatch):
+    """The Markdown summaries are replaced only by a complete new file, like the CSVs: a write that stops half way
+    (here a full disk) leaves the previous summary."""
+    path = tmp_path / "out" / "summary.md"
+    worst_group._write_lines(path, ["# title", "", "a line"])
+    assert path.read_text() == "# title\n\na line\n"
+
+    def half_then_disk_full(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        worst_group._write_lines(path, ["# a new title", "", "another line"])
+    monkeypatch.undo()
+    assert path.read_text() == "# title\n\na line\n"
+    assert [p.name for p in path.parent.iterdir()] == ["summary.md"]  # no temporary file left behind
