@@ -19,8 +19,9 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
   - ``kd``: ``DistillationLoss`` (Hinton KD + CE + soft Dice) from the teacher;
   - ``groupdistil``: ``GroupDistillationLoss`` (the same per-sample loss under the group-DRO objective) from it.
 
-  The teacher's outputs on the training slices are computed once per seed (``TeacherOutputCache``) and shared by KD
-  and GroupDistil.
+  The teacher's outputs on the training slices are computed once per seed, up front in slice order
+  (``filled_teacher_cache``), and shared by KD and GroupDistil, so a student's numbers do not depend on the students
+  trained before it.
 - **Hyper-parameters**: every method's (sampler, alpha, step size, ``absent_groups``, adjustment) are the validation
   winners of the classification benchmark's sweep (``HYPER`` there and here; not tuned for segmentation;
   ``--hyper '{"groupdistil": {"weight_by": "ce"}}'`` updates them for one run, ``--methods`` trains some students
@@ -77,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "shared
 from worst_group_stats import paired_bootstrap_ci, paired_difference  # noqa: E402
 
 from monai_groupdistil.data import MNMS_VENDORS, GroupBalancedSampler, load_mnms_datalist
-from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache, run_teacher  # noqa: E402
 from monai_groupdistil.losses import (  # noqa: E402
     DistillationLoss,
     GroupDistillationLoss,
@@ -299,6 +300,26 @@ def train(method: str, data: dict, epochs: int, lr: float, seed: int, teacher=No
         "weights": chosen["weights"],
         "history": history,
     }
+
+
+def filled_teacher_cache(
+    teacher: torch.nn.Module, items: Sequence[dict], batch_size: int = BATCH_SIZE
+) -> TeacherOutputCache:
+    """A teacher-output cache holding the teacher's logits for every training slice, computed in one pass in the
+    order of ``items``, in batches of the training batch size.
+
+    Filled on demand instead, the cache would compute the missing slices of each training batch, so its values would
+    depend on which student filled it: a convolution's last bits change with the batch size (an epoch's last batch
+    is smaller), and a change in the sixth decimal of the teacher's logits sends a student's training elsewhere (a
+    GroupDistil student trained after KD selected other epochs than the same student trained alone). Filled up
+    front, every student of a teacher reads the same targets, whatever trained before it (the classification
+    benchmark's ``filled_teacher_cache`` does the same)."""
+    cache = TeacherOutputCache(id_key="id")
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        images = torch.stack([it["image"] for it in batch])
+        run_teacher(teacher, images, cache=cache, batchdata={"id": [it["id"] for it in batch]})
+    return cache
 
 
 def select_epoch(history: Sequence[dict]) -> dict:
@@ -570,8 +591,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     for method, update in (args.hyper or {}).items():
         HYPER[method] = {**HYPER[method], **update}
     torch.set_num_threads(args.threads)
@@ -603,8 +624,7 @@ def main() -> None:
         volumes = make_split("train", args.train_subjects, train_fr, seed, args.size, args.matrix_scale)
         data = {"train": train_slices(volumes), "val": val, "test": test}
         print(f"seed {seed}: {len(data['train'])} training slices ({time.perf_counter() - t0:.0f} s)", flush=True)
-        cache = TeacherOutputCache(id_key="id")  # in memory; one teacher for KD and GroupDistil
-        teacher = None
+        teacher = cache = None
         for method in ("teacher", *args.methods):
             t1 = time.perf_counter()
             epochs = args.teacher_epochs if method == "teacher" else args.epochs
@@ -612,6 +632,7 @@ def main() -> None:
             r["seconds"] = time.perf_counter() - t1
             if method == "teacher":
                 teacher = r["network"]
+                cache = filled_teacher_cache(teacher, data["train"])  # in memory; shared by KD and GroupDistil
             rows.append(result_row(seed, method, epochs, r))
             history.extend(history_rows(seed, method, r["history"]))
             last = r["history"][-1]["val"]["worst"]

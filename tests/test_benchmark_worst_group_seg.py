@@ -298,3 +298,60 @@ def test_bad_hyper_or_methods_is_refused_with_the_argument_named(capsys, argv, m
     with pytest.raises(SystemExit):
         seg.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def _tiny_volumes(n: int = 8, size: int = 16, depth: int = 3) -> list[dict]:
+    """Volumes ``[1, size, size, depth]``, every slice labelled, the four vendors in turn: training takes seconds."""
+    rng = np.random.default_rng(7)
+    volumes = []
+    for i in range(n):
+        label = np.zeros((1, size, size, depth), dtype=np.float32)
+        label[0, 4:12, 4:12, :] = rng.integers(1, 4, size=(8, 8, depth))
+        image = label / 3 + rng.normal(0, 0.1, size=label.shape).astype(np.float32)
+        volumes.append({"image": torch.tensor(image), "label": torch.tensor(label), "group": i % 4, "case": f"c{i}"})
+    return volumes
+
+
+def test_the_teacher_cache_is_filled_up_front_so_a_student_does_not_depend_on_the_students_before_it(monkeypatch):
+    """Every slice's teacher logits are computed once, in slice order and training-size batches, before any student
+    trains; training then never runs the teacher, so KD and GroupDistil read the same targets in any order."""
+    volumes = _tiny_volumes()
+    items = seg.train_slices(volumes)
+    assert len(items) == 24
+    torch.manual_seed(0)
+    teacher = seg.teacher_net()
+    cache = seg.filled_teacher_cache(teacher, items)
+    assert len(cache) == len(items)
+    with torch.no_grad():  # an independent pass: slices 0-15, then 16-23
+        expected = torch.cat([teacher.eval()(torch.stack([it["image"] for it in items[s : s + 16]])) for s in (0, 16)])
+    keys = cache.ids_from_batch({"id": [it["id"] for it in items]})
+    for key, logits in zip(keys, expected):
+        assert torch.equal(cache.get(key), logits)
+
+    calls = []
+    teacher.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    data = {"train": items, "val": seg.stack_volumes(volumes), "test": seg.stack_volumes(volumes)}
+    after_kd = {}
+    for method in ("kd", "groupdistil"):
+        after_kd[method] = seg.train(method, data, 2, 1e-3, seed=3, teacher=teacher, cache=cache)
+    alone = seg.train(
+        "groupdistil", data, 2, 1e-3, seed=3, teacher=teacher, cache=seg.filled_teacher_cache(teacher, items)
+    )
+    assert calls == [16, 8]  # only the second fill ran the teacher (24 slices, batches of 16): training never did
+    for a, b in zip(after_kd["groupdistil"]["network"].state_dict().values(), alone["network"].state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["val"] for h in after_kd["groupdistil"]["history"]] == [h["val"] for h in alone["history"]]
+
+
+def test_every_student_starts_from_a_full_teacher_cache(tmp_path, monkeypatch):
+    """End to end (--quick): KD and GroupDistil each start training with the teacher's logits of every training slice
+    already in the cache they share (filled on demand, KD would start from an empty one and fill it for GroupDistil)."""
+    train, seen = seg.train, []
+
+    def recording_train(method, data, *args, cache=None, **kwargs):
+        seen.append((method, None if cache is None else len(cache), len(data["train"])))
+        return train(method, data, *args, cache=cache, **kwargs)
+
+    monkeypatch.setattr(seg, "train", recording_train)
+    seg.main(["--quick", "--methods", "kd", "groupdistil", "--out", str(tmp_path)])
+    assert [(m, c) for m, c, _ in seen] == [("teacher", None), ("kd", seen[0][2]), ("groupdistil", seen[0][2])]
