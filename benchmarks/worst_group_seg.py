@@ -22,12 +22,12 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
   The teacher's outputs on the training slices are computed once per seed, up front in slice order
   (``filled_teacher_cache``), and shared by KD and GroupDistil, so a student's numbers do not depend on the students
   trained before it.
-- **Hyper-parameters**: every method's (sampler, alpha, step size, ``absent_groups``, adjustment) are the validation
-  winners of the classification benchmark's sweep (``HYPER`` there and here; not tuned for segmentation;
+- **Hyper-parameters**: every method's (sampler, alpha, step size, ``absent_groups``, adjustment, weight decay) are
+  the validation winners of this benchmark's sweeps (``HYPER``; seeds 100-102, validation data only;
   ``--hyper '{"groupdistil": {"weight_by": "ce"}}'`` updates them for one run, ``--methods`` trains some students
-  only). Common to
-  every network: Adam, lr ``--lr`` annealed to 0 along a cosine over every iteration of ``--epochs`` epochs (teacher:
-  ``--teacher-epochs``), batch 16, temperature 4, soft-Dice weight 1, no augmentation. Every student has the same
+  only). Common to every network: AdamW (weight decay 0 is Adam), lr ``--lr`` annealed to 0 along a cosine over
+  every iteration of ``--epochs`` epochs (teacher: ``--teacher-epochs``), batch 16, temperature 4, soft-Dice
+  weight 1, no augmentation. Every student has the same
   number of epochs and iterations per epoch (``GroupBalancedSampler`` draws as many slices as the training split
   holds).
 - **Model selection on validation only**: after every epoch the network segments every validation volume slice by
@@ -97,13 +97,16 @@ TEMPERATURE = 4.0
 DICE_WEIGHT = 1.0
 BATCH_SIZE = 16
 VAL_SEED, TEST_SEED = 1000, 1001
-# Every method's hyper-parameters: the validation winners of the classification benchmark's sweep
-# (benchmarks/worst_group.py HYPER, docs/results.md "Sweep"), NOT tuned for segmentation. The teacher is trained like
-# the classification benchmark's ERM teacher (natural sampling, no group weighting).
+# Every method's hyper-parameters: the validation winners of the segmentation sweeps (seeds 100-102, validation data
+# only; docs/results_segmentation.md): sampler, step size, alpha and absent_groups from the defaults sweep
+# (results/worst_group_seg_sweep.csv), weight decay and GroupDRO's step size from the weight-decay sweep
+# (results/worst_group_seg_wd_sweep.csv). Until 2026-12-07 they were the classification benchmark's winners
+# (weight decay 0 everywhere). The teacher is trained like the classification benchmark's ERM teacher (natural
+# sampling, no group weighting, weight decay 0).
 HYPER: dict[str, dict] = {
     "teacher": {"sampler": "natural"},
-    "erm": {"sampler": "balanced", "weight_decay": 0.0},
-    "group_dro": {"step_size": 1.0, "adjustment": 0.0, "sampler": "balanced", "weight_decay": 0.0},
+    "erm": {"sampler": "balanced", "weight_decay": 1.0},
+    "group_dro": {"step_size": 1.0, "adjustment": 0.0, "sampler": "balanced", "weight_decay": 1.0},
     "kd": {"alpha": 0.5, "sampler": "natural", "weight_decay": 0.0},
     "groupdistil": {
         "alpha": 0.5,
@@ -111,7 +114,7 @@ HYPER: dict[str, dict] = {
         "absent_groups": "zero",
         "adjustment": 0.0,
         "sampler": "balanced",
-        "weight_decay": 0.0,
+        "weight_decay": 1.0,
     },
 }
 COMPARISONS = (("groupdistil", "kd"), ("groupdistil", "erm"), ("group_dro", "erm"), ("kd", "erm"), ("teacher", "erm"))
@@ -434,9 +437,9 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
         f"annotated slices as 2-D training samples. Validation {args.val_per_vendor} and test {args.test_per_vendor} "
         "subjects per vendor, the same for every seed (volumes per vendor A/B/C/D: validation "
         f"{'/'.join(map(str, meta['eval_volumes']['val']))}, test {'/'.join(map(str, meta['eval_volumes']['test']))}). "
-        f"{args.size} x {args.size} pixels over {FOV_MM:g} mm; {students}; Adam lr {args.lr} annealed to 0 along a "
+        f"{args.size} x {args.size} pixels over {FOV_MM:g} mm; {students}; AdamW lr {args.lr} annealed to 0 along a "
         f"cosine, batch {BATCH_SIZE}, temperature {TEMPERATURE}, soft-Dice weight {DICE_WEIGHT}. Method "
-        f"hyper-parameters (the classification benchmark's validation winners unless `--hyper` changed them): {hyper}. "
+        f"hyper-parameters (the segmentation sweeps' validation winners unless `--hyper` changed them): {hyper}. "
         "Model selection: best worst-vendor validation Dice.",
         "",
         "## Test Dice (%), mean over seeds [95 % bootstrap interval of the mean]",
