@@ -620,6 +620,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows, history = load_complete_seeds(args)
     kept = sorted({int(r["seed"]) for r in rows})
     note = f"; seeds {', '.join(map(str, kept))} from an earlier invocation (not in this wall time)" if kept else ""
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+
+    def write(done: int) -> None:
+        meta = {
+            "command": f"OMP_NUM_THREADS=1 python benchmarks/worst_group_seg.py {command}".rstrip(),
+            "done": done,
+            "wall": time.perf_counter() - start,
+            "when": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (last write)",
+            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs; {args.threads} torch "
+            f"thread(s); load average {', '.join(f'{v:.2f}' for v in os.getloadavg())} at the last write), torch "
+            f"{torch.__version__}",
+            "eval_volumes": eval_volumes,
+            "note": note,
+        }
+        write_outputs(rows, history, args, meta)
+
     todo = [s for s in range(args.first_seed, args.first_seed + args.seeds) if s not in kept]
     print(f"seeds kept from {args.out}: {kept}; to train: {todo}", flush=True)
     for done, seed in enumerate(todo, start=len(kept) + 1):
@@ -645,18 +661,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{100 * r['test']['mean_group']:.1f} ({r['seconds']:.0f} s)",
                 flush=True,
             )
-        meta = {
-            "command": f"OMP_NUM_THREADS=1 python benchmarks/worst_group_seg.py {' '.join(sys.argv[1:])}".rstrip(),
-            "done": done,
-            "wall": time.perf_counter() - start,
-            "when": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (last write)",
-            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs; {args.threads} torch "
-            f"thread(s); load average {', '.join(f'{v:.2f}' for v in os.getloadavg())} at the last write), torch "
-            f"{torch.__version__}",
-            "eval_volumes": eval_volumes,
-            "note": note,
-        }
-        write_outputs(rows, history, args, meta)
+        write(done)
+    if not todo and rows:  # every planned seed was already complete: the outputs are rewritten from the CSVs
+        write(len(kept))
     print(f"done in {(time.perf_counter() - start) / 60:.1f} min; {md}")
 
 
