@@ -388,3 +388,14 @@ def test_every_student_starts_from_a_full_teacher_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(seg, "train", recording_train)
     seg.main(["--quick", "--methods", "kd", "groupdistil", "--out", str(tmp_path)])
     assert [(m, c) for m, c, _ in seen] == [("teacher", None), ("kd", seen[0][2]), ("groupdistil", seen[0][2])]
+
+
+def test_resume_with_every_seed_complete_rewrites_the_outputs_from_the_csvs(tmp_path):
+    seg.main(["--quick", "--out", str(tmp_path)])
+    runs = (tmp_path / "results" / "worst_group_seg_runs.csv").read_text()
+    summary = tmp_path / "results_segmentation.md"
+    summary.unlink()
+    seg.main(["--quick", "--resume", "--out", str(tmp_path)])  # nothing to train
+    assert (tmp_path / "results" / "worst_group_seg_runs.csv").read_text() == runs
+    assert "| groupdistil - kd |" in summary.read_text()
+    assert "seeds 0 from an earlier invocation" in summary.read_text()
