@@ -22,12 +22,13 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
   The teacher's outputs on the training slices are computed once per seed, up front in slice order
   (``filled_teacher_cache``), and shared by KD and GroupDistil, so a student's numbers do not depend on the students
   trained before it.
-- **Hyper-parameters**: every method's (sampler, alpha, step size, ``absent_groups``, adjustment, weight decay) are
-  the validation winners of this benchmark's sweeps (``HYPER``; seeds 100-102, validation data only;
-  ``--hyper '{"groupdistil": {"weight_by": "ce"}}'`` updates them for one run, ``--methods`` trains some students
-  only). Common to every network: AdamW (weight decay 0 is Adam), lr ``--lr`` annealed to 0 along a cosine over
-  every iteration of ``--epochs`` epochs (teacher: ``--teacher-epochs``), batch 16, temperature 4, soft-Dice
-  weight 1, no augmentation. Every student has the same
+- **Hyper-parameters** (``HYPER``): chosen on this benchmark's validation data (seeds 100-102, and seeds 0-9 for
+  GroupDistil's weight decay): every method's weight decay, GroupDRO's step size, and GroupDistil's and KD's sampler,
+  alpha, step size and ``absent_groups``. ERM's and GroupDRO's sampler (balanced) and the adjustment (0) are the
+  classification benchmark's winners, not swept here. ``--hyper '{"groupdistil": {"weight_by": "ce"}}'`` updates
+  them for one run, ``--methods`` trains some students only. Common to every network: AdamW (weight decay 0 is
+  Adam), lr ``--lr`` annealed to 0 along a cosine over every iteration of ``--epochs`` epochs (teacher:
+  ``--teacher-epochs``), batch 16, temperature 4, soft-Dice weight 1, no augmentation. Every student has the same
   number of epochs and iterations per epoch (``GroupBalancedSampler`` draws as many slices as the training split
   holds).
 - **Model selection on validation only**: after every epoch the network segments every validation volume slice by
@@ -45,7 +46,7 @@ Outputs (``--out``, default ``docs/``), rewritten after every seed, so a stopped
 with the same ``--threads`` gives the same numbers.
 
 Usage:
-    python benchmarks/worst_group_seg.py                       # the default run (5 seeds; 31 min on one thread)
+    python benchmarks/worst_group_seg.py                       # the default run (5 seeds; about 36 min, one thread)
     python benchmarks/worst_group_seg.py --seeds 10 --resume   # adds seeds 5-9 to the CSVs under --out
     python benchmarks/worst_group_seg.py --quick --out /tmp/s  # 1 seed, tiny: about 20 s
 """
@@ -59,6 +60,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -97,14 +99,15 @@ TEMPERATURE = 4.0
 DICE_WEIGHT = 1.0
 BATCH_SIZE = 16
 VAL_SEED, TEST_SEED = 1000, 1001
-# Every method's hyper-parameters: the validation winners of the segmentation sweeps (validation data only;
-# docs/results_segmentation.md): sampler, step size, alpha and absent_groups from the defaults sweep
-# (results/worst_group_seg_sweep.csv, seeds 100-102), weight decay and GroupDRO's step size from the weight-decay
-# sweep (results/worst_group_seg_wd_sweep.csv, seeds 100-102), except GroupDistil's weight decay: 0 won a 10-seed
-# check on validation (seeds 0-9: results/worst_group_seg_tuned_runs.csv against _tuned_gd_wd0_runs.csv) after the
-# three-seed sweep had chosen 1.0. Until 2026-12-07 they were the classification benchmark's winners (weight decay 0
-# everywhere). The teacher is trained like the classification benchmark's ERM teacher (natural
-# sampling, no group weighting, weight decay 0).
+# Every method's hyper-parameters, chosen on this benchmark's validation data (docs/results_segmentation.md):
+# GroupDistil's and KD's sampler, step size, alpha and absent_groups from the defaults sweep
+# (results/worst_group_seg_sweep.csv, seeds 100-102); every method's weight decay and GroupDRO's step size from the
+# weight-decay sweep (results/worst_group_seg_wd_sweep.csv, seeds 100-102), except GroupDistil's weight decay: 0 won
+# a 10-seed check on validation (seeds 0-9: results/worst_group_seg_tuned_runs.csv against
+# _tuned_gd_wd0_runs.csv) after the three-seed sweep had chosen 1.0. ERM's and GroupDRO's sampler and the adjustment
+# are the classification benchmark's winners (not swept here), as every value was until 2026-12-07 (weight decay 0
+# everywhere then). The teacher is trained like the classification benchmark's ERM teacher (natural sampling, no
+# group weighting, weight decay 0).
 HYPER: dict[str, dict] = {
     "teacher": {"sampler": "natural"},
     "erm": {"sampler": "balanced", "weight_decay": 1.0},
@@ -441,7 +444,8 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
         f"{'/'.join(map(str, meta['eval_volumes']['val']))}, test {'/'.join(map(str, meta['eval_volumes']['test']))}). "
         f"{args.size} x {args.size} pixels over {FOV_MM:g} mm; {students}; AdamW lr {args.lr} annealed to 0 along a "
         f"cosine, batch {BATCH_SIZE}, temperature {TEMPERATURE}, soft-Dice weight {DICE_WEIGHT}. Method "
-        f"hyper-parameters (the segmentation sweeps' validation winners unless `--hyper` changed them): {hyper}. "
+        f"hyper-parameters (chosen on this benchmark's validation data, but for ERM's and GroupDRO's sampler and the "
+        f"adjustment, unless `--hyper` changed them): {hyper}. "
         "Model selection: best worst-vendor validation Dice.",
         "",
         "## Test Dice (%), mean over seeds [95 % bootstrap interval of the mean]",
@@ -622,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows, history = load_complete_seeds(args)
     kept = sorted({int(r["seed"]) for r in rows})
     note = f"; seeds {', '.join(map(str, kept))} from an earlier invocation (not in this wall time)" if kept else ""
-    command = " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(sys.argv[1:] if argv is None else argv)
 
     def write(done: int) -> None:
         meta = {

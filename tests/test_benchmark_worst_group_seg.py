@@ -1,9 +1,11 @@
-"""The segmentation worst-vendor benchmark's statistics, selection, evaluation and outputs (no full training run)."""
+"""The segmentation worst-vendor benchmark's statistics, selection, evaluation and outputs, and tiny end-to-end runs
+(``--quick``) of its main loop."""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import math
 import statistics
 import sys
@@ -353,7 +355,7 @@ def _tiny_volumes(n: int = 8, size: int = 16, depth: int = 3) -> list[dict]:
     return volumes
 
 
-def test_the_teacher_cache_is_filled_up_front_so_a_student_does_not_depend_on_the_students_before_it(monkeypatch):
+def test_the_teacher_cache_is_filled_up_front_so_a_student_does_not_depend_on_the_students_before_it():
     """Every slice's teacher logits are computed once, in slice order and training-size batches, before any student
     trains; training then never runs the teacher, so KD and GroupDistil read the same targets in any order."""
     volumes = _tiny_volumes()
@@ -384,7 +386,19 @@ def test_the_teacher_cache_is_filled_up_front_so_a_student_does_not_depend_on_th
     assert [h["val"] for h in after_kd["groupdistil"]["history"]] == [h["val"] for h in alone["history"]]
 
 
-def test_every_student_starts_from_a_full_teacher_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def in_process_main():
+    """``seg.main`` sets the process's torch thread count and logging; they are put back after the test."""
+    threads, root = torch.get_num_threads(), logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield seg.main
+    torch.set_num_threads(threads)
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+
+
+def test_every_student_starts_from_a_full_teacher_cache(tmp_path, monkeypatch, in_process_main):
     """End to end (--quick): KD and GroupDistil each start training with the teacher's logits of every training slice
     already in the cache they share (filled on demand, KD would start from an empty one and fill it for GroupDistil)."""
     train, seen = seg.train, []
@@ -394,16 +408,16 @@ def test_every_student_starts_from_a_full_teacher_cache(tmp_path, monkeypatch):
         return train(method, data, *args, cache=cache, **kwargs)
 
     monkeypatch.setattr(seg, "train", recording_train)
-    seg.main(["--quick", "--methods", "kd", "groupdistil", "--out", str(tmp_path)])
+    in_process_main(["--quick", "--methods", "kd", "groupdistil", "--out", str(tmp_path)])
     assert [(m, c) for m, c, _ in seen] == [("teacher", None), ("kd", seen[0][2]), ("groupdistil", seen[0][2])]
 
 
-def test_resume_with_every_seed_complete_rewrites_the_outputs_from_the_csvs(tmp_path):
-    seg.main(["--quick", "--out", str(tmp_path)])
+def test_resume_with_every_seed_complete_rewrites_the_outputs_from_the_csvs(tmp_path, in_process_main):
+    in_process_main(["--quick", "--out", str(tmp_path)])
     runs = (tmp_path / "results" / "worst_group_seg_runs.csv").read_text()
     summary = tmp_path / "results_segmentation.md"
     summary.unlink()
-    seg.main(["--quick", "--resume", "--out", str(tmp_path)])  # nothing to train
+    in_process_main(["--quick", "--resume", "--out", str(tmp_path)])  # nothing to train
     assert (tmp_path / "results" / "worst_group_seg_runs.csv").read_text() == runs
     assert "| groupdistil - kd |" in summary.read_text()
     assert "seeds 0 from an earlier invocation" in summary.read_text()
