@@ -81,6 +81,7 @@ from worst_group_stats import paired_bootstrap_ci, paired_difference  # noqa: E4
 
 from monai_groupdistil.data import MNMS_VENDORS, GroupBalancedSampler, load_mnms_datalist
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache, run_teacher  # noqa: E402
+from monai_groupdistil.engines.checkpoint_saver import atomic_write  # noqa: E402
 from monai_groupdistil.losses import (  # noqa: E402
     DistillationLoss,
     GroupDistillationLoss,
@@ -499,8 +500,9 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
 
 
 def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
-    """Write ``rows`` (exactly the keys ``fields``) to ``path`` with a header."""
-    with open(path, "w", newline="") as f:
+    """Write ``rows`` (exactly the keys ``fields``) to ``path`` with a header, whole and atomically (a run killed while
+    writing leaves the previous file, which ``--resume`` reads)."""
+    with atomic_write(path) as temporary, open(temporary, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="raise")
         writer.writeheader()
         writer.writerows(rows)
@@ -513,7 +515,8 @@ def write_outputs(rows: Sequence[dict], history: Sequence[dict], args: argparse.
     (out / "results").mkdir(parents=True, exist_ok=True)
     write_csv(out / "results" / "worst_group_seg_runs.csv", RUN_FIELDS, rows)
     write_csv(out / "results" / "worst_group_seg_history.csv", HISTORY_FIELDS, history)
-    (out / "results_segmentation.md").write_text(format_markdown(rows, history, args, meta))
+    with atomic_write(out / "results_segmentation.md") as temporary:
+        temporary.write_text(format_markdown(rows, history, args, meta))
 
 
 def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:

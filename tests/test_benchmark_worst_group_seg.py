@@ -421,3 +421,14 @@ def test_resume_with_every_seed_complete_rewrites_the_outputs_from_the_csvs(tmp_
     assert (tmp_path / "results" / "worst_group_seg_runs.csv").read_text() == runs
     assert "| groupdistil - kd |" in summary.read_text()
     assert "seeds 0 from an earlier invocation" in summary.read_text()
+
+
+def test_a_csv_write_that_fails_leaves_the_previous_file(tmp_path):
+    """The runs and history CSVs, which --resume reads, are replaced only by a complete new file."""
+    path = tmp_path / "runs.csv"
+    seg.write_csv(path, ["seed", "method"], [{"seed": 0, "method": "erm"}])
+    assert path.read_bytes() == b"seed,method\r\n0,erm\r\n"
+    with pytest.raises(ValueError, match="dict contains fields not in fieldnames"):  # fails after the header
+        seg.write_csv(path, ["seed", "method"], [{"seed": 1, "method": "kd"}, {"other": 2}])
+    assert path.read_bytes() == b"seed,method\r\n0,erm\r\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left behind
