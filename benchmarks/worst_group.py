@@ -163,7 +163,7 @@ from monai_groupdistil.data import (
     load_waterbirds_datalist,
     mnms_group_names,
 )
-from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache, run_teacher  # noqa: E402
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
 from monai_groupdistil.engines.checkpoint_saver import atomic_write  # noqa: E402
 from monai_groupdistil.handlers import HeldOutGroupDROHandler  # noqa: E402
 from monai_groupdistil.losses import DistillationLoss, GroupDistillationLoss, GroupDROLoss  # noqa: E402
@@ -872,9 +872,9 @@ def filled_teacher_cache(teacher: torch.nn.Module, data: dict, batch_size: int =
     it."""
     cache = TeacherOutputCache(id_key="id")
     images = data["train"]["image"]
-    for start in range(0, len(images), batch_size):
-        ids = torch.arange(start, min(start + batch_size, len(images)))
-        run_teacher(teacher, images[ids], cache=cache, batchdata={"id": ids})
+    ids = torch.arange(len(images))
+    starts = range(0, len(images), batch_size)
+    cache.fill(teacher, [{"image": images[s : s + batch_size], "id": ids[s : s + batch_size]} for s in starts])
     return cache
 
 

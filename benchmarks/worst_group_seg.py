@@ -80,7 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundles" / "shared
 from worst_group_stats import paired_bootstrap_ci, paired_difference  # noqa: E402
 
 from monai_groupdistil.data import MNMS_VENDORS, GroupBalancedSampler, load_mnms_datalist
-from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache, run_teacher  # noqa: E402
+from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
 from monai_groupdistil.engines.checkpoint_saver import atomic_write  # noqa: E402
 from monai_groupdistil.losses import (  # noqa: E402
     DistillationLoss,
@@ -324,10 +324,7 @@ def filled_teacher_cache(
     front, every student of a teacher reads the same targets, whatever trained before it (the classification
     benchmark's ``filled_teacher_cache`` does the same)."""
     cache = TeacherOutputCache(id_key="id")
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        images = torch.stack([it["image"] for it in batch])
-        run_teacher(teacher, images, cache=cache, batchdata={"id": [it["id"] for it in batch]})
+    cache.fill(teacher, DataLoader([{"image": it["image"], "id": it["id"]} for it in items], batch_size=batch_size))
     return cache
 
 

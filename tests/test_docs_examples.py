@@ -257,6 +257,7 @@ def test_readme_shell_commands_are_checked():
         "monai_groupdistil.losses.group_dro",
         "monai_groupdistil.losses.group_distillation",
         "monai_groupdistil.data.waterbirds",
+        "monai_groupdistil.engines.teacher_cache",
     ],
 )
 def test_docstring_examples_run(module):

@@ -252,3 +252,72 @@ def test_wrong_teacher_shape_on_partial_hits_stores_nothing_new(tmp_path, on_dis
     assert all(torch.equal(cache.get(str(i)), good[i]) for i in range(3))  # the stored values are untouched
     if on_disk:
         assert len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_fill_stores_one_fixed_pass_and_training_then_never_runs_the_teacher(tmp_path, on_disk):
+    data = make_data()
+    teacher = CountingTeacher()
+    cache = TeacherOutputCache(tmp_path / "cache" if on_disk else None, id_key="id")
+    assert cache.fill(teacher, DataLoader(data, batch_size=10, shuffle=False)) == 24
+    assert teacher.calls == 3 and len(cache) == 24 and not teacher.training
+    teacher.eval()
+    with torch.no_grad():  # an independent pass over the same batches: 0-9, 10-19, 20-23
+        for start in (0, 10, 20):
+            expected = teacher(torch.stack([d["image"] for d in data[start : start + 10]]))
+            for d, logits in zip(data[start : start + 10], expected):
+                assert torch.equal(cache.get(d["id"]), logits)
+    assert cache.fill(teacher, DataLoader(data, batch_size=10)) == 0  # nothing recomputed
+    assert teacher.calls == 6  # the 3 calls of the independent pass above, then none
+    before = {d["id"]: cache.get(d["id"]) for d in data}
+    student = make_student()
+    loss = GroupDistillationLoss(G, temperature=2.0, step_size=0.2)
+    loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    trainer = DistillationTrainer(
+        "cpu", 2, loader, student, torch.optim.SGD(student.parameters(), 0.1), loss,
+        teacher=teacher, teacher_cache=cache, train_handlers=[GroupDROHandler(loss)],
+    )  # fmt: skip
+    used = []
+    trainer.add_event_handler(
+        IterationEvents.LOSS_COMPLETED,
+        lambda e: used.extend(zip(e.state.batch["id"], e.state.output["teacher_pred"].clone())),
+    )
+    trainer.run()
+    assert teacher.calls == 6 and cache.misses == 24  # training never ran the teacher
+    assert len(used) == 48 and all(torch.equal(logits, before[sid]) for sid, logits in used)
+
+
+def test_fill_runs_the_teacher_through_the_inferer_on_its_device():
+    seen = []
+
+    def inferer(inputs, network):
+        seen.append((inputs.shape[0], inputs.device))
+        return 2 * network(inputs)
+
+    teacher = CountingTeacher()
+    cache = TeacherOutputCache(id_key="id")
+    batches = [{"image": torch.randn(3, 1, 6, 6), "id": torch.tensor([5, 6, 7])}]
+    assert cache.fill(teacher, batches, inferer=inferer) == 3
+    assert seen == [(3, torch.device("cpu"))]
+    teacher.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cache.get("6"), 2 * teacher(batches[0]["image"])[1], rtol=0, atol=1e-6)
+    identity = TeacherOutputCache(id_key="id")  # a teacher without parameters runs on the CPU
+    assert identity.fill(torch.nn.Flatten(), batches) == 3 and torch.equal(
+        identity.get("7"), batches[0]["image"][2, 0].flatten()
+    )
+
+
+def test_fill_refuses_a_batch_without_the_input_or_id_key_and_keeps_the_earlier_batches():
+    teacher = CountingTeacher()
+    cache = TeacherOutputCache(id_key="id")
+    good = {"image": torch.randn(2, 1, 6, 6), "id": ["a", "b"]}
+    with pytest.raises(KeyError, match=r"no input key 'img' \(image_key\); keys present: \['id', 'image'\]"):
+        cache.fill(teacher, [good], image_key="img")
+    assert len(cache) == 0 and teacher.calls == 0
+    with pytest.raises(KeyError, match="no sample-id key 'id'; keys present: \\['image'\\]"):
+        cache.fill(teacher, [good, {"image": torch.randn(2, 1, 6, 6)}])
+    assert len(cache) == 2 and "a" in cache and "b" in cache  # the first batch's values are complete and kept
+    with pytest.raises(ValueError, match="3 sample ids for a batch of 2 inputs"):
+        cache.fill(teacher, [{"image": torch.randn(2, 1, 6, 6), "id": ["c", "d", "e"]}])
+    assert len(cache) == 2 and teacher.calls == 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,8 @@ class TeacherOutputCache:
 
     Only the samples missing from a batch go through the teacher, so the batch sizes of the first epoch decide
     how the stored values were computed, and a convolution's last bits can depend on the batch size (about 1e-6
-    on CPU). Two runs that must be bit-identical whatever their sampler should fill the cache the same way first,
-    e.g. by calling :py:meth:`lookup` on the whole training set in a fixed order and batch size.
+    on CPU). Students that are compared, or runs that must be bit-identical whatever their sampler, should fill the
+    cache up front with :py:meth:`fill` (the whole training set in a fixed order and batch size).
 
     The sample id is read from ``batch[id_key]`` (a list of strings, e.g. file names or subject codes, or an
     integer tensor of indices). In memory the values live on ``storage_device`` (CPU by default); on disk every
@@ -158,6 +158,63 @@ class TeacherOutputCache:
             for path in self.cache_dir.glob("*.pt"):
                 path.unlink()
         self.hits = self.misses = 0
+
+    def fill(
+        self,
+        teacher: torch.nn.Module,
+        batches: Iterable[Mapping],
+        image_key: str = "image",
+        inferer: Callable | None = None,
+        device: str | torch.device | None = None,
+    ) -> int:
+        """Store the teacher's outputs of every sample of ``batches``, one pass, in the order and batch sizes given.
+
+        Filled during training instead, the cache computes the samples missing from each training batch, and a
+        convolution's last bits depend on the batch size (an epoch's last batch is smaller): students that share a
+        cache would then read targets that differ in the sixth decimal according to which student filled it, enough
+        to move a student's selected epoch. Filled up front, every student of a teacher reads the same outputs.
+        Samples already stored are not computed again.
+
+        Args:
+            teacher: the frozen teacher (put in eval mode, run under ``torch.no_grad()``).
+            batches: collated batches holding ``image_key`` (``[B, ...]``) and the cache's ``id_key``, e.g. a
+                ``monai.data.DataLoader`` over the training dataset with ``shuffle=False`` and the training batch
+                size. The preprocessing must be the training one without random transforms.
+            image_key: key of the teacher's input in a batch.
+            inferer: a MONAI ``Inferer`` the teacher runs through (that of the trainer); ``None`` calls it directly.
+            device: device of the teacher's inputs; ``None`` uses the device of the teacher's first parameter (CPU
+                for a teacher without parameters).
+
+        Returns:
+            the number of samples computed by the teacher (those not already stored).
+
+        Raises:
+            KeyError: when a batch lacks ``image_key`` or the sample-id key (the keys present are named).
+            ValueError: when a batch's sample ids and inputs differ in number.
+
+        Example::
+
+            >>> import torch
+            >>> from monai.data import DataLoader
+            >>> teacher = torch.nn.Linear(4, 3)
+            >>> data = [{"image": torch.randn(4), "id": f"case{i}"} for i in range(5)]
+            >>> cache = TeacherOutputCache(id_key="id")
+            >>> cache.fill(teacher, DataLoader(data, batch_size=2, shuffle=False)), len(cache)
+            (5, 5)
+        """
+        if device is None:
+            device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
+        before = self.misses
+        for batch in batches:
+            if not isinstance(batch, Mapping) or image_key not in batch:
+                present = sorted(map(str, batch.keys())) if isinstance(batch, Mapping) else type(batch)
+                raise KeyError(
+                    f"TeacherOutputCache.fill: the batch has no input key '{image_key}' (image_key); keys present: "
+                    f"{present}."
+                )
+            inputs = torch.as_tensor(batch[image_key]).to(device)
+            run_teacher(teacher, inputs, inferer, cache=self, batchdata=batch)
+        return self.misses - before
 
     def lookup(
         self,
