@@ -321,3 +321,6 @@ def test_fill_refuses_a_batch_without_the_input_or_id_key_and_keeps_the_earlier_
     with pytest.raises(ValueError, match="3 sample ids for a batch of 2 inputs"):
         cache.fill(teacher, [{"image": torch.randn(2, 1, 6, 6), "id": ["c", "d", "e"]}])
     assert len(cache) == 2 and teacher.calls == 1
+    with pytest.raises(TypeError, match="each batch must be a dictionary holding 'image' and 'id', got list"):
+        cache.fill(teacher, [[torch.randn(2, 1, 6, 6), ["f", "g"]]])
+    assert len(cache) == 2 and teacher.calls == 1

@@ -189,6 +189,7 @@ class TeacherOutputCache:
             the number of samples computed by the teacher (those not already stored).
 
         Raises:
+            TypeError: when a batch is not a dictionary.
             KeyError: when a batch lacks ``image_key`` or the sample-id key (the keys present are named).
             ValueError: when a batch's sample ids and inputs differ in number.
 
@@ -206,11 +207,15 @@ class TeacherOutputCache:
             device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         before = self.misses
         for batch in batches:
-            if not isinstance(batch, Mapping) or image_key not in batch:
-                present = sorted(map(str, batch.keys())) if isinstance(batch, Mapping) else type(batch)
+            if not isinstance(batch, Mapping):
+                raise TypeError(
+                    f"TeacherOutputCache.fill: each batch must be a dictionary holding '{image_key}' and "
+                    f"'{self.id_key}', got {type(batch).__name__}."
+                )
+            if image_key not in batch:
                 raise KeyError(
                     f"TeacherOutputCache.fill: the batch has no input key '{image_key}' (image_key); keys present: "
-                    f"{present}."
+                    f"{sorted(map(str, batch.keys()))}."
                 )
             inputs = torch.as_tensor(batch[image_key]).to(device)
             run_teacher(teacher, inputs, inferer, cache=self, batchdata=batch)
