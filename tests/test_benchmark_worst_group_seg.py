@@ -109,6 +109,26 @@ def _validation_winner(path: Path, method: str, keys: list[str]) -> dict:
     return dict(zip(keys, ranked[0]))
 
 
+def _baseline_winner(method: str, sweeps: list[tuple[Path, str | None]]) -> tuple:
+    """The (sampler, weight decay, step size) of ``method`` chosen by the baselines' sweep rule over the pooled rows
+    of several sweep CSVs (``sweeps``: a path and the sampler of its rows when it has no sampler column): the highest
+    mean worst-vendor validation Dice over seeds 100-102; configurations within 0.1 points of it go to the higher
+    vendor-mean validation Dice, then to the balanced sampler and the larger step size."""
+    scores: dict[tuple, list[tuple[float, float]]] = {}
+    for path, sampler in sweeps:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["method"] == method:
+                    step = float(r["step_size"]) if r["step_size"] else None
+                    config = (r.get("sampler") or sampler, float(r["weight_decay"]), step)
+                    scores.setdefault(config, []).append((float(r["val_worst"]), float(r["val_mean_group"])))
+    assert scores and all(len(v) == 3 for v in scores.values())  # seeds 100-102
+    worst = {c: statistics.fmean(w for w, _ in v) for c, v in scores.items()}
+    mean = {c: statistics.fmean(m for _, m in v) for c, v in scores.items()}
+    tied = [c for c in scores if worst[c] >= max(worst.values()) - 0.001]
+    return max(tied, key=lambda c: (mean[c], c[0] == "balanced", c[2] or 0.0))
+
+
 def test_hyper_parameters_are_the_winners_of_the_committed_segmentation_sweeps():
     results = ROOT / "docs" / "results"
     defaults, wd = results / "worst_group_seg_sweep.csv", results / "worst_group_seg_wd_sweep.csv"
@@ -121,10 +141,7 @@ def test_hyper_parameters_are_the_winners_of_the_committed_segmentation_sweeps()
     )
     kd = _validation_winner(defaults, "kd", ["sampler", "alpha"])
     assert (kd["sampler"], float(kd["alpha"])) == (seg.HYPER["kd"]["sampler"], seg.HYPER["kd"]["alpha"])
-    for method in ("erm", "kd"):
-        assert (
-            float(_validation_winner(wd, method, ["weight_decay"])["weight_decay"]) == seg.HYPER[method]["weight_decay"]
-        ), method
+    assert float(_validation_winner(wd, "kd", ["weight_decay"])["weight_decay"]) == seg.HYPER["kd"]["weight_decay"]
     # GroupDistil's weight decay: the three-seed sweep chose 1.0, a 10-seed check on validation chose 0
     assert float(_validation_winner(wd, "groupdistil", ["weight_decay"])["weight_decay"]) == 1.0
     scores = {}
@@ -133,11 +150,11 @@ def test_hyper_parameters_are_the_winners_of_the_committed_segmentation_sweeps()
             scores[decay] = [float(r["val_worst"]) for r in csv.DictReader(f) if r["method"] == "groupdistil"]
     assert len(scores[0.0]) == len(scores[1.0]) == 10
     assert seg.HYPER["groupdistil"]["weight_decay"] == max(scores, key=lambda d: statistics.fmean(scores[d]))
-    dro = _validation_winner(wd, "group_dro", ["weight_decay", "step_size"])
-    assert (float(dro["weight_decay"]), float(dro["step_size"])) == (
-        seg.HYPER["group_dro"]["weight_decay"],
-        seg.HYPER["group_dro"]["step_size"],
-    )
+    # ERM and GroupDRO: the weight-decay sweep (balanced sampler) and the baselines' sweep, pooled, by the rule
+    for method in ("erm", "group_dro"):
+        hyper = seg.HYPER[method]
+        winner = _baseline_winner(method, [(wd, "balanced"), (results / "worst_group_seg_baseline_sweep.csv", None)])
+        assert winner == (hyper["sampler"], hyper["weight_decay"], hyper.get("step_size")), method
     assert seg.HYPER["teacher"] == worst_group.teacher_hyper("erm")  # the classification benchmark's ERM teacher
 
 
