@@ -324,3 +324,45 @@ def test_fill_refuses_a_batch_without_the_input_or_id_key_and_keeps_the_earlier_
     with pytest.raises(TypeError, match="each batch must be a dictionary holding 'image' and 'id', got list"):
         cache.fill(teacher, [[torch.randn(2, 1, 6, 6), ["f", "g"]]])
     assert len(cache) == 2 and teacher.calls == 1
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_stored_outputs_of_another_teacher_are_refused_when_read(tmp_path, on_disk):
+    """A cache filled by a teacher of 3 classes (or a cache_dir left by another run) is refused by a student of 2
+    classes at the first batch, with both shapes named, and is left as it was."""
+    data = make_data(8)
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    cache = TeacherOutputCache(tmp_path if on_disk else None, id_key="id")
+    cache.fill(other, DataLoader(data, batch_size=4))
+    reread = TeacherOutputCache(tmp_path, id_key="id") if on_disk else cache  # a later run on the same folder
+    teacher = CountingTeacher()
+    batch = {"image": torch.stack([d["image"] for d in data[:4]]), "id": [d["id"] for d in data[:4]]}
+    with pytest.raises(
+        ValueError,
+        match=r"stored teacher outputs of \['case000', 'case001', 'case002'\] \.\.\. have shape \(3,\) per sample, but "
+        r"the student output has shape \(2,\) per sample; .*use a fresh cache_dir",
+    ):
+        reread.lookup(batch, batch["image"], teacher, expected_shape=(4, 2))
+    assert teacher.calls == 0 and len(reread) == 8 and reread.get("case001").shape == (3,)
+
+
+def test_fill_warns_when_the_loaders_dataset_has_random_transforms():
+    data = make_data(4)
+    loader = DataLoader(Dataset(data, RandFlipd(keys="image", prob=0.5, spatial_axis=0)), batch_size=2)
+    with pytest.warns(UserWarning, match="fill: the loader's dataset transform holds random transforms"):
+        TeacherOutputCache(id_key="id").fill(CountingTeacher(), loader)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TeacherOutputCache(id_key="id").fill(CountingTeacher(), DataLoader(Dataset(data, ScaleIntensityd("image"))))
+
+
+def test_fill_stores_plain_tensors_from_metatensor_inputs():
+    from monai.data import MetaTensor
+
+    images = MetaTensor(torch.randn(3, 1, 6, 6), meta={"filename_or_obj": "x.nii.gz"})
+    cache = TeacherOutputCache(id_key="id")
+    teacher = CountingTeacher()
+    cache.fill(teacher, [{"image": images, "id": ["a", "b", "c"]}])
+    assert type(cache.get("b")) is torch.Tensor
+    with torch.no_grad():
+        assert torch.equal(cache.get("b"), teacher.eval()(images.as_tensor())[1])

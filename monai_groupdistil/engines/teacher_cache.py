@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ class TeacherOutputCache:
     epoch and must run online: do not use a cache there (:py:class:`DistillationTrainer` ignores a cache, with a
     warning, when its dataset's transform holds random transforms, unless ``cache_with_random_transforms=True``).
     Use a fresh ``cache_dir`` whenever the teacher, its weights or the preprocessing change: stored values are never
-    invalidated. A teacher output of the wrong shape (``expected_shape``) is refused before anything is stored.
+    invalidated. A teacher output of the wrong shape (``expected_shape``) is refused before anything is stored, and
+    a stored output of the wrong shape (another teacher's) is refused when it is read.
 
     Only the samples missing from a batch go through the teacher, so the batch sizes of the first epoch decide
     how the stored values were computed, and a convolution's last bits can depend on the batch size (about 1e-6
@@ -173,7 +175,10 @@ class TeacherOutputCache:
         convolution's last bits depend on the batch size (an epoch's last batch is smaller): students that share a
         cache would then read targets that differ in the sixth decimal according to which student filled it, enough
         to move a student's selected epoch. Filled up front, every student of a teacher reads the same outputs.
-        Samples already stored are not computed again.
+        Samples already stored are not computed again, so a ``fill`` that failed part way (a bad batch raises; the
+        batches before it stay stored) resumes where it stopped when called again. The teacher gets
+        ``batch[image_key]`` as it is (no ``prepare_batch``) and runs in full precision (no ``amp`` autocast), and
+        its outputs are checked against the student's shape when training reads them.
 
         Args:
             teacher: the frozen teacher (put in eval mode, run under ``torch.no_grad()``).
@@ -203,6 +208,13 @@ class TeacherOutputCache:
             >>> cache.fill(teacher, DataLoader(data, batch_size=2, shuffle=False)), len(cache)
             (5, 5)
         """
+        if has_random_transforms(getattr(getattr(batches, "dataset", None), "transform", None)):
+            warnings.warn(
+                "TeacherOutputCache.fill: the loader's dataset transform holds random transforms, so the stored "
+                "outputs are those of one random view of each sample; DistillationTrainer ignores a cache with such a "
+                "dataset (see its cache_with_random_transforms). Fill it from the deterministic preprocessing.",
+                stacklevel=2,
+            )
         if device is None:
             device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         before = self.misses
@@ -230,8 +242,8 @@ class TeacherOutputCache:
     ) -> torch.Tensor:
         """Teacher outputs of a batch: stored values where present, ``teacher`` run on the missing samples only.
 
-        The outputs computed for the missing samples are checked against ``expected_shape`` *before* any of them is
-        stored, so a failed call leaves the cache (memory and disk) as it was.
+        The stored outputs and those computed for the missing samples are checked against ``expected_shape``, the
+        computed ones *before* any of them is stored, so a failed call leaves the cache (memory and disk) as it was.
 
         Args:
             batchdata: the collated batch (holds ``id_key``).
@@ -246,7 +258,7 @@ class TeacherOutputCache:
 
         Raises:
             KeyError: when the sample-id key is missing.
-            ValueError: when the ids and the batch size differ, or when the computed outputs do not match
+            ValueError: when the ids and the batch size differ, or when the stored or computed outputs do not match
                 ``expected_shape`` (both shapes are named; nothing is stored).
         """
         keys = self.ids_from_batch(batchdata)
@@ -257,6 +269,16 @@ class TeacherOutputCache:
         if self.cache_dir is not None:
             found = [self.get(k) if v is None else v for k, v in zip(keys, found)]
         missing = [i for i, v in enumerate(found) if v is None]
+        if expected_shape is not None:  # a cache_dir filled by another teacher, or a cache filled by a wrong one
+            per_sample = tuple(int(d) for d in expected_shape)[1:]
+            wrong = [keys[i] for i, v in enumerate(found) if v is not None and tuple(v.shape) != per_sample]
+            if wrong:
+                shape = tuple(found[keys.index(wrong[0])].shape)  # type: ignore[union-attr]
+                raise ValueError(
+                    f"teacher cache: the stored teacher outputs of {wrong[:3]}{' ...' if len(wrong) > 3 else ''} have "
+                    f"shape {shape} per sample, but the student output has shape {per_sample} per sample; the cache "
+                    "holds another teacher's or another preprocessing's outputs: use a fresh cache_dir (or clear())."
+                )
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
