@@ -35,6 +35,12 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
   slice; the Dice of LV, MYO and RV of every volume (MONAI ``DiceMetric``) is averaged per vendor; the epoch with the
   best worst-vendor validation Dice is selected (ties: the vendor-mean Dice, then the later epoch), and only it is
   evaluated on the test split.
+- **The held-out update** (``--hyper '{"groupdistil": {"update": "held_out", "held_out_step_size": 1.0}}'``, also for
+  ``group_dro``): the validation subjects are halved vendor by vendor (``split_validation``, as the segmentation
+  bundle does); the student selects its epoch on the first half, and ``HeldOutGroupDROHandler`` steps its DRO
+  weights after every epoch on the second half, while the training batches only apply them. ``--select-on half``
+  makes every student select on the first half, so that arms with and without it are compared on the same
+  selection data.
 - **Statistics** (test split, selected epoch): worst-vendor Dice, vendor-mean Dice, the minority vendor's Dice, per
   structure, for every network: the mean over seeds with a 95 % bootstrap interval of the mean; per-seed paired
   differences (``COMPARISONS``) with a paired 95 % percentile bootstrap interval over seeds (10,000 resamples,
@@ -70,6 +76,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Events
+from monai.data import partition_dataset_classes
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
 from monai.utils import set_determinism
@@ -82,6 +89,7 @@ from worst_group_stats import paired_bootstrap_ci, paired_difference  # noqa: E4
 from monai_groupdistil.data import MNMS_VENDORS, GroupBalancedSampler, load_mnms_datalist
 from monai_groupdistil.engines import DistillationTrainer, TeacherOutputCache  # noqa: E402
 from monai_groupdistil.engines.checkpoint_saver import atomic_write  # noqa: E402
+from monai_groupdistil.handlers import HeldOutGroupDROHandler  # noqa: E402
 from monai_groupdistil.losses import (  # noqa: E402
     DistillationLoss,
     GroupDistillationLoss,
@@ -185,6 +193,23 @@ def train_slices(volumes: list[dict]) -> list[dict]:
     return items
 
 
+def subject_of(volume: dict) -> str:
+    """The subject of a volume (its ``case`` is ``<subject>_<frame>``)."""
+    return volume["case"].rsplit("_", 1)[0]
+
+
+def split_validation(volumes: list[dict], seed: int = VAL_SEED) -> tuple[list[dict], list[dict]]:
+    """The validation volumes in two halves of subjects, vendor by vendor (``monai.data.partition_dataset_classes``,
+    the vendors as classes, ratios 1:1, shuffled with ``seed``), as the segmentation bundle splits its validation
+    subjects for ``dro_update`` held_out; both frames of a subject fall in the same half. The first half selects
+    the epoch, the second gives the per-vendor losses of the held-out DRO update (DFR's split)."""
+    vendor = {subject_of(v): v["group"] for v in volumes}
+    subjects = list(vendor)
+    parts = partition_dataset_classes(subjects, [vendor[s] for s in subjects], ratios=[1, 1], shuffle=True, seed=seed)
+    first = set(parts[0])
+    return [v for v in volumes if subject_of(v) in first], [v for v in volumes if subject_of(v) not in first]
+
+
 def stack_volumes(volumes: list[dict]) -> dict:
     """Every slice of ``volumes`` in one batch (``image`` ``[S, 1, H, W]``, ``label`` ``[S, H, W]``), for evaluation."""
     return {
@@ -229,11 +254,19 @@ def make_loss(method: str, num_groups: int) -> torch.nn.Module:
     if method not in HYPER:
         raise ValueError(f"unknown method {method!r}; expected one of {ARMS}.")
     h = HYPER[method]
+    update = h.get("update", "batch")
+    if update not in ("batch", "held_out"):
+        raise ValueError(f"{method}: update={update!r}, expected 'batch' or 'held_out'.")
+    if update == "held_out" and method not in ("group_dro", "groupdistil"):
+        raise ValueError(f"update='held_out' needs a group-DRO loss, not method {method!r}.")
+    # the held-out update: the training calls only apply the weights; HeldOutGroupDROHandler steps them
+    held_out = {"update": "held_out"} if update == "held_out" else {}
+    step = h["held_out_step_size"] if held_out else h.get("step_size")
     if method in ("erm", "teacher"):
         return PerSampleDiceCELoss(dice_weight=DICE_WEIGHT)
     if method == "group_dro":
         return GroupDROLoss(
-            PerSampleDiceCELoss(DICE_WEIGHT, reduction="none"), num_groups, h["step_size"], adjustment=h["adjustment"]
+            PerSampleDiceCELoss(DICE_WEIGHT, reduction="none"), num_groups, step, adjustment=h["adjustment"], **held_out
         )
     if method == "kd":
         return DistillationLoss(TEMPERATURE, h["alpha"], dice_weight=DICE_WEIGHT)
@@ -242,18 +275,30 @@ def make_loss(method: str, num_groups: int) -> torch.nn.Module:
             num_groups,
             TEMPERATURE,
             h["alpha"],
-            h["step_size"],
+            step,
             adjustment=h["adjustment"],
             absent_groups=h["absent_groups"],
             dice_weight=DICE_WEIGHT,
             weight_by=h.get("weight_by", "loss"),
+            **held_out,
         )
     raise AssertionError(f"HYPER has {method!r} but make_loss does not build it.")
 
 
-def train(method: str, data: dict, epochs: int, lr: float, seed: int, teacher=None, cache=None) -> dict:
-    """Train one network; returns the selected epoch's validation and test results and the validation history."""
+def train(
+    method: str, data: dict, epochs: int, lr: float, seed: int, teacher=None, cache=None, select_on: str = "all"
+) -> dict:
+    """Train one network; returns the selected epoch's validation and test results and the validation history.
+
+    The epoch is selected on the whole validation split (``data["val"]``), or, for a student with the held-out update
+    or with ``select_on`` "half", on its first half (``data["val_select"]``); with the held-out update,
+    ``HeldOutGroupDROHandler`` steps the DRO weights after every epoch on the second half (``data["val_held_out"]``,
+    slices in batches of 64), after the epoch's record, so the recorded weights are those the epoch trained with."""
+    if select_on not in ("all", "half"):
+        raise ValueError(f"select_on={select_on!r}: expected 'all' or 'half'.")
     num_groups = len(MNMS_VENDORS)
+    held_out = HYPER[method].get("update", "batch") == "held_out"
+    val = data["val_select"] if method != "teacher" and (held_out or select_on == "half") else data["val"]
     set_determinism(seed)
     network = teacher_net() if method == "teacher" else student_net()
     loss = make_loss(method, num_groups)
@@ -290,11 +335,13 @@ def train(method: str, data: dict, epochs: int, lr: float, seed: int, teacher=No
         history.append({
             "epoch": engine.state.epoch,
             "lr": optimizer.param_groups[0]["lr"],
-            "val": evaluate(network, data["val"], num_groups),
+            "val": evaluate(network, val, num_groups),
             "weights": weights.tolist() if weights is not None else None,
             "state": {k: v.clone() for k, v in network.state_dict().items()},
         })  # fmt: skip
 
+    if held_out:
+        HeldOutGroupDROHandler(loss, DataLoader(data["val_held_out"], batch_size=64)).attach(trainer)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: schedule.step())
     trainer.run()
     chosen = select_epoch(history)
@@ -423,6 +470,16 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
     seeds = sorted({int(r["seed"]) for r in rows})
     students = f"students {args.epochs} epochs, teacher {args.teacher_epochs} epochs"
     hyper = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in HYPER[m].items()) for m in ARMS)
+    held_out = [m for m in METHODS if HYPER[m].get("update", "batch") == "held_out"]
+    every = args.select_on == "half"
+    selection = ""
+    if held_out or every:
+        selection = (
+            f" ({'every student' if every else ', '.join(held_out)} on the first half of the validation subjects of "
+            "each vendor"
+            + (f"; the second half drives the held-out DRO update of {', '.join(held_out)}" if held_out else "")
+            + "; teachers on the whole split)"
+        )
     lines = [
         "# Worst-vendor segmentation benchmark (cardiac MRI, synthetic M&Ms layout)",
         "",
@@ -446,7 +503,7 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
         f"cosine, batch {BATCH_SIZE}, temperature {TEMPERATURE}, soft-Dice weight {DICE_WEIGHT}. Method "
         f"hyper-parameters (chosen on this benchmark's validation data, but for GroupDRO's adjustment, unless "
         f"`--hyper` changed them): {hyper}. "
-        "Model selection: best worst-vendor validation Dice.",
+        f"Model selection: best worst-vendor validation Dice{selection}.",
         "",
         "## Test Dice (%), mean over seeds [95 % bootstrap interval of the mean]",
         "",
@@ -581,6 +638,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help='JSON {method: {key: value}} updating HYPER for this run, e.g. \'{"groupdistil": {"weight_by": "ce"}}\'',
     )
+    parser.add_argument(
+        "--select-on",
+        choices=("all", "half"),
+        default="all",
+        help="students select their epoch on the whole validation split or on its first half (the half that a "
+        "student with the held-out update selects on: the same selection data for every arm)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 16 subjects, 2 epochs, 2 + 2 per vendor")
     parser.add_argument(
@@ -592,10 +656,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(ARMS)}")
     for method, update in (args.hyper or {}).items():
         known = {*HYPER[method], *(["weight_by"] if method == "groupdistil" else [])}  # make_loss reads these
+        if method in ("group_dro", "groupdistil"):
+            known |= {"update", "held_out_step_size"}
         if set(update) - known:
             parser.error(
                 f"--hyper: {method} has no key(s) {sorted(set(update) - known)}; expected some of {sorted(known)}"
             )
+        if update.get("update", "batch") not in ("batch", "held_out"):
+            parser.error(f"--hyper: {method} update={update['update']!r}; expected 'batch' or 'held_out'")
+        if update.get("update") == "held_out" and "held_out_step_size" not in {*update, *HYPER[method]}:
+            parser.error(f"--hyper: {method} update 'held_out' needs a held_out_step_size")
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs, args.train_subjects = 1, 2, 2, 16
         args.val_per_vendor, args.test_per_vendor = 2, 2
@@ -619,6 +689,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         name: [sum(v["group"] == g for v in vols) for g in range(len(MNMS_VENDORS))]
         for name, vols in (("val", val), ("test", test))
     }
+    val_select, val_held_out = split_validation(val)
+    halves = {"val_select": stack_volumes(val_select), "val_held_out": train_slices(val_held_out)}
     val, test = stack_volumes(val), stack_volumes(test)
     print(f"evaluation data: {eval_volumes} volumes per vendor ({time.perf_counter() - start:.0f} s)", flush=True)
     md = Path(args.out) / "results_segmentation.md"
@@ -649,13 +721,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     for done, seed in enumerate(todo, start=len(kept) + 1):
         t0 = time.perf_counter()
         volumes = make_split("train", args.train_subjects, train_fr, seed, args.size, args.matrix_scale)
-        data = {"train": train_slices(volumes), "val": val, "test": test}
+        data = {"train": train_slices(volumes), "val": val, "test": test, **halves}
         print(f"seed {seed}: {len(data['train'])} training slices ({time.perf_counter() - t0:.0f} s)", flush=True)
         teacher = cache = None
         for method in ("teacher", *args.methods):
             t1 = time.perf_counter()
             epochs = args.teacher_epochs if method == "teacher" else args.epochs
-            r = train(method, data, epochs, args.lr, seed, teacher=teacher, cache=cache)
+            r = train(method, data, epochs, args.lr, seed, teacher=teacher, cache=cache, select_on=args.select_on)
             r["seconds"] = time.perf_counter() - t1
             if method == "teacher":
                 teacher = r["network"]

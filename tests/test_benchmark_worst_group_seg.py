@@ -352,6 +352,13 @@ def test_hyper_and_methods_arguments(monkeypatch):
         (["--hyper", '{"kd": {"weight_by": "ce"}}'], "--hyper: kd has no key(s) ['weight_by']"),
         (["--methods", "jtt"], "argument --methods: invalid choice: 'jtt'"),
         (["--hyper", "{not json"], "argument --hyper: invalid loads value"),
+        (["--hyper", '{"kd": {"update": "held_out"}}'], "--hyper: kd has no key(s) ['update']"),
+        (["--hyper", '{"groupdistil": {"update": "heldout"}}'], "groupdistil update='heldout'; expected 'batch' or"),
+        (
+            ["--hyper", '{"group_dro": {"update": "held_out"}}'],
+            "group_dro update 'held_out' needs a held_out_step_size",
+        ),
+        (["--select-on", "third"], "argument --select-on: invalid choice: 'third'"),
     ],
 )
 def test_bad_hyper_or_methods_is_refused_with_the_argument_named(capsys, argv, message):
@@ -449,3 +456,58 @@ def test_a_csv_write_that_fails_leaves_the_previous_file(tmp_path):
         seg.write_csv(path, ["seed", "method"], [{"seed": 1, "method": "kd"}, {"other": 2}])
     assert path.read_bytes() == b"seed,method\r\n0,erm\r\n"
     assert [p.name for p in tmp_path.iterdir()] == ["runs.csv"]  # no temporary file left behind
+
+
+def _subject_volumes(per_vendor: int = 3) -> list[dict]:
+    """Two frames (ED, ES) of ``per_vendor`` subjects of each vendor, tiny, labelled."""
+    volumes = _tiny_volumes(n=8 * per_vendor)
+    for i, v in enumerate(volumes):
+        subject = i // 2
+        v["case"], v["group"] = f"S{subject:02d}_{('ED', 'ES')[i % 2]}", subject % 4
+    return volumes
+
+
+def test_the_validation_split_is_halved_by_subject_vendor_by_vendor():
+    volumes = _subject_volumes(per_vendor=4)
+    first, second = seg.split_validation(volumes)
+    assert sorted(v["case"] for v in first + second) == sorted(v["case"] for v in volumes)
+    subjects = [{seg.subject_of(v) for v in half} for half in (first, second)]
+    assert not subjects[0] & subjects[1]  # both frames of a subject in one half
+    assert all(sum(v["group"] == g for v in half) == 4 for half in (first, second) for g in range(4))
+    assert [v["case"] for v in seg.split_validation(volumes)[0]] == [v["case"] for v in first]  # fixed seed
+    assert [v["case"] for v in seg.split_validation(volumes, seed=5)[0]] != [v["case"] for v in first]
+
+
+def test_the_held_out_update_steps_the_weights_after_each_epoch_on_the_second_half(monkeypatch):
+    """With ``update`` held_out the training batches only apply the DRO weights (the first epoch trains with uniform
+    weights), the handler steps them after each epoch on the held-out half, and the epoch is selected on the first
+    half; with the batch update the weights move within the first epoch."""
+    volumes = _subject_volumes(per_vendor=2)
+    select, held_out = seg.split_validation(volumes)
+    data = {
+        "train": seg.train_slices(volumes),
+        "val": seg.stack_volumes(volumes),
+        "test": seg.stack_volumes(volumes),
+        "val_select": seg.stack_volumes(select),
+        "val_held_out": seg.train_slices(held_out),
+    }
+    torch.manual_seed(0)
+    teacher = seg.teacher_net().eval()
+    splits, evaluate = [], seg.evaluate
+    monkeypatch.setattr(seg, "evaluate", lambda net, split, n: splits.append(split) or evaluate(net, split, n))
+    held = {**seg.HYPER["groupdistil"], "update": "held_out", "held_out_step_size": 1.0}
+    monkeypatch.setitem(seg.HYPER, "groupdistil", held)
+    run = seg.train("groupdistil", data, 3, 1e-3, seed=1, teacher=teacher)
+    weights = [h["weights"] for h in run["history"]]
+    assert weights[0] == [0.25] * 4  # no training batch moved them
+    assert weights[1] != weights[0] and weights[2] != weights[1]  # one step after each epoch
+    assert all(split is data["val_select"] for split in splits[:3]) and splits[3] is data["test"]
+    monkeypatch.setitem(seg.HYPER, "groupdistil", {**held, "update": "batch"})
+    splits.clear()
+    batch = seg.train("groupdistil", data, 1, 1e-3, seed=1, teacher=teacher)
+    assert batch["history"][0]["weights"] != [0.25] * 4 and splits[0] is data["val"]
+    seg.train("groupdistil", data, 1, 1e-3, seed=1, teacher=teacher, select_on="half")
+    assert splits[2] is data["val_select"]
+    with pytest.raises(ValueError, match="update='held_out' needs a group-DRO loss, not method 'kd'"):
+        monkeypatch.setitem(seg.HYPER, "kd", {**seg.HYPER["kd"], "update": "held_out"})
+        seg.make_loss("kd", 4)
