@@ -115,7 +115,8 @@ VAL_SEED, TEST_SEED = 1000, 1001
 # a 10-seed check on validation (seeds 0-9: results/worst_group_seg_tuned_runs.csv against
 # _tuned_gd_wd0_runs.csv) after the three-seed sweep had chosen 1.0; ERM's and GroupDRO's sampler, and GroupDRO's step
 # size at weight decay 1.0, from the baselines' sweep (results/worst_group_seg_baseline_sweep.csv, seeds 100-102; ERM's
-# natural sampler by the tie rule: 0.04 points below the balanced one, higher vendor-mean Dice). GroupDRO's adjustment
+# natural sampler by the tie rule: 0.04 points below the balanced one, higher vendor-mean Dice); KD's recipe confirmed
+# on seeds 0-9 against weight decay 0.1 and the balanced sampler (_tuned_kd_*_runs.csv). GroupDRO's adjustment
 # (0) is the classification benchmark's winner, not swept here. Until 2026-12-07 every value but the teacher's came
 # from the classification benchmark (weight decay 0 everywhere then). The teacher is trained like the classification
 # benchmark's ERM teacher (natural sampling, no group weighting, weight decay 0).

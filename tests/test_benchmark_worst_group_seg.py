@@ -150,6 +150,20 @@ def test_hyper_parameters_are_the_winners_of_the_committed_segmentation_sweeps()
             scores[decay] = [float(r["val_worst"]) for r in csv.DictReader(f) if r["method"] == "groupdistil"]
     assert len(scores[0.0]) == len(scores[1.0]) == 10
     assert seg.HYPER["groupdistil"]["weight_decay"] == max(scores, key=lambda d: statistics.fmean(scores[d]))
+    # KD's 10-seed check: today's recipe against weight decay 0.1 and the balanced sampler (ties within 0.1: today's)
+    kd_scores = {}
+    for recipe, name in (
+        (("natural", 0.0), "worst_group_seg_tuned_runs.csv"),
+        (("natural", 0.1), "worst_group_seg_tuned_kd_wd0.1_runs.csv"),
+        (("balanced", 0.0), "worst_group_seg_tuned_kd_balanced_runs.csv"),
+    ):
+        with open(results / name, newline="") as f:
+            kd_scores[recipe] = [float(r["val_worst"]) for r in csv.DictReader(f) if r["method"] == "kd"]
+    assert all(len(v) == 10 for v in kd_scores.values())
+    best = max(kd_scores, key=lambda r: statistics.fmean(kd_scores[r]))
+    if statistics.fmean(kd_scores[best]) - statistics.fmean(kd_scores[("natural", 0.0)]) <= 0.001:
+        best = ("natural", 0.0)
+    assert best == (seg.HYPER["kd"]["sampler"], seg.HYPER["kd"]["weight_decay"])
     # ERM and GroupDRO: the weight-decay sweep (balanced sampler) and the baselines' sweep, pooled, by the rule
     for method in ("erm", "group_dro"):
         hyper = seg.HYPER[method]
