@@ -23,13 +23,13 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
   (``filled_teacher_cache``), and shared by KD and GroupDistil, so a student's numbers do not depend on the students
   trained before it.
 - **Hyper-parameters** (``HYPER``): chosen on this benchmark's validation data (seeds 100-102, and seeds 0-9 for
-  GroupDistil's weight decay): every method's weight decay and sampler, GroupDRO's step size, and GroupDistil's and
-  KD's alpha, step size and ``absent_groups``. GroupDRO's adjustment (0) is the classification benchmark's winner,
-  not swept here. ``--hyper '{"groupdistil": {"weight_by": "ce"}}'`` updates
-  them for one run, ``--methods`` trains some students only. Common to every network: AdamW (weight decay 0 is
-  Adam), lr ``--lr`` annealed to 0 along a cosine over every iteration of ``--epochs`` epochs (teacher:
-  ``--teacher-epochs``), batch 16, temperature 4, soft-Dice weight 1, no augmentation. Every student has the same
-  number of epochs and iterations per epoch (``GroupBalancedSampler`` draws as many slices as the training split
+  GroupDistil's weight decay and KD's recipe): every method's weight decay and sampler, GroupDRO's step size, and
+  GroupDistil's and KD's alpha, step size and ``absent_groups``; GroupDistil's batch DRO update against the held-out
+  one. GroupDRO's adjustment (0) is the classification benchmark's winner, not swept here. ``--hyper '{"groupdistil":
+  {"weight_by": "ce"}}'`` updates them for one run, ``--methods`` trains some students only. Common to every network:
+  AdamW (weight decay 0 is Adam), lr ``--lr`` annealed to 0 along a cosine over every iteration of ``--epochs`` epochs
+  (teacher: ``--teacher-epochs``), batch 16, temperature 4, soft-Dice weight 1, no augmentation. Every student has the
+  same number of epochs and iterations per epoch (``GroupBalancedSampler`` draws as many slices as the training split
   holds).
 - **Model selection on validation only**: after every epoch the network segments every validation volume slice by
   slice; the Dice of LV, MYO and RV of every volume (MONAI ``DiceMetric``) is averaged per vendor; the epoch with the
