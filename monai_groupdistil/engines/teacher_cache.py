@@ -218,17 +218,17 @@ class TeacherOutputCache:
         if device is None:
             device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         before = self.misses
+        # the trainer's batch check; imported here because the trainer module imports this one
+        from monai_groupdistil.engines.trainer import check_batch_keys
+
+        hints = {
+            image_key: "TeacherOutputCache.fill reads the teacher's input there: pass the batch's input key as "
+            "image_key.",
+            self.id_key: "The cache keys its samples by it: build the cache with id_key set to the batch's sample-id "
+            "key.",
+        }
         for batch in batches:
-            if not isinstance(batch, Mapping):
-                raise TypeError(
-                    f"TeacherOutputCache.fill: each batch must be a dictionary holding '{image_key}' and "
-                    f"'{self.id_key}', got {type(batch).__name__}."
-                )
-            if image_key not in batch:
-                raise KeyError(
-                    f"TeacherOutputCache.fill: the batch has no input key '{image_key}' (image_key); keys present: "
-                    f"{sorted(map(str, batch.keys()))}."
-                )
+            check_batch_keys(batch, [image_key, self.id_key], hints=hints)
             inputs = torch.as_tensor(batch[image_key]).to(device)
             run_teacher(teacher, inputs, inferer, cache=self, batchdata=batch)
         return self.misses - before
