@@ -250,6 +250,11 @@ def evaluate(network: torch.nn.Module, split: dict, num_groups: int, chunk: int 
 # ----------------------------------------------------------------------------------------------------- training
 
 
+def uses_held_out_update(method: str) -> bool:
+    """Whether ``method``'s ``HYPER`` asks for the held-out DRO update (``"update": "held_out"``)."""
+    return HYPER[method].get("update", "batch") == "held_out"
+
+
 def make_loss(method: str, num_groups: int) -> torch.nn.Module:
     """The training loss of ``method`` (``ARMS``) with its ``HYPER``."""
     if method not in HYPER:
@@ -258,10 +263,10 @@ def make_loss(method: str, num_groups: int) -> torch.nn.Module:
     update = h.get("update", "batch")
     if update not in ("batch", "held_out"):
         raise ValueError(f"{method}: update={update!r}, expected 'batch' or 'held_out'.")
-    if update == "held_out" and method not in ("group_dro", "groupdistil"):
+    if uses_held_out_update(method) and method not in ("group_dro", "groupdistil"):
         raise ValueError(f"update='held_out' needs a group-DRO loss, not method {method!r}.")
     # the held-out update: the training calls only apply the weights; HeldOutGroupDROHandler steps them
-    held_out = {"update": "held_out"} if update == "held_out" else {}
+    held_out = {"update": "held_out"} if uses_held_out_update(method) else {}
     step = h["held_out_step_size"] if held_out else h.get("step_size")
     if method in ("erm", "teacher"):
         return PerSampleDiceCELoss(dice_weight=DICE_WEIGHT)
@@ -298,7 +303,7 @@ def train(
     if select_on not in ("all", "half"):
         raise ValueError(f"select_on={select_on!r}: expected 'all' or 'half'.")
     num_groups = len(MNMS_VENDORS)
-    held_out = HYPER[method].get("update", "batch") == "held_out"
+    held_out = uses_held_out_update(method)
     val = data["val_select"] if method != "teacher" and (held_out or select_on == "half") else data["val"]
     set_determinism(seed)
     network = teacher_net() if method == "teacher" else student_net()
@@ -471,7 +476,7 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
     seeds = sorted({int(r["seed"]) for r in rows})
     students = f"students {args.epochs} epochs, teacher {args.teacher_epochs} epochs"
     hyper = "; ".join(f"{m}: " + ", ".join(f"{k} {v}" for k, v in HYPER[m].items()) for m in ARMS)
-    held_out = [m for m in METHODS if HYPER[m].get("update", "batch") == "held_out"]
+    held_out = [m for m in METHODS if uses_held_out_update(m)]
     every = args.select_on == "half"
     selection = ""
     if held_out or every:

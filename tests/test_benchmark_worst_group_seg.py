@@ -144,22 +144,24 @@ def test_hyper_parameters_are_the_winners_of_the_committed_segmentation_sweeps()
     assert float(_validation_winner(wd, "kd", ["weight_decay"])["weight_decay"]) == seg.HYPER["kd"]["weight_decay"]
     # GroupDistil's weight decay: the three-seed sweep chose 1.0, a 10-seed check on validation chose 0
     assert float(_validation_winner(wd, "groupdistil", ["weight_decay"])["weight_decay"]) == 1.0
-    scores = {}
-    for decay, name in ((1.0, "worst_group_seg_tuned_runs.csv"), (0.0, "worst_group_seg_tuned_gd_wd0_runs.csv")):
+
+    def ten_seed_scores(name: str, method: str) -> list[float]:  # validation scores of a 10-seed check's runs CSV
         with open(results / name, newline="") as f:
-            scores[decay] = [float(r["val_worst"]) for r in csv.DictReader(f) if r["method"] == "groupdistil"]
-    assert len(scores[0.0]) == len(scores[1.0]) == 10
+            scores = [float(r["val_worst"]) for r in csv.DictReader(f) if r["method"] == method]
+        assert len(scores) == 10, name
+        return scores
+
+    scores = {
+        1.0: ten_seed_scores("worst_group_seg_tuned_runs.csv", "groupdistil"),
+        0.0: ten_seed_scores("worst_group_seg_tuned_gd_wd0_runs.csv", "groupdistil"),
+    }
     assert seg.HYPER["groupdistil"]["weight_decay"] == max(scores, key=lambda d: statistics.fmean(scores[d]))
     # KD's 10-seed check: today's recipe against weight decay 0.1 and the balanced sampler (ties within 0.1: today's)
-    kd_scores = {}
-    for recipe, name in (
-        (("natural", 0.0), "worst_group_seg_tuned_runs.csv"),
-        (("natural", 0.1), "worst_group_seg_tuned_kd_wd0.1_runs.csv"),
-        (("balanced", 0.0), "worst_group_seg_tuned_kd_balanced_runs.csv"),
-    ):
-        with open(results / name, newline="") as f:
-            kd_scores[recipe] = [float(r["val_worst"]) for r in csv.DictReader(f) if r["method"] == "kd"]
-    assert all(len(v) == 10 for v in kd_scores.values())
+    kd_scores = {
+        ("natural", 0.0): ten_seed_scores("worst_group_seg_tuned_runs.csv", "kd"),
+        ("natural", 0.1): ten_seed_scores("worst_group_seg_tuned_kd_wd0.1_runs.csv", "kd"),
+        ("balanced", 0.0): ten_seed_scores("worst_group_seg_tuned_kd_balanced_runs.csv", "kd"),
+    }
     best = max(kd_scores, key=lambda r: statistics.fmean(kd_scores[r]))
     if statistics.fmean(kd_scores[best]) - statistics.fmean(kd_scores[("natural", 0.0)]) <= 0.001:
         best = ("natural", 0.0)
