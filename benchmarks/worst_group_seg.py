@@ -11,8 +11,10 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
 - Read with the package's segmentation pipeline (``segmentation_frames``: ED and ES; ``segmentation_preprocessing``:
   whole-frame intensity percentiles, ``--size`` pixels over a 192 mm in-plane field of view).
 - **Networks, per seed**: one teacher (MONAI ``UNet``, channels 16-128, two residual units; cross entropy + soft
-  Dice, natural sampling), then four students (``UNet`` channels 8-64 without residual units, 0.10x the teacher's
-  parameters) with ``DistillationTrainer``, every network built right after ``set_determinism(seed)``:
+  Dice, natural sampling; ``--teacher group_dro``: ``GroupDROLoss`` with GroupDRO's hyper-parameters and the batch
+  update, the classification benchmark's GroupDRO teacher), then four students (``UNet`` channels 8-64 without
+  residual units, 0.10x the teacher's parameters) with ``DistillationTrainer``, every network built right after
+  ``set_determinism(seed)``:
 
   - ``erm``: ``PerSampleDiceCELoss`` (cross entropy + soft Dice), no teacher;
   - ``group_dro``: ``GroupDROLoss`` around ``PerSampleDiceCELoss(reduction="none")``, no teacher;
@@ -46,14 +48,16 @@ Protocol (the powered protocol of the classification benchmark, ``benchmarks/wor
   differences (``COMPARISONS``) with a paired 95 % percentile bootstrap interval over seeds (10,000 resamples,
   ``worst_group_stats.paired_bootstrap_ci``, the classification benchmark's) and the number of positive seeds.
 
-Outputs (``--out``, default ``docs/``), rewritten after every seed, so a stopped run leaves complete seeds:
-``results_segmentation.md``, ``results/worst_group_seg_runs.csv`` (one row per seed and network) and
-``results/worst_group_seg_history.csv`` (the validation Dice of every epoch). Everything is seeded: the same command
-with the same ``--threads`` gives the same numbers.
+Outputs (``--out``, default ``docs/results/``; file names from ``--stem``, default ``worst_group_seg``), rewritten
+after every seed, so a stopped run leaves complete seeds: ``<stem>.md`` (the tables; ``docs/results_segmentation.md``
+is the hand-written page that reads them), ``<stem>_runs.csv`` (one row per seed and network) and
+``<stem>_history.csv`` (the validation Dice of every epoch). Everything is seeded: the same command with the same
+``--threads`` gives the same numbers.
 
 Usage:
-    python benchmarks/worst_group_seg.py                       # the default run (5 seeds; about 36 min, one thread)
-    python benchmarks/worst_group_seg.py --seeds 10 --resume   # adds seeds 5-9 to the CSVs under --out
+    python benchmarks/worst_group_seg.py                       # the default run (10 seeds; about 75 min, one thread)
+    python benchmarks/worst_group_seg.py --seeds 5             # seeds 0-4, then, to add seeds 5-9 to its CSVs:
+    python benchmarks/worst_group_seg.py --seeds 10 --resume
     python benchmarks/worst_group_seg.py --quick --out /tmp/s  # 1 seed, tiny: about 20 s
 """
 
@@ -66,6 +70,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -256,10 +261,14 @@ def uses_held_out_update(method: str) -> bool:
 
 
 def make_loss(method: str, num_groups: int) -> torch.nn.Module:
-    """The training loss of ``method`` (``ARMS``) with its ``HYPER``."""
+    """The training loss of ``method`` (``ARMS``) with its ``HYPER``; the teacher's is ``GroupDROLoss`` when its
+    ``HYPER`` has ``"loss": "group_dro"`` (``--teacher group_dro``), else the ERM loss."""
     if method not in HYPER:
         raise ValueError(f"unknown method {method!r}; expected one of {ARMS}.")
     h = HYPER[method]
+    teacher_loss = h.get("loss", "erm") if method == "teacher" else None
+    if teacher_loss not in (None, "erm", "group_dro"):
+        raise ValueError(f"teacher: loss={teacher_loss!r}, expected 'erm' or 'group_dro'.")
     update = h.get("update", "batch")
     if update not in ("batch", "held_out"):
         raise ValueError(f"{method}: update={update!r}, expected 'batch' or 'held_out'.")
@@ -268,9 +277,9 @@ def make_loss(method: str, num_groups: int) -> torch.nn.Module:
     # the held-out update: the training calls only apply the weights; HeldOutGroupDROHandler steps them
     held_out = {"update": "held_out"} if uses_held_out_update(method) else {}
     step = h["held_out_step_size"] if held_out else h.get("step_size")
-    if method in ("erm", "teacher"):
+    if method == "erm" or teacher_loss == "erm":
         return PerSampleDiceCELoss(dice_weight=DICE_WEIGHT)
-    if method == "group_dro":
+    if method == "group_dro" or teacher_loss == "group_dro":
         return GroupDROLoss(
             PerSampleDiceCELoss(DICE_WEIGHT, reduction="none"), num_groups, step, adjustment=h["adjustment"], **held_out
         )
@@ -463,7 +472,7 @@ def _difference(d: dict) -> str:
 
 
 def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argparse.Namespace, meta: dict) -> str:
-    """The generated part of ``results_segmentation.md``.
+    """The markdown tables of a run (``<stem>.md``).
 
     Args:
         rows: ``RUN_FIELDS`` rows (numbers as numbers or strings).
@@ -486,12 +495,14 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
             + (f"; the second half drives the held-out DRO update of {', '.join(held_out)}" if held_out else "")
             + "; teachers on the whole split)"
         )
+    runs, hist = (output_paths(args)[k].name for k in ("runs", "history"))
     lines = [
         "# Worst-vendor segmentation benchmark (cardiac MRI, synthetic M&Ms layout)",
         "",
         "GroupDistil against plain KD, ERM and GroupDRO students of a 2-D cardiac U-Net (LV, MYO, RV), one teacher "
         f"per seed, vendor {minority} a {100 * args.minority:g} % minority of training; produced by "
-        "`benchmarks/worst_group_seg.py` (its docstring describes the protocol). Command:",
+        "`benchmarks/worst_group_seg.py` (its docstring describes the protocol; these tables are generated, "
+        "[the results page](../results_segmentation.md) reads them). Command:",
         "",
         "```bash",
         meta["command"],
@@ -555,8 +566,7 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
                 lines.append(f"| {m} | " + " | ".join("" if v != v else f"{v:.1f}" for v in vals) + " |")
     lines += [
         "",
-        "Every run: [`results/worst_group_seg_runs.csv`](results/worst_group_seg_runs.csv); every epoch's validation "
-        "Dice: [`results/worst_group_seg_history.csv`](results/worst_group_seg_history.csv).",
+        f"Every run: [`{runs}`]({runs}); every epoch's validation Dice: [`{hist}`]({hist}).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -570,14 +580,21 @@ def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
         writer.writerows(rows)
 
 
+def output_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """The files of a run: ``{"md", "runs", "history"}`` -> ``<out>/<stem>.md``, ``<stem>_runs.csv``,
+    ``<stem>_history.csv``."""
+    out, stem = Path(args.out), args.stem
+    return {"md": out / f"{stem}.md", "runs": out / f"{stem}_runs.csv", "history": out / f"{stem}_history.csv"}
+
+
 def write_outputs(rows: Sequence[dict], history: Sequence[dict], args: argparse.Namespace, meta: dict) -> None:
-    """Rewrite the runs and history CSVs and ``results_segmentation.md`` under ``args.out`` (a hand-written
-    section appended to the markdown after a run is overwritten by the next run)."""
-    out = Path(args.out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    write_csv(out / "results" / "worst_group_seg_runs.csv", RUN_FIELDS, rows)
-    write_csv(out / "results" / "worst_group_seg_history.csv", HISTORY_FIELDS, history)
-    with atomic_write(out / "results_segmentation.md") as temporary:
+    """Rewrite the runs and history CSVs and the markdown tables of ``output_paths(args)`` (generated files only:
+    the reading of a run belongs in ``docs/results_segmentation.md``, which no run writes)."""
+    paths = output_paths(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_csv(paths["runs"], RUN_FIELDS, rows)
+    write_csv(paths["history"], HISTORY_FIELDS, history)
+    with atomic_write(paths["md"]) as temporary:
         temporary.write_text(format_markdown(rows, history, args, meta))
 
 
@@ -587,14 +604,14 @@ def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict
     ``--resume``; incomplete seeds and seeds outside the planned range are dropped.
 
     Returns:
-        ``(runs, history)``: rows as read from ``worst_group_seg_runs.csv`` and ``worst_group_seg_history.csv``
-        (strings); empty lists when the runs CSV does not exist.
+        ``(runs, history)``: rows as read from ``<stem>_runs.csv`` and ``<stem>_history.csv`` (strings); empty lists
+        when the runs CSV does not exist.
 
     Raises:
         ValueError: when a kept row was trained with other epochs than ``args`` asks for.
     """
-    results = Path(args.out) / "results"
-    runs_path, history_path = results / "worst_group_seg_runs.csv", results / "worst_group_seg_history.csv"
+    paths = output_paths(args)
+    runs_path, history_path = paths["runs"], paths["history"]
     if not runs_path.exists():
         return [], []
     with open(runs_path, newline="") as f:
@@ -622,7 +639,7 @@ def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=30, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=20)
@@ -651,12 +668,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="students select their epoch on the whole validation split or on its first half (the half that a "
         "student with the held-out update selects on: the same selection data for every arm)",
     )
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    parser.add_argument(
+        "--teacher",
+        choices=("erm", "group_dro"),
+        default="erm",
+        help="how the teacher is trained: cross entropy + soft Dice with natural sampling, or GroupDROLoss with "
+        "group_dro's hyper-parameters (after --hyper)",
+    )
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results"))
+    parser.add_argument("--stem", default="worst_group_seg", help="file name stem of the outputs under --out")
     parser.add_argument("--quick", action="store_true", help="1 seed, 16 subjects, 2 epochs, 2 + 2 per vendor")
     parser.add_argument(
         "--resume", action="store_true", help="keep the complete seeds of the CSVs under --out and train the others"
     )
     args = parser.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.stem):
+        parser.error(f"--stem {args.stem!r}: expected a file name stem (letters, digits, '_', '.', '-')")
+    if args.teacher == "group_dro" and "teacher" in (args.hyper or {}):
+        parser.error(
+            "--hyper: the GroupDRO teacher (--teacher group_dro) takes group_dro's hyper-parameters; set them "
+            "with --hyper '{\"group_dro\": {...}}' instead of 'teacher'"
+        )
     unknown = set(args.hyper or {}) - set(ARMS)
     if unknown:
         parser.error(f"--hyper: unknown method(s) {sorted(unknown)}, expected some of {list(ARMS)}")
@@ -682,6 +714,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     for method, update in (args.hyper or {}).items():
         HYPER[method] = {**HYPER[method], **update}
+    if args.teacher == "group_dro":  # the classification benchmark's GroupDRO teacher: the GroupDRO student's recipe
+        recipe = {k: v for k, v in HYPER["group_dro"].items() if k not in ("update", "held_out_step_size")}
+        HYPER["teacher"] = {"loss": "group_dro", **recipe}  # the batch update: no held-out half for teachers
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
@@ -699,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     halves = {"val_select": stack_volumes(val_select), "val_held_out": train_slices(val_held_out)}
     val, test = stack_volumes(val), stack_volumes(test)
     print(f"evaluation data: {eval_volumes} volumes per vendor ({time.perf_counter() - start:.0f} s)", flush=True)
-    md = Path(args.out) / "results_segmentation.md"
+    md = output_paths(args)["md"]
     rows: list[dict] = []
     history: list[dict] = []
     if args.resume:
@@ -715,8 +750,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "wall": time.perf_counter() - start,
             "when": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (last write)",
             "machine": f"{platform.node()} ({os.cpu_count()} CPUs, shared with other jobs; {args.threads} torch "
-            f"thread(s); load average {', '.join(f'{v:.2f}' for v in os.getloadavg())} at the last write), torch "
-            f"{torch.__version__}",
+            f"thread(s)), torch {torch.__version__}",
             "eval_volumes": eval_volumes,
             "note": note,
         }

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import logging
 import math
@@ -188,6 +189,30 @@ def test_make_loss_builds_each_method_with_its_hyper_parameters():
         seg.make_loss("jtt", 4)
 
 
+def test_the_group_dro_teacher_trains_with_the_group_dro_recipe_and_the_batch_update(monkeypatch, in_process_main):
+    """--teacher group_dro: the teacher's loss is GroupDROLoss with group_dro's step size, adjustment, sampler and
+    weight decay as --hyper leaves them, and the batch update even where group_dro's is held out."""
+    monkeypatch.setattr(seg, "HYPER", copy.deepcopy(seg.HYPER))  # main writes the run's recipes into HYPER
+    seen = {}
+
+    def recording_train(method, data, *args, **kwargs):
+        seen[method] = (copy.deepcopy(seg.HYPER[method]), seg.make_loss(method, 4))
+        raise StopIteration  # the recipe is all this test needs
+
+    monkeypatch.setattr(seg, "train", recording_train)
+    hyper = '{"group_dro": {"step_size": 0.3, "update": "held_out", "held_out_step_size": 2.0}}'
+    with pytest.raises(StopIteration):
+        in_process_main(["--quick", "--teacher", "group_dro", "--hyper", hyper, "--out", "/nonexistent"])
+    recipe, loss = seen["teacher"]
+    assert recipe == {"loss": "group_dro", "step_size": 0.3, "adjustment": 0.0, "sampler": "balanced",
+                      "weight_decay": 1.0}  # fmt: skip
+    assert isinstance(loss, GroupDROLoss) and loss.step_size == 0.3 and loss.update == "batch"
+    assert type(loss.loss_fn) is PerSampleDiceCELoss
+    monkeypatch.setitem(seg.HYPER, "teacher", {"loss": "kd", "sampler": "natural"})
+    with pytest.raises(ValueError, match="teacher: loss='kd', expected 'erm' or 'group_dro'"):
+        seg.make_loss("teacher", 4)
+
+
 def test_compare_is_the_paired_bootstrap_over_common_seeds():
     d = seg.compare(ROWS, "groupdistil", "kd", "test_worst")
     expected = [100 * (0.845 - 0.83), 100 * (0.80 - 0.81)]  # seeds 0 and 1 only
@@ -274,15 +299,20 @@ def test_evaluate_matches_an_independent_dice_per_volume_and_vendor():
 def test_write_outputs_csvs_and_markdown_content(tmp_path):
     args = _args(tmp_path)
     seg.write_outputs(ROWS, HISTORY, args, _meta())
-    with open(tmp_path / "results" / "worst_group_seg_runs.csv", newline="") as f:
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "worst_group_seg.md",
+        "worst_group_seg_history.csv",
+        "worst_group_seg_runs.csv",
+    ]  # the generated files only, under --out
+    with open(tmp_path / "worst_group_seg_runs.csv", newline="") as f:
         back = list(csv.DictReader(f))
     assert [list(r) for r in back] == [seg.RUN_FIELDS] * len(ROWS)
     assert [{k: str(v) for k, v in r.items()} for r in ROWS] == back
-    with open(tmp_path / "results" / "worst_group_seg_history.csv", newline="") as f:
+    with open(tmp_path / "worst_group_seg_history.csv", newline="") as f:
         hist = list(csv.DictReader(f))
     assert len(hist) == len(HISTORY) and hist[5] == {k: str(v) for k, v in HISTORY[5].items()}
 
-    md = (tmp_path / "results_segmentation.md").read_text()
+    md = (tmp_path / "worst_group_seg.md").read_text()
     # the markdown is the same from the CSV's strings (what a reader of the committed files recomputes)
     assert seg.format_markdown(back, hist, args, _meta()) == md
     assert "OMP_NUM_THREADS=1 python benchmarks/worst_group_seg.py --seeds 3\n" in md
@@ -305,6 +335,18 @@ def test_write_outputs_csvs_and_markdown_content(tmp_path):
     assert "| network | epoch 3 | epoch 6 | epoch 9 | epoch 11 | epoch 12 |" in md
     expected_curve = " | ".join(f"{100 * (0.5 + 0.01 * e + 0.001):.1f}" for e in (3, 6, 9, 11, 12))
     assert f"| kd | {expected_curve} |" in md
+    assert "[`worst_group_seg_runs.csv`](worst_group_seg_runs.csv)" in md  # links to its neighbours
+
+
+def test_stem_names_every_output_file(tmp_path):
+    args = _args(tmp_path, ["--stem", "seg_check"])
+    seg.write_outputs(ROWS, HISTORY, args, _meta())
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["seg_check.md", "seg_check_history.csv", "seg_check_runs.csv"]
+    assert "[`seg_check_history.csv`](seg_check_history.csv)" in (tmp_path / "seg_check.md").read_text()
+    runs, history = seg.load_complete_seeds(args)  # --resume reads the stem's CSVs
+    assert sorted({r["seed"] for r in runs}) == ["0", "1"] and len(history) == len(HISTORY)
+    assert seg.load_complete_seeds(_args(tmp_path)) == ([], [])  # another stem: nothing to resume
 
 
 def test_result_and_history_rows_map_a_training_result():
@@ -375,6 +417,12 @@ def test_hyper_and_methods_arguments(monkeypatch):
             "group_dro update 'held_out' needs a held_out_step_size",
         ),
         (["--select-on", "third"], "argument --select-on: invalid choice: 'third'"),
+        (["--teacher", "kd"], "argument --teacher: invalid choice: 'kd'"),
+        (
+            ["--teacher", "group_dro", "--hyper", '{"teacher": {"sampler": "balanced"}}'],
+            "the GroupDRO teacher (--teacher group_dro) takes group_dro's hyper-parameters",
+        ),
+        (["--stem", "../x"], "--stem '../x': expected a file name stem"),
     ],
 )
 def test_bad_hyper_or_methods_is_refused_with_the_argument_named(capsys, argv, message):
@@ -454,11 +502,11 @@ def test_every_student_starts_from_a_full_teacher_cache(tmp_path, monkeypatch, i
 
 def test_resume_with_every_seed_complete_rewrites_the_outputs_from_the_csvs(tmp_path, in_process_main):
     in_process_main(["--quick", "--out", str(tmp_path)])
-    runs = (tmp_path / "results" / "worst_group_seg_runs.csv").read_text()
-    summary = tmp_path / "results_segmentation.md"
+    runs = (tmp_path / "worst_group_seg_runs.csv").read_text()
+    summary = tmp_path / "worst_group_seg.md"
     summary.unlink()
     in_process_main(["--quick", "--resume", "--out", str(tmp_path)])  # nothing to train
-    assert (tmp_path / "results" / "worst_group_seg_runs.csv").read_text() == runs
+    assert (tmp_path / "worst_group_seg_runs.csv").read_text() == runs
     assert "| groupdistil - kd |" in summary.read_text()
     assert "seeds 0 from an earlier invocation" in summary.read_text()
 
