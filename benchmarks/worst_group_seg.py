@@ -124,7 +124,8 @@ VAL_SEED, TEST_SEED = 1000, 1001
 # on seeds 0-9 against weight decay 0.1 and the balanced sampler (_tuned_kd_*_runs.csv). GroupDRO's adjustment
 # (0) is the classification benchmark's winner, not swept here. Until 2026-12-07 every value but the teacher's came
 # from the classification benchmark (weight decay 0 everywhere then). The teacher is trained like the classification
-# benchmark's ERM teacher (natural sampling, no group weighting, weight decay 0).
+# benchmark's ERM teacher (natural sampling, no group weighting, weight decay 0); with --teacher group_dro, like its
+# GroupDRO teacher (main replaces HYPER["teacher"] by group_dro's recipe and "loss": "group_dro").
 HYPER: dict[str, dict] = {
     "teacher": {"sampler": "natural"},
     "erm": {"sampler": "natural", "weight_decay": 1.0},
@@ -141,7 +142,7 @@ HYPER: dict[str, dict] = {
 }
 COMPARISONS = (("groupdistil", "kd"), ("groupdistil", "erm"), ("group_dro", "erm"), ("kd", "erm"), ("teacher", "erm"))
 RUN_FIELDS = [
-    "seed", "method", "epoch", "epochs", "val_worst", "val_mean_group", "test_worst", "test_mean_group",
+    "seed", "method", "teacher", "epoch", "epochs", "val_worst", "val_mean_group", "test_worst", "test_mean_group",
     "test_worst_vendor", *(f"test_{v}" for v in MNMS_VENDORS), *(f"test_{s}" for s in STRUCTURES), "dro_weights",
     "seconds",
 ]  # fmt: skip
@@ -399,12 +400,14 @@ def select_epoch(history: Sequence[dict]) -> dict:
     return max(history, key=lambda h: (h["val"]["worst"], h["val"]["mean_group"], h["epoch"]))
 
 
-def result_row(seed: int, method: str, epochs: int, r: dict) -> dict:
-    """One row of ``worst_group_seg_runs.csv`` (``RUN_FIELDS``) from a result of ``train``."""
+def result_row(seed: int, method: str, epochs: int, r: dict, teacher: str = "erm") -> dict:
+    """One row of ``<stem>_runs.csv`` (``RUN_FIELDS``) from a result of ``train``; ``teacher`` is how the run's
+    teacher was trained (``--teacher``), on every row of the run."""
     t = r["test"]
     return {
-        "seed": seed, "method": method, "epoch": r["epoch"], "epochs": epochs, "val_worst": r["val"]["worst"],
-        "val_mean_group": r["val"]["mean_group"], "test_worst": t["worst"], "test_mean_group": t["mean_group"],
+        "seed": seed, "method": method, "teacher": teacher, "epoch": r["epoch"], "epochs": epochs,
+        "val_worst": r["val"]["worst"], "val_mean_group": r["val"]["mean_group"], "test_worst": t["worst"],
+        "test_mean_group": t["mean_group"],
         "test_worst_vendor": MNMS_VENDORS[t["worst_group"]],
         **{f"test_{v}": t["per_group"][i] for i, v in enumerate(MNMS_VENDORS)},
         **{f"test_{s}": t["per_structure"][i] for i, s in enumerate(STRUCTURES)},
@@ -414,7 +417,7 @@ def result_row(seed: int, method: str, epochs: int, r: dict) -> dict:
 
 
 def history_rows(seed: int, method: str, history: Sequence[dict]) -> list[dict]:
-    """Rows of ``worst_group_seg_history.csv`` (``HISTORY_FIELDS``): the validation Dice of every epoch."""
+    """Rows of ``<stem>_history.csv`` (``HISTORY_FIELDS``): the validation Dice of every epoch."""
     return [
         {
             "seed": seed,
@@ -501,8 +504,8 @@ def format_markdown(rows: Sequence[dict], history: Sequence[dict], args: argpars
         "",
         "GroupDistil against plain KD, ERM and GroupDRO students of a 2-D cardiac U-Net (LV, MYO, RV), one teacher "
         f"per seed, vendor {minority} a {100 * args.minority:g} % minority of training; produced by "
-        "`benchmarks/worst_group_seg.py` (its docstring describes the protocol; these tables are generated, "
-        "[the results page](../results_segmentation.md) reads them). Command:",
+        "`benchmarks/worst_group_seg.py` (its docstring describes the protocol; these tables are generated, the "
+        "repository's `docs/results_segmentation.md` reads them). Command:",
         "",
         "```bash",
         meta["command"],
@@ -608,7 +611,8 @@ def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict
         when the runs CSV does not exist.
 
     Raises:
-        ValueError: when a kept row was trained with other epochs than ``args`` asks for.
+        ValueError: when a kept row was trained with other epochs or another teacher (``--teacher``) than ``args``
+            asks for.
     """
     paths = output_paths(args)
     runs_path, history_path = paths["runs"], paths["history"]
@@ -625,11 +629,17 @@ def load_complete_seeds(args: argparse.Namespace) -> tuple[list[dict], list[dict
     complete = {s for s in planned if {r["method"] for r in runs if int(r["seed"]) == s} >= needed}
     runs = [r for r in runs if int(r["seed"]) in complete]
     for r in runs:
+        r["teacher"] = r.get("teacher") or "erm"  # CSVs written before the column: every run had the ERM teacher
         want = args.teacher_epochs if r["method"] == "teacher" else args.epochs
         if int(r["epochs"]) != want:
             raise ValueError(
                 f"--resume: {runs_path} has seed {r['seed']} {r['method']} trained for {r['epochs']} epochs, the "
                 f"command asks for {want}; use another --out."
+            )
+        if r["teacher"] != args.teacher:
+            raise ValueError(
+                f"--resume: {runs_path} has seed {r['seed']} from the {r['teacher']} teacher, the command asks for "
+                f"--teacher {args.teacher}; use another --out or --stem."
             )
     return runs, [h for h in history if int(h["seed"]) in complete]
 
@@ -676,14 +686,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "group_dro's hyper-parameters (after --hyper)",
     )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "results"))
-    parser.add_argument("--stem", default="worst_group_seg", help="file name stem of the outputs under --out")
+    parser.add_argument(
+        "--stem",
+        default=None,
+        help="file name stem of the outputs under --out (default worst_group_seg, with --teacher group_dro "
+        "worst_group_seg_group_dro_teacher)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 16 subjects, 2 epochs, 2 + 2 per vendor")
     parser.add_argument(
-        "--resume", action="store_true", help="keep the complete seeds of the CSVs under --out and train the others"
+        "--resume",
+        action="store_true",
+        help="keep the complete seeds of the --stem CSVs under --out (same epochs and teacher) and train the others",
     )
     args = parser.parse_args(argv)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.stem):
-        parser.error(f"--stem {args.stem!r}: expected a file name stem (letters, digits, '_', '.', '-')")
+    if args.stem is None:
+        args.stem = "worst_group_seg" if args.teacher == "erm" else f"worst_group_seg_{args.teacher}_teacher"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.stem):
+        parser.error(
+            f"--stem {args.stem!r}: expected a file name stem (a letter or digit, then letters, digits, '_', '.', '-')"
+        )
     if args.teacher == "group_dro" and "teacher" in (args.hyper or {}):
         parser.error(
             "--hyper: the GroupDRO teacher (--teacher group_dro) takes group_dro's hyper-parameters; set them "
@@ -772,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if method == "teacher":
                 teacher = r["network"]
                 cache = filled_teacher_cache(teacher, data["train"])  # in memory; shared by KD and GroupDistil
-            rows.append(result_row(seed, method, epochs, r))
+            rows.append(result_row(seed, method, epochs, r, teacher=args.teacher))
             history.extend(history_rows(seed, method, r["history"]))
             last = r["history"][-1]["val"]["worst"]
             print(

@@ -47,7 +47,7 @@ def _bootstrap_reference(values: list[float], n_boot: int = 10000, seed: int = 0
 def _row(seed: int, method: str, worst: float, mean_group: float, d: float, epoch: int = 10) -> dict:
     per_vendor = {"test_A": mean_group + 0.01, "test_B": mean_group, "test_C": mean_group - 0.01, "test_D": d}
     return {
-        "seed": seed, "method": method, "epoch": epoch, "epochs": 12, "val_worst": worst - 0.01,
+        "seed": seed, "method": method, "teacher": "erm", "epoch": epoch, "epochs": 12, "val_worst": worst - 0.01,
         "val_mean_group": mean_group - 0.01, "test_worst": worst, "test_mean_group": mean_group,
         "test_worst_vendor": "D", **per_vendor, "test_LV": 0.9, "test_MYO": 0.8, "test_RV": 0.85,
         "dro_weights": "0.250 0.250 0.250 0.250" if method in ("group_dro", "groupdistil") else "", "seconds": 1.5,
@@ -192,7 +192,6 @@ def test_make_loss_builds_each_method_with_its_hyper_parameters():
 def test_the_group_dro_teacher_trains_with_the_group_dro_recipe_and_the_batch_update(monkeypatch, in_process_main):
     """--teacher group_dro: the teacher's loss is GroupDROLoss with group_dro's step size, adjustment, sampler and
     weight decay as --hyper leaves them, and the batch update even where group_dro's is held out."""
-    monkeypatch.setattr(seg, "HYPER", copy.deepcopy(seg.HYPER))  # main writes the run's recipes into HYPER
     seen = {}
 
     def recording_train(method, data, *args, **kwargs):
@@ -360,6 +359,7 @@ def test_result_and_history_rows_map_a_training_result():
     assert list(row) == seg.RUN_FIELDS
     assert row["test_worst_vendor"] == "D" and row["test_D"] == 0.75 and row["test_MYO"] == 0.8
     assert row["dro_weights"] == "0.100 0.200 0.300 0.400" and row["seconds"] == 12.3 and row["epochs"] == 20
+    assert row["teacher"] == "erm" and seg.result_row(4, "kd", 20, r, teacher="group_dro")["teacher"] == "group_dro"
     hist = seg.history_rows(
         4,
         "kd",
@@ -371,7 +371,17 @@ def test_result_and_history_rows_map_a_training_result():
 
 def test_parse_args_defaults_are_the_powered_protocol():
     args = seg.parse_args([])
-    assert args.seeds >= 5 and args.val_per_vendor >= 40 and args.test_per_vendor >= 100 and args.threads == 1
+    assert args.seeds == 10 and args.val_per_vendor >= 40 and args.test_per_vendor >= 100 and args.threads == 1
+    # the default run writes generated files next to the committed results, never the hand-written results page
+    paths = seg.output_paths(args)
+    assert paths == {
+        "md": ROOT / "docs" / "results" / "worst_group_seg.md",
+        "runs": ROOT / "docs" / "results" / "worst_group_seg_runs.csv",
+        "history": ROOT / "docs" / "results" / "worst_group_seg_history.csv",
+    }
+    # a GroupDRO-teacher run does not overwrite the default run's files unless --stem says so
+    assert seg.parse_args(["--teacher", "group_dro"]).stem == "worst_group_seg_group_dro_teacher"
+    assert seg.parse_args(["--teacher", "group_dro", "--stem", "mine"]).stem == "mine"
     quick = seg.parse_args(["--quick"])
     assert (quick.seeds, quick.epochs, quick.val_per_vendor, quick.test_per_vendor) == (1, 2, 2, 2)
 
@@ -390,6 +400,25 @@ def test_resume_keeps_only_complete_planned_seeds(tmp_path):
     # a run of some students only: seed 2 is complete for them (teacher and kd rows present)
     runs, _ = seg.load_complete_seeds(_args(tmp_path, ["--methods", "kd", "erm"]))
     assert sorted({int(r["seed"]) for r in runs}) == [0, 1, 2]
+    # seeds of another teacher are refused, not mixed in
+    with pytest.raises(ValueError, match="has seed 0 from the erm teacher, the command asks for --teacher group_dro"):
+        seg.load_complete_seeds(_args(tmp_path, ["--teacher", "group_dro", "--stem", "worst_group_seg"]))
+
+
+def test_resume_reads_a_runs_csv_written_before_the_teacher_column_as_the_erm_teacher(tmp_path):
+    seg.write_outputs(ROWS, HISTORY, _args(tmp_path), _meta())
+    runs_path = tmp_path / "worst_group_seg_runs.csv"
+    with open(runs_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    old_fields = [k for k in seg.RUN_FIELDS if k != "teacher"]
+    with open(runs_path, "w", newline="") as f:  # the layout of the runs before 2026-12-07
+        writer = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    runs, _ = seg.load_complete_seeds(_args(tmp_path))
+    assert runs == [r for r in rows if r["seed"] in ("0", "1")] and {r["teacher"] for r in runs} == {"erm"}
+    with pytest.raises(ValueError, match="from the erm teacher"):
+        seg.load_complete_seeds(_args(tmp_path, ["--teacher", "group_dro", "--stem", "worst_group_seg"]))
 
 
 def test_hyper_and_methods_arguments(monkeypatch):
@@ -423,6 +452,8 @@ def test_hyper_and_methods_arguments(monkeypatch):
             "the GroupDRO teacher (--teacher group_dro) takes group_dro's hyper-parameters",
         ),
         (["--stem", "../x"], "--stem '../x': expected a file name stem"),
+        (["--stem", ".."], "--stem '..': expected a file name stem"),
+        (["--stem", ".hidden"], "--stem '.hidden': expected a file name stem"),
     ],
 )
 def test_bad_hyper_or_methods_is_refused_with_the_argument_named(capsys, argv, message):
@@ -476,10 +507,14 @@ def test_the_teacher_cache_is_filled_up_front_so_a_student_does_not_depend_on_th
 
 @pytest.fixture
 def in_process_main():
-    """``seg.main`` sets the process's torch thread count and logging; they are put back after the test."""
+    """``seg.main`` sets the process's torch thread count, logging and ``HYPER``; they are put back after the
+    test."""
     threads, root = torch.get_num_threads(), logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    hyper = copy.deepcopy(seg.HYPER)  # main writes --hyper and --teacher into HYPER
     yield seg.main
+    seg.HYPER.clear()
+    seg.HYPER.update(hyper)
     torch.set_num_threads(threads)
     root.setLevel(level)
     for handler in [h for h in root.handlers if h not in handlers]:
