@@ -55,7 +55,7 @@ is the hand-written page that reads them), ``<stem>_runs.csv`` (one row per seed
 ``--threads`` gives the same numbers.
 
 Usage:
-    python benchmarks/worst_group_seg.py                       # the default run (10 seeds; about 75 min, one thread)
+    python benchmarks/worst_group_seg.py                       # the default run (10 seeds; about 90 min, one thread)
     python benchmarks/worst_group_seg.py --seeds 5             # seeds 0-4, then, to add seeds 5-9 to its CSVs:
     python benchmarks/worst_group_seg.py --seeds 10 --resume
     python benchmarks/worst_group_seg.py --quick --out /tmp/s  # 1 seed, tiny: about 20 s
