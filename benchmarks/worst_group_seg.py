@@ -261,9 +261,11 @@ def uses_held_out_update(method: str) -> bool:
     return HYPER[method].get("update", "batch") == "held_out"
 
 
-def make_loss(method: str, num_groups: int) -> torch.nn.Module:
+def make_loss(method: str, num_groups: int, group_counts: Sequence[int] | None = None) -> torch.nn.Module:
     """The training loss of ``method`` (``ARMS``) with its ``HYPER``; the teacher's is ``GroupDROLoss`` when its
-    ``HYPER`` has ``"loss": "group_dro"`` (``--teacher group_dro``), else the ERM loss."""
+    ``HYPER`` has ``"loss": "group_dro"`` (``--teacher group_dro``), else the ERM loss. ``group_counts`` (training
+    slices per vendor) is the ``N_g`` of a group-DRO loss's adjustment ``C / sqrt(N_g)``, needed when its
+    ``HYPER`` has a non-zero ``"adjustment"``."""
     if method not in HYPER:
         raise ValueError(f"unknown method {method!r}; expected one of {ARMS}.")
     h = HYPER[method]
@@ -282,7 +284,12 @@ def make_loss(method: str, num_groups: int) -> torch.nn.Module:
         return PerSampleDiceCELoss(dice_weight=DICE_WEIGHT)
     if method == "group_dro" or teacher_loss == "group_dro":
         return GroupDROLoss(
-            PerSampleDiceCELoss(DICE_WEIGHT, reduction="none"), num_groups, step, adjustment=h["adjustment"], **held_out
+            PerSampleDiceCELoss(DICE_WEIGHT, reduction="none"),
+            num_groups,
+            step,
+            adjustment=h["adjustment"],
+            group_counts=group_counts,
+            **held_out,
         )
     if method == "kd":
         return DistillationLoss(TEMPERATURE, h["alpha"], dice_weight=DICE_WEIGHT)
@@ -293,6 +300,7 @@ def make_loss(method: str, num_groups: int) -> torch.nn.Module:
             h["alpha"],
             step,
             adjustment=h["adjustment"],
+            group_counts=group_counts,
             absent_groups=h["absent_groups"],
             dice_weight=DICE_WEIGHT,
             weight_by=h.get("weight_by", "loss"),
@@ -317,8 +325,8 @@ def train(
     val = data["val_select"] if method != "teacher" and (held_out or select_on == "half") else data["val"]
     set_determinism(seed)
     network = teacher_net() if method == "teacher" else student_net()
-    loss = make_loss(method, num_groups)
     items = data["train"]
+    loss = make_loss(method, num_groups, [sum(int(it["group"]) == g for it in items) for g in range(num_groups)])
     if HYPER[method]["sampler"] == "balanced":
         sampler = GroupBalancedSampler([it["group"] for it in items], seed=seed)
         loader = DataLoader(items, batch_size=BATCH_SIZE, sampler=sampler)
