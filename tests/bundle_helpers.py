@@ -86,15 +86,19 @@ def make_tiny_data(name: str, folder: Path) -> None:
         make_synthetic_mnms(folder, n_subjects=16, seed=1, matrix_scale=0.4, n_frames=4, num_workers=0)
 
 
-def random_teacher(bundle: Bundle, overrides: dict, path: Path) -> None:
-    """A frozen teacher of the bundle's teacher architecture with seeded random weights (training it is not tested)."""
+def random_teacher(bundle: Bundle, overrides: dict, path: Path | None = None) -> Path:
+    """A frozen teacher of the bundle's teacher architecture with seeded random weights (training it is not tested),
+    saved to ``path``, by default the run's ``teacher_ckpt`` (the checkpoint of its ``teacher_method``)."""
     import torch
 
-    net = bundle.workflow(bundle.configs("train"), overrides, initialize=False).parser.get_parsed_content("teacher_def")
+    parser = bundle.workflow(bundle.configs("train"), overrides, initialize=False).parser
+    net = parser.get_parsed_content("teacher_def")
     torch.manual_seed(0)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
+    path = Path(parser.get_parsed_content("teacher_ckpt")) if path is None else path
     torch.save({"model": net.state_dict()}, path)
+    return path
 
 
 class Bundle:
@@ -149,8 +153,10 @@ def own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = Non
     """``overrides`` with checkpoints, reports and logs in ``tmp_path``; the trained teacher linked in if given."""
     ov = {**overrides, **{f"{k}_dir": str(tmp_path / k) for k in ("ckpt", "output", "log")}}
     (tmp_path / "ckpt").mkdir()
-    if teacher_from is not None:
-        (tmp_path / "ckpt" / "teacher.pt").symlink_to(Path(teacher_from["overrides"]["ckpt_dir"]) / "teacher.pt")
+    for name in ("teacher.pt", "teacher_group_dro.pt") if teacher_from is not None else ():  # what it has of them
+        trained = Path(teacher_from["overrides"]["ckpt_dir"]) / name
+        if trained.is_file():
+            (tmp_path / "ckpt" / name).symlink_to(trained)
     return ov
 
 

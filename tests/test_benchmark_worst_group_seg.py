@@ -189,6 +189,17 @@ def test_make_loss_builds_each_method_with_its_hyper_parameters():
         seg.make_loss("jtt", 4)
 
 
+@pytest.mark.parametrize("method", ["group_dro", "groupdistil"])
+def test_a_non_zero_adjustment_uses_the_training_slices_per_vendor(monkeypatch, method):
+    """The adjustment ``C / sqrt(N_g)`` of a group-DRO loss takes ``N_g`` from ``group_counts`` (what ``train``
+    passes: the training slices of every vendor); without them a non-zero ``C`` is refused by the loss."""
+    monkeypatch.setitem(seg.HYPER, method, {**seg.HYPER[method], "adjustment": 2.0})
+    loss = seg.make_loss(method, 4, [100, 400, 25, 4])
+    torch.testing.assert_close(loss.adjustment_term, torch.tensor([0.2, 0.1, 0.4, 1.0]))
+    with pytest.raises(ValueError, match="a non-zero adjustment needs group_counts"):
+        seg.make_loss(method, 4)
+
+
 def test_the_group_dro_teacher_trains_with_the_group_dro_recipe_and_the_batch_update(monkeypatch, in_process_main):
     """--teacher group_dro: the teacher's loss is GroupDROLoss with group_dro's step size, adjustment, sampler and
     weight decay as --hyper leaves them, and the batch update even where group_dro's is held out."""

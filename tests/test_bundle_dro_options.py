@@ -16,7 +16,7 @@ def prepared(request, tmp_path_factory):
     make_tiny_data(bundle.name, base / "data")
     overrides = bundle.run_overrides(base, epochs=2, **TINY[bundle.name])
     (base / "models").mkdir()
-    random_teacher(bundle, overrides, base / "models" / "teacher.pt")
+    random_teacher(bundle, overrides)
     return bundle, overrides
 
 

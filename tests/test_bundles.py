@@ -113,9 +113,16 @@ def test_teacher_student_evaluate_through_the_cli(trained):
     wf = b.workflow(b.configs("train", "evaluate"), ov, workflow_type="infer")
     # the best-model files hold the network alone, as the model zoo expects; the teacher has the teacher's
     # architecture, the student the student's (strict loading)
-    wf.parser.get_parsed_content("teacher_def").load_state_dict(torch.load(ckpt / "teacher.pt", weights_only=True))
+    teacher_ckpt = Path(wf.parser.get_parsed_content("teacher_ckpt"))  # the default teacher_method's checkpoint
+    assert teacher_ckpt.parent == ckpt
+    wf.parser.get_parsed_content("teacher_def").load_state_dict(torch.load(teacher_ckpt, weights_only=True))
     wf.parser.get_parsed_content("network_def").load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
-    assert not (ckpt / "teacher_dro_state.pt").exists()  # a cross-entropy teacher has no DRO state
+    # a cross-entropy teacher has no DRO state, a GroupDRO teacher (the segmentation bundle's default) has one
+    robust = b.raw_config("train")["teacher_method"] == "group_dro"
+    assert (ckpt / teacher_ckpt.name.replace(".pt", "_dro_state.pt")).is_file() is robust
+    assert {"erm": "teacher.pt", "group_dro": "teacher_group_dro.pt"}[b.raw_config("train")["teacher_method"]] == (
+        teacher_ckpt.name
+    )
     checkpoint = torch.load(ckpt / "model_dro_state.pt", weights_only=True)  # the student's, of the same epoch
     assert set(checkpoint) == {"loss", "dro"}
     weights = checkpoint["loss"]["group_weights"]
@@ -210,6 +217,8 @@ def test_every_training_config_through_config_workflow(trained, method, tmp_path
     wf = b.workflow(configs, ov)
     assert wf.check_properties() == []
     dro = method in ("groupdistil", "group_dro")
+    if method == "teacher" and b.raw_config("train")["teacher_method"] == "group_dro":  # the segmentation bundle's
+        ckpt, dro = "teacher_group_dro.pt", True
     assert wf.parser.get_parsed_content("ckpt_name") == ckpt and wf.parser.get_parsed_content("use_dro") is dro
     handlers = [type(h).__name__ for h in wf.parser.get_parsed_content("train#handlers")]
     assert None not in wf.parser.get_parsed_content("train#handlers")
@@ -231,7 +240,8 @@ def test_every_training_config_through_config_workflow(trained, method, tmp_path
     assert ev.check_properties() == []
     ev.run()
     ev.finalize()
-    rows = report_rows(Path(ov["output_dir"]) / method)
+    run_name = wf.parser.get_parsed_content("method")  # teacher_group_dro for the segmentation bundle's teacher
+    rows = report_rows(Path(ov["output_dir"]) / run_name)
     assert [r["name"] for r in _group_rows(rows)] == REPORT[trained["name"]][0]
 
 
@@ -495,16 +505,24 @@ def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp
         assert isinstance(root_error(info.value), FileNotFoundError)
         message = error_chain(info.value)
     assert not any((tmp_path / "ckpt").iterdir())  # no checkpoint: nothing was trained
-    assert f"teacher checkpoint '{tmp_path}/ckpt/teacher.pt' not found. Train the teacher first" in message
+    # the default teacher_method's checkpoint and command (the segmentation bundle's default teacher is GroupDRO's)
+    teacher_method = b.raw_config("train")["teacher_method"]
+    name, method_arg = {
+        "erm": ("teacher.pt", ""),
+        "group_dro": ("teacher_group_dro.pt", " --teacher_method group_dro"),
+    }[teacher_method]
+    assert f"teacher checkpoint '{tmp_path}/ckpt/{name}' not found. Train the teacher first" in message
     files = "['configs/train.json','configs/train_teacher.json']"
     command = f'cd {b.root} && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path}/ckpt'
+    command += method_arg
     assert f"\n\n    {command}\n\n" in message
     others = {k: v for k, v in ov.items() if k not in ("bundle_root", "ckpt_dir")}
     path = os.pathsep.join([str(Path(sys.executable).parent), ENV.get("PATH", "")])  # "python" is this Python
     full = command + " " + shlex.join(cli_args(others))
     taught = subprocess.run(full, shell=True, capture_output=True, text=True, timeout=600, env={**ENV, "PATH": path})
     assert taught.returncode == 0, taught.stderr[-3000:]
-    assert (tmp_path / "ckpt" / "teacher.pt").is_file() and (tmp_path / "log" / "teacher").is_dir()
+    log = "teacher" if teacher_method == "erm" else f"teacher_{teacher_method}"
+    assert (tmp_path / "ckpt" / name).is_file() and (tmp_path / "log" / log).is_dir()
     wf = b.workflow(b.configs("train"), ov)  # the student run that failed now works
     wf.run()
     wf.finalize()
@@ -513,7 +531,7 @@ def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp
 
 def test_group_dro_teacher_is_configured_and_saved_apart(work):
     b, ov = work["bundle"], work["overrides"]
-    erm = b.workflow(b.configs("train", "train_teacher"), ov, initialize=False)
+    erm = b.workflow(b.configs("train", "train_teacher"), {**ov, "teacher_method": "erm"}, initialize=False)
     assert not isinstance(erm.parser.get_parsed_content("loss"), GroupDROLoss)
     assert erm.parser.get_parsed_content("ckpt_name") == "teacher.pt" and not erm.parser.get_parsed_content("use_dro")
     robust = b.workflow(

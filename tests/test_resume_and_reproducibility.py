@@ -42,7 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:builtin type .* has no __module_
 def _folder(base: Path, name: str, teacher: Path) -> Path:
     folder = base / name
     folder.mkdir()
-    (folder / "teacher.pt").symlink_to(teacher)
+    (folder / teacher.name).symlink_to(teacher)  # the name the run's teacher_method reads
     return folder
 
 
@@ -217,8 +217,7 @@ def test_resumes_exactly_in_process(tmp_path, name, method, extra):
     make_tiny_data(name, tmp_path / "data")
     common = bundle.run_overrides(tmp_path, **{**TINY[name], "step_size": 5.0, "epochs": 2, **extra})
     configs = bundle.configs("train") if method == "groupdistil" else bundle.configs("train", method)
-    teacher = tmp_path / "teacher.pt"
-    random_teacher(bundle, common, teacher)
+    teacher = random_teacher(bundle, {**common, "ckpt_dir": str(tmp_path)})  # teacher.pt or teacher_group_dro.pt
     whole = {**common, "ckpt_dir": str(_folder(tmp_path, "whole", teacher))}
     parts = {**common, "ckpt_dir": str(_folder(tmp_path, "parts", teacher))}
     for ov in (whole, {**parts, "epochs": 1}, {**parts, "resume": True}):
