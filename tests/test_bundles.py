@@ -529,8 +529,8 @@ def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp
     assert (tmp_path / "ckpt" / "model.pt").is_file() and (tmp_path / "log" / "groupdistil").is_dir()
 
 
-def test_group_dro_teacher_is_configured_and_saved_apart(work):
-    b, ov = work["bundle"], work["overrides"]
+def test_group_dro_teacher_is_configured_and_saved_apart(work, tmp_path):
+    b, ov = work["bundle"], own_folders(work["overrides"], tmp_path)  # no teacher trained there
     erm = b.workflow(b.configs("train", "train_teacher"), {**ov, "teacher_method": "erm"}, initialize=False)
     assert not isinstance(erm.parser.get_parsed_content("loss"), GroupDROLoss)
     assert erm.parser.get_parsed_content("ckpt_name") == "teacher.pt" and not erm.parser.get_parsed_content("use_dro")
