@@ -507,14 +507,11 @@ def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp
     assert not any((tmp_path / "ckpt").iterdir())  # no checkpoint: nothing was trained
     # the default teacher_method's checkpoint and command (the segmentation bundle's default teacher is GroupDRO's)
     teacher_method = b.raw_config("train")["teacher_method"]
-    name, method_arg = {
-        "erm": ("teacher.pt", ""),
-        "group_dro": ("teacher_group_dro.pt", " --teacher_method group_dro"),
-    }[teacher_method]
+    name = {"erm": "teacher.pt", "group_dro": "teacher_group_dro.pt"}[teacher_method]
     assert f"teacher checkpoint '{tmp_path}/ckpt/{name}' not found. Train the teacher first" in message
     files = "['configs/train.json','configs/train_teacher.json']"
     command = f'cd {b.root} && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path}/ckpt'
-    command += method_arg
+    command += f" --teacher_method {teacher_method}"
     assert f"\n\n    {command}\n\n" in message
     others = {k: v for k, v in ov.items() if k not in ("bundle_root", "ckpt_dir")}
     path = os.pathsep.join([str(Path(sys.executable).parent), ENV.get("PATH", "")])  # "python" is this Python
@@ -550,6 +547,20 @@ def test_group_dro_teacher_is_configured_and_saved_apart(work, tmp_path):
         student.parser.get_parsed_content("teacher")
     assert isinstance(root_error(info.value), FileNotFoundError)
     assert "--teacher_method group_dro" in str(root_error(info.value))
+
+
+def test_a_missing_teacher_of_either_method_is_named_with_the_command_for_that_method(work, tmp_path):
+    """Whichever teacher the bundle defaults to, a student run of either ``teacher_method`` names that method's
+    checkpoint and a command that trains that teacher (``--teacher_method`` always written)."""
+    b, ov = work["bundle"], own_folders(work["overrides"], tmp_path)
+    for method, name in (("erm", "teacher.pt"), ("group_dro", "teacher_group_dro.pt")):
+        student = b.workflow(b.configs("train"), {**ov, "teacher_method": method}, initialize=False)
+        with pytest.raises(Exception) as info:
+            student.parser.get_parsed_content("teacher")
+        error = root_error(info.value)
+        assert isinstance(error, FileNotFoundError), method
+        assert f"teacher checkpoint '{tmp_path}/ckpt/{name}' not found" in str(error)
+        assert f"--ckpt_dir {tmp_path}/ckpt --teacher_method {method}\n" in str(error)
 
 
 def test_unknown_teacher_method_is_named(work):
@@ -609,6 +620,7 @@ def test_ids_shared_by_every_bundle():
     shared = ["bundle_root", "dataset_dir", "ckpt_dir", "output_dir", "log_dir", "device", "epochs", "teacher_epochs"]
     shared += ["num_workers", "temperature", "alpha", "step_size", "seed", "batch_size", "learning_rate", "augment"]
     shared += ["balanced_sampling", "use_dro", "resume", "experiment_name", "run_name", "teacher_method"]
+    shared += ["teacher_weight_decay"]
     shared += ["group_dro_step_size", "dro_warmup", "absent_groups", "spatial_size", "method", "ckpt_name"]
     shared += ["resume_dict", "tracking_params", "save_dict", "preprocessing", "augmentation"]
     configs = {name: Bundle(name).raw_config("train") for name in BUNDLES}

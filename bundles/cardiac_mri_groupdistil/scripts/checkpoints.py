@@ -51,7 +51,7 @@ def load_teacher(
     configs = "['configs/train.json','configs/train_teacher.json']"  # run from the bundle folder, as in the zoo
     command = "" if root == "." else f"cd {root} && "
     command += f'python -m monai.bundle run --config_file "{configs}" --ckpt_dir {path.parent}'
-    command += f" --teacher_method {teacher_method}" if teacher_method != "erm" else ""
+    command += f" --teacher_method {teacher_method}"  # always: the bundles' defaults differ
     if not path.is_file():
         raise FileNotFoundError(
             f"teacher checkpoint '{path}' not found. Train the teacher first, with train_teacher.json after "
