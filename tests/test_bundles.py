@@ -620,7 +620,7 @@ def test_ids_shared_by_every_bundle():
     shared = ["bundle_root", "dataset_dir", "ckpt_dir", "output_dir", "log_dir", "device", "epochs", "teacher_epochs"]
     shared += ["num_workers", "temperature", "alpha", "step_size", "seed", "batch_size", "learning_rate", "augment"]
     shared += ["balanced_sampling", "use_dro", "resume", "experiment_name", "run_name", "teacher_method"]
-    shared += ["teacher_weight_decay"]
+    shared += ["teacher_weight_decay", "teacher_balanced_sampling"]
     shared += ["group_dro_step_size", "dro_warmup", "absent_groups", "spatial_size", "method", "ckpt_name"]
     shared += ["resume_dict", "tracking_params", "save_dict", "preprocessing", "augmentation"]
     configs = {name: Bundle(name).raw_config("train") for name in BUNDLES}
@@ -673,7 +673,8 @@ def test_every_boolean_id_is_a_plain_value_and_a_string_is_refused(work):
     """The configs use boolean ids as plain values (``"_disabled_": "$not @augment"``); ``fire`` passes ``--augment
     false`` as the string "false", which Python reads as true, so ``initialize`` refuses every non-boolean first."""
     b, ov = work["bundle"], work["overrides"]
-    assert set(BOOLEAN_USES) | {"resume"} == set(b.boolean_ids())
+    # teacher_balanced_sampling decides the teacher run's sampler (tests/test_bundle_teacher_ids.py)
+    assert set(BOOLEAN_USES) | {"resume", "teacher_balanced_sampling"} == set(b.boolean_ids())
     for spelling, expected in SPELLINGS:
         if isinstance(spelling, str):
             continue
@@ -683,7 +684,7 @@ def test_every_boolean_id_is_a_plain_value_and_a_string_is_refused(work):
         if work["name"] == WATERBIRDS:  # random crops replace the centre crop
             crops = [type(t).__name__ for t in wf.parser.get_parsed_content("train#base_preprocessing").transforms]
             assert ("CenterSpatialCropd" in crops) is not expected
-    for key in (*BOOLEAN_USES, "resume"):
+    for key in (*BOOLEAN_USES, "resume", "teacher_balanced_sampling"):
         for spelling in ("false", "no", "maybe"):
             with pytest.raises(Exception) as info:
                 b.workflow(b.configs("train"), {**ov, key: spelling})
