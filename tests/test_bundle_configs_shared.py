@@ -17,7 +17,8 @@ CARDIAC, SEG, WATERBIRDS = "cardiac_mri_groupdistil", "cardiac_mri_seg_groupdist
 # ids the two classification bundles happen to set alike but own: each bundle tunes its training
 OWN_PARAMETERS = {
     "augment", "temperature", "alpha", "weight_by", "dro_warmup", "group_dro_step_size", "learning_rate",
-    "balanced_sampling", "step_size", "absent_groups",
+    "balanced_sampling", "step_size", "absent_groups", "teacher_method", "teacher_weight_decay",
+    "teacher_balanced_sampling",
 }  # fmt: skip
 
 
