@@ -328,9 +328,10 @@ def train(
     set_determinism(seed)
     network = teacher_net() if method == "teacher" else student_net()
     items = data["train"]
-    loss = make_loss(method, num_groups, [sum(int(it["group"]) == g for it in items) for g in range(num_groups)])
+    groups = [it["group"] for it in items]
+    loss = make_loss(method, num_groups, torch.bincount(torch.tensor(groups), minlength=num_groups).tolist())
     if HYPER[method]["sampler"] == "balanced":
-        sampler = GroupBalancedSampler([it["group"] for it in items], seed=seed)
+        sampler = GroupBalancedSampler(groups, seed=seed)
         loader = DataLoader(items, batch_size=BATCH_SIZE, sampler=sampler)
     else:
         sampler = None

@@ -86,6 +86,10 @@ def make_tiny_data(name: str, folder: Path) -> None:
         make_synthetic_mnms(folder, n_subjects=16, seed=1, matrix_scale=0.4, n_frames=4, num_workers=0)
 
 
+# teacher_method -> the teacher checkpoint its run writes and a student of that method reads (under ckpt_dir)
+TEACHER_CHECKPOINTS = {"erm": "teacher.pt", "group_dro": "teacher_group_dro.pt"}
+
+
 def random_teacher(bundle: Bundle, overrides: dict, path: Path | None = None) -> Path:
     """A frozen teacher of the bundle's teacher architecture with seeded random weights (training it is not tested),
     saved to ``path``, by default the run's ``teacher_ckpt`` (the checkpoint of its ``teacher_method``)."""
@@ -153,7 +157,7 @@ def own_folders(overrides: dict, tmp_path: Path, teacher_from: dict | None = Non
     """``overrides`` with checkpoints, reports and logs in ``tmp_path``; the trained teacher linked in if given."""
     ov = {**overrides, **{f"{k}_dir": str(tmp_path / k) for k in ("ckpt", "output", "log")}}
     (tmp_path / "ckpt").mkdir()
-    for name in ("teacher.pt", "teacher_group_dro.pt") if teacher_from is not None else ():  # what it has of them
+    for name in TEACHER_CHECKPOINTS.values() if teacher_from is not None else ():  # what it has of them
         trained = Path(teacher_from["overrides"]["ckpt_dir"]) / name
         if trained.is_file():
             (tmp_path / "ckpt" / name).symlink_to(trained)

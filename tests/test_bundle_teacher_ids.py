@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.bundle_helpers import BUNDLES, TINY, Bundle, make_tiny_data, one_thread  # noqa: F401 (an autouse fixture)
+from tests.bundle_helpers import BUNDLES, TEACHER_CHECKPOINTS, TINY, Bundle, make_tiny_data, one_thread  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 
@@ -73,7 +73,7 @@ def test_each_bundle_trains_its_documented_default_teacher(name, tmp_path):
         bundle.configs("train", "train_teacher"), bundle.run_overrides(tmp_path), initialize=False
     )
     parser = teacher.parser
-    assert parser.get_parsed_content("ckpt_name") == {"erm": "teacher.pt", "group_dro": "teacher_group_dro.pt"}[method]
+    assert parser.get_parsed_content("ckpt_name") == TEACHER_CHECKPOINTS[method]
     assert [g["weight_decay"] for g in parser.get_parsed_content("optimizer").param_groups] == [decay]
     assert (parser.get_parsed_content("train#sampler") is not None) is balanced
     student = bundle.workflow(bundle.configs("train"), bundle.run_overrides(tmp_path), initialize=False).parser

@@ -26,6 +26,7 @@ import monai_groupdistil
 from tests.bundle_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     BUNDLES,
     SCHEMA,
+    TEACHER_CHECKPOINTS,
     TINY,
     Bundle,
     make_tiny_data,
@@ -86,8 +87,8 @@ def test_workflow_passes_the_zoo_unit_test(zoo, workflow):
     where the documented commands put them (``models/model.pt`` is the file ``verify_bundle.py`` requires)."""
     assert zoo_workflow(zoo, workflow) == []
     written = WORKFLOWS[workflow][2] or INFERENCE_OUTPUT[zoo["name"]]
-    if workflow == "train_teacher" and zoo["bundle"].raw_config("train")["teacher_method"] == "group_dro":
-        written = "models/teacher_group_dro.pt"  # the segmentation bundle's default teacher
+    if workflow == "train_teacher":  # the default teacher's checkpoint (the segmentation bundle's: GroupDRO's)
+        written = "models/" + TEACHER_CHECKPOINTS[zoo["bundle"].raw_config("train")["teacher_method"]]
     assert (zoo["root"] / written).exists(), written
     if workflow == "evaluate":  # validate#evaluator#val_handlers refers to validate#handlers, as the zoo expects
         raw = zoo["bundle"].raw_config("train")["validate"]["evaluator"]

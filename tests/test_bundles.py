@@ -35,6 +35,7 @@ from tests.bundle_helpers import (  # noqa: F401 (one_thread: an autouse fixture
     ENV,
     SCHEMA,
     SPELLINGS,
+    TEACHER_CHECKPOINTS,
     TINY,
     TORCHRUN,
     Bundle,
@@ -118,11 +119,9 @@ def test_teacher_student_evaluate_through_the_cli(trained):
     wf.parser.get_parsed_content("teacher_def").load_state_dict(torch.load(teacher_ckpt, weights_only=True))
     wf.parser.get_parsed_content("network_def").load_state_dict(torch.load(ckpt / "model.pt", weights_only=True))
     # a cross-entropy teacher has no DRO state, a GroupDRO teacher (the segmentation bundle's default) has one
-    robust = b.raw_config("train")["teacher_method"] == "group_dro"
-    assert (ckpt / teacher_ckpt.name.replace(".pt", "_dro_state.pt")).is_file() is robust
-    assert {"erm": "teacher.pt", "group_dro": "teacher_group_dro.pt"}[b.raw_config("train")["teacher_method"]] == (
-        teacher_ckpt.name
-    )
+    teacher_method = b.raw_config("train")["teacher_method"]
+    assert teacher_ckpt.name == TEACHER_CHECKPOINTS[teacher_method]
+    assert (ckpt / teacher_ckpt.name.replace(".pt", "_dro_state.pt")).is_file() is (teacher_method == "group_dro")
     checkpoint = torch.load(ckpt / "model_dro_state.pt", weights_only=True)  # the student's, of the same epoch
     assert set(checkpoint) == {"loss", "dro"}
     weights = checkpoint["loss"]["group_weights"]
@@ -218,7 +217,7 @@ def test_every_training_config_through_config_workflow(trained, method, tmp_path
     assert wf.check_properties() == []
     dro = method in ("groupdistil", "group_dro")
     if method == "teacher" and b.raw_config("train")["teacher_method"] == "group_dro":  # the segmentation bundle's
-        ckpt, dro = "teacher_group_dro.pt", True
+        ckpt, dro = TEACHER_CHECKPOINTS["group_dro"], True
     assert wf.parser.get_parsed_content("ckpt_name") == ckpt and wf.parser.get_parsed_content("use_dro") is dro
     handlers = [type(h).__name__ for h in wf.parser.get_parsed_content("train#handlers")]
     assert None not in wf.parser.get_parsed_content("train#handlers")
@@ -507,7 +506,7 @@ def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp
     assert not any((tmp_path / "ckpt").iterdir())  # no checkpoint: nothing was trained
     # the default teacher_method's checkpoint and command (the segmentation bundle's default teacher is GroupDRO's)
     teacher_method = b.raw_config("train")["teacher_method"]
-    name = {"erm": "teacher.pt", "group_dro": "teacher_group_dro.pt"}[teacher_method]
+    name = TEACHER_CHECKPOINTS[teacher_method]
     assert f"teacher checkpoint '{tmp_path}/ckpt/{name}' not found. Train the teacher first" in message
     files = "['configs/train.json','configs/train_teacher.json']"
     command = f'cd {b.root} && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path}/ckpt'
@@ -553,7 +552,7 @@ def test_a_missing_teacher_of_either_method_is_named_with_the_command_for_that_m
     """Whichever teacher the bundle defaults to, a student run of either ``teacher_method`` names that method's
     checkpoint and a command that trains that teacher (``--teacher_method`` always written)."""
     b, ov = work["bundle"], own_folders(work["overrides"], tmp_path)
-    for method, name in (("erm", "teacher.pt"), ("group_dro", "teacher_group_dro.pt")):
+    for method, name in TEACHER_CHECKPOINTS.items():
         student = b.workflow(b.configs("train"), {**ov, "teacher_method": method}, initialize=False)
         with pytest.raises(Exception) as info:
             student.parser.get_parsed_content("teacher")
