@@ -1,12 +1,15 @@
 """Copy what the bundles share, ``bundles/shared/``, into every bundle (a MONAI bundle is self-contained).
 
 ``bundles/shared/<layer>/<config>``: its ids (keys, or keys inside a section: a dict without ``_target_``) are set in
-``configs/<config>`` of each bundle of the layer (``LAYERS``); a file that is not JSON is copied whole, as is
-``bundles/shared/scripts/`` into every bundle's ``scripts/``. Edit the shared file, never a copy, then run this
-(``--check``: exit 1 naming every bundle file that differs; write nothing).
+``configs/<config>`` of each bundle of the layer (``LAYERS``); a file that is not JSON is copied whole.
+``bundles/shared/scripts/``: each bundle's ``scripts/`` gets ``__main__.py`` and the modules that its own
+``scripts/__init__.py`` imports (``from .module import ...``), and the modules those import; a copied module that no
+longer is one of them is removed. Edit the shared file, never a copy, then run this (``--check``: exit 1 naming every
+bundle file that differs or is not used; write nothing).
 """
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -53,10 +56,46 @@ def expected(root: Path) -> dict[Path, str]:
                     continue
                 current = texts.get(target) or (target.read_text() if target.is_file() else "{}")
                 texts[target] = dump(merge(json.loads(current), json.loads(source.read_text()))) + "\n"
-    for source in sorted((root / "bundles" / "shared" / "scripts").glob("*.py")):
-        for bundle in LAYERS["every_bundle"]:
-            texts[root / "bundles" / bundle / "scripts" / source.name] = source.read_text()
+    shared = root / "bundles" / "shared" / "scripts"
+    for bundle in LAYERS["every_bundle"]:
+        scripts = root / "bundles" / bundle / "scripts"
+        for name in ("__main__", *script_modules(shared, scripts)):
+            texts[scripts / f"{name}.py"] = (shared / f"{name}.py").read_text()
     return texts
+
+
+def script_modules(shared: Path, scripts: Path) -> list[str]:
+    """The modules of ``shared`` that ``scripts/__init__.py`` (a bundle's own) imports, directly or through others."""
+    init = scripts / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"{init} is missing: each bundle owns its scripts/__init__.py, which imports what it uses.")
+    found: set[str] = set()
+    todo = [init]
+    while todo:
+        path = todo.pop()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or node.level != 1:
+                continue  # only the package's own modules: from .module import ...
+            for name in [node.module] if node.module else [alias.name for alias in node.names]:
+                if name in found:
+                    continue
+                if not (shared / f"{name}.py").is_file():
+                    raise SystemExit(f"{path} imports .{name}, but {shared} has no {name}.py.")
+                found.add(name)
+                todo.append(shared / f"{name}.py")
+    return sorted(found)
+
+
+def unused_copies(root: Path, texts: dict[Path, str]) -> list[Path]:
+    """Copies of shared modules in a bundle's ``scripts/`` that the bundle no longer uses."""
+    shared = {path.name for path in (root / "bundles" / "shared" / "scripts").glob("*.py")} - {"__init__.py"}
+    bundles = [root / "bundles" / bundle / "scripts" for bundle in LAYERS["every_bundle"]]
+    return [
+        path
+        for scripts in bundles
+        for path in sorted(scripts.glob("*.py"))
+        if path.name in shared and path not in texts
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,14 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     texts = expected(args.root)
     stale = [path for path, text in texts.items() if not path.is_file() or path.read_text() != text]
+    unused = unused_copies(args.root, texts)
     for path in stale:
         print(f"{'differs from bundles/shared' if args.check else 'updated'}: {path.relative_to(args.root)}")
         if not args.check:
             path.parent.mkdir(exist_ok=True)
             path.write_text(texts[path])
-    if args.check and stale:
+    for path in unused:
+        print(f"{'not used by its bundle' if args.check else 'removed'}: {path.relative_to(args.root)}")
+        if not args.check:
+            path.unlink()
+    if args.check and (stale or unused):
         print("edit bundles/shared, not the copies, then run: python scripts/sync_bundle_configs.py")
-    return 1 if args.check and stale else 0
+    return 1 if args.check and (stale or unused) else 0
 
 
 if __name__ == "__main__":

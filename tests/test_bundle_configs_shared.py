@@ -4,6 +4,7 @@ every bundle's copy in step (a bundle stays self-contained, as ``monai.bundle`` 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def drift(bundles: Path) -> Path:
     config_py = bundles / WATERBIRDS / "scripts" / "config.py"  # the bundles' code, copied whole
     config_py.write_text(config_py.read_text() + "\nEDITED_IN_A_COPY = True\n")
     (bundles / CARDIAC / "scripts" / "tracking.py").unlink()
+    shutil.copy(bundles / "shared" / "scripts" / "natural_transforms.py", bundles / CARDIAC / "scripts")  # unused
     return train
 
 
@@ -98,7 +100,8 @@ def test_check_names_each_drifted_copy_and_writes_nothing(repo: Path):
         f"{WATERBIRDS}/scripts/config.py",
         f"{CARDIAC}/scripts/tracking.py",
     ):
-        assert f"bundles/{name}" in result.stdout
+        assert f"differs from bundles/shared: bundles/{name}" in result.stdout
+    assert f"not used by its bundle: bundles/{CARDIAC}/scripts/natural_transforms.py" in result.stdout
     assert f"{SEG}/" not in result.stdout
     assert {p: p.read_bytes() for p in bundles.rglob("*") if p.is_file()} == before
 
@@ -122,3 +125,67 @@ def test_a_broken_shared_file_stops_before_writing(repo: Path):
     before = train.read_text()
     assert sync(repo).returncode != 0
     assert train.read_text() == before  # nothing written, not even the files before the broken one
+
+
+def test_a_bundle_importing_a_module_that_is_not_shared_is_refused(repo: Path):
+    bundles = repo / "bundles"
+    init = bundles / WATERBIRDS / "scripts" / "__init__.py"
+    init.write_text(init.read_text() + "from .no_such_module import thing\n")
+    train = drift(bundles)
+    before = train.read_text()
+    result = sync(repo)
+    assert result.returncode != 0
+    assert f"{init} imports .no_such_module" in result.stderr and "no_such_module.py" in result.stderr
+    assert train.read_text() == before
+    init.unlink()
+    result = sync(repo)
+    assert result.returncode != 0 and f"{init} is missing" in result.stderr
+
+
+SCRIPTS_REFERENCE = re.compile(r"scripts(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+RESOLVE = """
+import pydoc, sys
+names = sys.argv[1:]
+print([n for n in names if pydoc.locate(n) is None])
+"""
+
+
+@pytest.mark.parametrize("bundle", [CARDIAC, SEG, WATERBIRDS])
+def test_each_bundle_holds_the_code_its_configs_call_and_no_other_bundles(bundle: str):
+    """Every ``scripts.*`` name in the bundle's configs resolves from the bundle folder alone, and the bundle's
+    ``scripts/`` holds no module of another bundle's data (a zoo bundle carries its own code only)."""
+    folder = ROOT / "bundles" / bundle
+    names = set()
+    for path in (folder / "configs").glob("*.json"):
+        if path.name != "metadata.json":  # its changelog names code of earlier versions
+            names |= set(SCRIPTS_REFERENCE.findall(path.read_text()))
+    assert len(names) > 10
+    code = [sys.executable, "-c", RESOLVE, *sorted(names)]
+    result = subprocess.run(code, capture_output=True, text=True, timeout=120, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+    modules = {path.stem for path in (folder / "scripts").glob("*.py")}
+    others = {
+        CARDIAC: {"synthetic_waterbirds", "natural_transforms", "segmentation", "waterbirds_datasets"},
+        SEG: {"synthetic_waterbirds", "natural_transforms", "waterbirds_datasets"},
+        WATERBIRDS: {"synthetic", "cardiac_transforms", "segmentation", "mnms_datasets"},
+    }[bundle]
+    assert modules.isdisjoint(others), sorted(modules & others)
+
+
+@pytest.mark.parametrize(
+    "bundle, own, other", [(CARDIAC, "synthetic", "waterbirds"), (WATERBIRDS, "waterbirds", "synthetic")]
+)
+def test_the_generator_command_of_a_bundle_names_its_own_data_only(bundle: str, own: str, other: str):
+    folder = ROOT / "bundles" / bundle
+    usage = subprocess.run([sys.executable, "-m", "scripts"], capture_output=True, text=True, timeout=120, cwd=folder)
+    assert usage.returncode == 2 and f"usage: python -m scripts {{{own}}} [options]" in usage.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts", other, "--root", "unused"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=folder,
+    )
+    assert result.returncode == 2
+    assert f"error: this bundle has no '{other}' generator" in result.stderr and "that bundle's folder" in result.stderr

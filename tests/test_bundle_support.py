@@ -109,7 +109,10 @@ def test_load_network_and_teacher(tmp_path):
     assert f"teacher checkpoint '{tmp_path / 'missing.pt'}' not found. Train the teacher first" in message
     files = "['configs/train.json','configs/train_teacher.json']"  # from the bundle folder, which imports scripts/
     command = f'cd /b && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path} --teacher_method erm'
-    assert f"\n\n    {command}\n\n" in message and "this run's other overrides" in message
+    assert (
+        f"\n\n    {command}\n\n" in message
+        and "this run's data and size overrides (the teacher's epochs are --teacher_epochs" in message
+    )
     with pytest.raises(FileNotFoundError) as info:
         load_teacher(fresh, tmp_path / "teacher_group_dro.pt", teacher_method="group_dro")
     assert "\n\n    python -m monai.bundle run" in str(info.value)  # from the bundle folder: no cd

@@ -1,49 +1,21 @@
 # ruff: noqa: F401 -- re-exports: the names the bundle configs call
-"""The bundles' own code (the model zoo's ``scripts/`` folder): data set-up, transforms, synthetic data, resume.
+"""The cardiac classification bundle's own code (the model zoo's ``scripts/`` folder): the M&Ms data set-up and its
+synthetic stand-in, the cardiac transforms, the teacher, resume and tracking.
 
-Edit ``bundles/shared/scripts/``; ``python scripts/sync_bundle_configs.py`` copies it whole into every bundle's
-``scripts/``, so each bundle folder is self-contained, as a zoo bundle is. The configs call it as
-``"$scripts.mnms_splits(...)"`` and import it from the working directory, so run the commands from the bundle
-folder. This is bundle plumbing, not API: a pipeline of your own imports ``monai_groupdistil`` instead.
+This file is the bundle's own. The modules it imports are written once, in the repository's
+``bundles/shared/scripts/``, and ``python scripts/sync_bundle_configs.py`` copies here the ones this file imports
+(and the ones those import). The configs call the code as ``"$scripts.mnms_splits(...)"`` and import it from the
+working directory, so run the commands from the bundle folder. This is bundle plumbing, not API: a pipeline of your
+own imports ``monai_groupdistil`` instead.
 """
 
-from monai_groupdistil.engines.checkpoints import load_network, output_classes
+from monai_groupdistil.engines.checkpoints import output_classes
 
-from .cardiac_transforms import (
-    CropAroundHeartd,
-    LoadCardiacImaged,
-    SelectFramed,
-    SelectMidVentricularSliced,
-    cardiac_augmentation,
-    cardiac_preprocessing,
-    slice_affine_2d,
-)
-from .checkpoints import dro_state_file, load_teacher, require_checkpoint, require_file
-from .config import TEACHER_METHODS, check_booleans, teacher_checkpoint, teacher_loss
-from .datasets import (
-    find_mnms_root,
-    group_counts,
-    inference_datalist,
-    mnms_splits,
-    prepare_mnms_dataset,
-    prepare_waterbirds_dataset,
-    waterbirds_splits,
-)
+from .cardiac_transforms import cardiac_augmentation, cardiac_preprocessing
+from .checkpoints import dro_state_file, load_teacher, require_checkpoint
+from .config import check_booleans, teacher_checkpoint, teacher_loss
 from .distributed import close_process_group
-from .natural_transforms import natural_image_augmentation, natural_image_datalist, natural_image_preprocessing
-from .pretrained import load_pretrained
-from .resume import RunSettings, attach_resume, check_resume_checkpoint, latest_checkpoint, usable_checkpoint
-from .run_lock import RunLock
-from .segmentation import (
-    SEG_LABELS,
-    SEG_STRUCTURES,
-    CheckSegmentationd,
-    SegmentationSliceDataset,
-    segmentation_augmentation,
-    segmentation_frames,
-    segmentation_preprocessing,
-    volume_slices,
-)
-from .synthetic import PATHOLOGY_PROFILES, VENDOR_PROFILES, make_synthetic_mnms
-from .synthetic_waterbirds import make_synthetic_waterbirds
+from .mnms_datasets import inference_datalist, mnms_splits, prepare_mnms_dataset
+from .resume import RunSettings, attach_resume
+from .synthetic import make_synthetic_mnms
 from .tracking import WorstGroupHandler, run_parameters, track_run

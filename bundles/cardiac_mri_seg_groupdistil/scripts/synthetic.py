@@ -506,7 +506,8 @@ def make_synthetic_mnms(
 
     Example::
 
-        from monai_groupdistil.data import make_synthetic_mnms, load_mnms_datalist
+        from monai_groupdistil.data import load_mnms_datalist
+        from scripts import make_synthetic_mnms  # from a cardiac bundle folder
 
         path = make_synthetic_mnms("/tmp/mnms", n_subjects=60, pathology_vendor_correlation=0.8)
         train = load_mnms_datalist(path, split="train")

@@ -1,10 +1,12 @@
 # ruff: noqa: F401 -- re-exports: the names the bundle configs call
 """The bundles' own code (the model zoo's ``scripts/`` folder): data set-up, transforms, synthetic data, resume.
 
-Edit ``bundles/shared/scripts/``; ``python scripts/sync_bundle_configs.py`` copies it whole into every bundle's
-``scripts/``, so each bundle folder is self-contained, as a zoo bundle is. The configs call it as
-``"$scripts.mnms_splits(...)"`` and import it from the working directory, so run the commands from the bundle
-folder. This is bundle plumbing, not API: a pipeline of your own imports ``monai_groupdistil`` instead.
+Edit the modules here, in ``bundles/shared/scripts/``; ``python scripts/sync_bundle_configs.py`` copies into each
+bundle's ``scripts/`` the modules that the bundle's own ``scripts/__init__.py`` imports, and the modules those import,
+so each bundle folder is self-contained and holds only its own code, as a zoo bundle does. This ``__init__.py`` is
+not copied: it imports every module, for the tests and benchmarks. The configs call the code as
+``"$scripts.mnms_splits(...)"`` and import it from the working directory, so run the commands from the bundle folder.
+This is bundle plumbing, not API: a pipeline of your own imports ``monai_groupdistil`` instead.
 """
 
 from monai_groupdistil.engines.checkpoints import load_network, output_classes
@@ -20,16 +22,9 @@ from .cardiac_transforms import (
 )
 from .checkpoints import dro_state_file, load_teacher, require_checkpoint, require_file
 from .config import TEACHER_METHODS, check_booleans, teacher_checkpoint, teacher_loss
-from .datasets import (
-    find_mnms_root,
-    group_counts,
-    inference_datalist,
-    mnms_splits,
-    prepare_mnms_dataset,
-    prepare_waterbirds_dataset,
-    waterbirds_splits,
-)
+from .datasets import group_counts
 from .distributed import close_process_group
+from .mnms_datasets import find_mnms_root, inference_datalist, mnms_splits, prepare_mnms_dataset
 from .natural_transforms import natural_image_augmentation, natural_image_datalist, natural_image_preprocessing
 from .pretrained import load_pretrained
 from .resume import RunSettings, attach_resume, check_resume_checkpoint, latest_checkpoint, usable_checkpoint
@@ -44,6 +39,8 @@ from .segmentation import (
     segmentation_preprocessing,
     volume_slices,
 )
+from .segmentation_datasets import prepare_seg_dataset, seg_inference_datalist, seg_splits
 from .synthetic import PATHOLOGY_PROFILES, VENDOR_PROFILES, make_synthetic_mnms
 from .synthetic_waterbirds import make_synthetic_waterbirds
 from .tracking import WorstGroupHandler, run_parameters, track_run
+from .waterbirds_datasets import prepare_waterbirds_dataset, waterbirds_splits

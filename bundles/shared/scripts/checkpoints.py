@@ -55,7 +55,8 @@ def load_teacher(
     if not path.is_file():
         raise FileNotFoundError(
             f"teacher checkpoint '{path}' not found. Train the teacher first, with train_teacher.json after "
-            f"train.json and this run's other overrides (data, sizes, epochs...):\n\n    {command}\n\n"
+            f"train.json and this run's data and size overrides (the teacher's epochs are --teacher_epochs; --epochs, "
+            f"--weight_decay and --balanced_sampling are the student's):\n\n    {command}\n\n"
             "then rerun this command."
         )
     try:

@@ -20,15 +20,8 @@ from monai_groupdistil.data.mnms import (
     mnms2_group_names,
 )
 
-from .datasets import (
-    find_mnms_root,
-    generate_mnms,
-    group_counts,
-    is_empty_or_missing,
-    mnms_splits,
-    official_or_resplit,
-    path_stem,
-)
+from .datasets import group_counts, is_empty_or_missing, path_stem
+from .mnms_datasets import find_mnms_root, generate_mnms, mnms_splits, official_or_resplit
 from .segmentation import segmentation_frames
 
 __all__ = [
