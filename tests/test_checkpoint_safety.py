@@ -394,6 +394,17 @@ def test_atomic_disk_saver_removes_a_dropped_file_only_after_the_next_write(tmp_
     saver({"a": torch.ones(1)}, "x_epoch=3.pt")
 
 
+def test_atomic_disk_saver_keeps_a_dropped_file_noted_when_the_next_write_fails(tmp_path):
+    saver = AtomicDiskSaver(tmp_path, require_empty=False)
+    saver({"a": torch.zeros(1)}, "x_epoch=1.pt")
+    saver.remove("x_epoch=1.pt")
+    with pytest.raises(Exception, match="lambda"):  # torch.save cannot pickle a lambda
+        saver({"a": lambda: 0}, "x_epoch=2.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_epoch=1.pt"]  # the only model, and no temporary file
+    saver({"a": torch.ones(1)}, "x_epoch=3.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x_epoch=3.pt"]  # removed once a file was written
+
+
 def _evaluator(scores: list[float]) -> Engine:
     engine = Engine(lambda e, b: None)
     engine.state.best_metric, engine.state.best_metric_epoch = -1, -1

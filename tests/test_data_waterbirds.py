@@ -214,6 +214,12 @@ def test_loader_bad_input(tmp_path, caplog):
     (root / "metadata.csv").write_text(text.replace("Laysan_Albatross_0002_1027.jpg,1,1,1", "x.jpg,7,1,1"))
     with pytest.raises(ValueError, match=r"line 4: column 'y' must be one of \(0, 1\), got '7'"):
         load_waterbirds_datalist(root, "all", check_files=False)
+    for value in ("1.9", "inf", "nan", "one"):  # never truncated to a label, never a raw OverflowError
+        (root / "metadata.csv").write_text(text.replace("Laysan_Albatross_0002_1027.jpg,1,1,1", f"x.jpg,{value},1,1"))
+        with pytest.raises(ValueError, match=rf"line 4: column 'y' must be one of \(0, 1\), got '{value}'"):
+            load_waterbirds_datalist(root, "all", check_files=False)
+    (root / "metadata.csv").write_text(text.replace("Laysan_Albatross_0002_1027.jpg,1,1,1", "x.jpg,1.0,1,1.0"))
+    assert load_waterbirds_datalist(root, "all", check_files=False)[2]["group"] == 3  # whole numbers written as floats
 
 
 def test_synthetic_bad_arguments(tmp_path):

@@ -184,6 +184,19 @@ def test_missing_keys_are_named():
     assert "group_key" not in str(raised.value)  # the hint belongs to the group key only
 
 
+def test_group_names_instead_of_ids_are_named_with_what_to_do():
+    data = [{**d, "group": f"H{d['group']}"} for d in make_data(12)]
+    student = make_student()
+    trainer = DistillationTrainer(
+        "cpu", 1, DataLoader(data, batch_size=6), student, torch.optim.SGD(student.parameters(), 0.1), make_loss("erm")
+    )
+    with pytest.raises(
+        TypeError,
+        match=r"batch\['group'\] must hold integer group ids .* got \['H0', 'H1', 'H\d', 'H\d'\] .*MapGroupNamesd",
+    ):
+        trainer.run()
+
+
 def test_tuple_batches_train_a_plain_loss_and_are_refused_for_a_group_loss():
     """(image, label) tuple batches work as in SupervisedTrainer; a group loss needs a dictionary with the ids."""
     data = [(d["image"], d["label"]) for d in make_data(12)]

@@ -261,6 +261,16 @@ def test_a_non_finite_prediction_sets_aside_its_study_only(tmp_path):
     assert f"'s1' (/data/s1.nii.gz): {reason}; 's3' (/data/s3.nii.gz): {reason}." in str(err.value)
 
 
+def test_a_batch_whose_every_study_failed_reaches_the_saver_empty(tmp_path):
+    """The savers' transforms of the bundles (and of the handler's example) accept the empty batch."""
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 1.0], [float("nan")] * 3, [0.0, float("inf"), 0.0]])
+    logits = torch.cat([logits, torch.tensor([[-1.0, -1.0, 0.5]])])
+    with pytest.raises(InferenceFailedError, match=r"failed for 2 of 5 studies \(the other 3 were predicted"):
+        _evaluator(tmp_path, logits, ["s0", "s1", "s2", "s3", "s4"], batch_size=2).run()  # s2 and s3: one batch
+    assert [r["subject"] for r in read_rows(tmp_path / "predictions.csv")] == ["s0", "s1", "s4"]
+    assert [r["subject"] for r in read_rows(tmp_path / "failures.csv")] == ["s2", "s3"]
+
+
 def test_no_study_predicted_leaves_the_earlier_predictions(tmp_path):
     logits = torch.full((3, 3), float("nan"))
     (tmp_path / "predictions.csv").write_text("earlier\n")

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from monai.losses import DiceCELoss
 
 from monai_groupdistil.losses import (
     DistillationLoss,
@@ -16,6 +17,7 @@ from monai_groupdistil.losses import (
     GroupDROLoss,
     PerSampleDiceCELoss,
 )
+from monai_groupdistil.losses.checks import NonFiniteValueError
 from monai_groupdistil.losses.distillation import soft_dice_per_sample
 from tests.loss_reference import ReferenceGroupDRO, per_sample_kd
 
@@ -782,3 +784,71 @@ def test_a_loss_called_as_supervised_trainer_calls_it_says_what_to_use():
             trainer.run()
         if isinstance(loss, GroupDROLoss):
             assert torch.equal(loss.group_weights, torch.full((2,), 0.5))
+
+
+def test_a_checkpoint_with_bad_running_losses_or_buffer_shapes_is_refused_before_anything_is_written():
+    """torch copies a state dict's buffers one by one: every one is checked first, so a refused checkpoint leaves
+    the loss as it was."""
+    loss = GroupDistillationLoss(num_groups=3, step_size=0.5)
+    bad = loss.state_dict()
+    bad["ema_group_losses"] = torch.tensor([float("nan"), 1.0, 1.0])
+    bad["ema_initialized"] = torch.tensor([True, True, True])
+    with pytest.raises(ValueError, match=r"running group losses \('ema_group_losses'\) are not finite: \[nan, 1.0"):
+        loss.load_state_dict(bad)
+    shaped = loss.state_dict()
+    shaped["group_weights"] = torch.tensor([0.6, 0.3, 0.1])  # a valid vector, then a damaged buffer
+    shaped["ema_group_losses"] = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"'ema_group_losses' has shape \(4,\), this loss needs \(3,\)"):
+        loss.load_state_dict(shaped)
+    assert torch.equal(loss.group_weights, torch.full((3,), 1 / 3))
+    assert torch.equal(loss.ema_group_losses, torch.zeros(3)) and not loss.ema_initialized.any()
+
+
+def test_a_half_precision_loss_reloads_its_own_checkpoint_with_many_groups():
+    """The weights of a float16 loss are floored at float16's smallest normal number, so with many groups they sum
+    to a little more than 1; its own checkpoint is still a probability vector to it, a vector summing to 1.2 not."""
+    groups = 1000
+    loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), groups, step_size=5.0).half()
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        logits = torch.randn(64, 4, generator=gen) * 3
+        loss(logits.half(), torch.randint(0, 4, (64,), generator=gen), torch.randint(0, groups, (64,), generator=gen))
+    total = float(loss.group_weights.double().sum())
+    assert total - 1 > 1e-3  # the floor at work: the former check refused this checkpoint
+    resumed = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), groups).half()
+    resumed.load_state_dict(loss.state_dict())
+    assert torch.equal(resumed.group_weights, loss.group_weights)
+    bad = loss.state_dict()
+    bad["group_weights"] = bad["group_weights"] * 1.2
+    with pytest.raises(ValueError, match="not a probability vector"):
+        GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), groups).half().load_state_dict(bad)
+
+
+def test_without_a_teacher_bad_groups_and_non_finite_input_are_reported():
+    """alpha 0 needs no teacher_logits; the errors of the group statistics still name the culprit."""
+    loss = GroupDistillationLoss(num_groups=2, alpha=0.0)
+    target = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, num_groups\) = \[0, 2\)\. Set num_groups"):
+        loss(torch.randn(4, 3), None, target, torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(NonFiniteValueError, match="^input holds NaN or infinite values; per-group losses"):
+        loss(torch.full((4, 3), float("nan")), None, target, torch.tensor([0, 1, 1, 0]))
+    assert torch.equal(loss.group_weights, torch.full((2,), 0.5))
+
+
+def test_misuses_are_named_with_what_to_do():
+    student, teacher, target, groups = _batch(5)
+    with pytest.raises(TypeError, match=r"got the class CrossEntropyLoss: construct it first, e\.g\. Cross"):
+        GroupDROLoss(torch.nn.CrossEntropyLoss, num_groups=3)
+    loss = GroupDistillationLoss(num_groups=3)
+    with pytest.raises(TypeError, match=r"teacher_logits holds integers and groups is missing: .*loss\(input, target"):
+        loss(student, target, groups)  # the teacher's logits left out
+    with pytest.raises(TypeError, match=r"takes \(input, target, teacher_logits\).*swap them"):
+        loss.weighting_losses(student, teacher, target)  # the order of forward
+    assert torch.allclose(
+        loss.weighting_losses(student, target, teacher), loss.loss_fn(student, teacher, target).flatten()
+    )
+    with pytest.raises(ValueError, match=r"got \(12,\); for one binary logit per sample \[B\], pass two classes"):
+        loss(student[:, 0], teacher[:, 0], target, groups)
+    dice = GroupDROLoss(DiceCELoss(to_onehot_y=True, softmax=True), num_groups=3)
+    with pytest.raises(ValueError, match=r"reduction='none' \(MONAI's DiceLoss and DiceCELoss .*PerSampleDiceCELoss"):
+        dice(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4, 1, 8, 8)), torch.tensor([0, 1, 2, 0]))

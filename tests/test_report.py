@@ -172,3 +172,18 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(group_report_handler)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_a_failed_write_leaves_the_earlier_report_whole(tmp_path, monkeypatch):
+    net, data = make_net(), make_data(12, seed=3)
+    report = GroupReportHandler(tmp_path, G, NAMES, plots=False)
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=DataLoader(data, batch_size=5), network=net, val_handlers=[report]
+    )
+    evaluator.run()
+    before = (tmp_path / "metrics.json").read_text()
+    monkeypatch.setattr(report, "summarise", lambda results: {"samples": 12, "not_json": object()})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        evaluator.run()
+    assert (tmp_path / "metrics.json").read_text() == before  # not truncated by the failed write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["group_report.csv", "metrics.json"]  # no temporary file

@@ -368,3 +368,17 @@ def test_fill_stores_plain_tensors_from_metatensor_inputs():
     assert type(cache.get("b")) is torch.Tensor
     with torch.no_grad():
         assert torch.equal(cache.get("b"), teacher.eval()(images.as_tensor())[1])
+
+
+def test_a_damaged_cache_file_is_removed_with_a_warning_and_computed_anew(tmp_path):
+    cache = TeacherOutputCache(tmp_path / "cache", id_key="id", keep_in_memory=False)
+    cache.put("case000", torch.ones(2))
+    (damaged,) = (tmp_path / "cache").glob("*.pt")
+    cache.put("case001", torch.zeros(2))
+    damaged.write_bytes(damaged.read_bytes()[:20])  # truncated, as by a full disk before writes were atomic
+    with pytest.warns(UserWarning, match=rf"teacher cache: '{damaged}' cannot be read .*computed anew"):
+        assert cache.get("case000") is None
+    assert not damaged.exists() and "case000" not in cache and len(cache) == 1
+    assert torch.equal(cache.get("case001"), torch.zeros(2))
+    cache.put("case000", torch.full((2,), 3.0))
+    assert torch.equal(cache.get("case000"), torch.full((2,), 3.0))

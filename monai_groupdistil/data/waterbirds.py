@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -80,9 +81,10 @@ def load_waterbirds_datalist(
         values = {}
         for column, allowed in (("y", (0, 1)), ("place", (0, 1)), ("split", (0, 1, 2))):
             try:
-                values[column] = int(float(row[column]))
+                number = float(row[column])
             except (TypeError, ValueError):
-                values[column] = None
+                number = math.nan
+            values[column] = int(number) if number.is_integer() else None  # 1.9, inf and NaN are refused
             if values[column] not in allowed:
                 raise ValueError(
                     f"{csv_path}, line {line}: column {column!r} must be one of {allowed}, got {row[column]!r}."

@@ -222,10 +222,11 @@ class AtomicDiskSaver(DiskSaver):
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         """Write ``checkpoint`` to ``<dirname>/<filename>`` atomically, then remove the files dropped before."""
-        pending, self.pending_removal = self.pending_removal, []
         if idist.get_rank() != self.save_on_rank:
+            self.pending_removal = []
             return
-        atomic_save(checkpoint, self.dirname / filename)
+        atomic_save(checkpoint, self.dirname / filename)  # when it fails, the files stay noted for the next save
+        pending, self.pending_removal = self.pending_removal, []
         for name in pending:
             if name != filename:
                 (self.dirname / name).unlink(missing_ok=True)

@@ -122,13 +122,27 @@ class TeacherOutputCache:
         value = self._memory.get(key)
         if value is None and self.cache_dir is not None:
             path = self._path(key)
-            if path.exists():
-                entry = torch.load(path, map_location=self.storage_device, weights_only=True)
+            entry = self._read(path) if path.exists() else None
+            if entry is not None:
                 if entry.get("id") == key:  # guards against hash collisions
                     value = entry["logits"]
                     if self.keep_in_memory:
                         self._memory[key] = value
         return value
+
+    def _read(self, path: Path) -> dict | None:
+        """The entry stored in ``path``, or ``None`` (with a warning, the file removed) when it cannot be read: a
+        damaged file is recomputed, as MONAI's ``PersistentDataset`` does with its cache."""
+        try:
+            entry = torch.load(path, map_location=self.storage_device, weights_only=True)
+            if not isinstance(entry, dict) or not isinstance(entry.get("logits"), torch.Tensor):
+                raise ValueError(f"expected a dict with 'id' and 'logits', got {type(entry).__name__}")
+        except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+            message = f"teacher cache: '{path}' cannot be read ({err}); removing it, the output is computed anew."
+            warnings.warn(message, stacklevel=2)
+            path.unlink(missing_ok=True)
+            return None
+        return entry
 
     def put(self, key: str, value: torch.Tensor) -> None:
         """Store the output of one sample (``[C, *spatial]``), detached, on ``storage_device``."""
@@ -141,8 +155,12 @@ class TeacherOutputCache:
             path = self._path(key)
             fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
             os.close(fd)
-            torch.save({"id": key, "logits": value.cpu()}, tmp)
-            os.replace(tmp, path)
+            try:
+                torch.save({"id": key, "logits": value.cpu()}, tmp)
+                os.replace(tmp, path)
+            except BaseException:  # a full disk or an interrupt: no partial file is left behind
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def __contains__(self, key: Any) -> bool:
         key = self._key(key)

@@ -365,7 +365,7 @@ class DistillationTrainer(SupervisedTrainer):
             extras["teacher_logits"] = output[TEACHER_PRED]
         batch = self.state.batch
         if isinstance(batch, Mapping) and self.group_key in batch:
-            output[GROUP] = torch.as_tensor(batch[self.group_key]).to(self.state.device, non_blocking=self.non_blocking)
+            output[GROUP] = self._group_ids(batch[self.group_key])
         if "groups" in self.loss_keywords:
             extras["groups"] = output[GROUP]
         try:
@@ -376,6 +376,23 @@ class DistillationTrainer(SupervisedTrainer):
             raise FloatingPointError(self._non_finite_message("loss", None, pred, str(err))) from err
         self._check_finite("loss", loss, pred)
         return loss
+
+    def _group_ids(self, groups: Any) -> torch.Tensor:
+        """The batch's group ids as a tensor on the training device.
+
+        Raises:
+            TypeError: when the ids are not numbers (e.g. group names), with what to do.
+        """
+        try:
+            ids = torch.as_tensor(groups)
+        except (TypeError, ValueError) as err:
+            shown = list(groups)[:4] if isinstance(groups, Sequence) else groups
+            raise TypeError(
+                f"batch['{self.group_key}'] must hold integer group ids in [0, num_groups), got {shown!r} ({err}). "
+                "Map group names to ids in the preprocessing, e.g. with monai_groupdistil.data.MapGroupNamesd, "
+                "or set group_key to the key that holds the ids."
+            ) from err
+        return ids.to(self.state.device, non_blocking=self.non_blocking)
 
     def _check_finite(self, quantity: str, value: Any, pred: Any) -> None:
         """With ``check_finite``, raise a ``FloatingPointError`` (message: :py:meth:`_non_finite_message`) when

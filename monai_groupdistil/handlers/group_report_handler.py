@@ -6,7 +6,6 @@ Our own because MONAI's ``MetricsSaver`` writes ``engine.state.metrics`` and per
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -21,8 +20,10 @@ from monai.handlers import from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 
+from monai_groupdistil.engines.checkpoint_saver import atomic_write
 from monai_groupdistil.handlers.group_dro_handler import GroupDROHandler, default_group_names
 from monai_groupdistil.handlers.group_metric_handler import split_output
+from monai_groupdistil.handlers.prediction_writer import write_csv_atomically
 from monai_groupdistil.metrics.group_accuracy import class_indices, per_sample_accuracy
 from monai_groupdistil.metrics.group_metric import GroupMetric, as_batch
 from monai_groupdistil.visualize import (
@@ -246,10 +247,10 @@ class GroupMetricReportHandler:
         if idist.get_rank() != 0:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "group_report.csv", "w", newline="") as f:
-            csv.writer(f).writerows(self.csv_rows(results))
-        with open(self.output_dir / "metrics.json", "w") as f:
-            json.dump(self.summary, f, indent=2)
+        header, *rows = self.csv_rows(results)
+        write_csv_atomically(self.output_dir / "group_report.csv", header, rows)
+        with atomic_write(self.output_dir / "metrics.json") as temporary:
+            temporary.write_text(json.dumps(self.summary, indent=2))
         if self.plots:
             try:
                 self.write_plots(results)

@@ -18,14 +18,20 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ignite.engine import Engine, Events
 from monai.data import CSVSaver, NibabelWriter
 from monai.engines.utils import IterationEvents
+from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_groupdistil.data.skip_failed import FAILURE_KEY
 from monai_groupdistil.engines.checkpoint_saver import atomic_write
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine, Events
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
 __all__ = [
     "AtomicNibabelWriter",
@@ -174,7 +180,9 @@ class InferenceFailureHandler:
     batches can change from one pass to the next, it makes every pass run to the loader's end.
 
     Give it to the evaluator before the savers (``val_handlers=[..., handler, saver]``): its end-of-epoch check must
-    come before theirs. The evaluator must decollate (MONAI's default).
+    come before theirs. The evaluator must decollate (MONAI's default). A batch whose every study failed reaches the
+    savers as empty lists: give them transforms that accept one, as in the example (MONAI's ``from_engine`` reads the
+    first item and raises ``IndexError`` on an empty list).
 
     Args:
         output_file: the CSV file of the failed studies.
@@ -191,6 +199,11 @@ class InferenceFailureHandler:
         loader = SkipFailedLoader(SkipFailedDataset(datalist, preprocessing), batch_size=8)
         postprocessing = SkipNonFinited("pred", Activationsd("pred", softmax=True))
         failures = InferenceFailureHandler("eval/failures.csv", id_name="subject")
+        prediction_saver = ClassificationSaver(
+            batch_transform=lambda batch: [{"filename_or_obj": item["subject"]} for item in batch],
+            output_transform=lambda output: [item["pred"] for item in output],  # [] when the whole batch failed
+            saver=ClassProbabilitySaver(["NOR", "HCM", "DCM"], "eval", "predictions.csv", id_name="subject"),
+        )
         evaluator = SupervisedEvaluator(device, loader, network, postprocessing=postprocessing,
                                         val_handlers=[failures, prediction_saver])
         evaluator.run()  # InferenceFailedError after predictions.csv is written, when a study failed

@@ -47,7 +47,10 @@ def check_logits(input: torch.Tensor, teacher_logits: torch.Tensor | None = None
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor of logits [B, C, *spatial], got {_describe(input)}.")
     if input.ndim < 2:
-        raise ValueError(f"input must have shape [B, C, *spatial] (at least 2 dimensions), got {tuple(input.shape)}.")
+        raise ValueError(
+            f"input must have shape [B, C, *spatial] (at least 2 dimensions), got {tuple(input.shape)}; for one "
+            "binary logit per sample [B], pass two classes: torch.stack([-x, x], dim=1) / 2 gives the same sigmoid."
+        )
     if input.shape[0] == 0:
         raise ValueError("input is an empty batch (B == 0); at least one sample is needed.")
     if teacher_logits is None:

@@ -148,6 +148,13 @@ class GroupDistillationLoss(GroupDROLoss):
             TypeError: when ``groups`` is missing (the message says how to pass it).
         """
         if groups is None:
+            integer_teacher = isinstance(teacher_logits, torch.Tensor) and not teacher_logits.is_floating_point()
+            if integer_teacher and target is not None:  # loss(pred, label) alone is SupervisedTrainer's call
+                raise TypeError(
+                    "teacher_logits holds integers and groups is missing: the call looks like loss(input, target, "
+                    "groups), without the teacher's logits. Call loss(input, teacher_logits, target, groups) "
+                    "(teacher_logits=None only where alpha is 0)."
+                )
             raise TypeError(_missing_groups_message(type(self).__name__, "loss(input, teacher_logits, target, groups)"))
         term = None if self.weight_by == "loss" else self.weight_by
         labels, outside = self.loss_fn.prepare_labels(input, teacher_logits, target, term)
@@ -158,7 +165,8 @@ class GroupDistillationLoss(GroupDROLoss):
         except ValueError as err:  # name the culprit where the group statistics cannot
             if outside is not None and bool(outside):
                 raise_label_range(target.long().reshape(labels.shape), input.shape[1])  # type: ignore[union-attr]
-            culprits = [n for n, t in (("input", input), ("teacher_logits", teacher_logits)) if not t.isfinite().all()]
+            named = (("input", input), ("teacher_logits", teacher_logits))  # no teacher_logits where alpha is 0
+            culprits = [n for n, t in named if t is not None and not t.isfinite().all()]
             if culprits and "not finite" in str(err):
                 verb = "holds" if len(culprits) == 1 else "hold"
                 raise NonFiniteValueError(f"{' and '.join(culprits)} {verb} NaN or infinite values; {err}") from err
@@ -170,10 +178,26 @@ class GroupDistillationLoss(GroupDROLoss):
         """The per-sample quantity ``[B]`` chosen by ``weight_by`` (the whole loss, ``CE`` or ``T^2 * KL``), for
         :py:meth:`update_weights` on held-out data.
 
+        The arguments are in the order of :py:meth:`GroupDROLoss.weighting_losses` (``input, target``), with the
+        teacher's logits last: ``loss.update_weights(loss.weighting_losses(student, labels, teacher), groups)``.
+
         Raises:
+            TypeError: when ``target`` and ``teacher_logits`` are given in the order of :py:meth:`forward`.
             ValueError: for the input errors of :py:meth:`forward` (a missing ``teacher_logits`` or ``target`` that
                 the chosen quantity needs, class indices outside ``[0, C)``...).
         """
+        swapped = (
+            isinstance(teacher_logits, torch.Tensor)
+            and not teacher_logits.is_floating_point()
+            and isinstance(target, torch.Tensor)
+            and target.is_floating_point()
+            and target.shape == input.shape
+        )
+        if swapped:
+            raise TypeError(
+                "weighting_losses takes (input, target, teacher_logits), the order of GroupDROLoss.weighting_losses "
+                "with the teacher last; target holds logits and teacher_logits integers: swap them."
+            )
         term = None if self.weight_by == "loss" else self.weight_by
         labels, outside = self.loss_fn.prepare_labels(input, teacher_logits, target, term)
         if outside is not None and bool(outside):

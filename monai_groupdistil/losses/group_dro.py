@@ -107,6 +107,11 @@ class GroupDROLoss(_Loss):
         update: str = "batch",
     ):
         super().__init__(reduction=LossReduction(reduction).value)
+        if isinstance(loss_fn, type):
+            raise TypeError(
+                f"loss_fn must be a loss object, got the class {loss_fn.__name__}: construct it first, e.g. "
+                f"{loss_fn.__name__}(reduction='none')."
+            )
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(input, target) -> [B], got {type(loss_fn)}.")
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -241,6 +246,7 @@ class GroupDROLoss(_Loss):
         # statistics, so a bad id or label never reaches a kernel (it is clamped) and nothing is written before
         device, num_groups = self.group_weights.device, self.num_groups
         dtype = torch.promote_types(torch.promote_types(losses.dtype, self.group_weights.dtype), torch.float32)
+        reduce_device = losses.device  # NCCL reduces CUDA tensors only; the buffers may stay on the CPU
         # plain tensors (a MONAI MetaTensor's batch metadata cannot follow the slicing of the all-reduced statistics)
         losses = losses.as_subclass(torch.Tensor).to(device, dtype)
         groups = groups.as_subclass(torch.Tensor).to(device)
@@ -253,8 +259,9 @@ class GroupDROLoss(_Loss):
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             world_size = dist.get_world_size()
-            stats = torch.cat([sums, counts, invalid.to(dtype).reshape(1)])
+            stats = torch.cat([sums, counts, invalid.to(dtype).reshape(1)]).to(reduce_device)
             dist.all_reduce(stats)
+            stats = stats.to(device)
             sums, counts, invalid = stats[:num_groups], stats[num_groups:-1], stats[-1] > 0
         group_losses = sums / counts.clamp_min(1)
         if not bool(torch.isfinite(group_losses).all() & ~invalid):
@@ -293,7 +300,9 @@ class GroupDROLoss(_Loss):
         lo, hi = (int(v) for v in torch.aminmax(groups))
         if lo < 0 or hi >= self.num_groups:
             raise ValueError(
-                f"groups holds ids in [{lo}, {hi}]; ids must lie in [0, num_groups) = [0, {self.num_groups})."
+                f"groups holds ids in [{lo}, {hi}]; ids must lie in [0, num_groups) = [0, {self.num_groups}). Set "
+                "num_groups to the number of groups, or map the groups to 0 .. num_groups - 1 (group names: "
+                "monai_groupdistil.data.MapGroupNamesd)."
             )
         if labels_outside is not None and bool(labels_outside):
             raise ValueError("target holds class indices outside [0, C); the DRO weights were left unchanged.")
@@ -320,10 +329,34 @@ class GroupDROLoss(_Loss):
                 f"the checkpoint holds DRO weights for {weights.numel()} groups (shape {tuple(weights.shape)}) "
                 f"but this loss has num_groups={self.num_groups}; train with the same grouping or start anew."
             )
+        # every buffer is checked before any is written: torch copies them one by one
+        for name, buffer in self.named_buffers(recurse=False):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and tuple(saved.shape) != tuple(buffer.shape):
+                raise ValueError(
+                    f"the checkpoint's '{prefix}{name}' has shape {tuple(saved.shape)}, this loss needs "
+                    f"{tuple(buffer.shape)} (num_groups={self.num_groups}); the checkpoint is damaged or of another "
+                    "loss: start anew or load the right one."
+                )
+        # the floor of _exponentiated_step can add up to G * tiny to the sum of weights held in a low precision
+        tolerance = 1e-3 + self.num_groups * torch.finfo(weights.dtype).tiny if weights is not None else 0.0
         if weights is not None and not (
-            bool(torch.isfinite(weights).all()) and bool((weights >= 0).all()) and abs(float(weights.sum()) - 1) < 1e-3
+            bool(torch.isfinite(weights).all())
+            and bool((weights >= 0).all())
+            and abs(float(weights.double().sum()) - 1) < tolerance
         ):
-            raise ValueError(f"the checkpoint's DRO weights are not a probability vector: {weights.tolist()}.")
+            shown = f"{weights.tolist()}" if weights.numel() <= 8 else f"{weights[:8].tolist()} ... ({weights.numel()})"
+            raise ValueError(
+                f"the checkpoint's DRO weights are not a probability vector (sum {float(weights.double().sum()):.6g}): "
+                f"{shown}."
+            )
+        running = state_dict.get(prefix + "ema_group_losses")
+        if running is not None and not bool(torch.isfinite(running).all()):
+            raise ValueError(
+                f"the checkpoint's running group losses ('{prefix}ema_group_losses') are not finite: "
+                f"{running.tolist()}; they would turn the DRO weights into NaN. Load an earlier checkpoint or start "
+                "anew."
+            )
         # checkpoints of earlier versions carry fewer rules (none before absent_groups): those are taken as they are
         saved = state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())
         for rule, value in self.get_extra_state().items():
@@ -352,7 +385,8 @@ def _per_sample_mean(values: torch.Tensor, batch: int) -> torch.Tensor:
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(
             f"per-sample losses of shape [B] = ({batch},) are expected, got {shape}; "
-            "construct the loss function with reduction='none'."
+            "construct the loss function with reduction='none' (MONAI's DiceLoss and DiceCELoss cannot give per-sample "
+            "losses that way: use monai_groupdistil.losses.PerSampleDiceCELoss)."
         )
     return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
 
