@@ -4,8 +4,9 @@
 ``configs/<config>`` of each bundle of the layer (``LAYERS``); a file that is not JSON is copied whole.
 ``bundles/shared/scripts/``: each bundle's ``scripts/`` gets ``__main__.py`` and the modules that its own
 ``scripts/__init__.py`` imports (``from .module import ...``), and the modules those import; a copied module that no
-longer is one of them is removed. Edit the shared file, never a copy, then run this (``--check``: exit 1 naming every
-bundle file that differs or is not used; write nothing).
+longer is one of them is removed. A module that ``__init__.py`` imports from the bundle's own folder is the bundle's;
+any other module there is named, never removed. Edit the shared file, never a copy, then run this (``--check``: exit 1
+naming every bundle file that differs or is not used; write nothing).
 """
 
 import argparse
@@ -59,17 +60,19 @@ def expected(root: Path) -> dict[Path, str]:
     shared = root / "bundles" / "shared" / "scripts"
     for bundle in LAYERS["every_bundle"]:
         scripts = root / "bundles" / bundle / "scripts"
-        for name in ("__main__", *script_modules(shared, scripts)):
+        for name in ("__main__", *script_modules(shared, scripts)[0]):
             texts[scripts / f"{name}.py"] = (shared / f"{name}.py").read_text()
     return texts
 
 
-def script_modules(shared: Path, scripts: Path) -> list[str]:
-    """The modules of ``shared`` that ``scripts/__init__.py`` (a bundle's own) imports, directly or through others."""
+def script_modules(shared: Path, scripts: Path) -> tuple[list[str], list[str]]:
+    """The modules that ``scripts/__init__.py`` (a bundle's own) imports, directly or through others: those of
+    ``shared`` (copied into the bundle) and the bundle's own (kept as they are)."""
     init = scripts / "__init__.py"
     if not init.is_file():
         raise SystemExit(f"{init} is missing: each bundle owns its scripts/__init__.py, which imports what it uses.")
-    found: set[str] = set()
+    copied: set[str] = set()
+    own: set[str] = set()
     todo = [init]
     while todo:
         path = todo.pop()
@@ -77,25 +80,33 @@ def script_modules(shared: Path, scripts: Path) -> list[str]:
             if not isinstance(node, ast.ImportFrom) or node.level != 1:
                 continue  # only the package's own modules: from .module import ...
             for name in [node.module] if node.module else [alias.name for alias in node.names]:
-                if name in found:
+                if name in copied or name in own:
                     continue
-                if not (shared / f"{name}.py").is_file():
-                    raise SystemExit(f"{path} imports .{name}, but {shared} has no {name}.py.")
-                found.add(name)
-                todo.append(shared / f"{name}.py")
-    return sorted(found)
+                if (shared / f"{name}.py").is_file():
+                    copied.add(name)
+                    todo.append(shared / f"{name}.py")
+                elif (scripts / f"{name}.py").is_file():
+                    own.add(name)
+                    todo.append(scripts / f"{name}.py")
+                else:
+                    raise SystemExit(f"{path} imports .{name}, but neither {shared} nor {scripts} has {name}.py.")
+    return sorted(copied), sorted(own)
 
 
-def unused_copies(root: Path, texts: dict[Path, str]) -> list[Path]:
-    """Copies of shared modules in a bundle's ``scripts/`` that the bundle no longer uses."""
-    shared = {path.name for path in (root / "bundles" / "shared" / "scripts").glob("*.py")} - {"__init__.py"}
-    bundles = [root / "bundles" / bundle / "scripts" for bundle in LAYERS["every_bundle"]]
-    return [
-        path
-        for scripts in bundles
-        for path in sorted(scripts.glob("*.py"))
-        if path.name in shared and path not in texts
-    ]
+def extra_modules(root: Path, texts: dict[Path, str]) -> tuple[list[Path], list[Path]]:
+    """Modules of the bundles' ``scripts/`` that nothing copies or imports: copies of shared modules the bundle no
+    longer uses (removed by a sync), and other files, e.g. copies of a module since removed from ``bundles/shared``
+    (named, never removed: they may be a bundle's own)."""
+    shared = root / "bundles" / "shared" / "scripts"
+    names = {path.name for path in shared.glob("*.py")} - {"__init__.py"}
+    unused, unknown = [], []
+    for bundle in LAYERS["every_bundle"]:
+        scripts = root / "bundles" / bundle / "scripts"
+        own = {scripts / "__init__.py", *(scripts / f"{name}.py" for name in script_modules(shared, scripts)[1])}
+        for path in sorted(scripts.glob("*.py")):
+            if path not in texts and path not in own:
+                (unused if path.name in names else unknown).append(path)
+    return unused, unknown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     texts = expected(args.root)
     stale = [path for path, text in texts.items() if not path.is_file() or path.read_text() != text]
-    unused = unused_copies(args.root, texts)
+    unused, unknown = extra_modules(args.root, texts)
     for path in stale:
         print(f"{'differs from bundles/shared' if args.check else 'updated'}: {path.relative_to(args.root)}")
         if not args.check:
@@ -115,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'not used by its bundle' if args.check else 'removed'}: {path.relative_to(args.root)}")
         if not args.check:
             path.unlink()
+    for path in unknown:
+        relative = path.relative_to(args.root)
+        print(f"neither shared nor imported by its scripts/__init__.py (remove or import it): {relative}")
     if args.check and (stale or unused):
         print("edit bundles/shared, not the copies, then run: python scripts/sync_bundle_configs.py")
-    return 1 if args.check and (stale or unused) else 0
+    return 1 if unknown or (args.check and (stale or unused)) else 0
 
 
 if __name__ == "__main__":

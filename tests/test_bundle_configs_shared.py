@@ -135,11 +135,31 @@ def test_a_bundle_importing_a_module_that_is_not_shared_is_refused(repo: Path):
     before = train.read_text()
     result = sync(repo)
     assert result.returncode != 0
-    assert f"{init} imports .no_such_module" in result.stderr and "no_such_module.py" in result.stderr
+    assert f"{init} imports .no_such_module, but neither" in result.stderr and "no_such_module.py" in result.stderr
     assert train.read_text() == before
     init.unlink()
     result = sync(repo)
     assert result.returncode != 0 and f"{init} is missing" in result.stderr
+
+
+def test_a_bundles_own_module_is_kept_and_an_unknown_one_named_not_removed(repo: Path):
+    """A module the bundle's __init__.py imports from its own folder is the bundle's; a module nothing imports
+    (e.g. the copy of a module since removed from bundles/shared) is named and left for the developer to remove."""
+    scripts = repo / "bundles" / WATERBIRDS / "scripts"
+    (scripts / "own_helper.py").write_text("from .datasets import group_counts\n\nANSWER = 42\n")
+    (scripts / "__init__.py").write_text((scripts / "__init__.py").read_text() + "from .own_helper import ANSWER\n")
+    (scripts / "old_shared_module.py").write_text("X = 1\n")
+    for args in (("--check",), ()):
+        result = sync(repo, *args)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stdout.splitlines() == [
+            "neither shared nor imported by its scripts/__init__.py (remove or import it): "
+            f"bundles/{WATERBIRDS}/scripts/old_shared_module.py"
+        ]
+        assert (scripts / "own_helper.py").read_text().endswith("ANSWER = 42\n")
+        assert (scripts / "old_shared_module.py").is_file()
+    (scripts / "old_shared_module.py").unlink()
+    assert sync(repo, "--check").returncode == 0
 
 
 SCRIPTS_REFERENCE = re.compile(r"scripts(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
@@ -166,9 +186,16 @@ def test_each_bundle_holds_the_code_its_configs_call_and_no_other_bundles(bundle
     assert result.stdout.strip() == "[]"
     modules = {path.stem for path in (folder / "scripts").glob("*.py")}
     others = {
-        CARDIAC: {"synthetic_waterbirds", "natural_transforms", "segmentation", "waterbirds_datasets"},
-        SEG: {"synthetic_waterbirds", "natural_transforms", "waterbirds_datasets"},
-        WATERBIRDS: {"synthetic", "cardiac_transforms", "segmentation", "mnms_datasets"},
+        CARDIAC: {
+            "synthetic_waterbirds",
+            "natural_transforms",
+            "waterbirds_datasets",
+            "pretrained",
+            "segmentation",
+            "segmentation_datasets",
+        },
+        SEG: {"synthetic_waterbirds", "natural_transforms", "waterbirds_datasets", "pretrained"},
+        WATERBIRDS: {"synthetic", "cardiac_transforms", "mnms_datasets", "segmentation", "segmentation_datasets"},
     }[bundle]
     assert modules.isdisjoint(others), sorted(modules & others)
 

@@ -819,8 +819,12 @@ def test_a_half_precision_loss_reloads_its_own_checkpoint_with_many_groups():
     resumed.load_state_dict(loss.state_dict())
     assert torch.equal(resumed.group_weights, loss.group_weights)
     bad = loss.state_dict()
-    bad["group_weights"] = bad["group_weights"] * 1.2
-    with pytest.raises(ValueError, match="not a probability vector"):
+    for factor in (1.2, 0.9):  # the floor's slack is above 1 only
+        bad["group_weights"] = loss.state_dict()["group_weights"] * factor
+        with pytest.raises(ValueError, match="not a probability vector"):
+            GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), groups).half().load_state_dict(bad)
+    bad["group_weights"] = torch.zeros(groups, dtype=torch.long).index_fill_(0, torch.tensor([0]), 1)
+    with pytest.raises(ValueError, match="not a probability vector"):  # integers: no weights of this loss
         GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), groups).half().load_state_dict(bad)
 
 
@@ -850,5 +854,7 @@ def test_misuses_are_named_with_what_to_do():
     with pytest.raises(ValueError, match=r"got \(12,\); for one binary logit per sample \[B\], pass two classes"):
         loss(student[:, 0], teacher[:, 0], target, groups)
     dice = GroupDROLoss(DiceCELoss(to_onehot_y=True, softmax=True), num_groups=3)
-    with pytest.raises(ValueError, match=r"reduction='none' \(MONAI's DiceLoss and DiceCELoss .*PerSampleDiceCELoss"):
+    with pytest.raises(
+        ValueError, match=r"reduction='none' \(MONAI's DiceCELoss has no 'none' reduction: use .*PerSampleDiceCELoss"
+    ):
         dice(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4, 1, 8, 8)), torch.tensor([0, 1, 2, 0]))

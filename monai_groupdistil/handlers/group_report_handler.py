@@ -94,6 +94,8 @@ class GroupMetricReportHandler:
       multi-process evaluation they are taken from rank 0's share of the samples.
 
     The plots need matplotlib; without it they are skipped with a warning. ``self.summary`` holds the JSON content.
+    The CSV and JSON files are each replaced whole (an atomic write), one after the other: a failure between the two
+    leaves the new CSV beside the previous JSON.
 
     ``output_transform`` maps ``engine.state.output`` to ``(y_pred, y)`` or ``(y_pred, y, groups)``: one-hot (or
     probability) ``[B, C, *spatial]`` tensors, as MONAI's ``DiceMetric`` and ``HausdorffDistanceMetric`` expect

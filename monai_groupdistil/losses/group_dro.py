@@ -246,7 +246,8 @@ class GroupDROLoss(_Loss):
         # statistics, so a bad id or label never reaches a kernel (it is clamped) and nothing is written before
         device, num_groups = self.group_weights.device, self.num_groups
         dtype = torch.promote_types(torch.promote_types(losses.dtype, self.group_weights.dtype), torch.float32)
-        reduce_device = losses.device  # NCCL reduces CUDA tensors only; the buffers may stay on the CPU
+        # NCCL reduces CUDA tensors only: reduce on the GPU where the losses or the buffers are
+        reduce_device = losses.device if losses.device.type != "cpu" else device
         # plain tensors (a MONAI MetaTensor's batch metadata cannot follow the slicing of the all-reduced statistics)
         losses = losses.as_subclass(torch.Tensor).to(device, dtype)
         groups = groups.as_subclass(torch.Tensor).to(device)
@@ -338,12 +339,12 @@ class GroupDROLoss(_Loss):
                     f"{tuple(buffer.shape)} (num_groups={self.num_groups}); the checkpoint is damaged or of another "
                     "loss: start anew or load the right one."
                 )
-        # the floor of _exponentiated_step can add up to G * tiny to the sum of weights held in a low precision
-        tolerance = 1e-3 + self.num_groups * torch.finfo(weights.dtype).tiny if weights is not None else 0.0
         if weights is not None and not (
-            bool(torch.isfinite(weights).all())
+            weights.is_floating_point()
+            and bool(torch.isfinite(weights).all())
             and bool((weights >= 0).all())
-            and abs(float(weights.double().sum()) - 1) < tolerance
+            # the floor of _exponentiated_step adds up to G * tiny to the sum of weights held in a low precision
+            and -1e-3 < float(weights.double().sum()) - 1 < 1e-3 + self.num_groups * torch.finfo(weights.dtype).tiny
         ):
             shown = f"{weights.tolist()}" if weights.numel() <= 8 else f"{weights[:8].tolist()} ... ({weights.numel()})"
             raise ValueError(
@@ -385,8 +386,8 @@ def _per_sample_mean(values: torch.Tensor, batch: int) -> torch.Tensor:
         shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
         raise ValueError(
             f"per-sample losses of shape [B] = ({batch},) are expected, got {shape}; "
-            "construct the loss function with reduction='none' (MONAI's DiceLoss and DiceCELoss cannot give per-sample "
-            "losses that way: use monai_groupdistil.losses.PerSampleDiceCELoss)."
+            "construct the loss function with reduction='none' (MONAI's DiceCELoss has no 'none' reduction: use "
+            "monai_groupdistil.losses.PerSampleDiceCELoss)."
         )
     return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
 
