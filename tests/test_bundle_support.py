@@ -108,7 +108,8 @@ def test_load_network_and_teacher(tmp_path):
     message = str(info.value)
     assert f"teacher checkpoint '{tmp_path / 'missing.pt'}' not found. Train the teacher first" in message
     files = "['configs/train.json','configs/train_teacher.json']"  # from the bundle folder, which imports scripts/
-    command = f'cd /b && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path} --teacher_method erm'
+    command = f'cd /b && python -m monai.bundle run --config_file "{files}" --meta_file configs/metadata.json'
+    command += f" --ckpt_dir {tmp_path} --teacher_method erm"
     assert (
         f"\n\n    {command}\n\n" in message
         and "this run's data and size overrides (the teacher's epochs are --teacher_epochs" in message

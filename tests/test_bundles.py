@@ -468,15 +468,15 @@ def test_segmentation_inference_writes_masks_with_the_shape_and_affine_of_the_in
     (tmp_path / "masks").mkdir()
     stale = temporary_name(tmp_path / "masks" / "killed_seg.nii.gz")  # a killed run's partial mask: removed at start
     stale.write_bytes(b"partial")
-    wf = b.workflow(
-        b.configs("inference"), {**overrides, "dataset_dir": str(folder), "mask_dir": str(tmp_path / "masks")}, "infer"
-    )
+    outputs = {"output_dir": str(tmp_path / "eval"), "mask_dir": str(tmp_path / "masks")}  # not the bundle folder
+    wf = b.workflow(b.configs("inference"), {**overrides, "dataset_dir": str(folder), **outputs}, "infer")
     assert not stale.exists()
     assert wf.check_properties() == []
     wf.run()
     wf.finalize()
-    outputs = sorted(p.name for p in (tmp_path / "masks").iterdir())
-    assert outputs == sorted([*(s.name.replace(".nii.gz", "_seg.nii.gz") for s in cines), "volume3d_seg.nii.gz"])
+    assert (tmp_path / "eval" / "failures.csv").read_text().splitlines() == ["subject,file,reason"]  # none failed
+    masks = sorted(p.name for p in (tmp_path / "masks").iterdir())
+    assert masks == sorted([*(s.name.replace(".nii.gz", "_seg.nii.gz") for s in cines), "volume3d_seg.nii.gz"])
     for source in sorted(folder.iterdir()):
         image, mask = nib.load(source), nib.load(tmp_path / "masks" / source.name.replace(".nii.gz", "_seg.nii.gz"))
         assert mask.shape == image.shape[:3] and np.allclose(mask.affine, image.affine, atol=1e-5), source.name
@@ -509,7 +509,8 @@ def test_missing_teacher_names_the_file_and_the_command_that_trains_it(work, tmp
     name = TEACHER_CHECKPOINTS[teacher_method]
     assert f"teacher checkpoint '{tmp_path}/ckpt/{name}' not found. Train the teacher first" in message
     files = "['configs/train.json','configs/train_teacher.json']"
-    command = f'cd {b.root} && python -m monai.bundle run --config_file "{files}" --ckpt_dir {tmp_path}/ckpt'
+    command = f'cd {b.root} && python -m monai.bundle run --config_file "{files}" --meta_file configs/metadata.json'
+    command += f" --ckpt_dir {tmp_path}/ckpt"
     command += f" --teacher_method {teacher_method}"
     assert f"\n\n    {command}\n\n" in message
     others = {k: v for k, v in ov.items() if k not in ("bundle_root", "ckpt_dir")}

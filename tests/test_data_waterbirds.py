@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +238,48 @@ def test_synthetic_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="noise must be >= 0, got -0.1"):
         make_synthetic_waterbirds(tmp_path, n_images=10, noise=-0.1)
     assert not (tmp_path / "metadata.csv").exists()
+
+
+def test_synthetic_refuses_an_existing_dataset_or_a_folder_of_other_files(tmp_path):
+    small = {"n_images": 6, "image_size": 16}
+    root = Path(make_synthetic_waterbirds(tmp_path / "a", **small))
+    before = (root / "metadata.csv").read_text()
+    with pytest.raises(FileExistsError, match=r"already holds a dataset \(metadata.csv\); pass overwrite=True"):
+        make_synthetic_waterbirds(root, seed=1, **small)
+    assert (root / "metadata.csv").read_text() == before
+    make_synthetic_waterbirds(root, seed=1, overwrite=True, **small)
+    after = (root / "metadata.csv").read_text()
+    assert after != before and all((root / r["img_filename"]).is_file() for r in csv.DictReader(io.StringIO(after)))
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "photo.jpg").write_bytes(b"mine")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="is not empty and holds no metadata.csv"):
+            make_synthetic_waterbirds(mine, overwrite=overwrite, **small)
+    assert [p.name for p in mine.iterdir()] == ["photo.jpg"]
+
+
+def test_command_line_refuses_an_existing_dataset_unless_overwrite(tmp_path):
+    shared = Path(__file__).resolve().parents[1] / "bundles" / "shared"  # python -m scripts, from a bundle folder
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts",
+        "waterbirds",
+        "--root",
+        str(tmp_path),
+        "--n-images",
+        "6",
+        "--image-size",
+        "16",
+    ]
+    make_synthetic_waterbirds(tmp_path, n_images=6, image_size=16)
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=shared)
+    assert (
+        refused.returncode == 2 and "error: " in refused.stderr and "--overwrite on the command line" in refused.stderr
+    )
+    replaced = subprocess.run(
+        [*cmd, "--overwrite", "--seed", "4"], capture_output=True, text=True, timeout=120, cwd=shared
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert "_4.jpg" in (tmp_path / "metadata.csv").read_text()  # the file names carry the seed

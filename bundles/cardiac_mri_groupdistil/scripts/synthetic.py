@@ -547,7 +547,9 @@ def make_synthetic_mnms(
     out = os.path.join(os.fspath(root), "OpenDataset")
     if os.path.exists(out):
         if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it.")
+            raise FileExistsError(
+                f"{out} already exists; pass overwrite=True (--overwrite on the command line) to replace it."
+            )
         shutil.rmtree(out)
     t_start = time.perf_counter()
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 20200101]))
@@ -659,26 +661,36 @@ def main(argv: Sequence[str] | None = None) -> str:
     """Command-line entry point: ``python -m scripts synthetic --root DIR [options]``."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts synthetic",
-        description="Write a synthetic multi-vendor cardiac cine dataset in the M&Ms OpenDataset layout.",
+        description="Write a synthetic multi-vendor cardiac cine dataset in the M&Ms OpenDataset layout. The bundles' "
+        "default data: --n-subjects 160 (classification) or 80 (segmentation) with the other defaults (the bundle's "
+        "synthetic_subjects; train.json generates it by itself).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--root", required=True, help="folder under which OpenDataset/ is written")
     parser.add_argument("--n-subjects", type=int, default=60, help="labelled subjects (train+val+test)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vendor-fractions", type=_parse_fractions, help="e.g. A=0.4,B=0.35,C=0.2,D=0.05 (all splits)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--vendor-fractions", type=_parse_fractions, help="e.g. A=0.4,B=0.35,C=0.2,D=0.05 (all splits; scaled to sum 1)"
+    )
     for split in SPLITS:
         parser.add_argument(f"--{split}-vendor-fractions", type=_parse_fractions, help=f"vendor fractions of {split}")
     parser.add_argument(
-        "--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("TRAIN", "VAL", "TEST")
+        "--split-fractions",
+        type=float,
+        nargs=3,
+        default=(0.6, 0.2, 0.2),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="split sizes",
     )
     parser.add_argument("--pathology-fractions", type=_parse_fractions, help="e.g. NOR=1,HCM=1,DCM=1")
     parser.add_argument("--correlation", type=float, default=0.0, help="pathology-vendor correlation in [0, 1]")
     parser.add_argument("--correlated-pathology", type=_parse_mapping, help="e.g. A=NOR,B=HCM,C=DCM,D=NOR")
-    parser.add_argument("--correlation-splits", nargs="+", default=["train"], choices=SPLITS)
-    parser.add_argument("--n-unlabeled", type=int, default=0)
-    parser.add_argument("--n-frames", type=int, default=10)
-    parser.add_argument("--matrix-scale", type=float, default=1.0)
-    parser.add_argument("--num-workers", type=int, default=None, help="processes (default: up to 4)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--correlation-splits", nargs="+", default=["train"], choices=SPLITS, help="splits with it")
+    parser.add_argument("--n-unlabeled", type=int, default=0, help="unlabelled training subjects")
+    parser.add_argument("--n-frames", type=int, default=10, help="cine frames per study")
+    parser.add_argument("--matrix-scale", type=float, default=1.0, help="factor on the matrix size")
+    parser.add_argument("--num-workers", type=int, default=None, help="processes (None: up to 4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an OpenDataset in --root")
     args = parser.parse_args(argv)
     vendor_fractions: dict | None = None
     per_split = {s: getattr(args, f"{s}_vendor_fractions") for s in SPLITS}

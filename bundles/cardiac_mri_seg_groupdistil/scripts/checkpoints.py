@@ -50,7 +50,8 @@ def load_teacher(
     root = "." if bundle_root is None else os.fspath(bundle_root)
     configs = "['configs/train.json','configs/train_teacher.json']"  # run from the bundle folder, as in the zoo
     command = "" if root == "." else f"cd {root} && "
-    command += f'python -m monai.bundle run --config_file "{configs}" --ckpt_dir {path.parent}'
+    command += f'python -m monai.bundle run --config_file "{configs}" --meta_file configs/metadata.json'
+    command += f" --ckpt_dir {path.parent}"
     command += f" --teacher_method {teacher_method}"  # always: the bundles' defaults differ
     if not path.is_file():
         raise FileNotFoundError(

@@ -38,6 +38,7 @@ def make_synthetic_waterbirds(
     landbird_colour_cue: float | None = None,
     group_bird_scale: Mapping[str, float] | None = None,
     place_noise: Mapping[str, float] | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write a synthetic stand-in of Waterbirds (RGB JPEGs and ``metadata.csv``) under ``root``.
 
@@ -74,12 +75,16 @@ def make_synthetic_waterbirds(
         place_noise: the pixel noise of the images of a place, replacing ``noise`` there, keyed by ``"land"`` or
             ``"water"``, e.g. ``{"land": 0.3}``: every image of that place, of either class, is noisier (a site
             with poorer images), so the groups of that place are harder without the change telling the label.
+        overwrite: write over a stand-in that ``root`` already holds (its ``metadata.csv`` and the images it lists
+            are replaced; other files are left); otherwise an existing one is an error.
 
     Returns:
         the dataset folder (``root``) as a string.
 
     Raises:
         ValueError: for an out-of-range argument.
+        FileExistsError: ``root`` holds a dataset (``metadata.csv``) and ``overwrite`` is False, or other files
+            (nothing is written among them).
     """
     if n_images < 3:
         raise ValueError(f"n_images must be >= 3 (one image per split at least), got {n_images}.")
@@ -116,6 +121,16 @@ def make_synthetic_waterbirds(
     from PIL import Image  # pillow is a dependency of the package
 
     root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        if not (root / "metadata.csv").is_file():
+            raise FileExistsError(
+                f"{root} is not empty and holds no metadata.csv: write the stand-in into a new or empty folder."
+            )
+        if not overwrite:
+            raise FileExistsError(
+                f"{root} already holds a dataset (metadata.csv); pass overwrite=True (--overwrite on the command line) "
+                "to replace it."
+            )
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     counts = np.floor(fractions / fractions.sum() * n_images).astype(int)
@@ -192,17 +207,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m scripts waterbirds --root DIR [--n-images N] ...``."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts waterbirds",
-        description="Write a synthetic Waterbirds stand-in (layout of the release).",
+        description="Write a synthetic Waterbirds stand-in (layout of the release). The bundle's default data: "
+        "--n-images 800 --image-size 80 (the bundle's synthetic_images; train.json generates it by itself).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--root", required=True, help="output folder")
-    parser.add_argument("--n-images", type=int, default=400)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--correlation", type=float, default=0.95)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--bird-scale", type=float, default=1.0)
-    parser.add_argument("--noise", type=float, default=0.05)
-    parser.add_argument("--colour-cue", type=float, default=1.0)
-    parser.add_argument("--landbird-colour-cue", type=float, default=None)
+    parser.add_argument("--n-images", type=int, default=400, help="images over the three splits")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--correlation", type=float, default=0.95, help="P(place = label) in training")
+    parser.add_argument("--image-size", type=int, default=64, help="pixels per side")
+    parser.add_argument("--bird-scale", type=float, default=1.0, help="bird size, in (0, 1.5]")
+    parser.add_argument("--noise", type=float, default=0.05, help="pixel noise")
+    parser.add_argument("--colour-cue", type=float, default=1.0, help="P(bird colour from its class)")
+    parser.add_argument("--landbird-colour-cue", type=float, default=None, help="the same, landbirds only")
+    parser.add_argument("--overwrite", action="store_true", help="write over a stand-in in --root")
     args = parser.parse_args(argv)
     path = make_synthetic_waterbirds(
         args.root,
@@ -214,5 +232,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         noise=args.noise,
         colour_cue=args.colour_cue,
         landbird_colour_cue=args.landbird_colour_cue,
+        overwrite=args.overwrite,
     )
     print(path)
