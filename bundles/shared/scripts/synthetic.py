@@ -666,7 +666,9 @@ def main(argv: Sequence[str] | None = None) -> str:
         "synthetic_subjects; train.json generates it by itself).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--root", required=True, help="folder under which OpenDataset/ is written")
+    parser.add_argument(
+        "--root", required=True, default=argparse.SUPPRESS, help="folder under which OpenDataset/ is written"
+    )
     parser.add_argument("--n-subjects", type=int, default=60, help="labelled subjects (train+val+test)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
@@ -689,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--n-unlabeled", type=int, default=0, help="unlabelled training subjects")
     parser.add_argument("--n-frames", type=int, default=10, help="cine frames per study")
     parser.add_argument("--matrix-scale", type=float, default=1.0, help="factor on the matrix size")
-    parser.add_argument("--num-workers", type=int, default=None, help="processes (None: up to 4)")
+    parser.add_argument("--num-workers", type=int, default=None, help="processes; None: up to 4")
     parser.add_argument("--overwrite", action="store_true", help="replace an OpenDataset in --root")
     args = parser.parse_args(argv)
     vendor_fractions: dict | None = None

@@ -75,8 +75,9 @@ def make_synthetic_waterbirds(
         place_noise: the pixel noise of the images of a place, replacing ``noise`` there, keyed by ``"land"`` or
             ``"water"``, e.g. ``{"land": 0.3}``: every image of that place, of either class, is noisier (a site
             with poorer images), so the groups of that place are harder without the change telling the label.
-        overwrite: write over a stand-in that ``root`` already holds (its ``metadata.csv`` and the images it lists
-            are replaced; other files are left); otherwise an existing one is an error.
+        overwrite: write over a stand-in that ``root`` already holds: its ``metadata.csv`` is replaced and the
+            images it lists are written (images of the earlier stand-in with other names, e.g. another seed, stay);
+            otherwise an existing one is an error.
 
     Returns:
         the dataset folder (``root``) as a string.
@@ -211,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--n-images 800 --image-size 80 (the bundle's synthetic_images; train.json generates it by itself).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--root", required=True, help="output folder")
+    parser.add_argument("--root", required=True, default=argparse.SUPPRESS, help="output folder")
     parser.add_argument("--n-images", type=int, default=400, help="images over the three splits")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--correlation", type=float, default=0.95, help="P(place = label) in training")
