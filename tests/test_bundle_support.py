@@ -114,10 +114,14 @@ def test_load_network_and_teacher(tmp_path):
         f"\n\n    {command}\n\n" in message
         and "this run's data and size overrides (the teacher's epochs are --teacher_epochs" in message
     )
+    # a teacher_ckpt of another name than the teacher run writes: the message says which file to pass then
+    written = tmp_path / "teacher.pt"
+    assert message.endswith(f"It writes '{written}': then rerun this command with --teacher_ckpt {written}.")
     with pytest.raises(FileNotFoundError) as info:
         load_teacher(fresh, tmp_path / "teacher_group_dro.pt", teacher_method="group_dro")
     assert "\n\n    python -m monai.bundle run" in str(info.value)  # from the bundle folder: no cd
     assert str(info.value).count("--teacher_method group_dro") == 1
+    assert str(info.value).endswith("then rerun this command.")  # the name the teacher run writes: no --teacher_ckpt
     with pytest.raises(FileNotFoundError, match="the trained model; run"):
         require_file(tmp_path / "none.pt", "the trained model; run the training config first")
 

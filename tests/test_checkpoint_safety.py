@@ -489,8 +489,10 @@ def test_evaluation_reads_a_best_model_file_of_the_earlier_layout(cardiac, tmp_p
     ev.finalize()
     assert torch.equal(ev.parser.get_parsed_content("loss").group_weights, dro_state["loss"]["group_weights"])
     (folder / "model.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=r"model_dro_state.pt' not found: the DRO state"):
+    with pytest.raises(FileNotFoundError, match=r"model_dro_state.pt' not found: the DRO state") as info:
         dro_state_file(folder / "model.pt")
+    # e.g. evaluate.json with --method kd instead of kd.json: the loss is still GroupDistil's
+    assert "evaluate it with its own config merged after train.json (e.g. configs/kd.json)" in str(info.value)
     (folder / "model_dro_state.pt").write_bytes(b"cut")
     with pytest.raises(ValueError, match=r"DRO-state file '.*model_dro_state.pt' cannot be read: the file is damaged"):
         dro_state_file(folder / "model.pt")

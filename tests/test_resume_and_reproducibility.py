@@ -151,9 +151,33 @@ def _digest(folder: Path) -> dict[str, str]:
             ["model: conv1.weight: checkpoint (16, 1, 7, 7) vs network (8, 1, 7, 7)"],
         ),
         ({"absent_groups": "ema"}, ["loss: ", "absent_groups"]),  # the bundle's default is "zero"
+        # hyper-parameters that no tensor shape reveals: a resumed run would silently differ from the interrupted one
+        # (the optimizer's saved state would even replace the run's weight decay and learning rate)
+        ({"alpha": 0.9}, ["hyper_parameters: loss.alpha is 0.5 in the checkpoint, 0.9 in this run"]),
+        ({"weight_decay": 0.5}, ["hyper_parameters: weight_decay is 0.0 in the checkpoint, 0.5 in this run"]),
+        ({"learning_rate": 0.01}, ["hyper_parameters: learning_rate is 0.001 in the checkpoint, 0.01 in this run"]),
+        ({"balanced_sampling": False}, ["hyper_parameters: balanced_sampling is True in the checkpoint, False"]),
     ],
 )
 def test_a_checkpoint_of_another_configuration_is_refused_and_left_as_it_was(cardiac, tmp_path, override, expected):
+    message = _refused_resume(cardiac, tmp_path, override)
+    for text in expected:
+        assert text in message, text
+
+
+def test_a_checkpoint_distilled_from_another_teacher_is_refused(cardiac, tmp_path):
+    teacher = torch.load(cardiac["teacher"], map_location="cpu", weights_only=True)
+    first = next(iter(teacher["model"]))
+    teacher["model"][first] = teacher["model"][first] + 0.01  # the same architecture, other weights
+    other = tmp_path / "other_teacher.pt"
+    torch.save(teacher, other)
+    message = _refused_resume(cardiac, tmp_path, {"teacher_ckpt": str(other)})
+    was, now = (hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (cardiac["teacher"], other))
+    assert f"hyper_parameters: teacher is '{was}' in the checkpoint, '{now}' in this run" in message
+
+
+def _refused_resume(cardiac, tmp_path: Path, override: dict) -> str:
+    """Resume a copy of run A's checkpoints with ``override``: it must be refused, leaving every file as it was."""
     source = Path(cardiac["runs"]["A"]["overrides"]["ckpt_dir"])
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -167,10 +191,9 @@ def test_a_checkpoint_of_another_configuration_is_refused_and_left_as_it_was(car
     assert isinstance(root_error(info.value), ValueError)
     message = error_chain(info.value)
     assert f"cannot resume from '{folder}/groupdistil_epoch=3.pt': it was written by another configuration" in message
-    for text in expected:
-        assert text in message, text
     assert "Nothing was loaded or written." in message
     assert _digest(folder) == before  # byte for byte, no file added or removed
+    return message
 
 
 def test_resume_without_a_checkpoint_starts_from_epoch_zero_and_a_fresh_run_replaces_old_checkpoints(cardiac, tmp_path):

@@ -12,10 +12,10 @@ own imports ``monai_groupdistil`` instead.
 from monai_groupdistil.engines.checkpoints import output_classes
 
 from .cardiac_transforms import cardiac_augmentation, cardiac_preprocessing
-from .checkpoints import dro_state_file, load_teacher, require_checkpoint
+from .checkpoints import dro_state_file, file_digest, load_teacher, require_checkpoint
 from .config import check_booleans, teacher_checkpoint, teacher_loss
 from .distributed import close_process_group
 from .mnms_datasets import inference_datalist, mnms_splits, prepare_mnms_dataset
 from .resume import RunSettings, attach_resume
 from .synthetic import make_synthetic_mnms
-from .tracking import WorstGroupHandler, run_parameters, track_run
+from .tracking import WorstGroupHandler, loss_parameters, run_parameters, track_run

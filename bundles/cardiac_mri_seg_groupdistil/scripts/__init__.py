@@ -9,7 +9,7 @@ import it from the working directory, so run the commands from the bundle folder
 a pipeline of your own imports ``monai_groupdistil`` instead.
 """
 
-from .checkpoints import dro_state_file, load_teacher, require_checkpoint
+from .checkpoints import dro_state_file, file_digest, load_teacher, require_checkpoint
 from .config import check_booleans, teacher_checkpoint, teacher_loss
 from .distributed import close_process_group
 from .resume import RunSettings, attach_resume
@@ -21,4 +21,4 @@ from .segmentation import (
 )
 from .segmentation_datasets import prepare_seg_dataset, seg_inference_datalist, seg_splits
 from .synthetic import make_synthetic_mnms
-from .tracking import WorstGroupHandler, run_parameters, track_run
+from .tracking import WorstGroupHandler, loss_parameters, run_parameters, track_run

@@ -20,7 +20,7 @@ from .cardiac_transforms import (
     cardiac_preprocessing,
     slice_affine_2d,
 )
-from .checkpoints import dro_state_file, load_teacher, require_checkpoint, require_file
+from .checkpoints import dro_state_file, file_digest, load_teacher, require_checkpoint, require_file
 from .config import TEACHER_METHODS, check_booleans, teacher_checkpoint, teacher_loss
 from .datasets import group_counts
 from .distributed import close_process_group
@@ -42,5 +42,5 @@ from .segmentation import (
 from .segmentation_datasets import prepare_seg_dataset, seg_inference_datalist, seg_splits
 from .synthetic import PATHOLOGY_PROFILES, VENDOR_PROFILES, make_synthetic_mnms
 from .synthetic_waterbirds import make_synthetic_waterbirds
-from .tracking import WorstGroupHandler, run_parameters, track_run
+from .tracking import WorstGroupHandler, loss_parameters, run_parameters, track_run
 from .waterbirds_datasets import prepare_waterbirds_dataset, waterbirds_splits

@@ -11,12 +11,12 @@ your own imports ``monai_groupdistil`` instead.
 
 from monai_groupdistil.engines.checkpoints import output_classes
 
-from .checkpoints import dro_state_file, load_teacher, require_checkpoint
+from .checkpoints import dro_state_file, file_digest, load_teacher, require_checkpoint
 from .config import check_booleans, teacher_checkpoint, teacher_loss
 from .distributed import close_process_group
 from .natural_transforms import natural_image_augmentation, natural_image_datalist, natural_image_preprocessing
 from .pretrained import load_pretrained
 from .resume import RunSettings, attach_resume
 from .synthetic_waterbirds import make_synthetic_waterbirds
-from .tracking import WorstGroupHandler, run_parameters, track_run
+from .tracking import WorstGroupHandler, loss_parameters, run_parameters, track_run
 from .waterbirds_datasets import prepare_waterbirds_dataset, waterbirds_splits

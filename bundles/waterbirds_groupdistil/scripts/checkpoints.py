@@ -3,6 +3,7 @@ trains a missing teacher in its error), checks of the files a config needs, and 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import torch
 from monai_groupdistil import engines
 from monai_groupdistil.engines.checkpoint_saver import dro_state_filename
 
-__all__ = ["dro_state_file", "load_teacher", "require_checkpoint", "require_file"]
+from .config import teacher_checkpoint
+
+__all__ = ["dro_state_file", "file_digest", "load_teacher", "require_checkpoint", "require_file"]
 
 
 def load_teacher(
@@ -54,11 +57,14 @@ def load_teacher(
     command += f" --ckpt_dir {path.parent}"
     command += f" --teacher_method {teacher_method}"  # always: the bundles' defaults differ
     if not path.is_file():
+        written = Path(teacher_checkpoint(os.fspath(path.parent), teacher_method))
+        then = "then rerun this command."
+        if written.name != path.name:  # a --teacher_ckpt of another name: the teacher run writes its own name
+            then = f"It writes '{written}': then rerun this command with --teacher_ckpt {written}."
         raise FileNotFoundError(
             f"teacher checkpoint '{path}' not found. Train the teacher first, with train_teacher.json after "
             f"train.json and this run's data and size overrides (the teacher's epochs are --teacher_epochs; --epochs, "
-            f"--weight_decay and --balanced_sampling are the student's):\n\n    {command}\n\n"
-            "then rerun this command."
+            f"--weight_decay and --balanced_sampling are the student's):\n\n    {command}\n\n{then}"
         )
     try:
         engines.read_checkpoint(path, "teacher checkpoint")
@@ -116,7 +122,9 @@ def dro_state_file(model_path: str | os.PathLike) -> str:
             pass
     raise FileNotFoundError(
         f"'{companion}' not found: the DRO state (DRO weights and history) of the best model '{path}', which the "
-        "training run writes next to it. Copy it along with the model, or run the training config again."
+        "training run writes next to it. Copy it along with the model, or run the training config again. A model "
+        "trained without a DRO loss (KD, ERM) has none: evaluate it with its own config merged after train.json "
+        "(e.g. configs/kd.json), which sets its method and loss, not with --method."
     )
 
 
@@ -130,3 +138,17 @@ def require_file(path: str | os.PathLike, what: str = "file") -> str:
     if not Path(path).is_file():
         raise FileNotFoundError(f"'{path}' not found: {what}.")
     return str(path)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of the bytes of ``path``, in hex: the identity of a teacher checkpoint that the resume check
+    compares (MONAI's ``monai.apps.utils.check_hash`` verifies a digest but does not return one).
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -35,7 +35,7 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["WorstGroupHandler", "mlflow_request_settings", "run_parameters", "track_run"]
+__all__ = ["WorstGroupHandler", "loss_parameters", "mlflow_request_settings", "run_parameters", "track_run"]
 
 logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
@@ -94,7 +94,29 @@ def run_parameters(loss: Any, settings: Mapping[str, Any], splits: Mapping[str, 
 
     params.update(torch_num_threads=torch.get_num_threads(), torch_version=torch.__version__)
     params["monai_version"] = monai.__version__
-    params["loss"] = type(loss).__name__
+    params.update(loss_parameters(loss))
+    return params
+
+
+def loss_parameters(loss: Any) -> dict[str, Any]:
+    """The loss's class, as ``loss``, and its hyper-parameters, as ``loss.<name>``: the arguments of its constructor
+    that it keeps as attributes of the same name. Recorded by :py:func:`run_parameters`, and compared by the
+    bundles' resume check (a run resumed with another ``alpha`` would not be the interrupted run).
+
+    Args:
+        loss: a loss module.
+
+    Returns:
+        name -> value, values as numbers, strings, booleans or lists of them (a tensor of more than 16 values is
+        left out).
+
+    Example::
+
+        >>> import torch
+        >>> loss_parameters(torch.nn.CrossEntropyLoss(label_smoothing=0.1))["loss.label_smoothing"]
+        0.1
+    """
+    params: dict[str, Any] = {"loss": type(loss).__name__}
     try:
         names = list(inspect.signature(type(loss)).parameters)
     except (TypeError, ValueError):
