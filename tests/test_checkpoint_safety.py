@@ -454,6 +454,48 @@ def test_best_model_saver_writes_the_network_alone_and_its_dro_state_and_only_a_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_dro_state.pt"]
 
 
+def test_a_failed_best_model_write_does_not_stand_as_the_best_score(tmp_path, monkeypatch):
+    """The model file's write fails (a full disk) after its DRO state was written: the error propagates, and the
+    next model better than the one on disk is saved, both files, although it is worse than the failed one."""
+    from monai_groupdistil.engines import checkpoint_saver
+    from monai_groupdistil.losses import GroupDROLoss
+
+    net = torch.nn.Linear(2, 2)
+    loss = GroupDROLoss(torch.nn.CrossEntropyLoss(reduction="none"), num_groups=2)
+    saver = BestModelSaver(tmp_path, net, "model.pt", dro_state={"loss": loss}, key_metric_name="acc")
+    engine = _evaluator([0.5, 0.9])
+    saver.attach(engine)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    engine.run([0], max_epochs=1)  # 0.5: saved
+    real_save = checkpoint_saver.atomic_save
+
+    def full_disk(obj, path):
+        if Path(path).name == "model.pt":
+            raise OSError("No space left on device")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint_saver, "atomic_save", full_disk)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+        loss.group_weights.copy_(torch.tensor([0.9, 0.1]))
+    with pytest.raises(OSError, match="No space left"):
+        engine.run([0], max_epochs=2)  # 0.9: the model's write fails
+    assert torch.equal(_load(tmp_path / "model.pt")["weight"], torch.ones(2, 2))
+    assert saver.state_dict()["_saved"][0][0] == pytest.approx(0.5)  # the score of the files on disk
+    monkeypatch.setattr(checkpoint_saver, "atomic_save", real_save)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+        loss.group_weights.copy_(torch.tensor([0.3, 0.7]))
+    engine = _evaluator([0.7])  # the next validation round (ignite does not continue a run that raised)
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)  # 0.7: better than 0.5 on disk
+    assert torch.equal(_load(tmp_path / "model.pt")["weight"], torch.full((2, 2), 3.0))
+    assert torch.equal(_load(tmp_path / "model_dro_state.pt")["group_weights"], torch.tensor([0.3, 0.7]))  # one object
+    assert saver.state_dict()["_saved"][0][0] == pytest.approx(0.7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_dro_state.pt"]
+
+
 def test_best_metric_state_restores_the_best_model_saver(tmp_path):
     net = torch.nn.Linear(1, 1)
     (tmp_path / "model.pt").write_bytes(b"the best model of before the interruption")

@@ -56,7 +56,7 @@ def test_summary_by_hand_with_nan_values_and_an_empty_group():
 def test_summary_errors():
     with pytest.raises(ValueError, match=r"groups holds ids in \[0, 2\]; ids must lie in \[0, num_groups\) = \[0, 2\)"):
         summarise_group_values(torch.ones(3, 1), torch.tensor([0, 1, 2]), num_groups=2)
-    with pytest.raises(ValueError, match="group_counts must have 2 values, got 3"):
+    with pytest.raises(ValueError, match=r"group_counts must have one value per group \(2\), got 3 values"):
         summarise_group_values(torch.ones(2, 1), torch.tensor([0, 1]), num_groups=2, group_counts=[1, 2, 3])
 
 
@@ -227,6 +227,43 @@ def test_group_accuracy_handler_is_a_group_metric_handler_with_the_accuracy_keys
         results.append(ev.state.metrics)
     for key in ("worst", "accuracy", "mean_group_accuracy", "worst_group_accuracy", "group_accuracy/x"):
         assert results[0][key] == pytest.approx(results[1][key]), key
+
+
+def test_the_key_metric_is_never_overwritten_by_another_value_of_the_handler():
+    """The keys a handler writes besides its name are exactly ``written_keys()``; naming the metric after one of
+    them (e.g. "accuracy", the overall value, written after the worst group's) is refused when it is attached."""
+    data = [{"image": torch.tensor([float(i % 3), 1.0]), "label": i % 2, "group": i % 2} for i in range(10)]
+    handler = GroupAccuracyHandler(num_groups=2, group_names=["x", "y"], group_counts=[3, 1])
+    ev = SupervisedEvaluator(
+        device="cpu", val_data_loader=DataLoader(data, batch_size=4), network=torch.nn.Identity(),
+        key_val_metric={"worst": handler},
+    )  # fmt: skip
+    ev.run()
+    assert set(ev.state.metrics) == {"worst", "worst_group_accuracy", *handler.written_keys()}
+    assert ev.state.metrics["worst"] == min(ev.state.metrics["group_accuracy/x"], ev.state.metrics["group_accuracy/y"])
+    for name in ("accuracy", "mean_group_accuracy", "group_accuracy/y", "weighted_accuracy"):
+        clash = GroupAccuracyHandler(num_groups=2, group_names=["x", "y"], group_counts=[3, 1])
+        with pytest.raises(ValueError, match=f"the metric name '{name}' is also the key of another value"):
+            SupervisedEvaluator(
+                device="cpu", val_data_loader=DataLoader(data, batch_size=4), network=torch.nn.Identity(),
+                key_val_metric={name: clash},
+            )  # fmt: skip
+    dice = GroupMetricHandler(lambda p, y: p, 2, metric_name="dice", channel_names=["LV"], prefix="val_")
+    assert "val_dice/LV" in dice.written_keys() and "val_group_dice/group1/LV" in dice.written_keys()
+
+
+def test_group_counts_are_checked_when_the_metric_is_built():
+    for counts, message in (
+        ([10, 20, 30], r"group_counts must have one value per group \(2\), got 3 values"),
+        ([-30, 50], r"group_counts must be >= 0 for every group and finite, got \[-30.0, 50.0\]"),
+        ([1, float("nan")], "group_counts must be >= 0 for every group and finite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            GroupMetric(per_sample_accuracy, 2, group_counts=counts)
+        with pytest.raises(ValueError, match=message):
+            GroupAccuracyHandler(num_groups=2, group_counts=counts)
+        with pytest.raises(ValueError, match=message):
+            summarise_group_values(torch.ones(2, 1), torch.tensor([0, 1]), num_groups=2, group_counts=counts)
 
 
 def test_report_argument_errors(tmp_path):

@@ -39,7 +39,9 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
     Checkpoint, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Checkpoint")
-    DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
+    DiskSaver, _ = optional_import(
+        "ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver", as_type="base"
+    )
 idist, _ = optional_import("ignite.distributed", IgniteInfo.OPT_IMPORT_VERSION, min_version)
 
 __all__ = [
@@ -265,7 +267,9 @@ class BestModelSaver:
     the DRO weights and running losses, and the weight history behind the report's plot). Both are ignite
     ``Checkpoint`` s with an :py:class:`AtomicDiskSaver`, so a kill at any instant leaves complete files. A network
     with a NaN or infinite weight is never saved (logged at WARNING level, naming its first such tensors), so a
-    diverged run cannot replace a finite best model; a NaN key metric counts as ``-inf``.
+    diverged run cannot replace a finite best model; a NaN key metric counts as ``-inf``. A failed write (a full
+    disk) raises, and the saver keeps the best score of the files written before, so the next better model is saved;
+    until then the DRO-state file may be the newer of the two.
 
     ``state_dict()`` / ``load_state_dict()`` carry the best score in ignite's ``{"_saved": [(score, filename)]}``
     form, as MONAI's ``CheckpointSaver.load_state_dict`` takes it, so
@@ -344,9 +348,17 @@ class BestModelSaver:
                 ", ".join(bad[:3]),
             )
             return
-        if self.dro_checkpoint is not None:  # first, so a model file is never newer than its DRO state
-            self.dro_checkpoint(engine)
-        self.model_checkpoint(engine)
+        checkpoints = [c for c in (self.dro_checkpoint, self.model_checkpoint) if c is not None]
+        records = [c.state_dict() for c in checkpoints]
+        try:
+            for checkpoint in checkpoints:  # the DRO state first, so a model file is never newer than its DRO state
+                checkpoint(engine)
+        except BaseException:
+            # ignite records the new score before the write: restore both records, so that the failed score does not
+            # stand as the best one and the next better model is saved (both files)
+            for checkpoint, record in zip(checkpoints, records):
+                checkpoint.load_state_dict(record)
+            raise
 
     def state_dict(self) -> dict[str, Any]:
         """``{"_saved": [(best score, filename)]}`` (empty before the first save)."""

@@ -209,6 +209,34 @@ class GroupMetricHandler(IgniteMetricHandler):
         self.prefix = prefix
         self.result: dict[str, Any] | None = None
 
+    def attach(self, engine: Engine, name: str) -> None:  # type: ignore[override]
+        """Attach to ``engine`` under ``name``, the key of the worst group's value.
+
+        Raises:
+            ValueError: when ``name`` is one of the other keys this handler writes (e.g. ``"accuracy"``, the overall
+                value): written after it, that value would replace the worst group's, and an evaluator selecting
+                models by ``name`` would select by the overall value.
+        """
+        if name in self.written_keys():
+            raise ValueError(
+                f"the metric name {name!r} is also the key of another value this handler writes ({name!r} would "
+                f"hold that value, not the worst group's); name the metric otherwise, e.g. "
+                f"'val_worst_group_{self.metric_name}'."
+            )
+        super().attach(engine, name)
+
+    def written_keys(self) -> list[str]:
+        """The keys :py:meth:`completed` writes besides the metric's own name (``worst_group_<m>`` aside, which
+        holds the same value): overall, mean over groups, per group, weighted (with ``group_counts``), per
+        channel."""
+        m, p, n = f"{self.prefix}{self.metric_name}", self.prefix, self.metric_name
+        keys = [m, f"{p}mean_group_{n}", *(f"{p}group_{n}/{g}" for g in self.group_names)]
+        if self.metric_fn.group_counts is not None:
+            keys.append(f"{p}weighted_{n}")
+        for c in self.channel_names or []:
+            keys += [f"{m}/{c}", *(f"{p}group_{n}/{g}/{c}" for g in self.group_names)]
+        return keys
+
     @torch.no_grad()
     def iteration_completed(self, engine: Engine) -> None:
         """Add the iteration's ``(y_pred, y, groups)`` (and ``metric_kwargs(engine)``) to the metric."""

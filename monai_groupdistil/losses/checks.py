@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -13,6 +14,7 @@ __all__ = [
     "check_logits",
     "check_target",
     "check_groups",
+    "check_per_group",
     "clamp_labels",
 ]
 
@@ -40,6 +42,22 @@ def check_fraction(value: float, name: str, open_at_zero: bool = False) -> float
     if not (0.0 < number <= 1.0 if open_at_zero else 0.0 <= number <= 1.0):
         raise ValueError(f"{name} must lie in {'(' if open_at_zero else '['}0, 1], got {value!r}.")
     return number
+
+
+def check_per_group(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
+    """``value`` (a number or one per group, finite and ``>= 0``) as a float64 tensor ``[num_groups]``.
+
+    Raises:
+        ValueError: naming ``name``, for another count of values, a negative or a non-finite one.
+    """
+    tensor = torch.as_tensor(value, dtype=torch.float64).flatten()
+    if tensor.numel() == 1 and not isinstance(value, (Sequence, torch.Tensor)):
+        tensor = tensor.expand(num_groups)
+    if tensor.numel() != num_groups:
+        raise ValueError(f"{name} must have one value per group ({num_groups}), got {tensor.numel()} values.")
+    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+        raise ValueError(f"{name} must be >= 0 for every group and finite, got {tensor.tolist()}.")
+    return tensor
 
 
 def check_logits(input: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:

@@ -106,9 +106,37 @@ class DistillationLoss(_Loss):
         reduction: LossReduction | str = "mean",
     ):
         super().__init__(reduction=LossReduction(reduction).value)
-        self.temperature = check_number(temperature, "temperature", positive=True)
-        self.alpha = check_fraction(alpha, "alpha")
-        self.dice_weight = check_number(dice_weight, "dice_weight")
+        self.temperature = temperature
+        self.alpha = alpha
+        self.dice_weight = dice_weight
+
+    # settable attributes, checked on every assignment (e.g. by a ParamSchedulerHandler), as at construction
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature ``T > 0``."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = check_number(value, "temperature", positive=True)
+
+    @property
+    def alpha(self) -> float:
+        """The weight of the distillation term, in ``[0, 1]``."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_fraction(value, "alpha")
+
+    @property
+    def dice_weight(self) -> float:
+        """The weight of the soft Dice term, ``>= 0``."""
+        return self._dice_weight
+
+    @dice_weight.setter
+    def dice_weight(self, value: float) -> None:
+        self._dice_weight = check_number(value, "dice_weight")
 
     def forward(
         self, input: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor | None = None

@@ -126,8 +126,36 @@ class GroupDistillationLoss(GroupDROLoss):
             reduction,
             update,
         )
-        self.temperature, self.alpha, self.dice_weight = distillation.temperature, distillation.alpha, dice_weight
         self.weight_by = weight_by
+
+    # the distillation hyper-parameters live in ``loss_fn``, which computes the loss: read and set them there, so that
+    # an assignment (e.g. by a ParamSchedulerHandler) takes effect and is checked
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature ``T > 0`` (settable)."""
+        return self.loss_fn.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self.loss_fn.temperature = value
+
+    @property
+    def alpha(self) -> float:
+        """The weight of the distillation term, in ``[0, 1]`` (settable)."""
+        return self.loss_fn.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self.loss_fn.alpha = value
+
+    @property
+    def dice_weight(self) -> float:
+        """The weight of the soft Dice term, ``>= 0`` (settable)."""
+        return self.loss_fn.dice_weight
+
+    @dice_weight.setter
+    def dice_weight(self, value: float) -> None:
+        self.loss_fn.dice_weight = value
 
     def forward(  # type: ignore[override]
         self,

@@ -9,7 +9,13 @@ import torch.distributed as dist
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from monai_groupdistil.losses.checks import NonFiniteValueError, check_fraction, check_groups, check_number
+from monai_groupdistil.losses.checks import (
+    NonFiniteValueError,
+    check_fraction,
+    check_groups,
+    check_number,
+    check_per_group,
+)
 
 __all__ = ["GroupDROLoss", "ABSENT_GROUP_RULES", "UPDATE_RULES"]
 
@@ -59,7 +65,8 @@ class GroupDROLoss(_Loss):
         num_groups: number of groups ``G >= 1``.
         step_size: robust step size ``eta >= 0`` (a settable attribute, checked to be ``>= 0``, so handlers may
             schedule it). Defaults to 0.01.
-        adjustment: ``C`` of the generalisation adjustment, a float or one value per group, ``>= 0``.
+        adjustment: ``C`` of the generalisation adjustment, a float or one value per group, ``>= 0``. A group with
+            ``C_g = 0`` gets no adjustment (group_DRO's code adds the adjustment only when every ``C_g > 0``).
         group_counts: training-set size ``N_g`` of every group; required when ``adjustment`` is non-zero.
         normalize_loss: divide the adjusted group losses by their sum before the update.
         gamma: weight of the *new* value in the running (exponential moving average) group losses,
@@ -128,8 +135,8 @@ class GroupDROLoss(_Loss):
         self.gamma = check_fraction(gamma, "gamma", open_at_zero=True)
         self.absent_groups = absent_groups
 
-        adj = _per_group_tensor(adjustment, num_groups, "adjustment")
-        counts = None if group_counts is None else _per_group_tensor(group_counts, num_groups, "group_counts")
+        adj = check_per_group(adjustment, num_groups, "adjustment")
+        counts = None if group_counts is None else check_per_group(group_counts, num_groups, "group_counts")
         self.use_adjustment = bool((adj > 0).any())
         if self.use_adjustment:
             if counts is None:
@@ -219,7 +226,13 @@ class GroupDROLoss(_Loss):
             weighting = torch.where(objective.isfinite(), _per_sample_mean(weighting, groups.shape[0]), objective)
         group_losses, counts, world_size = self._group_statistics(weighting.detach(), groups, labels_outside)
         weights = self.group_weights.to(group_losses.dtype)
+        # a float16 sum (or a "none" value, B times a sample's share) can overflow although every sample is finite:
+        # only then is the result checked, after the update, which is undone before the error
+        may_overflow = per_sample.dtype == torch.float16 and self.reduction != LossReduction.MEAN.value
+        before = None
         if self.training and self.update == "batch":
+            if may_overflow:
+                before = {name: buffer.clone() for name, buffer in self.named_buffers(recurse=False)}
             weights = self._exponentiated_step(group_losses, counts)
         coefficients = weights * world_size / counts.clamp_min(1)  # a_i = q_g / n_g: sum_i a_i l_i = sum_g q_g L_g
         ids = groups.as_subclass(torch.Tensor).to(weights.device).clamp(0, self.num_groups - 1)
@@ -235,7 +248,17 @@ class GroupDROLoss(_Loss):
             )
         if self.reduction != LossReduction.MEAN.value:
             robust = robust * batch
-        return robust.to(per_sample.dtype)
+        result = robust.to(per_sample.dtype)
+        if may_overflow and not bool(result.isfinite().all()):
+            if before is not None:
+                for name, buffer in self.named_buffers(recurse=False):
+                    buffer.copy_(before[name])
+            raise NonFiniteValueError(
+                f"the robust loss with reduction={self.reduction!r} overflows float16 (largest value "
+                f"{float(robust.abs().max()):.6g}), though every per-sample loss is finite; the DRO weights are left "
+                "as they were. Use reduction='mean', or compute the loss in float32 (under torch.autocast it is)."
+            )
+        return result
 
     def _group_statistics(
         self, losses: torch.Tensor, groups: torch.Tensor, labels_outside: torch.Tensor | None = None
@@ -343,8 +366,7 @@ class GroupDROLoss(_Loss):
             weights.is_floating_point()
             and bool(torch.isfinite(weights).all())
             and bool((weights >= 0).all())
-            # the floor of _exponentiated_step adds up to G * tiny to the sum of weights held in a low precision
-            and -1e-3 < float(weights.double().sum()) - 1 < 1e-3 + self.num_groups * torch.finfo(weights.dtype).tiny
+            and -_sum_tolerance(weights) < float(weights.double().sum()) - 1 < _sum_tolerance(weights, self.num_groups)
         ):
             shown = f"{weights.tolist()}" if weights.numel() <= 8 else f"{weights[:8].tolist()} ... ({weights.numel()})"
             raise ValueError(
@@ -366,6 +388,14 @@ class GroupDROLoss(_Loss):
                     f"the checkpoint was trained with {rule}={saved[rule]!r} but this loss has {rule}={value!r}; "
                     "use the same rule or start anew."
                 )
+
+
+def _sum_tolerance(weights: torch.Tensor, num_groups: int = 0) -> float:
+    """How far from 1 the sum of saved DRO weights may lie: rounding each weight to the buffer's dtype moves the sum
+    by up to half its ``eps`` (0.004 for bfloat16); with ``num_groups``, the tolerance above 1, where the floor of
+    ``_exponentiated_step`` adds up to ``num_groups * tiny`` to the sum of weights held in a low precision."""
+    info = torch.finfo(weights.dtype)
+    return max(1e-3, info.eps) + num_groups * info.tiny
 
 
 def _missing_groups_message(name: str, call: str) -> str:
@@ -390,15 +420,3 @@ def _per_sample_mean(values: torch.Tensor, batch: int) -> torch.Tensor:
             "monai_groupdistil.losses.PerSampleDiceCELoss)."
         )
     return values.flatten(1).mean(dim=1) if values.ndim > 1 else values
-
-
-def _per_group_tensor(value: float | Sequence[float] | torch.Tensor, num_groups: int, name: str) -> torch.Tensor:
-    """``value`` (a number or one per group, finite and ``>= 0``) as a float64 tensor ``[num_groups]``."""
-    tensor = torch.as_tensor(value, dtype=torch.float64).flatten()
-    if tensor.numel() == 1 and not isinstance(value, (Sequence, torch.Tensor)):
-        tensor = tensor.expand(num_groups)
-    if tensor.numel() != num_groups:
-        raise ValueError(f"{name} must have one value per group ({num_groups}), got {tensor.numel()} values.")
-    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
-        raise ValueError(f"{name} must be >= 0 for every group and finite, got {tensor.tolist()}.")
-    return tensor

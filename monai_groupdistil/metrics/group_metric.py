@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from monai.metrics import CumulativeIterationMetric
 
-from monai_groupdistil.losses.checks import check_groups
+from monai_groupdistil.losses.checks import check_groups, check_per_group
 
 __all__ = ["GroupMetric", "as_batch", "per_sample_values", "summarise_group_values"]
 
@@ -118,7 +118,8 @@ def summarise_group_values(
         Empty groups give NaN.
 
     Raises:
-        ValueError: for group ids outside ``[0, num_groups)`` or a ``group_counts`` of the wrong length.
+        ValueError: for group ids outside ``[0, num_groups)`` or a ``group_counts`` of the wrong length, negative or
+            not finite.
 
     Example::
 
@@ -154,10 +155,7 @@ def summarise_group_values(
         "overall": float(torch.nanmean(overall_channel, 0)),
     }
     if group_counts is not None:
-        prior = torch.as_tensor(group_counts, dtype=torch.float64).flatten()
-        if prior.numel() != num_groups:
-            raise ValueError(f"group_counts must have {num_groups} values, got {prior.numel()}.")
-        prior = prior * present
+        prior = check_per_group(group_counts, num_groups, "group_counts") * present
         total = float(prior.sum())
         out["weighted"] = float((prior * per_group.nan_to_num()).sum() / total) if total > 0 else nan
     return out
@@ -179,7 +177,7 @@ class GroupMetric(CumulativeIterationMetric):
         higher_is_better: False for metrics where lower is better (distances): the worst group is the highest.
 
     Raises:
-        ValueError: for ``num_groups < 1``.
+        ValueError: for ``num_groups < 1``, or a ``group_counts`` without one finite value ``>= 0`` per group.
 
     Example::
 
@@ -207,6 +205,8 @@ class GroupMetric(CumulativeIterationMetric):
             raise TypeError(f"metric must be a MONAI metric or a callable, got {type(metric).__name__}.")
         self.metric = metric
         self.num_groups = num_groups
+        if group_counts is not None:  # checked now, not after a whole validation pass
+            check_per_group(group_counts, num_groups, "group_counts")
         self.group_counts = group_counts
         self.higher_is_better = bool(higher_is_better)
 
