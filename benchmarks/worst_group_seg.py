@@ -114,7 +114,7 @@ TEMPERATURE = 4.0
 DICE_WEIGHT = 1.0
 BATCH_SIZE = 16
 VAL_SEED, TEST_SEED = 1000, 1001
-# Every method's hyper-parameters, chosen on this benchmark's validation data (docs/results_segmentation.md):
+# Every method's hyper-parameters, chosen on this benchmark's validation data (docs/results_segmentation_studies.md):
 # GroupDistil's and KD's sampler, step size, alpha and absent_groups from the defaults sweep
 # (results/worst_group_seg_sweep.csv, seeds 100-102); every method's weight decay and GroupDRO's step size from the
 # weight-decay sweep (results/worst_group_seg_wd_sweep.csv, seeds 100-102), except GroupDistil's weight decay: 0 won a

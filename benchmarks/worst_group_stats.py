@@ -78,8 +78,8 @@ def sweep_winners(rows: Iterable[dict], keys: Sequence[str]) -> dict[str, dict]:
     """The best configuration of every method of a sweep, scored on validation data only.
 
     A configuration (the values of ``keys``) is scored by the mean, over every (setting, seed) it ran on, of the
-    worst-group validation accuracy of its selected epoch (``val_worst``); ties go to the higher mean average
-    validation accuracy (``val_average``), then to the first configuration in the order of ``rows``.
+    worst-group validation accuracy of its selected epoch (``val_worst``); ties (equal to 9 decimals) go to the higher
+    mean average validation accuracy (``val_average``), then to the first configuration in the order of ``rows``.
 
     Args:
         rows: sweep rows with ``method``, ``val_worst``, ``val_average`` and the ``keys`` (empty string for a key
@@ -101,7 +101,9 @@ def sweep_winners(rows: Iterable[dict], keys: Sequence[str]) -> dict[str, dict]:
         best = None
         for config, values in configs.items():  # insertion order: the first of equal scores wins
             score = (statistics.fmean(v[0] for v in values), statistics.fmean(v[1] for v in values))
-            if best is None or score > best[1]:
+            # compared to 9 decimals: the means of the same accuracies added in another order differ in the last
+            # bit, which would decide a tie on the worst group before the average could
+            if best is None or tuple(round(x, 9) for x in score) > tuple(round(x, 9) for x in best[1]):
                 best = (config, score, len(values))
         assert best is not None
         winners[method] = {"config": dict(best[0]), "val_worst": best[1][0], "val_average": best[1][1], "runs": best[2]}
