@@ -131,7 +131,7 @@ def plot_dro_weights(
     x = list(range(1, w.shape[0] + 1)) if iterations is None else [int(i) for i in torch.as_tensor(iterations)]
     fig, ax = _axes(6.0, 3.5)
     for g, name in enumerate(group_names):
-        ax.plot(x, w[:, g].tolist(), label=str(name))
+        ax.plot(x, w[:, g].tolist(), label=str(name), marker="o" if len(x) == 1 else None)  # one point: no line
     ax.axhline(1.0 / len(group_names), color="gray", linestyle="--", linewidth=0.8, label="uniform")
     ax.set_xlabel("iteration")
     ax.legend(fontsize=8)

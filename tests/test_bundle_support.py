@@ -181,3 +181,30 @@ def test_a_missing_or_empty_dataset_dir_gets_synthetic_data_with_a_warning_namin
             caplog.clear()
             prepare(folder)  # the second run finds the generated data
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        # a run asking for other data (e.g. the default size after a quick check at tiny size) is told that the data
+        # are used as they are, not generated anew
+        count = "synthetic_images" if index == 2 else "synthetic_subjects"
+        with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+            caplog.clear()
+            prepare(folder, **{count: 12, "seed": 3})
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, caplog.text
+        before = 8 if index == 2 else 6
+        assert f"dataset_dir '{folder}' holds synthetic data generated with {count}={before}, seed=0;" in warnings[0]
+        assert f"this run's settings ({count}=12, seed=3) apply only when the data are generated" in warnings[0]
+        assert "Delete the folder, or pass another --dataset_dir" in warnings[0]
+
+
+def test_the_generators_command_line_records_its_settings_under_the_bundles_names(tmp_path, caplog):
+    """Data generated with python -m scripts, then a bundle run with another size: the run says so."""
+    from scripts import prepare_waterbirds_dataset
+    from scripts.synthetic_waterbirds import main as waterbirds_main
+
+    waterbirds_main(["--root", str(tmp_path / "wb"), "--n-images", "8", "--image-size", "16", "--seed", "2"])
+    record = json.loads((tmp_path / "wb" / "synthetic_data.json").read_text())
+    assert record == {"synthetic_images": 8, "seed": 2, "correlation": 0.95, "image_size": 16}
+    with caplog.at_level(logging.WARNING, logger="monai_groupdistil.bundle"):
+        prepare_waterbirds_dataset(tmp_path / "wb", 8, 2, correlation=0.95, image_size=16)
+        assert not caplog.records  # the same settings
+        prepare_waterbirds_dataset(tmp_path / "wb", 600, 2, correlation=0.95, image_size=16)
+    assert "generated with synthetic_images=8;" in caplog.records[0].getMessage()

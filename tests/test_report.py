@@ -158,6 +158,19 @@ def test_package_imports_without_matplotlib():
     assert out.stdout.startswith("raised: plotting needs matplotlib (`from matplotlib.figure import Figure` failed)")
 
 
+def test_the_weights_of_a_single_iteration_are_drawn(tmp_path):
+    """One iteration is one point per group: drawn as a marker (a line through one point draws nothing)."""
+    from matplotlib.image import imread
+
+    plot_dro_weights([[0.7, 0.3]], ["a", "b"], tmp_path / "one.png")
+    pixels = imread(tmp_path / "one.png")[..., :3]
+    blue = abs(pixels - torch.tensor([0x1F, 0x77, 0xB4]).numpy() / 255).max(-1) < 0.05  # the first group's colour
+    width = blue.shape[1]
+    assert (
+        blue[:, int(0.35 * width) : int(0.65 * width)].sum() > 20
+    )  # at the point, in the middle (the legend: a corner)
+
+
 def test_plot_argument_errors(tmp_path):
     with pytest.raises(ValueError, match=r"weights must be \[T, 2\], got \(5, 3\)"):
         plot_dro_weights(torch.rand(5, 3), ["a", "b"], tmp_path / "w.png")

@@ -4,6 +4,7 @@ trains a missing teacher in its error), checks of the files a config needs, and 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from monai_groupdistil.engines.checkpoint_saver import dro_state_filename
 from .config import teacher_checkpoint
 
 __all__ = ["dro_state_file", "file_digest", "load_teacher", "require_checkpoint", "require_file"]
+
+logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
 
 def load_teacher(
@@ -72,7 +75,9 @@ def load_teacher(
         raise ValueError(
             f"{err}\nTo train the teacher again, with this run's other overrides:\n\n    {command}\n"
         ) from err
-    return engines.load_teacher(network, path, device, num_classes=num_classes)
+    teacher = engines.load_teacher(network, path, device, num_classes=num_classes)
+    logger.info("teacher: '%s' (teacher_method %s)", path, teacher_method)  # which teacher a student learns from
+    return teacher
 
 
 def require_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> str:

@@ -20,8 +20,8 @@ from monai_groupdistil.data.mnms import (
     mnms2_group_names,
 )
 
-from .datasets import group_counts, is_empty_or_missing, path_stem
-from .mnms_datasets import find_mnms_root, generate_mnms, mnms_splits, official_or_resplit
+from .datasets import check_synthetic, group_counts, is_empty_or_missing, path_stem
+from .mnms_datasets import find_mnms_root, generate_mnms, mnms_splits, official_or_resplit, synthetic_settings
 from .segmentation import segmentation_frames
 
 __all__ = [
@@ -68,6 +68,7 @@ def prepare_seg_dataset(
     """
     found = find_mnms2_root(dataset_dir) or find_mnms_root(dataset_dir)
     if found is not None:
+        check_synthetic(Path(dataset_dir), synthetic_settings(synthetic_subjects, seed, **synthetic_kwargs))
         return found
     if not is_empty_or_missing(Path(dataset_dir)):
         raise ValueError(

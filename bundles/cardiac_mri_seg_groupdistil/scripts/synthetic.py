@@ -84,6 +84,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -96,6 +97,8 @@ from monai_groupdistil.data.mnms import (
     MNMS_VENDOR_NAMES,
     MNMS_VENDORS,
 )
+
+from .datasets import record_synthetic
 
 __all__ = [
     "VendorProfile",
@@ -717,5 +720,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         overwrite=args.overwrite,
         num_workers=args.num_workers,
     )
+    # the settings, under the bundle's names, so that a bundle run asking for others says so
+    record_synthetic(Path(args.root), {"synthetic_subjects": args.n_subjects, "seed": args.seed})
     print(out)
     return out

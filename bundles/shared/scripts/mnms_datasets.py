@@ -13,7 +13,15 @@ from typing import Any
 from monai_groupdistil.data import MNMS_CLASSES, MNMS_CSV_NAME, load_mnms_datalist, mnms_group_names, split_by_group
 from monai_groupdistil.data.json_datalist import load_json_datalist
 
-from .datasets import group_counts, is_empty_or_missing, path_stem, run_on_rank_zero, warn_synthetic
+from .datasets import (
+    check_synthetic,
+    group_counts,
+    is_empty_or_missing,
+    path_stem,
+    record_synthetic,
+    run_on_rank_zero,
+    warn_synthetic,
+)
 from .synthetic import make_synthetic_mnms
 
 __all__ = [
@@ -35,12 +43,18 @@ def generate_mnms(
 
     def generate():
         warn_synthetic(path, f"{synthetic_subjects} synthetic subjects", release, real_folder)
-        return make_synthetic_mnms(path, n_subjects=synthetic_subjects, seed=seed, **synthetic_kwargs)
+        make_synthetic_mnms(path, n_subjects=synthetic_subjects, seed=seed, **synthetic_kwargs)
+        record_synthetic(path, synthetic_settings(synthetic_subjects, seed, **synthetic_kwargs))
 
     run_on_rank_zero(generate)
     found = find_mnms_root(path)
     assert found is not None
     return found
+
+
+def synthetic_settings(synthetic_subjects: int, seed: int, **synthetic_kwargs: Any) -> dict[str, Any]:
+    """The settings of the synthetic M&Ms-layout data, as recorded next to them and compared when they are reused."""
+    return {"synthetic_subjects": synthetic_subjects, "seed": seed, **synthetic_kwargs}
 
 
 def find_mnms_root(dataset_dir: str | os.PathLike) -> str | None:
@@ -76,6 +90,7 @@ def prepare_mnms_dataset(
     """
     found = find_mnms_root(dataset_dir)
     if found is not None:
+        check_synthetic(Path(dataset_dir), synthetic_settings(synthetic_subjects, seed, **synthetic_kwargs))
         return found
     path = Path(dataset_dir)
     if not is_empty_or_missing(path):

@@ -21,6 +21,8 @@ import numpy as np
 
 from monai_groupdistil.data.waterbirds import WATERBIRDS_COLUMNS, WATERBIRDS_GROUP_NAMES
 
+from .datasets import record_synthetic
+
 _SPECIES = {0: ("014.Indigo_Bunting", "Indigo_Bunting"), 1: ("045.Northern_Fulmar", "Northern_Fulmar")}
 _PLACE_FILES = {0: "/b/bamboo_forest/{:08d}.jpg", 1: "/o/ocean/{:08d}.jpg"}
 
@@ -235,4 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         landbird_colour_cue=args.landbird_colour_cue,
         overwrite=args.overwrite,
     )
+    # the settings, under the bundle's names, so that a bundle run asking for others says so
+    settings = {"synthetic_images": args.n_images, "seed": args.seed, "correlation": args.correlation}
+    record_synthetic(Path(args.root), {**settings, "image_size": args.image_size})
     print(path)

@@ -1,9 +1,10 @@
 """Dataset set-up that every bundle uses: the data preparation of rank 0 in a multi-process run, the warning that
-synthetic data is being generated, group counts and file stems. Each release's set-up is in its own module
-(``mnms_datasets``, ``waterbirds_datasets``, ``segmentation_datasets``)."""
+synthetic data is being generated and the record of its settings, group counts and file stems. Each release's
+set-up is in its own module (``mnms_datasets``, ``waterbirds_datasets``, ``segmentation_datasets``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -13,7 +14,15 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["group_counts", "is_empty_or_missing", "path_stem", "run_on_rank_zero", "warn_synthetic"]
+__all__ = [
+    "check_synthetic",
+    "group_counts",
+    "is_empty_or_missing",
+    "path_stem",
+    "record_synthetic",
+    "run_on_rank_zero",
+    "warn_synthetic",
+]
 
 logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
 
@@ -54,6 +63,39 @@ def warn_synthetic(path: Path, generated: str, release: str, real_folder: str) -
         release,
         real_folder,
     )
+
+
+SYNTHETIC_RECORD = "synthetic_data.json"  # written next to the generated data: the generator's settings
+
+
+def record_synthetic(path: Path, settings: dict[str, Any]) -> None:
+    """Write the settings the synthetic data in ``path`` were generated with (:py:data:`SYNTHETIC_RECORD`)."""
+    temporary = path / f".{SYNTHETIC_RECORD}.tmp"
+    temporary.write_text(json.dumps(settings, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(temporary, path / SYNTHETIC_RECORD)
+
+
+def check_synthetic(path: Path, settings: dict[str, Any]) -> None:
+    """Warn when the synthetic data already in ``path`` were generated with other settings than this run's: the
+    data set-up uses existing data as they are, so e.g. another ``synthetic_subjects`` would go unnoticed."""
+    record = path / SYNTHETIC_RECORD
+    if not record.is_file():
+        return  # a real release, or data generated before the record existed
+    try:
+        used = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return
+    wanted = json.loads(json.dumps(settings, default=str))
+    differ = {k: (used.get(k), v) for k, v in wanted.items() if used.get(k) != v}
+    if differ:
+        logger.warning(
+            "dataset_dir '%s' holds synthetic data generated with %s; this run's settings (%s) apply only when the "
+            "data are generated, so the existing data are used as they are. Delete the folder, or pass another "
+            "--dataset_dir, to generate them with this run's settings.",
+            os.path.abspath(path),
+            ", ".join(f"{k}={old!r}" for k, (old, _) in differ.items()),
+            ", ".join(f"{k}={new!r}" for k, (_, new) in differ.items()),
+        )
 
 
 def group_counts(datalist: Sequence[dict], num_groups: int, group_key: str = "group") -> list[int]:

@@ -9,7 +9,14 @@ from typing import Any
 
 from monai_groupdistil.data.waterbirds import WATERBIRDS_GROUP_NAMES, load_waterbirds_datalist
 
-from .datasets import group_counts, is_empty_or_missing, run_on_rank_zero, warn_synthetic
+from .datasets import (
+    check_synthetic,
+    group_counts,
+    is_empty_or_missing,
+    record_synthetic,
+    run_on_rank_zero,
+    warn_synthetic,
+)
 from .synthetic_waterbirds import make_synthetic_waterbirds
 
 __all__ = ["prepare_waterbirds_dataset", "waterbirds_splits"]
@@ -39,7 +46,9 @@ def prepare_waterbirds_dataset(
         ValueError: when ``dataset_dir`` is neither empty nor a Waterbirds release (no ``metadata.csv``).
     """
     path = Path(dataset_dir)
+    settings = {"synthetic_images": synthetic_images, "seed": seed, **synthetic_kwargs}
     if (path / "metadata.csv").is_file():
+        check_synthetic(path, settings)
         return str(path)
     if not is_empty_or_missing(path):
         raise ValueError(
@@ -51,7 +60,8 @@ def prepare_waterbirds_dataset(
     def generate():
         real_folder = "the release folder (e.g. waterbird_complete95_forest2water2, with its metadata.csv)"
         warn_synthetic(path, f"{synthetic_images} synthetic images", "Waterbirds release", real_folder)
-        return make_synthetic_waterbirds(path, n_images=synthetic_images, seed=seed, **synthetic_kwargs)
+        make_synthetic_waterbirds(path, n_images=synthetic_images, seed=seed, **synthetic_kwargs)
+        record_synthetic(path, settings)
 
     run_on_rank_zero(generate)
     return str(path)
