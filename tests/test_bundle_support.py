@@ -208,3 +208,21 @@ def test_the_generators_command_line_records_its_settings_under_the_bundles_name
         assert not caplog.records  # the same settings
         prepare_waterbirds_dataset(tmp_path / "wb", 600, 2, correlation=0.95, image_size=16)
     assert "generated with synthetic_images=8;" in caplog.records[0].getMessage()
+    # regenerated in place (overwrite): the record follows the data
+    waterbirds_main(["--root", str(tmp_path / "wb"), "--n-images", "12", "--image-size", "16", "--overwrite"])
+    assert json.loads((tmp_path / "wb" / "synthetic_data.json").read_text())["synthetic_images"] == 12
+    # the cardiac generator, from Python, records too; a record that is not ours is ignored; a folder left with the
+    # record alone (the data deleted by hand) is empty to the data set-up, which generates there again
+    make_synthetic_mnms(tmp_path / "mnms", n_subjects=6, seed=4, matrix_scale=0.3, n_frames=4)
+    assert json.loads((tmp_path / "mnms" / "synthetic_data.json").read_text()) == {"synthetic_subjects": 6, "seed": 4}
+    (tmp_path / "mnms" / "synthetic_data.json").write_text("[1, 2]")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monai_groupdistil.bundle"):
+        prepare_mnms_dataset(tmp_path / "mnms", synthetic_subjects=60)
+    assert not caplog.records
+    import shutil
+
+    shutil.rmtree(tmp_path / "mnms" / "OpenDataset")
+    assert prepare_mnms_dataset(tmp_path / "mnms", 6, matrix_scale=0.3, n_frames=4) == str(
+        tmp_path / "mnms" / "OpenDataset"
+    )

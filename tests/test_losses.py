@@ -896,9 +896,11 @@ def test_a_float16_sum_that_overflows_is_refused_and_leaves_the_weights_as_they_
     loss = GroupDistillationLoss(2, alpha=0.0, reduction="sum", step_size=1.0)
     loss(student[:8], None, labels[:8], groups[:8])  # a finite call moves the weights first
     state = {k: v.clone() for k, v in loss.state_dict().items() if isinstance(v, torch.Tensor)}
+    last = (loss.last_group_losses.clone(), loss.last_group_counts.clone())  # the statistics of the finite call
     with pytest.raises(NonFiniteValueError, match="reduction='sum' overflows float16 .* the DRO weights are left"):
         loss(student, None, labels, groups)
     assert all(torch.equal(v, loss.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(loss.last_group_losses, last[0]) and torch.equal(loss.last_group_counts, last[1])
     mean = GroupDistillationLoss(2, alpha=0.0, step_size=1.0)  # the mean of finite values cannot overflow
     assert bool(mean(student, None, labels, groups).isfinite())
     in_float32 = GroupDistillationLoss(2, alpha=0.0, reduction="sum", step_size=1.0)

@@ -160,6 +160,32 @@ def test_run_parameters_record_each_methods_own_loss_arguments():
     assert params["group_names"] == ["a", "b"] and params["group_counts"] == [2, 1] and params["seed"] == 1
 
 
+def test_loss_parameters_are_the_same_in_every_process_and_include_the_inner_losss():
+    """The resume check compares these between the interrupted run and the resuming one, two processes: no memory
+    address may enter them; a loss module inside the loss (GroupDROLoss's loss_fn) has its own recorded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import functools, torch, torch.nn.functional as F, monai\n"
+        "from scripts.tracking import loss_parameters\n"
+        "from monai_groupdistil.losses import GroupDROLoss, PerSampleDiceCELoss\n"
+        "print(loss_parameters(GroupDROLoss(functools.partial(F.cross_entropy, reduction='none'), 2)))\n"
+        "print(loss_parameters(monai.losses.DiceLoss(other_act=torch.tanh, smooth_nr=1e-5)))\n"
+        "print(loss_parameters(GroupDROLoss(PerSampleDiceCELoss(dice_weight=5.0), 2)))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "bundles" / "shared")}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+            for _ in range(2)]  # fmt: skip
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and " at 0x" not in runs[0].stdout
+    partial, dice, nested = (eval(line) for line in runs[0].stdout.splitlines())  # noqa: S307 (our own output)
+    assert partial["loss.loss_fn"] == "partial(torch.nn.functional.cross_entropy, reduction='none')"
+    assert dice["loss.other_act"].endswith(".tanh")
+    assert nested["loss.loss_fn"] == "PerSampleDiceCELoss" and nested["loss.loss_fn.dice_weight"] == 5.0
+
+
 def test_track_run_only_touches_mlflow_handlers_and_repairs_the_config_path(tmp_path):
     from monai.handlers import MLFlowHandler, StatsHandler
 

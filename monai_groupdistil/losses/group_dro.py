@@ -224,15 +224,15 @@ class GroupDROLoss(_Loss):
         else:  # a non-finite objective must stop the call too: carry it into the checked values
             objective = per_sample.detach()
             weighting = torch.where(objective.isfinite(), _per_sample_mean(weighting, groups.shape[0]), objective)
-        group_losses, counts, world_size = self._group_statistics(weighting.detach(), groups, labels_outside)
-        weights = self.group_weights.to(group_losses.dtype)
         # a float16 sum (or a "none" value, B times a sample's share) can overflow although every sample is finite:
-        # only then is the result checked, after the update, which is undone before the error
+        # only then is the result checked, after the update, which is undone (batch statistics too) before the error
         may_overflow = per_sample.dtype == torch.float16 and self.reduction != LossReduction.MEAN.value
         before = None
+        if may_overflow and self.training and self.update == "batch":
+            before = {name: buffer.clone() for name, buffer in self.named_buffers(recurse=False)}
+        group_losses, counts, world_size = self._group_statistics(weighting.detach(), groups, labels_outside)
+        weights = self.group_weights.to(group_losses.dtype)
         if self.training and self.update == "batch":
-            if may_overflow:
-                before = {name: buffer.clone() for name, buffer in self.named_buffers(recurse=False)}
             weights = self._exponentiated_step(group_losses, counts)
         coefficients = weights * world_size / counts.clamp_min(1)  # a_i = q_g / n_g: sum_i a_i l_i = sum_g q_g L_g
         ids = groups.as_subclass(torch.Tensor).to(weights.device).clamp(0, self.num_groups - 1)

@@ -17,6 +17,7 @@ the values in effect with the ids that change them; MLflow's own error then name
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -55,10 +56,23 @@ def _param_value(value: Any) -> Any:
     if isinstance(value, (str, bool, numbers.Number)) or value is None:
         return value
     if isinstance(value, (list, tuple)):
-        return [v if isinstance(v, (str, bool, numbers.Number)) or v is None else str(v) for v in value]
+        return [v if isinstance(v, (str, bool, numbers.Number)) or v is None else _text(v) for v in value]
     if isinstance(value, torch.nn.Module):
         return type(value).__name__
-    return str(value)
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    """``value`` as text that is the same in every process: a function by its qualified name, a ``partial`` by its
+    function and arguments, another object by its type when its text holds a memory address."""
+    if isinstance(value, functools.partial):
+        args = [_text(a) if callable(a) else repr(a) for a in value.args]
+        args += [f"{k}={_text(v) if callable(v) else repr(v)}" for k, v in value.keywords.items()]
+        return f"partial({_text(value.func)}{''.join(', ' + a for a in args)})"
+    if inspect.isfunction(value) or inspect.isbuiltin(value):
+        return f"{getattr(value, '__module__', None) or ''}.{value.__qualname__}".lstrip(".")
+    text = str(value)
+    return type(value).__qualname__ if " at 0x" in text else text
 
 
 def run_parameters(loss: Any, settings: Mapping[str, Any], splits: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -100,8 +114,10 @@ def run_parameters(loss: Any, settings: Mapping[str, Any], splits: Mapping[str, 
 
 def loss_parameters(loss: Any) -> dict[str, Any]:
     """The loss's class, as ``loss``, and its hyper-parameters, as ``loss.<name>``: the arguments of its constructor
-    that it keeps as attributes of the same name. Recorded by :py:func:`run_parameters`, and compared by the
-    bundles' resume check (a run resumed with another ``alpha`` would not be the interrupted run).
+    that it keeps as attributes of the same name (a loss module among them, such as ``GroupDROLoss``'s ``loss_fn``,
+    as ``loss.loss_fn`` with its own, ``loss.loss_fn.<name>``). Recorded by :py:func:`run_parameters`, and compared
+    by the bundles' resume check (a run resumed with another ``alpha`` would not be the interrupted run). Values are
+    the same in every process: a function is given by its qualified name, never with a memory address.
 
     Args:
         loss: a loss module.
@@ -116,17 +132,25 @@ def loss_parameters(loss: Any) -> dict[str, Any]:
         >>> loss_parameters(torch.nn.CrossEntropyLoss(label_smoothing=0.1))["loss.label_smoothing"]
         0.1
     """
-    params: dict[str, Any] = {"loss": type(loss).__name__}
+    return _module_parameters(loss, "loss")
+
+
+def _module_parameters(module: Any, prefix: str) -> dict[str, Any]:
+    params: dict[str, Any] = {prefix: type(module).__name__}
     try:
-        names = list(inspect.signature(type(loss)).parameters)
+        names = list(inspect.signature(type(module)).parameters)
     except (TypeError, ValueError):
         names = []
     for name in names:
-        if name in ("self", "args", "kwargs") or not hasattr(loss, name):
+        if name in ("self", "args", "kwargs") or not hasattr(module, name):
             continue
-        value = _param_value(getattr(loss, name))
+        attribute = getattr(module, name)
+        if isinstance(attribute, torch.nn.Module):  # e.g. GroupDROLoss's loss_fn: its own hyper-parameters too
+            params.update(_module_parameters(attribute, f"{prefix}.{name}"))
+            continue
+        value = _param_value(attribute)
         if value is not None:
-            params[f"loss.{name}"] = value
+            params[f"{prefix}.{name}"] = value
     return params
 
 

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("monai_groupdistil.bundle")  # the bundles' logger
+SYNTHETIC_RECORD = "synthetic_data.json"  # written next to the generated data: the generator's settings
 
 
 def run_on_rank_zero(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -47,8 +48,9 @@ def run_on_rank_zero(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def is_empty_or_missing(path: Path) -> bool:
-    """Whether ``path`` does not exist or is an empty folder (where the synthetic data may be generated)."""
-    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    """Whether ``path`` does not exist or is an empty folder (where the synthetic data may be generated); the record
+    of synthetic data deleted since (:py:data:`SYNTHETIC_RECORD` alone) counts as empty."""
+    return not path.exists() or (path.is_dir() and all(p.name == SYNTHETIC_RECORD for p in path.iterdir()))
 
 
 def warn_synthetic(path: Path, generated: str, release: str, real_folder: str) -> None:
@@ -63,9 +65,6 @@ def warn_synthetic(path: Path, generated: str, release: str, real_folder: str) -
         release,
         real_folder,
     )
-
-
-SYNTHETIC_RECORD = "synthetic_data.json"  # written next to the generated data: the generator's settings
 
 
 def record_synthetic(path: Path, settings: dict[str, Any]) -> None:
@@ -85,6 +84,8 @@ def check_synthetic(path: Path, settings: dict[str, Any]) -> None:
         used = json.loads(record.read_text())
     except (OSError, ValueError):
         return
+    if not isinstance(used, dict):
+        return  # not a record of ours
     wanted = json.loads(json.dumps(settings, default=str))
     differ = {k: (used.get(k), v) for k, v in wanted.items() if used.get(k) != v}
     if differ:

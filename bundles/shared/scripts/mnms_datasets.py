@@ -44,7 +44,7 @@ def generate_mnms(
     def generate():
         warn_synthetic(path, f"{synthetic_subjects} synthetic subjects", release, real_folder)
         make_synthetic_mnms(path, n_subjects=synthetic_subjects, seed=seed, **synthetic_kwargs)
-        record_synthetic(path, synthetic_settings(synthetic_subjects, seed, **synthetic_kwargs))
+        record_synthetic(path, synthetic_settings(synthetic_subjects, seed, **synthetic_kwargs))  # with the kwargs
 
     run_on_rank_zero(generate)
     found = find_mnms_root(path)

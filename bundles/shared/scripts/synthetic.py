@@ -632,6 +632,8 @@ def make_synthetic_mnms(
         out,
         time.perf_counter() - t_start,
     )
+    # the settings under the bundles' names, so that a bundle run asking for others says so (check_synthetic)
+    record_synthetic(Path(root), {"synthetic_subjects": n_subjects, "seed": seed})
     return out
 
 
@@ -720,7 +722,5 @@ def main(argv: Sequence[str] | None = None) -> str:
         overwrite=args.overwrite,
         num_workers=args.num_workers,
     )
-    # the settings, under the bundle's names, so that a bundle run asking for others says so
-    record_synthetic(Path(args.root), {"synthetic_subjects": args.n_subjects, "seed": args.seed})
     print(out)
     return out

@@ -156,6 +156,9 @@ def make_synthetic_waterbirds(
         writer = csv.writer(f)
         writer.writerow(WATERBIRDS_COLUMNS)
         writer.writerows(rows)
+    # the settings under the bundle's names, so that a bundle run asking for others says so (check_synthetic)
+    settings = {"synthetic_images": n_images, "seed": seed, "correlation": correlation, "image_size": image_size}
+    record_synthetic(root, settings)
     return str(root)
 
 
@@ -237,7 +240,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         landbird_colour_cue=args.landbird_colour_cue,
         overwrite=args.overwrite,
     )
-    # the settings, under the bundle's names, so that a bundle run asking for others says so
-    settings = {"synthetic_images": args.n_images, "seed": args.seed, "correlation": args.correlation}
-    record_synthetic(Path(args.root), {**settings, "image_size": args.image_size})
     print(path)

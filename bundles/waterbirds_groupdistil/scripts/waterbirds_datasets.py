@@ -61,7 +61,7 @@ def prepare_waterbirds_dataset(
         real_folder = "the release folder (e.g. waterbird_complete95_forest2water2, with its metadata.csv)"
         warn_synthetic(path, f"{synthetic_images} synthetic images", "Waterbirds release", real_folder)
         make_synthetic_waterbirds(path, n_images=synthetic_images, seed=seed, **synthetic_kwargs)
-        record_synthetic(path, settings)
+        record_synthetic(path, settings)  # with every keyword the bundle passes
 
     run_on_rank_zero(generate)
     return str(path)
