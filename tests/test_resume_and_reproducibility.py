@@ -157,6 +157,7 @@ def _digest(folder: Path) -> dict[str, str]:
         ({"weight_decay": 0.5}, ["hyper_parameters: weight_decay is 0.0 in the checkpoint, 0.5 in this run"]),
         ({"learning_rate": 0.01}, ["hyper_parameters: learning_rate is 0.001 in the checkpoint, 0.01 in this run"]),
         ({"balanced_sampling": False}, ["hyper_parameters: balanced_sampling is True in the checkpoint, False"]),
+        ({"dro_warmup": 5}, ["hyper_parameters: dro_warmup is 0 in the checkpoint, 5 in this run"]),
     ],
 )
 def test_a_checkpoint_of_another_configuration_is_refused_and_left_as_it_was(cardiac, tmp_path, override, expected):
