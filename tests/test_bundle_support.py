@@ -90,11 +90,14 @@ def _empty(tmp_path):
     return tmp_path / "empty"
 
 
-def test_load_network_and_teacher(tmp_path):
+def test_load_network_and_teacher(tmp_path, caplog):
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     torch.save({"model": net.state_dict(), "loss": {}}, tmp_path / "teacher.pt")
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    teacher = load_teacher(fresh, tmp_path / "teacher.pt", num_classes=3)
+    with caplog.at_level(logging.INFO, logger="monai_groupdistil.bundle"):
+        teacher = load_teacher(fresh, tmp_path / "teacher.pt", num_classes=3)
+    # which teacher a student learns from is in the run's log
+    assert f"teacher: '{tmp_path / 'teacher.pt'}' (teacher_method erm)" in caplog.text
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), net.state_dict().values()))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert output_classes(teacher) == 3
