@@ -205,7 +205,11 @@ def test_the_generators_command_line_records_its_settings_under_the_bundles_name
 
     waterbirds_main(["--root", str(tmp_path / "wb"), "--n-images", "8", "--image-size", "16", "--seed", "2"])
     record = json.loads((tmp_path / "wb" / "synthetic_data.json").read_text())
-    assert record == {"synthetic_images": 8, "seed": 2, "correlation": 0.95, "image_size": 16}
+    assert record == {
+        "synthetic_images": 8, "seed": 2, "correlation": 0.95, "image_size": 16, "split_fractions": [0.6, 0.2, 0.2],
+        "bird_scale": 1.0, "noise": 0.05, "colour_cue": 1.0, "landbird_colour_cue": None, "group_bird_scale": None,
+        "place_noise": None,
+    }  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="monai_groupdistil.bundle"):
         prepare_waterbirds_dataset(tmp_path / "wb", 8, 2, correlation=0.95, image_size=16)
         assert not caplog.records  # the same settings
@@ -217,7 +221,11 @@ def test_the_generators_command_line_records_its_settings_under_the_bundles_name
     # the cardiac generator, from Python, records too; a record that is not ours is ignored; a folder left with the
     # record alone (the data deleted by hand) is empty to the data set-up, which generates there again
     make_synthetic_mnms(tmp_path / "mnms", n_subjects=6, seed=4, matrix_scale=0.3, n_frames=4)
-    assert json.loads((tmp_path / "mnms" / "synthetic_data.json").read_text()) == {"synthetic_subjects": 6, "seed": 4}
+    assert json.loads((tmp_path / "mnms" / "synthetic_data.json").read_text()) == {
+        "synthetic_subjects": 6, "seed": 4, "vendor_fractions": None, "split_fractions": [0.6, 0.2, 0.2],
+        "pathology_fractions": None, "pathology_vendor_correlation": 0.0, "correlated_pathology": None,
+        "correlation_splits": ["train"], "n_unlabeled": 0, "n_frames": 4, "matrix_scale": 0.3,
+    }  # fmt: skip
     (tmp_path / "mnms" / "synthetic_data.json").write_text("[1, 2]")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="monai_groupdistil.bundle"):

@@ -18,7 +18,6 @@ from .datasets import (
     group_counts,
     is_empty_or_missing,
     path_stem,
-    record_synthetic,
     run_on_rank_zero,
     warn_synthetic,
 )
@@ -43,8 +42,7 @@ def generate_mnms(
 
     def generate():
         warn_synthetic(path, f"{synthetic_subjects} synthetic subjects", release, real_folder)
-        make_synthetic_mnms(path, n_subjects=synthetic_subjects, seed=seed, **synthetic_kwargs)
-        record_synthetic(path, synthetic_settings(synthetic_subjects, seed, **synthetic_kwargs))  # with the kwargs
+        make_synthetic_mnms(path, n_subjects=synthetic_subjects, seed=seed, **synthetic_kwargs)  # records its settings
 
     run_on_rank_zero(generate)
     found = find_mnms_root(path)
@@ -53,7 +51,8 @@ def generate_mnms(
 
 
 def synthetic_settings(synthetic_subjects: int, seed: int, **synthetic_kwargs: Any) -> dict[str, Any]:
-    """The settings of the synthetic M&Ms-layout data, as recorded next to them and compared when they are reused."""
+    """The settings of this run's synthetic M&Ms-layout data under the names ``make_synthetic_mnms`` records them
+    with, compared with the record when the data are reused."""
     return {"synthetic_subjects": synthetic_subjects, "seed": seed, **synthetic_kwargs}
 
 

@@ -632,8 +632,22 @@ def make_synthetic_mnms(
         out,
         time.perf_counter() - t_start,
     )
-    # the settings under the bundles' names, so that a bundle run asking for others says so (check_synthetic)
-    record_synthetic(Path(root), {"synthetic_subjects": n_subjects, "seed": seed})
+    # every setting that shapes the data, the count and seed under the bundles' names, so that a bundle run asking
+    # for others says so (check_synthetic)
+    settings = {
+        "synthetic_subjects": n_subjects,
+        "seed": seed,
+        "vendor_fractions": vendor_fractions,
+        "split_fractions": split_fractions,
+        "pathology_fractions": pathology_fractions,
+        "pathology_vendor_correlation": pathology_vendor_correlation,
+        "correlated_pathology": correlated_pathology,
+        "correlation_splits": correlation_splits,
+        "n_unlabeled": n_unlabeled,
+        "n_frames": n_frames,
+        "matrix_scale": matrix_scale,
+    }
+    record_synthetic(Path(root), settings)
     return out
 
 

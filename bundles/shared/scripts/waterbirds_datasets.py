@@ -13,7 +13,6 @@ from .datasets import (
     check_synthetic,
     group_counts,
     is_empty_or_missing,
-    record_synthetic,
     run_on_rank_zero,
     warn_synthetic,
 )
@@ -60,8 +59,7 @@ def prepare_waterbirds_dataset(
     def generate():
         real_folder = "the release folder (e.g. waterbird_complete95_forest2water2, with its metadata.csv)"
         warn_synthetic(path, f"{synthetic_images} synthetic images", "Waterbirds release", real_folder)
-        make_synthetic_waterbirds(path, n_images=synthetic_images, seed=seed, **synthetic_kwargs)
-        record_synthetic(path, settings)  # with every keyword the bundle passes
+        make_synthetic_waterbirds(path, n_images=synthetic_images, seed=seed, **synthetic_kwargs)  # records them
 
     run_on_rank_zero(generate)
     return str(path)

@@ -156,8 +156,21 @@ def make_synthetic_waterbirds(
         writer = csv.writer(f)
         writer.writerow(WATERBIRDS_COLUMNS)
         writer.writerows(rows)
-    # the settings under the bundle's names, so that a bundle run asking for others says so (check_synthetic)
-    settings = {"synthetic_images": n_images, "seed": seed, "correlation": correlation, "image_size": image_size}
+    # every setting that shapes the data, the count and seed under the bundle's names, so that a bundle run asking
+    # for others says so (check_synthetic)
+    settings = {
+        "synthetic_images": n_images,
+        "seed": seed,
+        "correlation": correlation,
+        "split_fractions": split_fractions,
+        "image_size": image_size,
+        "bird_scale": bird_scale,
+        "noise": noise,
+        "colour_cue": colour_cue,
+        "landbird_colour_cue": landbird_colour_cue,
+        "group_bird_scale": group_bird_scale,
+        "place_noise": place_noise,
+    }
     record_synthetic(root, settings)
     return str(root)
 
